@@ -1,0 +1,92 @@
+"""
+L{ProxyConfig}: the one validated, frozen description of how a proxy behaves.
+
+The command line (L{aproxy.tap}) and embedders both produce a L{ProxyConfig};
+L{aproxy.service.makeService} and L{aproxy.proxy.ProxyFactory} only ever see one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["DEFAULT_PORT", "ProxyConfig", "listen_description"]
+
+DEFAULT_PORT = "tcp:8080:interface=127.0.0.1"
+_VIA_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z:\[\]]+")
+
+
+def listen_description(text: str) -> str:
+    """
+    Turn a C{--port} value into a Twisted server endpoint description.
+
+    A bare port number means that port on the loopback interface only (a safe default:
+    never an open proxy by accident); anything else is taken as a full endpoint
+    description such as C{tcp:8080:interface=0.0.0.0} or C{unix:/run/aproxy.sock}.
+
+    @raise ValueError: For an empty value or a port number outside 0..65535.
+    """
+    text = text.strip()
+    if not text:
+        raise ValueError("empty --port value")
+    if text.isdigit():
+        port = int(text)
+        if port > 65535:
+            raise ValueError(f"port {port} is out of range")
+        return f"tcp:{port}:interface=127.0.0.1"
+    return text
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """
+    Everything that decides the proxy's behaviour; safe defaults throughout.
+
+    @ivar ports: Server endpoint descriptions to listen on (see L{listen_description}).
+    @ivar connect_timeout: Seconds allowed to connect to an origin (then 504).
+    @ivar read_timeout: Seconds to wait for the origin's response head, and between body
+        bytes in either direction while a request is in flight.
+    @ivar idle_timeout: Seconds an idle keep-alive client connection is kept open.
+    @ivar header_timeout: Seconds a client has to send a complete request head (then 408).
+    @ivar via: The pseudonym in the C{Via} fields the proxy appends, or L{None} for none.
+    @ivar max_head_size: The largest request or response head accepted, in bytes (431).
+    @ivar max_request_line: The longest request line accepted, in bytes (414).
+    @ivar pool_size: Idle upstream connections kept per origin for reuse (0: no reuse).
+    @ivar pool_idle_timeout: Seconds an idle pooled upstream connection is kept.
+    """
+
+    ports: tuple[str, ...] = (DEFAULT_PORT,)
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    idle_timeout: float = 60.0
+    header_timeout: float = 10.0
+    via: str | None = "aproxy"
+    max_head_size: int = 65536
+    max_request_line: int = 16384
+    pool_size: int = 100
+    pool_idle_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        """Validate every field so that a bad value fails at start, not per request."""
+        object.__setattr__(self, "ports", tuple(listen_description(p) for p in self.ports))
+        if not self.ports:
+            raise ValueError("at least one --port is needed")
+        for name in (
+            "connect_timeout",
+            "read_timeout",
+            "idle_timeout",
+            "header_timeout",
+            "pool_idle_timeout",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"{name.replace('_', '-')} must be a positive number of seconds")
+        if self.via is not None and not _VIA_NAME.fullmatch(self.via):
+            raise ValueError("via must be a token such as 'aproxy' or 'proxy.example:3128'")
+        if not isinstance(self.max_head_size, int) or self.max_head_size < 1024:
+            raise ValueError("max-head-size must be at least 1024 bytes")
+        if not isinstance(self.max_request_line, int) or self.max_request_line < 8000:
+            # RFC 9112 section 3: request lines of at least 8000 octets should be accepted.
+            raise ValueError("max-request-line must be at least 8000 bytes")
+        if not isinstance(self.pool_size, int) or self.pool_size < 0:
+            raise ValueError("pool-size must be a whole number, 0 or more")

@@ -1,0 +1,602 @@
+"""
+Sans-IO HTTP/1.1 message heads (RFC 9112): bytes in, parsed heads or a L{ProxyError} out.
+
+Nothing here touches a socket, a reactor or a clock. L{HeadReader} collects bytes until a
+complete head (safe when fed one byte at a time), L{parse_request_head} and
+L{parse_response_head} validate it strictly, and the C{serialize_*} functions write the head
+that the proxy forwards, with hop-by-hop fields removed and the framing re-emitted. Anything
+ambiguous is rejected rather than repaired, so no peer can read a message differently from us.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Final
+
+from aproxy.errors import (
+    BadGateway,
+    BadRequest,
+    HeaderTooLarge,
+    NotImplementedByProxy,
+    ProxyError,
+    URITooLong,
+    VersionNotSupported,
+)
+
+__all__ = [
+    "BODY_CHUNKED",
+    "BODY_CLOSE",
+    "BODY_LENGTH",
+    "BODY_NONE",
+    "HeadReader",
+    "RequestHead",
+    "ResponseHead",
+    "Target",
+    "parse_absolute_target",
+    "parse_authority",
+    "parse_request_head",
+    "parse_response_head",
+    "response_body_kind",
+    "serialize_request_head",
+    "serialize_response_head",
+]
+
+# How a message body is delimited (RFC 9112 section 6.3).
+BODY_NONE: Final = 0
+BODY_LENGTH: Final = 1
+BODY_CHUNKED: Final = 2
+BODY_CLOSE: Final = 3
+
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])")
+_STATUS_LINE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3}) ([\t \x21-\x7e\x80-\xff]*)")
+# field-line = field-name ":" OWS field-value OWS (RFC 9112 section 5); the value holds
+# visible characters, obs-text and inner SP/HTAB only: no CR, LF, NUL or other controls.
+_FIELD_LINE = re.compile(
+    rb"(" + _TOKEN + rb"):[ \t]*"
+    rb"((?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?)[ \t]*"
+)
+_TOKEN_RE = re.compile(_TOKEN)
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+_ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+\-.]*)://([^/?#]*)([^#]*)")
+_REG_NAME = re.compile(rb"[A-Za-z0-9\-._~]+")
+_HOST_FIELD = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
+
+# Hop-by-hop fields (RFC 9110 section 7.6.1) plus the framing fields, which the proxy always
+# re-emits itself: forwarding them as received could let a Connection token remove the
+# field that delimits the body.
+_HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"transfer-encoding",
+        b"content-length",
+    }
+)
+_KNOWN_CODINGS: Final = frozenset(
+    {b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"}
+)
+# The fields whose values the parser collects while it walks the head, to avoid scanning
+# the field list again per question.
+_NOTED: Final = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"proxy-connection",
+        b"max-forwards",
+        b"upgrade",
+    }
+)
+
+
+class HeadReader:
+    """
+    Collects bytes until a complete message head (everything up to the empty line).
+
+    Feed it whatever arrives; it answers L{None} ("need more") until the head is complete,
+    then the head without its final empty line. Bytes after the head stay in L{rest} for the
+    caller. It rejects bare-LF line endings as soon as it sees one and enforces the size
+    limits while the head is still arriving, so a client can't hold memory by never
+    finishing a line.
+
+    @ivar rest: Bytes received after the head, handed back untouched.
+    """
+
+    __slots__ = ("_buf", "_is_request", "_max_line", "_max_size", "rest")
+
+    def __init__(self, max_size: int, max_line: int, is_request: bool = True) -> None:
+        self._max_size = max_size
+        self._max_line = max_line
+        self._is_request = is_request
+        self._buf = bytearray()
+        self.rest = b""
+
+    @property
+    def pending(self) -> bool:
+        """Whether part of a head has been received but not yet completed."""
+        return bool(self._buf)
+
+    def feed(self, data: bytes) -> bytes | None:
+        """
+        Add received bytes.
+
+        @return: The complete head (request or status line and field lines joined by CRLF,
+            without the terminating empty line), or L{None} if more bytes are needed.
+        @raise ProxyError: If the head is malformed or too large.
+        """
+        buf = self._buf
+        if not buf:
+            if self._is_request:
+                # RFC 9112 section 2.2: ignore empty lines before a request line.
+                while data[:2] == b"\r\n":
+                    data = data[2:]
+                if not data:
+                    return None
+            end = data.find(b"\r\n\r\n")
+            if end >= 0 and end + 4 <= self._max_size:
+                head = data[:end]
+                if head.count(b"\n") != head.count(b"\r\n"):
+                    raise self._error(BadRequest, "bare LF line ending in the head")
+                self.rest = data[end + 4 :]
+                self._check_first_line(head)
+                return head
+        start = len(buf)
+        buf += data
+        if self._is_request and buf[:2] == b"\r\n":
+            while buf[:2] == b"\r\n":
+                del buf[:2]
+            start = 0
+        lf = buf.count(b"\n", start)
+        if lf and lf != buf.count(b"\r\n", max(start - 1, 0)):
+            self._buf = bytearray()
+            raise self._error(BadRequest, "bare LF line ending in the head")
+        end = buf.find(b"\r\n\r\n", max(start - 3, 0))
+        if end < 0:
+            first = buf.find(b"\r\n")
+            if first < 0 and len(buf) > self._max_line:
+                self._buf = bytearray()
+                self._check_first_line(bytes(buf))
+            if len(buf) > self._max_size:
+                self._buf = bytearray()
+                if first < 0:
+                    self._check_first_line(bytes(buf))
+                raise self._error(HeaderTooLarge, "request head too large")
+            return None
+        if end + 4 > self._max_size:
+            self._buf = bytearray()
+            self._check_first_line(bytes(buf[:end]))
+            raise self._error(HeaderTooLarge, "request head too large")
+        head = bytes(buf[:end])
+        self.rest = bytes(buf[end + 4 :])
+        self._buf = bytearray()
+        self._check_first_line(head)
+        return head
+
+    def _check_first_line(self, head: bytes) -> None:
+        first = head.find(b"\r\n")
+        length = len(head) if first < 0 else first
+        if length > self._max_line:
+            raise self._error(URITooLong, "request line too long")
+
+    def _error(self, kind: type[ProxyError], reason: str) -> ProxyError:
+        if self._is_request:
+            return kind(reason)
+        return BadGateway("invalid response from origin: " + reason, "http_protocol_error")
+
+
+class _Head:
+    """What request and response heads share: fields and framing."""
+
+    __slots__ = (
+        "codings",
+        "connection",
+        "content_length",
+        "fields",
+        "minor",
+        "noted",
+    )
+
+    minor: int
+    fields: list[tuple[bytes, bytes]]
+    connection: frozenset[bytes]
+    content_length: int | None
+    codings: list[bytes] | None
+    noted: dict[bytes, list[bytes]]
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the message body is chunked (its last transfer coding is C{chunked})."""
+        return self.codings is not None and self.codings[-1:] == [b"chunked"]
+
+    def values(self, lname: bytes) -> list[bytes]:
+        """All values of one of the fields the parser notes (by lowercase name)."""
+        return self.noted.get(lname, [])
+
+
+class RequestHead(_Head):
+    """
+    A validated request head.
+
+    @ivar method: The method, e.g. C{b"GET"}.
+    @ivar target: The request-target exactly as received.
+    @ivar minor: The HTTP minor version (the major version is always 1).
+    @ivar fields: The field lines in order, names and values as received.
+    @ivar connection: The lowercased tokens of all C{Connection} fields.
+    @ivar content_length: The body length, if delimited by C{Content-Length}.
+    @ivar codings: The transfer codings in order, if C{Transfer-Encoding} is present.
+    @ivar keep_alive: Whether the client wants the connection kept open afterwards.
+    """
+
+    __slots__ = ("keep_alive", "method", "target")
+
+    method: bytes
+    target: bytes
+    keep_alive: bool
+
+
+class ResponseHead(_Head):
+    """
+    A validated response head.
+
+    @ivar status: The status code.
+    @ivar reason: The reason phrase as received.
+    @ivar keep_alive: Whether the origin lets the connection be reused afterwards.
+    """
+
+    __slots__ = ("keep_alive", "reason", "status")
+
+    status: int
+    reason: bytes
+    keep_alive: bool
+
+
+def _parse_fields(
+    lines: list[bytes], head: _Head, err: type[ProxyError], what: str
+) -> None:
+    fields: list[tuple[bytes, bytes]] = []
+    noted: dict[bytes, list[bytes]] = {}
+    match = _FIELD_LINE.fullmatch
+    for line in lines:
+        m = match(line)
+        if m is None:
+            if line[:1] in (b" ", b"\t"):
+                raise _err(err, what, "obsolete line folding")
+            raise _err(err, what, "malformed field line")
+        name, value = m.groups()
+        fields.append((name, value))
+        lname = name.lower()
+        if lname in _NOTED:
+            noted.setdefault(lname, []).append(value)
+    head.fields = fields
+    head.noted = noted
+    conn = noted.get(b"connection")
+    head.connection = _tokens(conn, err, what) if conn else frozenset()
+
+
+def _err(err: type[ProxyError], what: str, reason: str) -> ProxyError:
+    if err is BadGateway:
+        return BadGateway(f"invalid {what} from origin: {reason}", "http_protocol_error")
+    return err(reason)
+
+
+def _tokens(values: list[bytes], err: type[ProxyError], what: str) -> frozenset[bytes]:
+    out = set()
+    for value in values:
+        for item in value.split(b","):
+            item = item.strip(b" \t")
+            if not item:
+                continue
+            if _TOKEN_RE.fullmatch(item) is None:
+                raise _err(err, what, "malformed Connection field")
+            out.add(item.lower())
+    return frozenset(out)
+
+
+def _framing(head: _Head, err: type[ProxyError], what: str, lenient_cl: bool) -> None:
+    noted = head.noted
+    te = noted.get(b"transfer-encoding")
+    cl = noted.get(b"content-length")
+    head.codings = None
+    head.content_length = None
+    if te is not None:
+        if cl is not None:
+            raise _err(err, what, "both Content-Length and Transfer-Encoding")
+        if head.minor == 0:
+            # RFC 9112 section 6.1: Transfer-Encoding in HTTP/1.0 means faulty framing.
+            raise _err(err, what, "Transfer-Encoding in an HTTP/1.0 message")
+        codings = []
+        for value in te:
+            for item in value.split(b","):
+                item = item.strip(b" \t")
+                if _TOKEN_RE.fullmatch(item) is None:
+                    raise _err(err, what, "malformed Transfer-Encoding")
+                codings.append(item.lower())
+        for coding in codings:
+            if coding not in _KNOWN_CODINGS:
+                if err is BadRequest:
+                    raise NotImplementedByProxy(
+                        "unsupported transfer coding " + coding.decode("ascii")
+                    )
+                raise _err(err, what, "unsupported transfer coding")
+        if codings.count(b"chunked") > 1:
+            raise _err(err, what, "chunked applied twice")
+        if codings[-1] != b"chunked" and err is BadRequest:
+            raise BadRequest("Transfer-Encoding does not end in chunked")
+        head.codings = codings
+    elif cl is not None:
+        items = [item.strip(b" \t") for value in cl for item in value.split(b",")]
+        if len(items) > 1 and not (lenient_cl and len(set(items)) == 1):
+            raise _err(err, what, "several Content-Length values")
+        if _DIGITS.fullmatch(items[0]) is None:
+            raise _err(err, what, "malformed Content-Length")
+        head.content_length = int(items[0])
+
+
+def parse_request_head(raw: bytes) -> RequestHead:
+    """
+    Parse and validate a request head as returned by L{HeadReader.feed}.
+
+    @raise BadRequest: For anything malformed or ambiguous (RFC 9112 sections 3, 5, 6).
+    @raise VersionNotSupported: For a major version other than 1.
+    @raise NotImplementedByProxy: For an unknown transfer coding.
+    """
+    lines = raw.split(b"\r\n")
+    m = _REQUEST_LINE.fullmatch(lines[0])
+    if m is None:
+        raise BadRequest("malformed request line")
+    method, target, major, minor = m.groups()
+    if major != b"1":
+        raise VersionNotSupported("only HTTP/1.x is supported")
+    head = RequestHead()
+    head.method = method
+    head.target = target
+    head.minor = int(minor)
+    del lines[0]
+    _parse_fields(lines, head, BadRequest, "request")
+    hosts = head.noted.get(b"host")
+    if hosts is None:
+        if head.minor:
+            raise BadRequest("missing Host field")
+    elif len(hosts) > 1:
+        raise BadRequest("more than one Host field")
+    elif _HOST_FIELD.fullmatch(hosts[0]) is None:
+        raise BadRequest("malformed Host field")
+    _framing(head, BadRequest, "request", lenient_cl=False)
+    conn = head.connection
+    if head.minor:
+        head.keep_alive = b"close" not in conn
+    else:
+        pconn = head.noted.get(b"proxy-connection")
+        head.keep_alive = b"keep-alive" in conn or (
+            pconn is not None and b"keep-alive" in _tokens(pconn, BadRequest, "request")
+        )
+    return head
+
+
+def parse_response_head(raw: bytes) -> ResponseHead:
+    """
+    Parse and validate a response head from an origin.
+
+    @raise BadGateway: If the origin's head is not valid HTTP/1.x.
+    """
+    lines = raw.split(b"\r\n")
+    m = _STATUS_LINE.fullmatch(lines[0])
+    if m is None:
+        raise BadGateway("invalid response from origin: bad status line", "http_protocol_error")
+    major, minor, status, reason = m.groups()
+    code = int(status)
+    if major != b"1" or not 100 <= code <= 599:
+        raise BadGateway("invalid response from origin: bad status line", "http_protocol_error")
+    head = ResponseHead()
+    head.minor = int(minor)
+    head.status = code
+    head.reason = reason
+    del lines[0]
+    _parse_fields(lines, head, BadGateway, "response")
+    _framing(head, BadGateway, "response", lenient_cl=True)
+    conn = head.connection
+    head.keep_alive = (b"close" not in conn) if head.minor else (b"keep-alive" in conn)
+    return head
+
+
+def response_body_kind(head: ResponseHead, request_method: bytes) -> int:
+    """
+    How the response body is delimited (RFC 9112 section 6.3).
+
+    @return: One of L{BODY_NONE}, L{BODY_LENGTH}, L{BODY_CHUNKED}, L{BODY_CLOSE}.
+    """
+    status = head.status
+    if request_method == b"HEAD" or status < 200 or status in (204, 304):
+        return BODY_NONE
+    if head.codings is not None:
+        return BODY_CHUNKED if head.codings[-1] == b"chunked" else BODY_CLOSE
+    if head.content_length is not None:
+        return BODY_LENGTH
+    return BODY_CLOSE
+
+
+class Target:
+    """
+    An absolute-form request target split for forwarding.
+
+    @ivar scheme: C{b"http"} or C{b"https"}, lowercased.
+    @ivar host: The host to connect to: a lowercased name, an IPv4 address or an IPv6
+        address without brackets.
+    @ivar port: The port, the scheme's default when the target has none.
+    @ivar authority: The authority exactly as written, used as the forwarded C{Host}.
+    @ivar path: The origin-form target (path and query, untouched; at least C{b"/"}).
+    """
+
+    __slots__ = ("authority", "host", "path", "port", "scheme")
+
+    def __init__(
+        self, scheme: bytes, host: str, port: int, authority: bytes, path: bytes
+    ) -> None:
+        self.scheme = scheme
+        self.host = host
+        self.port = port
+        self.authority = authority
+        self.path = path
+
+
+_DEFAULT_PORTS: Final = {b"http": 80, b"https": 443}
+
+
+def parse_authority(authority: bytes, default_port: int | None = None) -> tuple[str, int]:
+    """
+    Split C{host[:port]} into a host and a port.
+
+    @param authority: E.g. C{b"example.com:8080"} or C{b"[::1]:8443"}.
+    @param default_port: The port when none is given; L{None} makes the port mandatory.
+    @return: The host (lowercased; IPv6 literals without brackets) and the port.
+    @raise BadRequest: On userinfo, a bad host or a port outside 1..65535.
+    """
+    if b"@" in authority:
+        raise BadRequest("userinfo in the request target is not allowed")
+    if authority.startswith(b"["):
+        close = authority.find(b"]")
+        if close < 0:
+            raise BadRequest("malformed IPv6 literal in the request target")
+        literal = authority[1:close].decode("ascii", "replace")
+        try:
+            host = str(ipaddress.IPv6Address(literal))
+        except ValueError:
+            raise BadRequest("malformed IPv6 literal in the request target") from None
+        rest = authority[close + 1 :]
+        if rest and not rest.startswith(b":"):
+            raise BadRequest("malformed authority in the request target")
+        port_text = rest[1:] if rest else None
+    else:
+        name, sep, port_part = authority.partition(b":")
+        if not name or _REG_NAME.fullmatch(name) is None:
+            raise BadRequest("malformed host in the request target")
+        host = name.decode("ascii").lower()
+        port_text = port_part if sep else None
+    if not port_text:
+        if default_port is None:
+            raise BadRequest("the request target has no port")
+        return host, default_port
+    if not port_text.isdigit() or len(port_text) > 5:
+        raise BadRequest("bad port in the request target")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise BadRequest("bad port in the request target")
+    return host, port
+
+
+def parse_absolute_target(target: bytes, method: bytes) -> Target:
+    """
+    Split an absolute-form target (RFC 9112 section 3.2.2) for forwarding.
+
+    @raise BadRequest: For a target that is not absolute-form, an unknown scheme, userinfo
+        or a bad host or port.
+    """
+    m = _ABSOLUTE.fullmatch(target)
+    if m is None:
+        if target.startswith(b"/") or target == b"*":
+            raise BadRequest(
+                "this is a forward proxy: send the absolute URI as the request target,"
+                " e.g. GET http://example.com/ HTTP/1.1"
+            )
+        raise BadRequest("malformed request target")
+    scheme, authority, path = m.groups()
+    scheme = scheme.lower()
+    default = _DEFAULT_PORTS.get(scheme)
+    if default is None:
+        raise BadRequest("unsupported scheme in the request target")
+    host, port = parse_authority(authority, default)
+    if not path:
+        path = b"*" if method == b"OPTIONS" else b"/"
+    elif path[:1] != b"/":
+        # "http://host?query": the path is empty, the query starts at once.
+        path = b"/" + path
+    return Target(scheme, host, port, authority, path)
+
+
+def _forwarded_fields(fields: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[bytes]:
+    out = []
+    for name, value in fields:
+        lname = name.lower()
+        if lname in _HOP_BY_HOP or lname in drop:
+            continue
+        out.append(name + b": " + value + b"\r\n")
+    return out
+
+
+def _drop_set(head: _Head, extra: tuple[bytes, ...]) -> frozenset[bytes]:
+    if not head.connection and not extra:
+        return frozenset()
+    return head.connection.union(extra)
+
+
+def framing_fields(kind: int, length: int | None, codings: list[bytes] | None) -> bytes:
+    """The framing field line to emit for a body delimited by C{kind}."""
+    if kind == BODY_LENGTH:
+        return b"Content-Length: %d\r\n" % (length or 0)
+    if kind == BODY_CHUNKED:
+        inner = [c for c in codings or () if c != b"chunked"]
+        return b"Transfer-Encoding: " + b", ".join([*inner, b"chunked"]) + b"\r\n"
+    return b""
+
+
+def serialize_request_head(
+    head: RequestHead,
+    target: Target,
+    via: bytes | None,
+    extra_fields: bytes = b"",
+    drop: tuple[bytes, ...] = (),
+) -> bytes:
+    """
+    Write the head forwarded to the origin: origin-form target, C{Host} from the target,
+    hop-by-hop fields removed, the framing re-emitted and C{Via} appended.
+
+    @param via: The C{Via} field value to append, or L{None} for none.
+    @param extra_fields: Already-serialised field lines to add (e.g. C{Max-Forwards}).
+    @param drop: Further lowercase field names to leave out (those C{extra_fields} replace).
+    """
+    parts = [
+        head.method + b" " + target.path + b" HTTP/1.1\r\nHost: " + target.authority + b"\r\n"
+    ]
+    parts += _forwarded_fields(head.fields, _drop_set(head, (b"host", *drop)))
+    if head.codings is not None:
+        parts.append(framing_fields(BODY_CHUNKED, None, head.codings))
+    elif head.content_length is not None:
+        parts.append(b"Content-Length: %d\r\n" % head.content_length)
+    if extra_fields:
+        parts.append(extra_fields)
+    if via is not None:
+        parts.append(b"Via: 1.%d %s\r\n" % (head.minor, via))
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def serialize_response_head(
+    head: ResponseHead,
+    framing: bytes,
+    via: bytes | None,
+    connection: bytes | None,
+) -> bytes:
+    """
+    Write the response head sent to the client: the proxy's own C{HTTP/1.1} status line,
+    hop-by-hop fields removed, C{framing} (as from L{framing_fields}), C{Via} appended and
+    an optional C{Connection} field of the proxy's own.
+    """
+    parts = [b"HTTP/1.1 %d %s\r\n" % (head.status, head.reason)]
+    parts += _forwarded_fields(head.fields, _drop_set(head, ()))
+    if framing:
+        parts.append(framing)
+    if via is not None:
+        parts.append(b"Via: 1.%d %s\r\n" % (head.minor, via))
+    if connection is not None:
+        parts.append(b"Connection: " + connection + b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)

@@ -1,0 +1,719 @@
+"""
+The client side: L{ProxyFactory} spawns one L{ProxyProtocol} per client connection.
+
+A L{ProxyProtocol} reads a request head with the sans-IO parser, gets an upstream connection
+(from the pool or by dialing), forwards the head and streams the body both ways, re-framed,
+with each transport registered as the other's producer so a slow reader pauses the fast
+writer. Every L{ProxyError} becomes a response in one place, L{ProxyProtocol._fail}.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+from twisted.internet import error as ierror
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from aproxy.body import ChunkedDecoder, LengthDecoder, UntilCloseDecoder, chunk
+from aproxy.config import ProxyConfig
+from aproxy.errors import (
+    BadGateway,
+    BadRequest,
+    GatewayTimeout,
+    NotImplementedByProxy,
+    ProxyError,
+    RequestTimeout,
+)
+from aproxy.http1 import (
+    BODY_CHUNKED,
+    BODY_CLOSE,
+    BODY_LENGTH,
+    BODY_NONE,
+    HeadReader,
+    RequestHead,
+    ResponseHead,
+    Target,
+    framing_fields,
+    parse_absolute_target,
+    parse_request_head,
+    parse_response_head,
+    response_body_kind,
+    serialize_request_head,
+    serialize_response_head,
+)
+from aproxy.upstream import (
+    EndpointConnector,
+    IUpstreamConnector,
+    UpstreamFactory,
+    UpstreamPool,
+    UpstreamProtocol,
+)
+
+__all__ = ["ProxyFactory", "ProxyProtocol"]
+
+# Connection states.
+_READING, _CONNECTING, _FORWARDING, _CLOSING = range(4)
+# What the single per-connection timer is waiting for.
+_NO_DEADLINE, _HEAD, _IDLE, _CONNECT, _READ = range(5)
+# Bytes of pipelined requests held while one is in flight before the client is paused.
+_HOLD_LIMIT = 65536
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_SENSITIVE = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
+
+
+@implementer(IPushProducer)
+class _ClientPauser:
+    """
+    Registered as the producer of an upstream transport: when the origin can't take more
+    request body, the client transport is paused (one reason among several).
+    """
+
+    __slots__ = ("_proto",)
+
+    def __init__(self, proto: ProxyProtocol) -> None:
+        self._proto = proto
+
+    def pauseProducing(self) -> None:
+        """The upstream send buffer is full: stop reading from the client."""
+        self._proto._pause("upstream")
+
+    def resumeProducing(self) -> None:
+        """The upstream send buffer drained: read from the client again."""
+        self._proto._unpause("upstream")
+
+    def stopProducing(self) -> None:
+        """The upstream connection ended; L{ProxyProtocol} handles that itself."""
+
+
+class ProxyProtocol(Protocol):
+    """
+    One client connection: parses its requests, forwards each to its own origin in turn
+    and relays the responses in order.
+    """
+
+    log = Logger()
+    transport: Any
+
+    def __init__(self, factory: ProxyFactory, addr: IAddress | None = None) -> None:
+        self.factory = factory
+        self.config = config = factory.config
+        self.clock = factory.clock
+        self.client_address = addr
+        self._via = factory.via
+        self._reader = HeadReader(config.max_head_size, config.max_request_line)
+        self._resp_reader = HeadReader(config.max_head_size, config.max_head_size, False)
+        self._state = _READING
+        self._pending = b""
+        self._pauses: set[str] = set()
+        self._pauser = _ClientPauser(self)
+        self._timer: IDelayedCall | None = None
+        self._deadline = 0.0
+        self._deadline_kind = _NO_DEADLINE
+        self._draining = False
+        self._reset_request()
+
+    def _reset_request(self) -> None:
+        self._req: RequestHead | None = None
+        self._target: Target | None = None
+        self._req_body: Any = None
+        self._req_chunked = False
+        self._req_had_body = False
+        self._out_head = b""
+        self._up: UpstreamProtocol | None = None
+        self._reused = False
+        self._retried = False
+        self._connecting: Deferred[Any] | None = None
+        self._resp: ResponseHead | None = None
+        self._resp_body: Any = None
+        self._resp_started = False
+        self._out_chunked = False
+        self._keep_client = False
+        self._up_reusable = False
+
+    # -- Twisted protocol interface ---------------------------------------------------
+
+    def connectionMade(self) -> None:
+        """Start the header timer: a new client must send a request head promptly."""
+        self.factory.open_connections += 1
+        self._set_deadline(_HEAD, self.config.header_timeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Route client bytes by state: a request head, request body or held bytes."""
+        state = self._state
+        if state == _READING:
+            self._read_head(data)
+        elif state == _FORWARDING:
+            self._request_data(data)
+        elif state == _CONNECTING:
+            self._hold(data)
+
+    def connectionLost(self, reason: Failure = Failure(ierror.ConnectionDone())) -> None:  # noqa: B008
+        """Stop everything this connection started: timer, dial, upstream connection."""
+        self.factory.open_connections -= 1
+        self._state = _CLOSING
+        self._cancel_timer()
+        if self._connecting is not None:
+            d, self._connecting = self._connecting, None
+            d.cancel()
+        up = self._up
+        if up is not None:
+            self._up = None
+            up.on_lost = _forget
+            up.on_data = _drop
+            if up.transport is not None:
+                up.transport.abortConnection()
+
+    # -- flow control -----------------------------------------------------------------
+
+    def _pause(self, reason: str) -> None:
+        if not self._pauses:
+            self.transport.pauseProducing()
+        self._pauses.add(reason)
+
+    def _unpause(self, reason: str) -> None:
+        pauses = self._pauses
+        if reason in pauses:
+            pauses.discard(reason)
+            if not pauses and self._state != _CLOSING:
+                self.transport.resumeProducing()
+
+    # -- timers -----------------------------------------------------------------------
+
+    def _set_deadline(self, kind: int, timeout: float) -> None:
+        self._deadline_kind = kind
+        self._deadline = self.clock.seconds() + timeout
+        timer = self._timer
+        if timer is None:
+            self._timer = self.clock.callLater(timeout, self._on_deadline)
+        elif timer.getTime() > self._deadline:
+            timer.reset(timeout)
+
+    def _cancel_timer(self) -> None:
+        self._deadline_kind = _NO_DEADLINE
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            if timer.active():
+                timer.cancel()
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        kind = self._deadline_kind
+        if kind == _NO_DEADLINE or self._state == _CLOSING:
+            return
+        remaining = self._deadline - self.clock.seconds()
+        if remaining > 0:
+            # The deadline moved later since the call was scheduled (activity): sleep on.
+            self._timer = self.clock.callLater(remaining, self._on_deadline)
+            return
+        self._deadline_kind = _NO_DEADLINE
+        if kind == _IDLE or (kind == _HEAD and not self._reader.pending):
+            self._close()
+        elif kind == _HEAD:
+            self._fail(RequestTimeout("request head not received within the header timeout"))
+        elif kind == _CONNECT:
+            target = self._target
+            where = f"{target.host}:{target.port}" if target else "origin"
+            self._fail(
+                GatewayTimeout(
+                    f"connecting to {where} timed out",
+                    "connection_timeout",
+                    details=where,
+                )
+            )
+        elif self._resp is None and self._req_body is not None:
+            self._fail(RequestTimeout("request body not received within the read timeout"))
+        else:
+            self._fail(
+                GatewayTimeout(
+                    "no response from the origin within the read timeout",
+                    "http_response_timeout",
+                )
+            )
+
+    # -- requests ---------------------------------------------------------------------
+
+    def _read_head(self, data: bytes) -> None:
+        try:
+            raw = self._reader.feed(data)
+            if raw is None:
+                if self._deadline_kind != _HEAD:
+                    self._set_deadline(_HEAD, self.config.header_timeout)
+                return
+            head = parse_request_head(raw)
+            rest = self._reader.rest
+            self._reader.rest = b""
+            self._start_request(head, rest)
+        except ProxyError as e:
+            self._fail(e)
+
+    def _start_request(self, head: RequestHead, rest: bytes) -> None:
+        self._req = head
+        if head.method == b"CONNECT":
+            raise NotImplementedByProxy("CONNECT is not supported yet")
+        target = parse_absolute_target(head.target, head.method)
+        self._target = target
+        if target.scheme != b"http":
+            raise NotImplementedByProxy(
+                "https:// targets are not supported yet; use CONNECT through a client"
+            )
+        extra = b""
+        if head.method in (b"OPTIONS", b"TRACE"):
+            values = head.values(b"max-forwards")
+            if values:
+                if len(values) > 1 or not values[0].isdigit():
+                    raise BadRequest("malformed Max-Forwards field")
+                hops = int(values[0])
+                if hops == 0:
+                    # RFC 9110 section 7.6.2: the last recipient answers itself.
+                    self._answer_locally(head, rest)
+                    return
+                extra = b"Max-Forwards: %d\r\n" % (hops - 1)
+        if head.codings is not None:
+            self._req_body = ChunkedDecoder(True)
+            self._req_chunked = True
+            self._req_had_body = True
+        elif head.content_length:
+            self._req_body = LengthDecoder(head.content_length)
+            self._req_had_body = True
+        self._out_head = serialize_request_head(
+            head, target, self._via, extra, (b"max-forwards",) if extra else ()
+        )
+        self._pending = rest
+        self._state = _CONNECTING
+        key = (target.host, target.port)
+        up = self.factory.pool.acquire(key)
+        if up is not None:
+            self._attach(up, True)
+        else:
+            self._dial(key)
+
+    def _dial(self, key: tuple[str, int]) -> None:
+        self._pause("dial")
+        self._set_deadline(_CONNECT, self.config.connect_timeout)
+        d = self.factory.connector.connect(key[0], key[1], self.factory.upstream_factory)
+        self._connecting = d
+        d.addCallbacks(self._connected, self._connect_failed, callbackArgs=(key,))
+
+    def _connected(self, up: UpstreamProtocol, key: tuple[str, int]) -> None:
+        self._connecting = None
+        up.key = key
+        if self._state != _CONNECTING:
+            up.transport.loseConnection()
+            return
+        self._unpause("dial")
+        self._attach(up, False)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._connecting = None
+        if failure.check(CancelledError) or self._state != _CONNECTING:
+            return
+        target = self._target
+        assert target is not None
+        where = f"{target.host}:{target.port}"
+        if failure.check(ierror.DNSLookupError):
+            err: ProxyError = BadGateway(
+                f"cannot resolve {target.host}", "dns_error", details=where
+            )
+        elif failure.check(ierror.ConnectionRefusedError):
+            err = BadGateway(f"connection to {where} refused", "connection_refused", where)
+        elif failure.check(ierror.TimeoutError):
+            err = GatewayTimeout(f"connecting to {where} timed out", "connection_timeout", where)
+        else:
+            err = BadGateway(
+                f"cannot connect to {where}: {failure.getErrorMessage()}",
+                "destination_unavailable",
+                where,
+            )
+        self.log.info(
+            "upstream {where} failed: {why}", where=where, why=failure.getErrorMessage()
+        )
+        self._fail(err)
+
+    def _attach(self, up: UpstreamProtocol, reused: bool) -> None:
+        self._up = up
+        self._reused = reused
+        up.on_data = self._upstream_data
+        up.on_lost = self._upstream_lost
+        self._state = _FORWARDING
+        upt = up.transport
+        upt.registerProducer(self._pauser, True)
+        self.transport.registerProducer(upt, True)
+        upt.write(self._out_head)
+        self._set_deadline(_READ, self.config.read_timeout)
+        pending = self._pending
+        if pending:
+            self._pending = b""
+            self._request_data(pending)
+
+    def _hold(self, data: bytes) -> None:
+        self._pending += data
+        if len(self._pending) > _HOLD_LIMIT:
+            self._pause("hold")
+
+    def _request_data(self, data: bytes) -> None:
+        body = self._req_body
+        if body is None:
+            self._hold(data)
+            return
+        if self._deadline_kind == _READ:
+            self._deadline = self.clock.seconds() + self.config.read_timeout
+        try:
+            pieces, rest = body.feed(data)
+        except ProxyError as e:
+            self._fail(e)
+            return
+        upt = self._up.transport  # type: ignore[union-attr]
+        if self._req_chunked:
+            for piece in pieces:
+                upt.writeSequence(chunk(piece))
+            if body.done:
+                upt.write(b"0\r\n" + b"".join(body.trailers) + b"\r\n")
+        else:
+            for piece in pieces:
+                upt.write(piece)
+        if body.done:
+            self._req_body = None
+            if rest:
+                self._hold(rest)
+            if self._resp is not None and self._resp_body is None:
+                self._response_complete()
+
+    def _answer_locally(self, head: RequestHead, rest: bytes) -> None:
+        if head.method == b"TRACE":
+            lines = [b"TRACE " + head.target + b" HTTP/1.%d\r\n" % head.minor]
+            lines += [
+                n + b": " + v + b"\r\n" for n, v in head.fields if n.lower() not in _SENSITIVE
+            ]
+            body = b"".join(lines) + b"\r\n"
+            ctype = b"Content-Type: message/http\r\n"
+        else:
+            body = b""
+            ctype = b""
+        closing = not head.keep_alive or head.codings is not None or bool(head.content_length)
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\n"
+            + ctype
+            + b"Content-Length: %d\r\n" % len(body)
+            + (b"Connection: close\r\n" if closing else b"")
+            + b"\r\n"
+            + body
+        )
+        if closing:
+            self._close()
+            return
+        self._reset_request()
+        self._next_request(rest)
+
+    # -- responses --------------------------------------------------------------------
+
+    def _upstream_data(self, data: bytes) -> None:
+        self._deadline = self.clock.seconds() + self.config.read_timeout
+        if self._resp is not None:
+            self._response_data(data, None)
+            return
+        try:
+            raw = self._resp_reader.feed(data)
+            if raw is None:
+                return
+            rest = self._resp_reader.rest
+            self._resp_reader.rest = b""
+            resp = parse_response_head(raw)
+        except ProxyError as e:
+            self._fail(e)
+            return
+        if resp.status < 200:
+            self._interim(resp, rest)
+            return
+        self._begin_response(resp, rest)
+
+    def _interim(self, resp: ResponseHead, rest: bytes) -> None:
+        if resp.status == 101:
+            self._fail(
+                BadGateway("the origin switched protocols unasked", "http_protocol_error")
+            )
+            return
+        req = self._req
+        assert req is not None
+        if req.minor:
+            # RFC 9110 section 15.2: forward 1xx, but never to an HTTP/1.0 client.
+            self.transport.write(serialize_response_head(resp, b"", self._via, None))
+        if rest:
+            self._upstream_data(rest)
+
+    def _begin_response(self, resp: ResponseHead, rest: bytes) -> None:
+        req = self._req
+        assert req is not None
+        kind = response_body_kind(resp, req.method)
+        client11 = req.minor >= 1
+        keep = req.keep_alive and self._req_body is None
+        self._out_chunked = False
+        framing = b""
+        decoder: Any = None
+        if kind == BODY_LENGTH:
+            decoder = LengthDecoder(resp.content_length or 0)
+            framing = b"Content-Length: %d\r\n" % (resp.content_length or 0)
+        elif kind == BODY_NONE:
+            if resp.content_length is not None and resp.status not in (204,):
+                # HEAD and 304 keep the length they describe (RFC 9110 section 8.6).
+                framing = b"Content-Length: %d\r\n" % resp.content_length
+        else:
+            decoder = ChunkedDecoder(False) if kind == BODY_CHUNKED else UntilCloseDecoder()
+            if client11:
+                self._out_chunked = True
+                framing = framing_fields(BODY_CHUNKED, None, resp.codings)
+            else:
+                keep = False
+        self._keep_client = keep
+        self._up_reusable = resp.keep_alive and kind != BODY_CLOSE
+        if not keep:
+            conn: bytes | None = b"close"
+        else:
+            conn = None if client11 else b"keep-alive"
+        head = serialize_response_head(resp, framing, self._via, conn)
+        self._resp = resp
+        self._resp_started = True
+        if decoder is None or decoder.done:
+            self.transport.write(head)
+            self._resp_body = None
+            if rest:
+                self._up_reusable = False
+            if self._req_body is None:
+                self._response_complete()
+            return
+        self._resp_body = decoder
+        self._response_data(rest, head)
+
+    def _response_data(self, data: bytes, head: bytes | None) -> None:
+        decoder = self._resp_body
+        if decoder is None:
+            # Bytes after a complete response, before the request finished: the origin is
+            # misbehaving; it won't be reused.
+            self._up_reusable = False
+            return
+        try:
+            pieces, rest = decoder.feed(data) if data else ([], b"")
+        except ProxyError as e:
+            if head is not None:
+                self.transport.write(head)
+            self._truncate(e)
+            return
+        out = [head] if head is not None else []
+        if self._out_chunked:
+            for piece in pieces:
+                out += chunk(piece)
+            if decoder.done:
+                out.append(b"0\r\n" + b"".join(decoder.trailers) + b"\r\n")
+        else:
+            out += pieces
+        if len(out) == 1:
+            self.transport.write(out[0])
+        elif out:
+            self.transport.writeSequence(out)
+        if decoder.done:
+            self._resp_body = None
+            if rest:
+                self._up_reusable = False
+            if self._req_body is None:
+                self._response_complete()
+
+    def _response_complete(self) -> None:
+        up = self._up
+        self._up = None
+        self.transport.unregisterProducer()
+        if up is not None:
+            upt = up.transport
+            upt.unregisterProducer()
+            if self._up_reusable and self._req_body is None and self.config.pool_size:
+                upt.resumeProducing()
+                self.factory.pool.release(up)
+            else:
+                up.on_lost = _forget
+                up.on_data = _drop
+                upt.loseConnection()
+        if not self._keep_client:
+            self._close()
+            return
+        self._unpause("upstream")
+        pending = self._pending
+        self._reset_request()
+        self._next_request(pending)
+
+    def _next_request(self, pending: bytes) -> None:
+        self._state = _READING
+        self._pending = b""
+        self._unpause("hold")
+        self._set_deadline(_IDLE, self.config.idle_timeout)
+        if not pending:
+            return
+        if self._draining:
+            # Called from inside the loop below (a locally answered request): let the
+            # loop pick the bytes up instead of recursing.
+            self._pending = pending
+            return
+        self._draining = True
+        try:
+            while pending and self._state == _READING:
+                self._read_head(pending)
+                pending = b""
+                if self._state == _READING and self._pending:
+                    pending, self._pending = self._pending, b""
+        finally:
+            self._draining = False
+
+    def _upstream_lost(self, up: UpstreamProtocol, reason: Failure) -> None:
+        if up is not self._up:
+            return
+        self._up = None
+        self.transport.unregisterProducer()
+        req = self._req
+        if self._resp is None:
+            if (
+                self._reused
+                and not self._retried
+                and not self._resp_reader.pending
+                and not self._req_had_body
+                and req is not None
+                and req.method in _IDEMPOTENT
+            ):
+                # A pooled connection the origin had closed: try once on a fresh one.
+                self._retried = True
+                self._state = _CONNECTING
+                target = self._target
+                assert target is not None
+                self._dial((target.host, target.port))
+                return
+            self._fail(
+                BadGateway(
+                    "the origin closed the connection without a complete response",
+                    "connection_terminated",
+                )
+            )
+            return
+        if isinstance(self._resp_body, UntilCloseDecoder):
+            self._resp_body.done = True
+            if self._out_chunked:
+                self.transport.write(b"0\r\n\r\n")
+            self._resp_body = None
+            self._up_reusable = False
+            if self._req_body is None:
+                self._response_complete()
+            else:
+                self._close()
+            return
+        if self._resp_body is not None:
+            self._truncate(BadGateway("the origin closed the connection mid-response"))
+
+    # -- errors and closing -----------------------------------------------------------
+
+    def _truncate(self, err: ProxyError) -> None:
+        """A failure after the response started: close, so the client sees truncation."""
+        self.log.info("response cut short: {why}", why=err.reason)
+        self._close()
+
+    def _fail(self, err: ProxyError) -> None:
+        """Answer C{err} as a short text/plain response (if nothing was sent yet), close."""
+        if self._state == _CLOSING:
+            return
+        if self._resp_started:
+            self._truncate(err)
+            return
+        reason = err.reason.encode("utf-8", "replace")
+        body = reason + b"\n"
+        try:
+            phrase = HTTPStatus(err.status).phrase.encode("ascii")
+        except ValueError:
+            phrase = b"Error"
+        lines = [
+            b"HTTP/1.1 %d %s\r\n" % (err.status, phrase),
+            b"Content-Type: text/plain; charset=utf-8\r\n",
+            b"Content-Length: %d\r\n" % len(body),
+        ]
+        if err.error_type is not None:
+            status = self._via or b"aproxy"
+            status += b"; error=" + err.error_type.encode("ascii")
+            if err.details:
+                quoted = err.details.replace("\\", "\\\\").replace('"', '\\"')
+                status += b'; details="' + quoted.encode("ascii", "replace") + b'"'
+            lines.append(b"Proxy-Status: " + status + b"\r\n")
+        lines.append(b"Connection: close\r\n\r\n")
+        lines.append(body)
+        self.transport.writeSequence(lines)
+        self._close()
+
+    def _close(self) -> None:
+        if self._state == _CLOSING:
+            return
+        self._state = _CLOSING
+        self._cancel_timer()
+        up = self._up
+        if up is not None:
+            self._up = None
+            up.on_lost = _forget
+            up.on_data = _drop
+            if up.transport is not None:
+                up.transport.unregisterProducer()
+                up.transport.loseConnection()
+        if self._connecting is not None:
+            d, self._connecting = self._connecting, None
+            d.cancel()
+        self.transport.unregisterProducer()
+        self._pauses.clear()
+        self.transport.loseConnection()
+
+
+def _forget(proto: UpstreamProtocol, reason: Failure) -> None:
+    """The end of an upstream connection nobody needs any more."""
+
+
+def _drop(data: bytes) -> None:
+    """Bytes from an upstream connection nobody reads any more."""
+
+
+class ProxyFactory(Factory):
+    """
+    Builds a L{ProxyProtocol} per client connection and holds what they share: the
+    configuration, the clock, the upstream connector and the connection pool.
+
+    @param config: The validated configuration.
+    @param reactor: The reactor for timers and connections (the global one by default).
+    @param connector: How to reach origins (an L{EndpointConnector} on C{reactor} by
+        default); tests pass a fake.
+    """
+
+    protocol = ProxyProtocol  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(
+        self,
+        config: ProxyConfig | None = None,
+        reactor: Any = None,
+        connector: IUpstreamConnector | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.config = config = config if config is not None else ProxyConfig()
+        self.clock: IReactorTime = reactor
+        self.connector: IUpstreamConnector = (
+            connector if connector is not None else EndpointConnector(reactor, config.connect_timeout)
+        )
+        self.upstream_factory = UpstreamFactory()
+        self.pool = UpstreamPool(reactor, max(config.pool_size, 1), config.pool_idle_timeout)
+        self.via: bytes | None = config.via.encode("ascii") if config.via else None
+        self.open_connections = 0
+
+    def buildProtocol(self, addr: IAddress) -> ProxyProtocol:
+        """Make the protocol for one client connection."""
+        return ProxyProtocol(self, addr)
+
+    def stopFactory(self) -> None:
+        """Close the idle upstream connections when the last listener stops."""
+        self.pool.close()

@@ -1,0 +1,209 @@
+"""
+The origin side: how the proxy reaches an origin (L{IUpstreamConnector}), the protocol on
+each upstream connection (L{UpstreamProtocol}) and the pool that reuses idle connections
+(L{UpstreamPool}).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+)
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+__all__ = [
+    "EndpointConnector",
+    "IUpstreamConnector",
+    "UpstreamPool",
+    "UpstreamProtocol",
+]
+
+
+class IUpstreamConnector(Interface):
+    """How the proxy opens a connection towards an origin (directly, or later via a parent)."""
+
+    def connect(host: str, port: int, factory: Factory) -> Deferred[Protocol]:
+        """
+        Connect to C{host}:C{port} and build the connection's protocol with C{factory}.
+
+        @return: A L{Deferred} firing with the connected protocol, or failing with the
+            connection error (C{DNSLookupError}, C{ConnectionRefusedError}, ...).
+        """
+
+
+@implementer(IUpstreamConnector)
+class EndpointConnector:
+    """
+    The default connector: Twisted client endpoints on the given reactor.
+
+    IP literals get a plain TCP endpoint (no name resolution); names get a
+    L{HostnameEndpoint}, which resolves them and tries each address in turn.
+    """
+
+    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._timeout = connect_timeout
+
+    def connect(self, host: str, port: int, factory: Factory) -> Deferred[Protocol]:
+        """Connect to C{host}:C{port} with the right kind of endpoint."""
+        endpoint: IStreamClientEndpoint
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            endpoint = HostnameEndpoint(
+                self._reactor, host.encode("idna"), port, timeout=self._timeout
+            )
+        else:
+            kind = TCP4ClientEndpoint if address.version == 4 else TCP6ClientEndpoint
+            endpoint = kind(self._reactor, host, port, timeout=self._timeout)
+        d: Deferred[Protocol] = endpoint.connect(factory)
+        return d
+
+
+class UpstreamProtocol(Protocol):
+    """
+    One connection to an origin: a thin adapter that hands received bytes and the
+    connection's end to whoever owns it now (a client's L{ProxyProtocol} or the pool).
+
+    @ivar key: The (host, port) the connection goes to, for the pool.
+    @ivar on_data: Called with each received chunk of bytes.
+    @ivar on_lost: Called with this protocol and the reason when the connection ends.
+    """
+
+    key: tuple[str, int] = ("", 0)
+    idle_since: float = 0.0
+
+    def __init__(self) -> None:
+        self.on_data: Callable[[bytes], None] = _ignore_data
+        self.on_lost: Callable[[UpstreamProtocol, Failure], None] = _ignore_lost
+        self.lost = False
+
+    def dataReceived(self, data: bytes) -> None:
+        """Hand the bytes to the current owner."""
+        self.on_data(data)
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        """Tell the current owner that the origin connection ended."""
+        self.lost = True
+        self.on_lost(self, reason)
+
+
+def _ignore_data(data: bytes) -> None:
+    """Bytes before an owner is attached are impossible; ignore them."""
+
+
+def _ignore_lost(proto: UpstreamProtocol, reason: Failure) -> None:
+    """A connection lost before an owner is attached needs no action."""
+
+
+class UpstreamFactory(Factory):
+    """Builds an L{UpstreamProtocol} for each new origin connection."""
+
+    protocol = UpstreamProtocol
+    noisy = False
+
+
+class UpstreamPool:
+    """
+    Idle upstream connections kept for reuse, per (host, port).
+
+    A connection is put back only after its response was read completely and neither side
+    asked to close. While idle it must stay silent: any byte or a close from the origin
+    removes it. Idle connections older than C{idle_timeout} are closed by a sweep that runs
+    only while the pool holds something.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime, max_per_key: int, idle_timeout: float) -> None:
+        self._clock = clock
+        self._max = max_per_key
+        self._idle_timeout = idle_timeout
+        self._idle: dict[tuple[str, int], list[UpstreamProtocol]] = {}
+        self._sweeper: IDelayedCall | None = None
+        self.reused = 0
+
+    def __len__(self) -> int:
+        """The number of idle connections held."""
+        return sum(len(v) for v in self._idle.values())
+
+    def acquire(self, key: tuple[str, int]) -> UpstreamProtocol | None:
+        """Take the most recently used idle connection to C{key}, if there is one."""
+        conns = self._idle.get(key)
+        while conns:
+            proto = conns.pop()
+            if not proto.lost:
+                self.reused += 1
+                return proto
+        return None
+
+    def release(self, proto: UpstreamProtocol) -> None:
+        """Keep C{proto} for reuse, or close it if the pool for its key is full."""
+        conns = self._idle.setdefault(proto.key, [])
+        if proto.lost:
+            return
+        if len(conns) >= self._max or proto.transport is None:
+            proto.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        proto.idle_since = self._clock.seconds()
+        proto.on_data = lambda data, proto=proto: self._unexpected(proto)  # type: ignore[misc]
+        proto.on_lost = self._lost
+        conns.append(proto)
+        if self._sweeper is None:
+            self._sweeper = self._clock.callLater(self._idle_timeout, self._sweep)
+
+    def _unexpected(self, proto: UpstreamProtocol) -> None:
+        # An idle origin connection must be silent; bytes now would be read as the
+        # response to the next request. Drop it.
+        self._remove(proto)
+        proto.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _lost(self, proto: UpstreamProtocol, reason: Failure) -> None:
+        self._remove(proto)
+
+    def _remove(self, proto: UpstreamProtocol) -> None:
+        conns = self._idle.get(proto.key)
+        if conns and proto in conns:
+            conns.remove(proto)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        limit = self._clock.seconds() - self._idle_timeout
+        left = 0
+        for key, conns in list(self._idle.items()):
+            keep = []
+            for proto in conns:
+                if proto.idle_since <= limit:
+                    proto.on_lost = _ignore_lost
+                    proto.transport.loseConnection()  # type: ignore[union-attr]
+                else:
+                    keep.append(proto)
+            if keep:
+                self._idle[key] = keep
+                left += len(keep)
+            else:
+                del self._idle[key]
+        if left:
+            self._sweeper = self._clock.callLater(self._idle_timeout / 2, self._sweep)
+
+    def close(self) -> None:
+        """Close every idle connection (at service stop)."""
+        if self._sweeper is not None and self._sweeper.active():
+            self._sweeper.cancel()
+        self._sweeper = None
+        for conns in self._idle.values():
+            for proto in conns:
+                proto.on_lost = _ignore_lost
+                proto.transport.loseConnection()  # type: ignore[union-attr]
+        self._idle.clear()
