@@ -259,9 +259,7 @@ class ResponseHead(_Head):
     keep_alive: bool
 
 
-def _parse_fields(
-    lines: list[bytes], head: _Head, err: type[ProxyError], what: str
-) -> None:
+def _parse_fields(lines: list[bytes], head: _Head, err: type[ProxyError], what: str) -> None:
     fields: list[tuple[bytes, bytes]] = []
     noted: dict[bytes, list[bytes]] = {}
     match = _FIELD_LINE.fullmatch
@@ -438,9 +436,7 @@ class Target:
 
     __slots__ = ("authority", "host", "path", "port", "scheme")
 
-    def __init__(
-        self, scheme: bytes, host: str, port: int, authority: bytes, path: bytes
-    ) -> None:
+    def __init__(self, scheme: bytes, host: str, port: int, authority: bytes, path: bytes) -> None:
         self.scheme = scheme
         self.host = host
         self.port = port
@@ -563,9 +559,7 @@ def serialize_request_head(
     @param extra_fields: Already-serialised field lines to add (e.g. C{Max-Forwards}).
     @param drop: Further lowercase field names to leave out (those C{extra_fields} replace).
     """
-    parts = [
-        head.method + b" " + target.path + b" HTTP/1.1\r\nHost: " + target.authority + b"\r\n"
-    ]
+    parts = [head.method + b" " + target.path + b" HTTP/1.1\r\nHost: " + target.authority + b"\r\n"]
     parts += _forwarded_fields(head.fields, _drop_set(head, (b"host", *drop)))
     if head.codings is not None:
         parts.append(framing_fields(BODY_CHUNKED, None, head.codings))

@@ -116,6 +116,7 @@ class ProxyProtocol(Protocol):
         self._deadline = 0.0
         self._deadline_kind = _NO_DEADLINE
         self._draining = False
+        self._linked = False
         self._reset_request()
 
     def _reset_request(self) -> None:
@@ -161,15 +162,24 @@ class ProxyProtocol(Protocol):
         if self._connecting is not None:
             d, self._connecting = self._connecting, None
             d.cancel()
-        up = self._up
+        up = self._detach()
         if up is not None:
-            self._up = None
             up.on_lost = _forget
             up.on_data = _drop
-            if up.transport is not None:
-                up.transport.abortConnection()
+            up.transport.abortConnection()
 
     # -- flow control -----------------------------------------------------------------
+
+    def _detach(self) -> UpstreamProtocol | None:
+        """Unlink the upstream connection in flight from the client, and return it."""
+        up = self._up
+        self._up = None
+        if self._linked:
+            self._linked = False
+            self.transport.unregisterProducer()
+            if up is not None and not up.lost:
+                up.transport.unregisterProducer()
+        return up
 
     def _pause(self, reason: str) -> None:
         if not self._pauses:
@@ -331,9 +341,7 @@ class ProxyProtocol(Protocol):
                 "destination_unavailable",
                 where,
             )
-        self.log.info(
-            "upstream {where} failed: {why}", where=where, why=failure.getErrorMessage()
-        )
+        self.log.info("upstream {where} failed: {why}", where=where, why=failure.getErrorMessage())
         self._fail(err)
 
     def _attach(self, up: UpstreamProtocol, reused: bool) -> None:
@@ -345,6 +353,7 @@ class ProxyProtocol(Protocol):
         upt = up.transport
         upt.registerProducer(self._pauser, True)
         self.transport.registerProducer(upt, True)
+        self._linked = True
         upt.write(self._out_head)
         self._set_deadline(_READ, self.config.read_timeout)
         pending = self._pending
@@ -435,9 +444,7 @@ class ProxyProtocol(Protocol):
 
     def _interim(self, resp: ResponseHead, rest: bytes) -> None:
         if resp.status == 101:
-            self._fail(
-                BadGateway("the origin switched protocols unasked", "http_protocol_error")
-            )
+            self._fail(BadGateway("the origin switched protocols unasked", "http_protocol_error"))
             return
         req = self._req
         assert req is not None
@@ -471,7 +478,9 @@ class ProxyProtocol(Protocol):
             else:
                 keep = False
         self._keep_client = keep
-        self._up_reusable = resp.keep_alive and kind != BODY_CLOSE
+        # An origin that answered before the request body was complete may or may not
+        # read the rest as body: never reuse such a connection.
+        self._up_reusable = resp.keep_alive and kind != BODY_CLOSE and self._req_body is None
         if not keep:
             conn: bytes | None = b"close"
         else:
@@ -524,12 +533,9 @@ class ProxyProtocol(Protocol):
                 self._response_complete()
 
     def _response_complete(self) -> None:
-        up = self._up
-        self._up = None
-        self.transport.unregisterProducer()
+        up = self._detach()
         if up is not None:
             upt = up.transport
-            upt.unregisterProducer()
             if self._up_reusable and self._req_body is None and self.config.pool_size:
                 upt.resumeProducing()
                 self.factory.pool.release(up)
@@ -570,8 +576,7 @@ class ProxyProtocol(Protocol):
     def _upstream_lost(self, up: UpstreamProtocol, reason: Failure) -> None:
         if up is not self._up:
             return
-        self._up = None
-        self.transport.unregisterProducer()
+        self._detach()
         req = self._req
         if self._resp is None:
             if (
@@ -652,18 +657,14 @@ class ProxyProtocol(Protocol):
             return
         self._state = _CLOSING
         self._cancel_timer()
-        up = self._up
+        up = self._detach()
         if up is not None:
-            self._up = None
             up.on_lost = _forget
             up.on_data = _drop
-            if up.transport is not None:
-                up.transport.unregisterProducer()
-                up.transport.loseConnection()
+            up.transport.loseConnection()
         if self._connecting is not None:
             d, self._connecting = self._connecting, None
             d.cancel()
-        self.transport.unregisterProducer()
         self._pauses.clear()
         self.transport.loseConnection()
 
@@ -703,7 +704,9 @@ class ProxyFactory(Factory):
         self.config = config = config if config is not None else ProxyConfig()
         self.clock: IReactorTime = reactor
         self.connector: IUpstreamConnector = (
-            connector if connector is not None else EndpointConnector(reactor, config.connect_timeout)
+            connector
+            if connector is not None
+            else EndpointConnector(reactor, config.connect_timeout)
         )
         self.upstream_factory = UpstreamFactory()
         self.pool = UpstreamPool(reactor, max(config.pool_size, 1), config.pool_idle_timeout)

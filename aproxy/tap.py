@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
@@ -17,17 +18,6 @@ from aproxy.config import DEFAULT_PORT, ProxyConfig, listen_description
 from aproxy.service import makeService as _makeService
 
 __all__ = ["Options", "makeService"]
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError("must be positive")
-    return value
-
-
-def _whole(text: str) -> int:
-    return int(text)
 
 
 class Options(usage.Options):
@@ -43,32 +33,29 @@ class Options(usage.Options):
         ["no-via", None, "Do not add a Via field to forwarded messages."],
     ]
     optParameters: list[list[Any]] = [
-        ["connect-timeout", None, 10.0, "Seconds to connect to an origin before 504.", _seconds],
+        ["connect-timeout", None, 10.0, "Seconds to connect to an origin before 504."],
         [
             "read-timeout",
             None,
             60.0,
             "Seconds to wait for the origin's response head, and between body bytes.",
-            _seconds,
         ],
-        ["idle-timeout", None, 60.0, "Seconds an idle keep-alive client is kept.", _seconds],
+        ["idle-timeout", None, 60.0, "Seconds an idle keep-alive client is kept."],
         [
             "header-timeout",
             None,
             10.0,
             "Seconds a client has to send a complete request head (then 408).",
-            _seconds,
         ],
         ["via", None, "aproxy", "Pseudonym used in the Via fields the proxy adds."],
-        ["max-head-size", None, 65536, "Largest request or response head, bytes (431).", _whole],
-        ["max-request-line", None, 16384, "Longest request line, bytes (414).", _whole],
-        ["pool-size", None, 100, "Idle upstream connections kept per origin (0: none).", _whole],
+        ["max-head-size", None, 65536, "Largest request or response head, bytes (431)."],
+        ["max-request-line", None, 16384, "Longest request line, bytes (414)."],
+        ["pool-size", None, 100, "Idle upstream connections kept per origin (0: none)."],
         [
             "pool-idle-timeout",
             None,
             30.0,
             "Seconds an idle pooled upstream connection is kept.",
-            _seconds,
         ],
     ]
 
@@ -91,21 +78,38 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         """Build the validated L{ProxyConfig}; a bad value is one usage error line."""
+        ports = tuple(self["port"]) or (DEFAULT_PORT,)
+        for description in ports:
+            try:
+                # Parsing builds the endpoint object without listening; for ssl: it also
+                # loads the key and certificate, so a bad file is reported here.
+                serverFromString(None, description)
+            except Exception as e:
+                raise usage.UsageError(f"--port {description}: {e}") from None
         try:
             self["config"] = ProxyConfig(
-                ports=tuple(self["port"]) or (DEFAULT_PORT,),
-                connect_timeout=self["connect-timeout"],
-                read_timeout=self["read-timeout"],
-                idle_timeout=self["idle-timeout"],
-                header_timeout=self["header-timeout"],
+                ports=ports,
+                connect_timeout=_number(self, "connect-timeout", float),
+                read_timeout=_number(self, "read-timeout", float),
+                idle_timeout=_number(self, "idle-timeout", float),
+                header_timeout=_number(self, "header-timeout", float),
                 via=None if self["no-via"] else self["via"],
-                max_head_size=self["max-head-size"],
-                max_request_line=self["max-request-line"],
-                pool_size=self["pool-size"],
-                pool_idle_timeout=self["pool-idle-timeout"],
+                max_head_size=_number(self, "max-head-size", int),
+                max_request_line=_number(self, "max-request-line", int),
+                pool_size=_number(self, "pool-size", int),
+                pool_idle_timeout=_number(self, "pool-idle-timeout", float),
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+
+
+def _number(options: Options, name: str, kind: type[int] | type[float]) -> Any:
+    value = options[name]
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        what = "a whole number" if kind is int else "a number"
+        raise ValueError(f"--{name} must be {what}, not {value!r}") from None
 
 
 class _CommandLineService(MultiService):

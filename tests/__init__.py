@@ -1,0 +1,1 @@
+"""The aproxy test suite."""

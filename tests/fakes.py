@@ -1,0 +1,62 @@
+"""Test doubles shared by the protocol tests: a connector that records dial attempts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from zope.interface import implementer
+
+from aproxy.upstream import IUpstreamConnector, UpstreamProtocol
+
+
+@dataclass
+class Attempt:
+    """One recorded dial: where to, with which factory, and the Deferred to fire."""
+
+    host: str
+    port: int
+    factory: Factory
+    deferred: Deferred[Protocol] = field(default_factory=Deferred)
+    transport: StringTransport | None = None
+    protocol: UpstreamProtocol | None = None
+
+    def succeed(self) -> StringTransport:
+        """Complete the connection on a L{StringTransport} and return that transport."""
+        proto = self.factory.buildProtocol(None)
+        assert isinstance(proto, UpstreamProtocol)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        self.transport = transport
+        self.protocol = proto
+        self.deferred.callback(proto)
+        return transport
+
+    def respond(self, data: bytes) -> None:
+        """Deliver bytes from the origin on the completed connection."""
+        assert self.protocol is not None
+        self.protocol.dataReceived(data)
+
+    def close(self) -> None:
+        """The origin closes the connection."""
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        assert self.protocol is not None
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+@implementer(IUpstreamConnector)
+class RecordingConnector:
+    """An L{IUpstreamConnector} that records each attempt for the test to complete."""
+
+    def __init__(self) -> None:
+        self.attempts: list[Attempt] = []
+
+    def connect(self, host: str, port: int, factory: Factory) -> Deferred[Protocol]:
+        """Record the attempt; the test decides how it ends."""
+        attempt = Attempt(host, port, factory)
+        self.attempts.append(attempt)
+        return attempt.deferred

@@ -1,0 +1,239 @@
+"""Tests for the command line (L{aproxy.tap}), the configuration and the twistd plugin."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from twisted.application.service import IService, IServiceMaker
+from twisted.internet.testing import MemoryReactor
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from aproxy import ProxyConfig, makeService
+from aproxy.config import listen_description
+from aproxy.tap import Options
+from aproxy.tap import makeService as tap_make_service
+
+
+def parse(*args: str) -> Options:
+    """Parse C{args} as the aproxy command line."""
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+class OptionsTests(SynchronousTestCase):
+    """The command line becomes one validated L{ProxyConfig}."""
+
+    def test_defaults(self) -> None:
+        """With no options the proxy listens on 127.0.0.1:8080 with the documented values."""
+        config = parse()["config"]
+        self.assertEqual(config, ProxyConfig())
+        self.assertEqual(config.ports, ("tcp:8080:interface=127.0.0.1",))
+        self.assertEqual(
+            (
+                config.connect_timeout,
+                config.read_timeout,
+                config.idle_timeout,
+                config.header_timeout,
+            ),
+            (10, 60, 60, 10),
+        )
+        self.assertEqual((config.via, config.max_head_size), ("aproxy", 65536))
+
+    def test_bare_port_is_loopback(self) -> None:
+        """A bare port number listens on the loopback interface only."""
+        self.assertEqual(parse("--port", "9000")["config"].ports, ("tcp:9000:interface=127.0.0.1",))
+
+    def test_port_repeatable_and_full_descriptions(self) -> None:
+        """--port may be given several times, with any endpoint description."""
+        config = parse(
+            "--port", "9000", "-p", "tcp6:9001:interface=\\:\\:1", "--port", "unix:/tmp/x"
+        )["config"]
+        self.assertEqual(
+            config.ports,
+            ("tcp:9000:interface=127.0.0.1", "tcp6:9001:interface=\\:\\:1", "unix:/tmp/x"),
+        )
+
+    def test_every_option_reaches_config(self) -> None:
+        """Each option sets its ProxyConfig field."""
+        config = parse(
+            "--connect-timeout",
+            "1.5",
+            "--read-timeout",
+            "2",
+            "--idle-timeout",
+            "3",
+            "--header-timeout",
+            "4",
+            "--via",
+            "edge",
+            "--max-head-size",
+            "2048",
+            "--max-request-line",
+            "9000",
+            "--pool-size",
+            "0",
+            "--pool-idle-timeout",
+            "5",
+        )["config"]
+        self.assertEqual(
+            config,
+            ProxyConfig(
+                connect_timeout=1.5,
+                read_timeout=2,
+                idle_timeout=3,
+                header_timeout=4,
+                via="edge",
+                max_head_size=2048,
+                max_request_line=9000,
+                pool_size=0,
+                pool_idle_timeout=5,
+            ),
+        )
+
+    def test_no_via(self) -> None:
+        """--no-via turns the Via field off."""
+        self.assertIsNone(parse("--no-via")["config"].via)
+
+    def test_bad_values_are_usage_errors(self) -> None:
+        """Bad values give a one-line usage error that names the option."""
+        cases = [
+            (["--connect-timeout", "-1"], "connect-timeout"),
+            (["--read-timeout", "x"], "--read-timeout"),
+            (["--max-head-size", "10"], "max-head-size"),
+            (["--max-request-line", "100"], "max-request-line"),
+            (["--via", "a b"], "via"),
+            (["--port", "tcp:abc"], "--port tcp:abc"),
+            (["--port", "70000"], "--port"),
+            (["--port", "ssl:0:privateKey=/nonexistent/key.pem"], "--port ssl:0"),
+        ]
+        for args, expected in cases:
+            with self.assertRaises(usage.UsageError) as caught:
+                parse(*args)
+            self.assertIn(expected, str(caught.exception))
+            self.assertNotIn("\n", str(caught.exception))
+
+    def test_help_documents_every_option(self) -> None:
+        """--help text names every option."""
+        text = str(Options())
+        for name in (
+            "--port",
+            "--connect-timeout",
+            "--read-timeout",
+            "--idle-timeout",
+            "--header-timeout",
+            "--via",
+            "--no-via",
+            "--max-head-size",
+        ):
+            self.assertIn(name, text)
+
+
+class ConfigTests(SynchronousTestCase):
+    """L{ProxyConfig} validates itself for embedders too."""
+
+    def test_listen_description(self) -> None:
+        """Bare numbers become loopback TCP descriptions; others pass through."""
+        self.assertEqual(listen_description(" 80 "), "tcp:80:interface=127.0.0.1")
+        self.assertEqual(listen_description("tcp:80"), "tcp:80")
+        self.assertRaises(ValueError, listen_description, "")
+
+    def test_invalid_values_raise(self) -> None:
+        """Invalid fields raise ValueError at construction."""
+        for kwargs in (
+            {"read_timeout": 0},
+            {"ports": ()},
+            {"via": "bad via"},
+            {"pool_size": -1},
+        ):
+            self.assertRaises(ValueError, ProxyConfig, **kwargs)  # type: ignore[arg-type]
+
+    def test_frozen(self) -> None:
+        """A configuration can't be changed after it is built."""
+        config = ProxyConfig()
+        self.assertRaises(AttributeError, setattr, config, "via", "x")
+
+
+class ServiceTests(SynchronousTestCase):
+    """L{makeService} gives an IService listening on every configured endpoint."""
+
+    def test_one_listener_per_port(self) -> None:
+        """Starting the service listens on each port with one shared factory."""
+        reactor = MemoryReactor()
+        service = makeService(
+            ProxyConfig(ports=("tcp:8111:interface=127.0.0.1", "tcp:8112:interface=127.0.0.1")),
+            reactor,
+        )
+        self.assertTrue(IService.providedBy(service))
+        service.privilegedStartService()
+        service.startService()
+        self.assertEqual(
+            [(p[0], p[3]) for p in reactor.tcpServers], [(8111, "127.0.0.1"), (8112, "127.0.0.1")]
+        )
+        self.assertIs(reactor.tcpServers[0][1], reactor.tcpServers[1][1])
+
+    def test_tap_reports_port_in_use_in_one_line(self) -> None:
+        """A port that can't be bound ends the start with one line and exit status 1."""
+        from twisted.internet import reactor  # the real one: bind a real port twice
+
+        import socket
+
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        messages: list[str] = []
+
+        def record(message: str) -> None:
+            messages.append(message)
+            raise SystemExit(1)
+
+        from aproxy.tap import _CommandLineService
+
+        inner = makeService(ProxyConfig(ports=(str(port),)), reactor)
+        service = _CommandLineService(inner, record)
+        with self.assertRaises(SystemExit):
+            service.privilegedStartService()
+        [message] = messages
+        self.assertIn(f"cannot listen on 127.0.0.1:{port}", message)
+        self.assertNotIn("\n", message)
+
+    def test_tap_make_service(self) -> None:
+        """The twistd entry point builds a service from parsed options."""
+        self.assertTrue(IService.providedBy(tap_make_service(parse("--port", "0"))))
+
+
+class PluginTests(SynchronousTestCase):
+    """The twistd plugin is found, in the checkout and after C{pip install .}."""
+
+    def test_plugin_registered(self) -> None:
+        """getPlugins(IServiceMaker) offers a maker with tapname aproxy."""
+        names = {p.tapname for p in getPlugins(IServiceMaker)}
+        self.assertIn("aproxy", names)
+
+    def test_installed_twistd_finds_plugin(self) -> None:
+        """A subprocess C{twistd aproxy --help}, run outside the checkout, exits 0."""
+        try:
+            importlib.metadata.version("aproxy")
+        except importlib.metadata.PackageNotFoundError:
+            self.fail("aproxy is not installed: run pip install . first (see README)")
+        twistd = Path(sys.executable).with_name("twistd")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        with tempfile.TemporaryDirectory() as cwd:
+            result = subprocess.run(
+                [str(twistd), "aproxy", "--help"],
+                cwd=cwd,
+                env=env,
+                capture_output=True,
+                timeout=60,
+            )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(b"--connect-timeout", result.stdout)
