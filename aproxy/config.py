@@ -10,10 +10,35 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_PORT", "ProxyConfig", "listen_description"]
+__all__ = ["DEFAULT_PORT", "ProxyConfig", "listen_description", "parse_port_list"]
 
 DEFAULT_PORT = "tcp:8080:interface=127.0.0.1"
 _VIA_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z:\[\]]+")
+
+
+def parse_port_list(text: str) -> tuple[tuple[int, int], ...] | None:
+    """
+    Parse a C{--connect-ports} value: comma-separated ports and C{low-high} ranges, or
+    C{*} for any port.
+
+    @raise ValueError: For anything else, or a port outside 1..65535.
+    """
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if items == ["*"]:
+        return None
+    if not items:
+        raise ValueError("connect-ports: empty list")
+    ranges = []
+    for item in items:
+        low, sep, high = item.partition("-")
+        if not low.isdigit() or (sep and not high.isdigit()):
+            raise ValueError(f"connect-ports: {item!r} is not a port or a range")
+        first = int(low)
+        last = int(high) if sep else first
+        if not 0 < first <= last < 65536:
+            raise ValueError(f"connect-ports: bad port range {item!r}")
+        ranges.append((first, last))
+    return tuple(ranges)
 
 
 def listen_description(text: str) -> str:
@@ -53,6 +78,9 @@ class ProxyConfig:
     @ivar max_request_line: The longest request line accepted, in bytes (414).
     @ivar pool_size: Idle upstream connections kept per origin for reuse (0: no reuse).
     @ivar pool_idle_timeout: Seconds an idle pooled upstream connection is kept.
+    @ivar connect_ports: The ports CONNECT may reach, as inclusive (low, high) ranges;
+        L{None} allows any port.
+    @ivar tunnel_idle_timeout: Seconds a CONNECT or Upgrade tunnel may stay silent.
     """
 
     ports: tuple[str, ...] = (DEFAULT_PORT,)
@@ -65,6 +93,8 @@ class ProxyConfig:
     max_request_line: int = 16384
     pool_size: int = 100
     pool_idle_timeout: float = 30.0
+    connect_ports: tuple[tuple[int, int], ...] | None = ((443, 443),)
+    tunnel_idle_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         """Validate every field so that a bad value fails at start, not per request."""
@@ -77,6 +107,7 @@ class ProxyConfig:
             "idle_timeout",
             "header_timeout",
             "pool_idle_timeout",
+            "tunnel_idle_timeout",
         ):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not value > 0:
@@ -90,3 +121,14 @@ class ProxyConfig:
             raise ValueError("max-request-line must be at least 8000 bytes")
         if not isinstance(self.pool_size, int) or self.pool_size < 0:
             raise ValueError("pool-size must be a whole number, 0 or more")
+        if self.connect_ports is not None:
+            for low, high in self.connect_ports:
+                if not 0 < low <= high < 65536:
+                    raise ValueError(f"connect-ports: bad port range {low}-{high}")
+
+    def connect_allowed(self, port: int) -> bool:
+        """Whether a CONNECT tunnel may go to C{port}."""
+        ranges = self.connect_ports
+        if ranges is None:
+            return True
+        return any(low <= port <= high for low, high in ranges)

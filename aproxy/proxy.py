@@ -14,7 +14,13 @@ from typing import Any
 
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -25,6 +31,7 @@ from aproxy.config import ProxyConfig
 from aproxy.errors import (
     BadGateway,
     BadRequest,
+    Forbidden,
     GatewayTimeout,
     NotImplementedByProxy,
     ProxyError,
@@ -41,12 +48,14 @@ from aproxy.http1 import (
     Target,
     framing_fields,
     parse_absolute_target,
+    parse_authority,
     parse_request_head,
     parse_response_head,
     response_body_kind,
     serialize_request_head,
     serialize_response_head,
 )
+from aproxy.tunnel import Tunnel
 from aproxy.upstream import (
     EndpointConnector,
     IUpstreamConnector,
@@ -58,7 +67,7 @@ from aproxy.upstream import (
 __all__ = ["ProxyFactory", "ProxyProtocol"]
 
 # Connection states.
-_READING, _CONNECTING, _FORWARDING, _CLOSING = range(4)
+_READING, _CONNECTING, _FORWARDING, _TUNNEL, _CLOSING = range(5)
 # What the single per-connection timer is waiting for.
 _NO_DEADLINE, _HEAD, _IDLE, _CONNECT, _READ = range(5)
 # Bytes of pipelined requests held while one is in flight before the client is paused.
@@ -91,6 +100,7 @@ class _ClientPauser:
         """The upstream connection ended; L{ProxyProtocol} handles that itself."""
 
 
+@implementer(IHalfCloseableProtocol)
 class ProxyProtocol(Protocol):
     """
     One client connection: parses its requests, forwards each to its own origin in turn
@@ -117,6 +127,8 @@ class ProxyProtocol(Protocol):
         self._deadline_kind = _NO_DEADLINE
         self._draining = False
         self._linked = False
+        self._eof = False
+        self._tunnel: Tunnel | None = None
         self._reset_request()
 
     def _reset_request(self) -> None:
@@ -136,6 +148,8 @@ class ProxyProtocol(Protocol):
         self._out_chunked = False
         self._keep_client = False
         self._up_reusable = False
+        self._is_connect = False
+        self._upgrade: bytes | None = None
 
     # -- Twisted protocol interface ---------------------------------------------------
 
@@ -154,9 +168,27 @@ class ProxyProtocol(Protocol):
         elif state == _CONNECTING:
             self._hold(data)
 
+    def readConnectionLost(self) -> None:
+        """
+        The client half-closed. In a tunnel that is passed on to the origin; otherwise a
+        request in flight is still answered, and the connection is closed after it.
+        """
+        if self._tunnel is not None:
+            self._tunnel.client_eof()
+        elif self._state in (_CONNECTING, _FORWARDING):
+            self._keep_client = False
+            self._eof = True
+        else:
+            self._close()
+
+    def writeConnectionLost(self) -> None:
+        """Our write side towards the client was shut down (a tunnel's half-close)."""
+
     def connectionLost(self, reason: Failure = Failure(ierror.ConnectionDone())) -> None:  # noqa: B008
         """Stop everything this connection started: timer, dial, upstream connection."""
         self.factory.open_connections -= 1
+        if self._tunnel is not None:
+            self._tunnel.client_lost()
         self._state = _CLOSING
         self._cancel_timer()
         if self._connecting is not None:
@@ -266,7 +298,8 @@ class ProxyProtocol(Protocol):
     def _start_request(self, head: RequestHead, rest: bytes) -> None:
         self._req = head
         if head.method == b"CONNECT":
-            raise NotImplementedByProxy("CONNECT is not supported yet")
+            self._start_connect(head, rest)
+            return
         target = parse_absolute_target(head.target, head.method)
         self._target = target
         if target.scheme != b"http":
@@ -285,6 +318,16 @@ class ProxyProtocol(Protocol):
                     self._answer_locally(head, rest)
                     return
                 extra = b"Max-Forwards: %d\r\n" % (hops - 1)
+        upgrade = head.values(b"upgrade")
+        if (
+            upgrade
+            and b"upgrade" in head.connection
+            and head.minor
+            and not (head.codings is not None or head.content_length)
+        ):
+            # The one case Connection and Upgrade are forwarded (RFC 9110 section 7.8).
+            self._upgrade = b", ".join(upgrade)
+            extra += b"Connection: Upgrade\r\nUpgrade: " + self._upgrade + b"\r\n"
         if head.codings is not None:
             self._req_body = ChunkedDecoder(True)
             self._req_chunked = True
@@ -303,6 +346,46 @@ class ProxyProtocol(Protocol):
             self._attach(up, True)
         else:
             self._dial(key)
+
+    def _start_connect(self, head: RequestHead, rest: bytes) -> None:
+        if head.codings is not None or head.content_length:
+            raise BadRequest("a CONNECT request has no content")
+        host, port = parse_authority(head.target)
+        self._target = Target(b"", host, port, head.target, b"")
+        if not self.config.connect_allowed(port):
+            raise Forbidden(
+                f"CONNECT to port {port} is not allowed (see the --connect-ports option)",
+                "destination_ip_prohibited",
+                details=f"port {port}",
+            )
+        self._is_connect = True
+        self._pending = rest
+        self._state = _CONNECTING
+        self._dial((host, port))
+
+    def _open_tunnel(self, up: UpstreamProtocol, to_origin: bytes, to_client: bytes) -> None:
+        """Switch this connection to a raw relay with C{up} (after a CONNECT or a 101)."""
+        self._detach()
+        self._cancel_timer()
+        self._state = _TUNNEL
+        tunnel = Tunnel(
+            self.transport,
+            up,
+            self.clock,
+            self.config.tunnel_idle_timeout,
+            self._tunnel_closed,
+        )
+        self._tunnel = tunnel
+        self.dataReceived = tunnel.from_client  # type: ignore[method-assign]
+        if self._pauses:
+            self._pauses.clear()
+            self.transport.resumeProducing()
+        tunnel.start(to_origin, to_client)
+        if self._eof:
+            tunnel.client_eof()
+
+    def _tunnel_closed(self, tunnel: Tunnel) -> None:
+        self._state = _CLOSING
 
     def _dial(self, key: tuple[str, int]) -> None:
         self._pause("dial")
@@ -345,6 +428,12 @@ class ProxyProtocol(Protocol):
         self._fail(err)
 
     def _attach(self, up: UpstreamProtocol, reused: bool) -> None:
+        if self._is_connect:
+            self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            pending = self._pending
+            self._pending = b""
+            self._open_tunnel(up, pending, b"")
+            return
         self._up = up
         self._reused = reused
         up.on_data = self._upstream_data
@@ -444,7 +533,7 @@ class ProxyProtocol(Protocol):
 
     def _interim(self, resp: ResponseHead, rest: bytes) -> None:
         if resp.status == 101:
-            self._fail(BadGateway("the origin switched protocols unasked", "http_protocol_error"))
+            self._switch_protocols(resp, rest)
             return
         req = self._req
         assert req is not None
@@ -453,6 +542,19 @@ class ProxyProtocol(Protocol):
             self.transport.write(serialize_response_head(resp, b"", self._via, None))
         if rest:
             self._upstream_data(rest)
+
+    def _switch_protocols(self, resp: ResponseHead, rest: bytes) -> None:
+        up = self._up
+        if self._upgrade is None or up is None:
+            self._fail(BadGateway("the origin switched protocols unasked", "http_protocol_error"))
+            return
+        upgrade = resp.values(b"upgrade")
+        fields = b"Upgrade: " + b", ".join(upgrade) + b"\r\n" if upgrade else b""
+        self.transport.write(serialize_response_head(resp, fields, self._via, b"Upgrade"))
+        self._resp_started = True
+        pending = self._pending
+        self._pending = b""
+        self._open_tunnel(up, pending, rest)
 
     def _begin_response(self, resp: ResponseHead, rest: bytes) -> None:
         req = self._req

@@ -14,7 +14,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
-from aproxy.config import DEFAULT_PORT, ProxyConfig, listen_description
+from aproxy.config import DEFAULT_PORT, ProxyConfig, listen_description, parse_port_list
 from aproxy.service import makeService as _makeService
 
 __all__ = ["Options", "makeService"]
@@ -57,6 +57,18 @@ class Options(usage.Options):
             30.0,
             "Seconds an idle pooled upstream connection is kept.",
         ],
+        [
+            "connect-ports",
+            None,
+            "443",
+            "Ports CONNECT may reach: comma-separated ports and ranges (8000-8100), or * for any.",
+        ],
+        [
+            "tunnel-idle-timeout",
+            None,
+            600.0,
+            "Seconds a CONNECT or Upgrade tunnel may stay silent before it is closed.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -98,6 +110,8 @@ class Options(usage.Options):
                 max_request_line=_number(self, "max-request-line", int),
                 pool_size=_number(self, "pool-size", int),
                 pool_idle_timeout=_number(self, "pool-idle-timeout", float),
+                connect_ports=parse_port_list(self["connect-ports"]),
+                tunnel_idle_timeout=_number(self, "tunnel-idle-timeout", float),
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None

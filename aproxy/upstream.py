@@ -16,7 +16,12 @@ from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
 )
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,7 +38,7 @@ __all__ = [
 class IUpstreamConnector(Interface):
     """How the proxy opens a connection towards an origin (directly, or later via a parent)."""
 
-    def connect(host: str, port: int, factory: Factory) -> Deferred[Protocol]:
+    def connect(host: str, port: int, factory: Factory) -> Deferred[Protocol]:  # noqa: N805
         """
         Connect to C{host}:C{port} and build the connection's protocol with C{factory}.
 
@@ -71,6 +76,7 @@ class EndpointConnector:
         return d
 
 
+@implementer(IHalfCloseableProtocol)
 class UpstreamProtocol(Protocol):
     """
     One connection to an origin: a thin adapter that hands received bytes and the
@@ -79,6 +85,8 @@ class UpstreamProtocol(Protocol):
     @ivar key: The (host, port) the connection goes to, for the pool.
     @ivar on_data: Called with each received chunk of bytes.
     @ivar on_lost: Called with this protocol and the reason when the connection ends.
+    @ivar on_eof: Called when the origin shuts down its write side (a half-close); by
+        default that ends the connection, which is what HTTP needs. Tunnels relay it.
     """
 
     key: tuple[str, int] = ("", 0)
@@ -87,11 +95,23 @@ class UpstreamProtocol(Protocol):
     def __init__(self) -> None:
         self.on_data: Callable[[bytes], None] = _ignore_data
         self.on_lost: Callable[[UpstreamProtocol, Failure], None] = _ignore_lost
+        self.on_eof: Callable[[], None] = self._close
         self.lost = False
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         """Hand the bytes to the current owner."""
         self.on_data(data)
+
+    def readConnectionLost(self) -> None:
+        """The origin half-closed: tell the owner (HTTP closes, a tunnel relays it)."""
+        self.on_eof()
+
+    def writeConnectionLost(self) -> None:
+        """Our write side is shut down; the read side goes on until the origin closes."""
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
         """Tell the current owner that the origin connection ended."""

@@ -12,6 +12,16 @@ from zope.interface import implementer
 from aproxy.upstream import IUpstreamConnector, UpstreamProtocol
 
 
+class HalfCloseTransport(StringTransport):
+    """A L{StringTransport} that records a shutdown of its write side."""
+
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        """Record that the write side was shut down."""
+        self.write_closed = True
+
+
 @dataclass
 class Attempt:
     """One recorded dial: where to, with which factory, and the Deferred to fire."""
@@ -27,7 +37,7 @@ class Attempt:
         """Complete the connection on a L{StringTransport} and return that transport."""
         proto = self.factory.buildProtocol(None)
         assert isinstance(proto, UpstreamProtocol)
-        transport = StringTransport()
+        transport = HalfCloseTransport()
         proto.makeConnection(transport)
         self.transport = transport
         self.protocol = proto

@@ -82,6 +82,10 @@ class OptionsTests(SynchronousTestCase):
             "0",
             "--pool-idle-timeout",
             "5",
+            "--connect-ports",
+            "443, 8000-8100",
+            "--tunnel-idle-timeout",
+            "6",
         )["config"]
         self.assertEqual(
             config,
@@ -95,8 +99,14 @@ class OptionsTests(SynchronousTestCase):
                 max_request_line=9000,
                 pool_size=0,
                 pool_idle_timeout=5,
+                connect_ports=((443, 443), (8000, 8100)),
+                tunnel_idle_timeout=6,
             ),
         )
+
+    def test_connect_ports_any(self) -> None:
+        """--connect-ports * allows CONNECT to any port."""
+        self.assertIsNone(parse("--connect-ports", "*")["config"].connect_ports)
 
     def test_no_via(self) -> None:
         """--no-via turns the Via field off."""
@@ -110,6 +120,8 @@ class OptionsTests(SynchronousTestCase):
             (["--max-head-size", "10"], "max-head-size"),
             (["--max-request-line", "100"], "max-request-line"),
             (["--via", "a b"], "via"),
+            (["--connect-ports", "443,x"], "connect-ports"),
+            (["--connect-ports", "0"], "connect-ports"),
             (["--port", "tcp:abc"], "--port tcp:abc"),
             (["--port", "70000"], "--port"),
             (["--port", "ssl:0:privateKey=/nonexistent/key.pem"], "--port ssl:0"),
@@ -181,9 +193,9 @@ class ServiceTests(SynchronousTestCase):
 
     def test_tap_reports_port_in_use_in_one_line(self) -> None:
         """A port that can't be bound ends the start with one line and exit status 1."""
-        from twisted.internet import reactor  # the real one: bind a real port twice
-
         import socket
+
+        from twisted.internet import reactor  # the real one: bind a real port twice
 
         sock = socket.socket()
         self.addCleanup(sock.close)
