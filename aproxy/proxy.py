@@ -790,7 +790,7 @@ class ProxyFactory(Factory):
         default); tests pass a fake.
     """
 
-    protocol = ProxyProtocol  # type: ignore[assignment]
+    protocol = ProxyProtocol
     noisy = False
 
     def __init__(
@@ -815,7 +815,7 @@ class ProxyFactory(Factory):
         self.via: bytes | None = config.via.encode("ascii") if config.via else None
         self.open_connections = 0
 
-    def buildProtocol(self, addr: IAddress) -> ProxyProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> ProxyProtocol:
         """Make the protocol for one client connection."""
         return ProxyProtocol(self, addr)
 

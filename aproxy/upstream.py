@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
@@ -72,8 +72,7 @@ class EndpointConnector:
         else:
             kind = TCP4ClientEndpoint if address.version == 4 else TCP6ClientEndpoint
             endpoint = kind(self._reactor, host, port, timeout=self._timeout)
-        d: Deferred[Protocol] = endpoint.connect(factory)
-        return d
+        return cast("Deferred[Protocol]", endpoint.connect(factory))
 
 
 @implementer(IHalfCloseableProtocol)
@@ -89,6 +88,9 @@ class UpstreamProtocol(Protocol):
         default that ends the connection, which is what HTTP needs. Tunnels relay it.
     """
 
+    # A TCP or TLS transport: ITransport plus IConsumer, IPushProducer and half-close;
+    # no single interface says all of that, so it is typed loosely here.
+    transport: Any
     key: tuple[str, int] = ("", 0)
     idle_since: float = 0.0
 
@@ -174,7 +176,7 @@ class UpstreamPool:
         if proto.lost:
             return
         if len(conns) >= self._max or proto.transport is None:
-            proto.transport.loseConnection()  # type: ignore[union-attr]
+            proto.transport.loseConnection()
             return
         proto.idle_since = self._clock.seconds()
         proto.on_data = lambda data, proto=proto: self._unexpected(proto)  # type: ignore[misc]
@@ -187,7 +189,7 @@ class UpstreamPool:
         # An idle origin connection must be silent; bytes now would be read as the
         # response to the next request. Drop it.
         self._remove(proto)
-        proto.transport.loseConnection()  # type: ignore[union-attr]
+        proto.transport.loseConnection()
 
     def _lost(self, proto: UpstreamProtocol, reason: Failure) -> None:
         self._remove(proto)
@@ -206,7 +208,7 @@ class UpstreamPool:
             for proto in conns:
                 if proto.idle_since <= limit:
                     proto.on_lost = _ignore_lost
-                    proto.transport.loseConnection()  # type: ignore[union-attr]
+                    proto.transport.loseConnection()
                 else:
                     keep.append(proto)
             if keep:
@@ -225,5 +227,5 @@ class UpstreamPool:
         for conns in self._idle.values():
             for proto in conns:
                 proto.on_lost = _ignore_lost
-                proto.transport.loseConnection()  # type: ignore[union-attr]
+                proto.transport.loseConnection()
         self._idle.clear()

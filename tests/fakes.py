@@ -30,10 +30,10 @@ class Attempt:
     port: int
     factory: Factory
     deferred: Deferred[Protocol] = field(default_factory=Deferred)
-    transport: StringTransport | None = None
+    transport: HalfCloseTransport | None = None
     protocol: UpstreamProtocol | None = None
 
-    def succeed(self) -> StringTransport:
+    def succeed(self) -> HalfCloseTransport:
         """Complete the connection on a L{StringTransport} and return that transport."""
         proto = self.factory.buildProtocol(None)
         assert isinstance(proto, UpstreamProtocol)

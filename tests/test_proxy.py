@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy.config import ProxyConfig
 from aproxy.proxy import ProxyFactory, ProxyProtocol
-from tests.fakes import Attempt, RecordingConnector
+from tests.fakes import Attempt, HalfCloseTransport, RecordingConnector
 
 GET_A = b"GET http://a.example/x?y=%20 HTTP/1.1\r\nHost: a.example\r\nUser-Agent: t\r\n\r\n"
 GET_B = b"GET http://b.example:8080/ HTTP/1.1\r\nHost: b.example\r\n\r\n"
@@ -31,14 +31,14 @@ class ProxyTestCase(SynchronousTestCase):
         self.factory = ProxyFactory(self.config, self.clock, self.connector)
         self.client, self.proto = self.connect_client()
 
-    def connect_client(self) -> tuple[StringTransport, ProxyProtocol]:
+    def connect_client(self) -> tuple[HalfCloseTransport, ProxyProtocol]:
         """A new client connection to the proxy."""
         proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
-        client = StringTransport()
+        client = HalfCloseTransport()
         proto.makeConnection(client)
         return client, proto
 
-    def forward(self, request: bytes = GET_A) -> tuple[Attempt, StringTransport]:
+    def forward(self, request: bytes = GET_A) -> tuple[Attempt, HalfCloseTransport]:
         """Send C{request}, complete the dial it causes and return the attempt and transport."""
         self.proto.dataReceived(request)
         attempt = self.connector.attempts[-1]
@@ -46,7 +46,7 @@ class ProxyTestCase(SynchronousTestCase):
 
     def take(self, transport: StringTransport) -> bytes:
         """Everything written to C{transport} since the last call."""
-        value = transport.value()
+        value: bytes = transport.value()
         transport.clear()
         return value
 
@@ -94,7 +94,7 @@ class ForwardingTests(ProxyTestCase):
         attempt, upstream = self.forward()
         self.assertIs(self.client.producer, upstream)
         self.assertTrue(self.client.streaming)
-        self.assertIsNotNone(upstream.producer)
+        assert upstream.producer is not None
         upstream.producer.pauseProducing()
         self.assertEqual(self.client.producerState, "paused")
         upstream.producer.resumeProducing()

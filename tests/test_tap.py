@@ -165,7 +165,7 @@ class ConfigTests(SynchronousTestCase):
             {"via": "bad via"},
             {"pool_size": -1},
         ):
-            self.assertRaises(ValueError, ProxyConfig, **kwargs)  # type: ignore[arg-type]
+            self.assertRaises(ValueError, ProxyConfig, **kwargs)
 
     def test_frozen(self) -> None:
         """A configuration can't be changed after it is built."""

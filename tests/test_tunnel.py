@@ -6,7 +6,6 @@ from twisted.internet import error
 from twisted.python.failure import Failure
 
 from aproxy.config import ProxyConfig
-from tests.fakes import HalfCloseTransport
 from tests.test_proxy import ProxyTestCase
 
 CONNECT_HEAD = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
@@ -15,13 +14,6 @@ ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 class ConnectTests(ProxyTestCase):
     """CONNECT opens a raw tunnel to an allowed port."""
-
-    def setUp(self) -> None:
-        super().setUp()
-        # Swap in a client transport that records half-closes.
-        self.client = HalfCloseTransport()
-        self.proto = self.factory.buildProtocol(None)
-        self.proto.makeConnection(self.client)
 
     def test_connect_pauses_client_until_origin_answers(self) -> None:
         """A CONNECT dials the origin and stops reading from the client meanwhile."""
@@ -118,7 +110,7 @@ class ConnectTests(ProxyTestCase):
         """A client half-close shuts the origin's write side; origin bytes still flow."""
         attempt, upstream = self.forward(CONNECT_HEAD)
         self.proto.readConnectionLost()
-        self.assertTrue(upstream.write_closed)  # type: ignore[attr-defined]
+        self.assertTrue(upstream.write_closed)
         self.assertFalse(upstream.disconnecting)
         attempt.respond(b"late")
         self.assertTrue(self.client.value().endswith(b"late"))
@@ -144,7 +136,7 @@ class ConnectTests(ProxyTestCase):
         self.proto.readConnectionLost()
         upstream = self.connector.attempts[0].succeed()
         self.assertEqual(upstream.value(), b"hello")
-        self.assertTrue(upstream.write_closed)  # type: ignore[attr-defined]
+        self.assertTrue(upstream.write_closed)
 
     def test_origin_close_closes_client_after_flush(self) -> None:
         """When the origin closes, the client is closed (loseConnection, so data flushes)."""
