@@ -70,6 +70,10 @@ __all__ = ["ProxyFactory", "ProxyProtocol"]
 _READING, _CONNECTING, _FORWARDING, _TUNNEL, _CLOSING = range(5)
 # What the single per-connection timer is waiting for.
 _NO_DEADLINE, _HEAD, _IDLE, _CONNECT, _READ = range(5)
+# How many parsed request targets the factory remembers.
+_TARGET_CACHE_SIZE = 1024
+# Why the client transport is paused: bits, so each reason is withdrawn on its own.
+_DIAL, _HOLD, _UPSTREAM = 1, 2, 4
 # Bytes of pipelined requests held while one is in flight before the client is paused.
 _HOLD_LIMIT = 65536
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -90,11 +94,11 @@ class _ClientPauser:
 
     def pauseProducing(self) -> None:
         """The upstream send buffer is full: stop reading from the client."""
-        self._proto._pause("upstream")
+        self._proto._pause(_UPSTREAM)
 
     def resumeProducing(self) -> None:
         """The upstream send buffer drained: read from the client again."""
-        self._proto._unpause("upstream")
+        self._proto._unpause(_UPSTREAM)
 
     def stopProducing(self) -> None:
         """The upstream connection ended; L{ProxyProtocol} handles that itself."""
@@ -117,11 +121,10 @@ class ProxyProtocol(Protocol):
         self.client_address = addr
         self._via = factory.via
         self._reader = HeadReader(config.max_head_size, config.max_request_line)
-        self._resp_reader = HeadReader(config.max_head_size, config.max_head_size, False)
         self._state = _READING
         self._pending = b""
-        self._pauses: set[str] = set()
-        self._pauser = _ClientPauser(self)
+        self._paused = 0
+        self._pauser: _ClientPauser | None = None
         self._timer: IDelayedCall | None = None
         self._deadline = 0.0
         self._deadline_kind = _NO_DEADLINE
@@ -213,16 +216,18 @@ class ProxyProtocol(Protocol):
                 up.transport.unregisterProducer()
         return up
 
-    def _pause(self, reason: str) -> None:
-        if not self._pauses:
+    def _pause(self, reason: int) -> None:
+        """Stop reading from the client for C{reason} (one of several bits)."""
+        if not self._paused:
             self.transport.pauseProducing()
-        self._pauses.add(reason)
+        self._paused |= reason
 
-    def _unpause(self, reason: str) -> None:
-        pauses = self._pauses
-        if reason in pauses:
-            pauses.discard(reason)
-            if not pauses and self._state != _CLOSING:
+    def _unpause(self, reason: int) -> None:
+        """Withdraw C{reason}; reading resumes once no reason is left."""
+        paused = self._paused
+        if paused & reason:
+            self._paused = paused = paused & ~reason
+            if not paused and self._state != _CLOSING:
                 self.transport.resumeProducing()
 
     # -- timers -----------------------------------------------------------------------
@@ -300,7 +305,7 @@ class ProxyProtocol(Protocol):
         if head.method == b"CONNECT":
             self._start_connect(head, rest)
             return
-        target = parse_absolute_target(head.target, head.method)
+        target = self.factory.parse_target(head.target, head.method)
         self._target = target
         if target.scheme != b"http":
             raise NotImplementedByProxy(
@@ -377,8 +382,8 @@ class ProxyProtocol(Protocol):
         )
         self._tunnel = tunnel
         self.dataReceived = tunnel.from_client  # type: ignore[method-assign]
-        if self._pauses:
-            self._pauses.clear()
+        if self._paused:
+            self._paused = 0
             self.transport.resumeProducing()
         tunnel.start(to_origin, to_client)
         if self._eof:
@@ -388,7 +393,7 @@ class ProxyProtocol(Protocol):
         self._state = _CLOSING
 
     def _dial(self, key: tuple[str, int]) -> None:
-        self._pause("dial")
+        self._pause(_DIAL)
         self._set_deadline(_CONNECT, self.config.connect_timeout)
         d = self.factory.connector.connect(key[0], key[1], self.factory.upstream_factory)
         self._connecting = d
@@ -400,7 +405,7 @@ class ProxyProtocol(Protocol):
         if self._state != _CONNECTING:
             up.transport.loseConnection()
             return
-        self._unpause("dial")
+        self._unpause(_DIAL)
         self._attach(up, False)
 
     def _connect_failed(self, failure: Failure) -> None:
@@ -440,7 +445,10 @@ class ProxyProtocol(Protocol):
         up.on_lost = self._upstream_lost
         self._state = _FORWARDING
         upt = up.transport
-        upt.registerProducer(self._pauser, True)
+        pauser = self._pauser
+        if pauser is None:
+            pauser = self._pauser = _ClientPauser(self)
+        upt.registerProducer(pauser, True)
         self.transport.registerProducer(upt, True)
         self._linked = True
         upt.write(self._out_head)
@@ -453,7 +461,7 @@ class ProxyProtocol(Protocol):
     def _hold(self, data: bytes) -> None:
         self._pending += data
         if len(self._pending) > _HOLD_LIMIT:
-            self._pause("hold")
+            self._pause(_HOLD)
 
     def _request_data(self, data: bytes) -> None:
         body = self._req_body
@@ -517,11 +525,12 @@ class ProxyProtocol(Protocol):
             self._response_data(data, None)
             return
         try:
-            raw = self._resp_reader.feed(data)
+            reader = self._up.reader  # type: ignore[union-attr]
+            raw = reader.feed(data)
             if raw is None:
                 return
-            rest = self._resp_reader.rest
-            self._resp_reader.rest = b""
+            rest = reader.rest
+            reader.rest = b""
             resp = parse_response_head(raw)
         except ProxyError as e:
             self._fail(e)
@@ -648,7 +657,7 @@ class ProxyProtocol(Protocol):
         if not self._keep_client:
             self._close()
             return
-        self._unpause("upstream")
+        self._unpause(_UPSTREAM)
         pending = self._pending
         self._reset_request()
         self._next_request(pending)
@@ -656,7 +665,7 @@ class ProxyProtocol(Protocol):
     def _next_request(self, pending: bytes) -> None:
         self._state = _READING
         self._pending = b""
-        self._unpause("hold")
+        self._unpause(_HOLD)
         self._set_deadline(_IDLE, self.config.idle_timeout)
         if not pending:
             return
@@ -684,7 +693,7 @@ class ProxyProtocol(Protocol):
             if (
                 self._reused
                 and not self._retried
-                and not self._resp_reader.pending
+                and not up.reader.pending
                 and not self._req_had_body
                 and req is not None
                 and req.method in _IDEMPOTENT
@@ -767,7 +776,7 @@ class ProxyProtocol(Protocol):
         if self._connecting is not None:
             d, self._connecting = self._connecting, None
             d.cancel()
-        self._pauses.clear()
+        self._paused = 0
         self.transport.loseConnection()
 
 
@@ -810,10 +819,26 @@ class ProxyFactory(Factory):
             if connector is not None
             else EndpointConnector(reactor, config.connect_timeout)
         )
-        self.upstream_factory = UpstreamFactory()
+        self.upstream_factory = UpstreamFactory(config.max_head_size)
         self.pool = UpstreamPool(reactor, max(config.pool_size, 1), config.pool_idle_timeout)
         self.via: bytes | None = config.via.encode("ascii") if config.via else None
         self.open_connections = 0
+        self._targets: dict[bytes, Target] = {}
+
+    def parse_target(self, raw: bytes, method: bytes) -> Target:
+        """
+        L{parse_absolute_target}, remembering recent results: clients ask for the same
+        targets again and again, and a L{Target} never changes.
+        """
+        cache = self._targets
+        target = cache.get(raw)
+        if target is None or method == b"OPTIONS":
+            target = parse_absolute_target(raw, method)
+            if method != b"OPTIONS":
+                if len(cache) >= _TARGET_CACHE_SIZE:
+                    cache.clear()
+                cache[raw] = target
+        return target
 
     def buildProtocol(self, addr: IAddress | None) -> ProxyProtocol:
         """Make the protocol for one client connection."""

@@ -17,6 +17,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
 )
 from twisted.internet.interfaces import (
+    IAddress,
     IDelayedCall,
     IHalfCloseableProtocol,
     IReactorTime,
@@ -26,6 +27,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
+
+from aproxy.http1 import HeadReader
 
 __all__ = [
     "EndpointConnector",
@@ -82,6 +85,7 @@ class UpstreamProtocol(Protocol):
     connection's end to whoever owns it now (a client's L{ProxyProtocol} or the pool).
 
     @ivar key: The (host, port) the connection goes to, for the pool.
+    @ivar reader: Collects the head of each response on this connection.
     @ivar on_data: Called with each received chunk of bytes.
     @ivar on_lost: Called with this protocol and the reason when the connection ends.
     @ivar on_eof: Called when the origin shuts down its write side (a half-close); by
@@ -94,7 +98,8 @@ class UpstreamProtocol(Protocol):
     key: tuple[str, int] = ("", 0)
     idle_since: float = 0.0
 
-    def __init__(self) -> None:
+    def __init__(self, reader: HeadReader | None = None) -> None:
+        self.reader = reader if reader is not None else HeadReader(65536, 65536, False)
         self.on_data: Callable[[bytes], None] = _ignore_data
         self.on_lost: Callable[[UpstreamProtocol, Failure], None] = _ignore_lost
         self.on_eof: Callable[[], None] = self._close
@@ -134,6 +139,15 @@ class UpstreamFactory(Factory):
 
     protocol = UpstreamProtocol
     noisy = False
+
+    def __init__(self, max_head_size: int = 65536) -> None:
+        self.max_head_size = max_head_size
+
+    def buildProtocol(self, addr: IAddress | None) -> UpstreamProtocol:
+        """Make the protocol for one origin connection, with its response-head reader."""
+        proto = UpstreamProtocol(HeadReader(self.max_head_size, self.max_head_size, False))
+        proto.factory = self
+        return proto
 
 
 class UpstreamPool:
