@@ -54,7 +54,14 @@ class BodyDecoder(Protocol):
 
 
 def chunk(data: bytes) -> list[bytes]:
-    """Frame one piece of body data as a chunk, ready for C{writeSequence}."""
+    """
+    Frame one piece of body data as a chunk, ready for C{writeSequence}.
+
+    An empty piece frames as nothing: a chunk of size zero is the last-chunk (RFC 9112
+    section 7.1), and writing one would end the body early.
+    """
+    if not data:
+        return []
     return [b"%x\r\n" % len(data), data, b"\r\n"]
 
 
@@ -71,6 +78,8 @@ class LengthDecoder:
         """Return up to the remaining body bytes; the rest belongs to the next message."""
         remaining = self.remaining
         n = len(data)
+        if not n:
+            return [], b""
         if n < remaining:
             self.remaining = remaining - n
             return [data], b""
@@ -78,6 +87,8 @@ class LengthDecoder:
         self.done = True
         if n == remaining:
             return [data], b""
+        if not remaining:
+            return [], data
         return [data[:remaining]], data[remaining:]
 
 
@@ -91,7 +102,7 @@ class UntilCloseDecoder:
 
     def feed(self, data: bytes) -> tuple[list[bytes], bytes]:
         """Everything is body until the connection closes."""
-        return [data], b""
+        return ([data] if data else []), b""
 
 
 _SIZE, _DATA, _DATA_CRLF, _TRAILER, _DONE = range(5)

@@ -33,6 +33,7 @@ __all__ = [
     "RequestHead",
     "ResponseHead",
     "Target",
+    "framing_fields",
     "parse_absolute_target",
     "parse_authority",
     "parse_request_head",
@@ -155,20 +156,25 @@ class HeadReader:
             while buf[:2] == b"\r\n":
                 del buf[:2]
             start = 0
-        lf = buf.count(b"\n", start)
-        if lf and lf != buf.count(b"\r\n", max(start - 1, 0)):
+        end = buf.find(b"\r\n\r\n", max(start - 3, 0))
+        # Only the head's own bytes are checked: what follows it is a body or the next
+        # message, where an LF means nothing to us.
+        stop = len(buf) if end < 0 else end + 4
+        lf = buf.count(b"\n", start, stop)
+        if lf and lf != buf.count(b"\r\n", max(start - 1, 0), stop):
             self._buf = bytearray()
             raise self._error(BadRequest, "bare LF line ending in the head")
-        end = buf.find(b"\r\n\r\n", max(start - 3, 0))
         if end < 0:
             first = buf.find(b"\r\n")
-            if first < 0 and len(buf) > self._max_line:
+            if first < 0:
+                # The first line is still arriving; a final CR may be the start of its CRLF,
+                # so it does not count, as it would not once the line is complete.
+                first = len(buf) - buf.endswith(b"\r")
+            if first > self._max_line:
                 self._buf = bytearray()
-                self._check_first_line(bytes(buf))
+                raise self._error(URITooLong, "request line too long")
             if len(buf) > self._max_size:
                 self._buf = bytearray()
-                if first < 0:
-                    self._check_first_line(bytes(buf))
                 raise self._error(HeaderTooLarge, "request head too large")
             return None
         if end + 4 > self._max_size:
@@ -327,6 +333,11 @@ def _framing(head: _Head, err: type[ProxyError], what: str, lenient_cl: bool) ->
                 raise _err(err, what, "unsupported transfer coding")
         if codings.count(b"chunked") > 1:
             raise _err(err, what, "chunked applied twice")
+        if b"chunked" in codings[:-1]:
+            # RFC 9112 section 6.1: chunked is the final coding when present. A body coded
+            # after chunking could only be re-framed by chunking it twice, so it can't be
+            # forwarded as received and is rejected instead.
+            raise _err(err, what, "chunked is not the final transfer coding")
         if codings[-1] != b"chunked" and err is BadRequest:
             raise BadRequest("Transfer-Encoding does not end in chunked")
         head.codings = codings
@@ -463,6 +474,10 @@ def parse_authority(authority: bytes, default_port: int | None = None) -> tuple[
         if close < 0:
             raise BadRequest("malformed IPv6 literal in the request target")
         literal = authority[1:close].decode("ascii", "replace")
+        if "%" in literal:
+            # An IPv6 zone ID is not part of the URI syntax (RFC 3986 section 3.2.2) and
+            # would let a client pick the proxy's network interface.
+            raise BadRequest("malformed IPv6 literal in the request target")
         try:
             host = str(ipaddress.IPv6Address(literal))
         except ValueError:
