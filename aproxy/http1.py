@@ -51,7 +51,9 @@ BODY_CLOSE: Final = 3
 
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])")
-_STATUS_LINE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3}) ([\t \x21-\x7e\x80-\xff]*)")
+# The space before an empty reason phrase is required by RFC 9112 section 4, but some
+# origins leave it out; the status line is unambiguous either way, so it is accepted.
+_STATUS_LINE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?")
 # field-line = field-name ":" OWS field-value OWS (RFC 9112 section 5); the value holds
 # visible characters, obs-text and inner SP/HTAB only: no CR, LF, NUL or other controls.
 _FIELD_LINE = re.compile(
@@ -84,19 +86,31 @@ _HOP_BY_HOP: Final = frozenset(
 _KNOWN_CODINGS: Final = frozenset(
     {b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"}
 )
-# The fields whose values the parser collects while it walks the head, to avoid scanning
-# the field list again per question.
-_NOTED: Final = frozenset(
+# The fields whose values and positions the parser notes while it checks the head: the
+# framing and hop-by-hop fields and a few more the proxy acts on. They are found with one
+# regular expression over the lowercased field block instead of a Python loop per line.
+_NOTED_NAMES: Final = frozenset(
     {
         b"host",
         b"content-length",
         b"transfer-encoding",
         b"connection",
         b"proxy-connection",
-        b"max-forwards",
+        b"keep-alive",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
         b"upgrade",
+        b"max-forwards",
     }
 )
+_NOTED_LINE = re.compile(rb"\n(" + b"|".join(sorted(_NOTED_NAMES)) + rb"):")
+# field-line = field-name ":" OWS field-value OWS (RFC 9112 section 5). The block regex
+# checks the shape of every line at once; the byte check below rejects NUL and the other
+# control characters (RFC 9110 section 5.5) anywhere in it.
+_FIELD_BLOCK = re.compile(rb"(?:" + _TOKEN + rb":[^\r\n]*\r\n)*")
+_FIELD_BYTES: Final = bytes([9, 10, 13, *range(0x20, 0x7F), *range(0x80, 0x100)])
 
 
 class HeadReader:
@@ -203,20 +217,36 @@ class _Head:
     """What request and response heads share: fields and framing."""
 
     __slots__ = (
+        "_fields",
+        "block",
         "codings",
         "connection",
         "content_length",
-        "fields",
         "minor",
         "noted",
+        "spans",
     )
 
     minor: int
-    fields: list[tuple[bytes, bytes]]
+    block: bytes
+    spans: list[tuple[bytes, int, int]]
     connection: frozenset[bytes]
     content_length: int | None
     codings: list[bytes] | None
     noted: dict[bytes, list[bytes]]
+    _fields: list[tuple[bytes, bytes]] | None
+
+    @property
+    def fields(self) -> list[tuple[bytes, bytes]]:
+        """The field lines in order as (name, value), names as received, values trimmed."""
+        fields = self._fields
+        if fields is None:
+            fields = []
+            for line in self.block.split(b"\r\n")[:-1]:
+                name, _, value = line.partition(b":")
+                fields.append((name, value.strip(b" \t")))
+            self._fields = fields
+        return fields
 
     @property
     def chunked(self) -> bool:
@@ -235,7 +265,7 @@ class RequestHead(_Head):
     @ivar method: The method, e.g. C{b"GET"}.
     @ivar target: The request-target exactly as received.
     @ivar minor: The HTTP minor version (the major version is always 1).
-    @ivar fields: The field lines in order, names and values as received.
+    @ivar block: The field lines exactly as received, each ending in CRLF.
     @ivar connection: The lowercased tokens of all C{Connection} fields.
     @ivar content_length: The body length, if delimited by C{Content-Length}.
     @ivar codings: The transfer codings in order, if C{Transfer-Encoding} is present.
@@ -265,25 +295,45 @@ class ResponseHead(_Head):
     keep_alive: bool
 
 
-def _parse_fields(lines: list[bytes], head: _Head, err: type[ProxyError], what: str) -> None:
-    fields: list[tuple[bytes, bytes]] = []
+def _parse_fields(raw: bytes, head: _Head, err: type[ProxyError], what: str) -> bytes:
+    """
+    Check the field lines of C{raw} (a head without its final empty line), note the
+    fields in L{_NOTED_NAMES}, and return the first line.
+    """
+    first_end = raw.find(b"\r\n")
+    if first_end < 0:
+        head.block = b""
+        head.spans = []
+        head.noted = {}
+        head.connection = frozenset()
+        head._fields = None
+        return raw
+    block = raw[first_end + 2 :] + b"\r\n"
+    if _FIELD_BLOCK.fullmatch(block) is None:
+        if b"\n " in block or b"\n\t" in block or block[:1] in (b" ", b"\t"):
+            raise _err(err, what, "obsolete line folding")
+        raise _err(err, what, "malformed field line")
+    if block.translate(None, _FIELD_BYTES):
+        raise _err(err, what, "malformed field line: control character")
     noted: dict[bytes, list[bytes]] = {}
-    match = _FIELD_LINE.fullmatch
-    for line in lines:
-        m = match(line)
-        if m is None:
-            if line[:1] in (b" ", b"\t"):
-                raise _err(err, what, "obsolete line folding")
-            raise _err(err, what, "malformed field line")
-        name, value = m.groups()
-        fields.append((name, value))
-        lname = name.lower()
-        if lname in _NOTED:
-            noted.setdefault(lname, []).append(value)
-    head.fields = fields
+    spans = []
+    for m in _NOTED_LINE.finditer(b"\n" + block.lower()):
+        lname = m.group(1)
+        value_start = m.end() - 1
+        end = block.index(b"\r\n", value_start)
+        value = block[value_start:end].strip(b" \t")
+        if lname in noted:
+            noted[lname].append(value)
+        else:
+            noted[lname] = [value]
+        spans.append((lname, m.start(), end + 2))
+    head.block = block
+    head.spans = spans
     head.noted = noted
+    head._fields = None
     conn = noted.get(b"connection")
     head.connection = _tokens(conn, err, what) if conn else frozenset()
+    return raw[:first_end]
 
 
 def _err(err: type[ProxyError], what: str, reason: str) -> ProxyError:
@@ -358,8 +408,8 @@ def parse_request_head(raw: bytes) -> RequestHead:
     @raise VersionNotSupported: For a major version other than 1.
     @raise NotImplementedByProxy: For an unknown transfer coding.
     """
-    lines = raw.split(b"\r\n")
-    m = _REQUEST_LINE.fullmatch(lines[0])
+    first_end = raw.find(b"\r\n")
+    m = _REQUEST_LINE.fullmatch(raw if first_end < 0 else raw[:first_end])
     if m is None:
         raise BadRequest("malformed request line")
     method, target, major, minor = m.groups()
@@ -369,8 +419,7 @@ def parse_request_head(raw: bytes) -> RequestHead:
     head.method = method
     head.target = target
     head.minor = int(minor)
-    del lines[0]
-    _parse_fields(lines, head, BadRequest, "request")
+    _parse_fields(raw, head, BadRequest, "request")
     hosts = head.noted.get(b"host")
     if hosts is None:
         if head.minor:
@@ -397,8 +446,8 @@ def parse_response_head(raw: bytes) -> ResponseHead:
 
     @raise BadGateway: If the origin's head is not valid HTTP/1.x.
     """
-    lines = raw.split(b"\r\n")
-    m = _STATUS_LINE.fullmatch(lines[0])
+    first_end = raw.find(b"\r\n")
+    m = _STATUS_LINE.fullmatch(raw if first_end < 0 else raw[:first_end])
     if m is None:
         raise BadGateway("invalid response from origin: bad status line", "http_protocol_error")
     major, minor, status, reason = m.groups()
@@ -408,9 +457,8 @@ def parse_response_head(raw: bytes) -> ResponseHead:
     head = ResponseHead()
     head.minor = int(minor)
     head.status = code
-    head.reason = reason
-    del lines[0]
-    _parse_fields(lines, head, BadGateway, "response")
+    head.reason = reason or b""
+    _parse_fields(raw, head, BadGateway, "response")
     _framing(head, BadGateway, "response", lenient_cl=True)
     conn = head.connection
     head.keep_alive = (b"close" not in conn) if head.minor else (b"keep-alive" in conn)
@@ -533,20 +581,31 @@ def parse_absolute_target(target: bytes, method: bytes) -> Target:
     return Target(scheme, host, port, authority, path)
 
 
-def _forwarded_fields(fields: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[bytes]:
-    out = []
-    for name, value in fields:
-        lname = name.lower()
-        if lname in _HOP_BY_HOP or lname in drop:
-            continue
-        out.append(name + b": " + value + b"\r\n")
-    return out
-
-
-def _drop_set(head: _Head, extra: tuple[bytes, ...]) -> frozenset[bytes]:
-    if not head.connection and not extra:
-        return frozenset()
-    return head.connection.union(extra)
+def _forwarded_block(head: _Head, drop: tuple[bytes, ...]) -> bytes:
+    """
+    The field block without hop-by-hop fields, the fields the Connection field names, the
+    framing fields (the proxy writes its own) and C{drop}; other lines stay as received.
+    """
+    conn = head.connection
+    if conn and not conn <= _NOTED_NAMES | {b"close"}:
+        # Connection names a field the parser did not note: filter line by line.
+        gone = _HOP_BY_HOP | conn | frozenset(drop)
+        return b"".join(
+            line + b"\r\n"
+            for line in head.block.split(b"\r\n")[:-1]
+            if line.partition(b":")[0].lower() not in gone
+        )
+    block = head.block
+    parts = []
+    pos = 0
+    for lname, start, end in head.spans:
+        if lname in _HOP_BY_HOP or lname in conn or lname in drop:
+            parts.append(block[pos:start])
+            pos = end
+    if not pos:
+        return block
+    parts.append(block[pos:])
+    return b"".join(parts)
 
 
 def framing_fields(kind: int, length: int | None, codings: list[bytes] | None) -> bytes:
@@ -575,7 +634,7 @@ def serialize_request_head(
     @param drop: Further lowercase field names to leave out (those C{extra_fields} replace).
     """
     parts = [head.method + b" " + target.path + b" HTTP/1.1\r\nHost: " + target.authority + b"\r\n"]
-    parts += _forwarded_fields(head.fields, _drop_set(head, (b"host", *drop)))
+    parts.append(_forwarded_block(head, (b"host", *drop)))
     if head.codings is not None:
         parts.append(framing_fields(BODY_CHUNKED, None, head.codings))
     elif head.content_length is not None:
@@ -600,7 +659,7 @@ def serialize_response_head(
     an optional C{Connection} field of the proxy's own.
     """
     parts = [b"HTTP/1.1 %d %s\r\n" % (head.status, head.reason)]
-    parts += _forwarded_fields(head.fields, _drop_set(head, ()))
+    parts.append(_forwarded_block(head, ()))
     if framing:
         parts.append(framing)
     if via is not None:

@@ -782,8 +782,13 @@ class ResponseHeadTests(SynchronousTestCase):
         self.assert_bad_gateway(response(status_line=b"HTTP/1.1 20 X"))
 
     def test_status_line_without_reason_space(self) -> None:
-        """A status line without the space before the reason is 502 (RFC 9112 section 4)."""
-        self.assert_bad_gateway(response(status_line=b"HTTP/1.1 200"))
+        """A status line with no space and no reason is accepted: it is unambiguous."""
+        head = parse_response(self, response(status_line=b"HTTP/1.1 200"))
+        self.assertEqual((head.status, head.reason), (200, b""))
+
+    def test_status_line_reason_without_space(self) -> None:
+        """A reason glued to the status code is 502."""
+        self.assert_bad_gateway(response(status_line=b"HTTP/1.1 200OK"))
 
     def test_status_line_lowercase_version(self) -> None:
         """A lowercase protocol name is 502."""
