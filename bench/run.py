@@ -1,0 +1,1522 @@
+#!/usr/bin/env python3
+"""
+aproxy's own benchmark: aproxy side by side with a direct connection to the same origin.
+
+Starts a local origin on 127.0.0.1 (nginx from a config rendered into a temp dir when nginx
+is installed, else a small asyncio origin written into that temp dir) serving C{/100b} and a
+large file, then aproxy on another free loopback port, and measures:
+
+  - requests/s and p50/p99 latency for 100-byte keep-alive responses (wrk, 1 thread,
+    50 connections, absolute-form targets through the proxy; a Python load client when wrk
+    is missing), and proxy CPU seconds per 10k requests (/proc/PID/stat);
+  - the same with C{Connection: close} on every request;
+  - MB/s for a 100 MiB plain forwarded download (curl -x, median of 3);
+  - RSS per idle keep-alive connection with 1000 of them held;
+  - RSS growth while a slow client (64 KiB receive buffer, ~1 MB/s) reads the 100 MiB body.
+
+Prints one Markdown report on standard output (progress goes to standard error). Only the
+Python 3.11 standard library is used; wrk, nginx and curl are used when present. Every child
+process runs in its own process group and is killed at the end, also on Ctrl-C or errors.
+
+Usage: python bench/run.py [--quick] [--smoke] [--aproxy-cmd CMD] [--profile FILE] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+LOOPBACK = "127.0.0.1"
+HZ = os.sysconf("SC_CLK_TCK")
+MIB = 1024 * 1024
+SMALL_BODY = b"0123456789" * 9 + b"abcdefghi\n"  # 100 bytes
+CONNECT_PARALLEL = 64
+IO_TIMEOUT = 10.0
+
+# --------------------------------------------------------------------------------------------
+# settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How long and how big each scenario is (full run, --quick or --smoke)."""
+
+    name: str
+    wrk_seconds: float
+    big_bytes: int
+    downloads: int
+    idle_conns: int
+    slow_seconds: float
+    slow_rate: int
+    max_seconds: int
+
+
+FULL = Settings("full", 10, 100 * MIB, 3, 1000, 5, 1_000_000, 1200)
+QUICK = Settings("quick", 3, 100 * MIB, 1, 1000, 3, 1_000_000, 400)
+SMOKE = Settings("smoke", 1, 1 * MIB, 1, 20, 1, 1_000_000, 90)
+
+# --------------------------------------------------------------------------------------------
+# logging and aborts
+
+
+def log(message: str) -> None:
+    """Write one progress line to standard error."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class Abort(BaseException):
+    """Raised from a signal handler (SIGTERM, time budget) to unwind and clean up."""
+
+
+def _raise_abort(signum: int, _frame: Any) -> None:
+    """Signal handler: turn SIGTERM, SIGHUP or SIGALRM into an L{Abort}."""
+    reason = "time budget exceeded" if signum == signal.SIGALRM else f"signal {signum}"
+    raise Abort(reason)
+
+
+# --------------------------------------------------------------------------------------------
+# child processes
+
+
+class Child:
+    """A process started in its own process group; L{stop} kills that whole group."""
+
+    registry: ClassVar[list[Child]] = []
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        logfile: Path | None = None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = argv
+        self.logfile = logfile
+        out: Any = subprocess.PIPE
+        self._log = None
+        if logfile is not None:
+            self._log = open(logfile, "wb")  # closed in stop()
+            out = self._log
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT if logfile is not None else subprocess.PIPE,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            text=logfile is None,
+        )
+        self.pid = self.proc.pid
+        Child.registry.append(self)
+
+    def alive(self) -> bool:
+        """Whether the process is still running."""
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM the process group, then SIGKILL whatever is left of it."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log(f"{self.name}: still running after SIGTERM; SIGKILL to its group")
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self in Child.registry:
+            Child.registry.remove(self)
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The last lines of the child's log file, for error messages."""
+        if self.logfile is None or not self.logfile.exists():
+            return ""
+        text = self.logfile.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    @classmethod
+    def stop_all(cls) -> None:
+        """Stop every child still registered (newest first)."""
+        for child in reversed(list(cls.registry)):
+            try:
+                child.stop(timeout=3)
+            except Exception as e:  # keep stopping the others
+                log(f"stopping {child.name} failed: {e!r}")
+
+
+def run_bounded(
+    name: str, argv: list[str], timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a short-lived tool in its own process group, killed after C{timeout} seconds."""
+    child = Child(name, argv, env=env)
+    try:
+        out, err = child.proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.stop(timeout=1)
+        raise RuntimeError(f"{name} did not finish within {timeout:.0f} s") from None
+    finally:
+        if child.alive() or child in Child.registry:
+            child.stop(timeout=1)
+    return subprocess.CompletedProcess(argv, child.proc.returncode, out or "", err or "")
+
+
+def tool_output(argv: list[str]) -> str:
+    """First line of a tool's version output (stdout or stderr), or an empty string."""
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    text = (p.stdout.strip() or p.stderr.strip()).splitlines()
+    return text[0] if text else ""
+
+
+def free_port() -> int:
+    """An ephemeral port on 127.0.0.1 that is free right now (bound and released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------------------------
+# /proc accounting (summed over a process and its descendants)
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat from field 3 (state) on, or None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def proc_tree(root: int) -> list[int]:
+    """C{root} and all its live descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields:
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    out, i = [root], 0
+    while i < len(out):
+        out.extend(children.get(out[i], []))
+        i += 1
+    return out
+
+
+def cpu_seconds(root: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of the process tree, reaped children included."""
+    user = system = 0
+    for pid in proc_tree(root):
+        f = _stat_fields(pid)
+        if f:  # from field 3: utime=11, stime=12, cutime=13, cstime=14
+            user += int(f[11]) + int(f[13])
+            system += int(f[12]) + int(f[14])
+    return user / HZ, system / HZ
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent not idle (all CPUs, from /proc/stat)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:9]]
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values) - idle) / HZ
+
+
+def _own_and_children_cpu() -> float:
+    """CPU seconds of this process and its reaped children (wrk, curl): the load client."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def rss_kib(root: int) -> int:
+    """VmRSS of the process tree from /proc/PID/status, in KiB."""
+    total = 0
+    for pid in proc_tree(root):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total
+
+
+class RssSampler:
+    """Samples a process tree's RSS in a thread while in use; C{peak} afterwards (KiB)."""
+
+    def __init__(self, root: int, interval: float = 0.02) -> None:
+        self.root = root
+        self.interval = interval
+        self.peak = rss_kib(root)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        """Sampling loop."""
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_kib(self.root))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_kib(self.root))
+
+
+# --------------------------------------------------------------------------------------------
+# small HTTP helpers
+
+
+def parse_head(head: bytes) -> tuple[int, int | None, bool]:
+    """Status, Content-Length (or None) and whether C{Connection: close} was sent."""
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    length: int | None = None
+    close = lines[0].startswith(b"HTTP/1.0")
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value.strip())
+        elif name == b"connection":
+            close = b"close" in value.lower()
+    return status, length, close
+
+
+def request_bytes(
+    target: str, host: str, close: bool = False, agent: str = "aproxy-bench"
+) -> bytes:
+    """An HTTP/1.1 GET request head."""
+    extra = "Connection: close\r\n" if close else ""
+    return f"GET {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {agent}\r\n{extra}\r\n".encode()
+
+
+def http_fetch(port: int, target: str, host: str, timeout: float = 5.0) -> tuple[int, int]:
+    """One GET with C{Connection: close}: (status, body bytes read). Raises OSError."""
+    with socket.create_connection((LOOPBACK, port), timeout=timeout) as s:
+        s.settimeout(timeout)
+        s.sendall(request_bytes(target, host, close=True, agent="aproxy-bench-probe"))
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            data = s.recv(65536)
+            if not data:
+                raise OSError(f"connection closed before a full response head ({buf[:80]!r})")
+            buf += data
+        head, _, body = buf.partition(b"\r\n\r\n")
+        status, length, _ = parse_head(head)
+        got = len(body)
+        while length is None or got < length:
+            data = s.recv(1 << 20)
+            if not data:
+                break
+            got += len(data)
+        return status, got
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a client connects and what it asks for: direct (origin) or through aproxy."""
+
+    name: str
+    port: int
+    origin_port: int
+    via_proxy: bool
+
+    @property
+    def host(self) -> str:
+        """The Host header: always the origin."""
+        return f"{LOOPBACK}:{self.origin_port}"
+
+    def target(self, path: str) -> str:
+        """Request target: absolute form through the proxy, origin form directly."""
+        return f"http://{self.host}{path}" if self.via_proxy else path
+
+
+# --------------------------------------------------------------------------------------------
+# files rendered into the temp dir
+
+NGINX_CONF = """\
+# aproxy benchmark origin, rendered by bench/run.py.
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile 16384;
+pid {work}/nginx.pid;
+error_log {work}/error.log warn;
+events {{
+    worker_connections 8192;
+    use epoll;
+}}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_timeout 300s;
+    keepalive_requests 100000000;
+    server_tokens off;
+    etag off;
+    default_type application/octet-stream;
+    client_body_temp_path {work}/client_body;
+    proxy_temp_path {work}/proxy_temp;
+    fastcgi_temp_path {work}/fastcgi_temp;
+    uwsgi_temp_path {work}/uwsgi_temp;
+    scgi_temp_path {work}/scgi_temp;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        root {data};
+        location / {{
+            try_files $uri =404;
+        }}
+    }}
+}}
+"""
+
+FALLBACK_ORIGIN = '''\
+"""Fallback benchmark origin (no nginx): serves the files of one directory over HTTP/1.1."""
+
+import asyncio
+import os
+import sys
+
+
+async def handle(reader, writer, root):
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            head = await reader.readuntil(b"\\r\\n\\r\\n")
+            lines = head.split(b"\\r\\n")
+            method, target, version = lines[0].split(b" ", 2)
+            close = version == b"HTTP/1.0"
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"connection":
+                    close = b"close" in value.lower()
+            if target.startswith(b"http://"):
+                target = b"/" + target.split(b"/", 3)[3] if target.count(b"/") >= 3 else b"/"
+            name = target.decode("ascii", "replace").lstrip("/")
+            path = os.path.join(root, name)
+            conn = b"Connection: close\\r\\n" if close else b""
+            if "/" in name or not name or not os.path.isfile(path):
+                writer.write(
+                    b"HTTP/1.1 404 Not Found\\r\\nContent-Length: 0\\r\\n" + conn + b"\\r\\n"
+                )
+            else:
+                size = os.path.getsize(path)
+                writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Type: application/octet-stream\\r\\n"
+                             b"Content-Length: %d\\r\\n%s\\r\\n" % (size, conn))
+                if method != b"HEAD":
+                    with open(path, "rb") as f:
+                        if size > 65536:
+                            await writer.drain()
+                            await loop.sendfile(writer.transport, f)
+                        else:
+                            writer.write(f.read())
+            await writer.drain()
+            if close:
+                break
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
+        pass
+    finally:
+        writer.close()
+
+
+async def main():
+    port, root = int(sys.argv[1]), sys.argv[2]
+    server = await asyncio.start_server(
+        lambda r, w: handle(r, w, root), "127.0.0.1", port, backlog=4096)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
+'''
+
+WRK_LUA = """\
+-- aproxy benchmark: one fixed request (absolute-form target through the proxy), JSON summary.
+-- Environment: APB_TARGET (request target), APB_HOST (Host), APB_CLOSE ("1": Connection:
+-- close), APB_OUT (file for the summary written by done()).
+wrk.method = "GET"
+wrk.path = os.getenv("APB_TARGET")
+wrk.headers["Host"] = os.getenv("APB_HOST")
+wrk.headers["User-Agent"] = "aproxy-bench-wrk"
+if os.getenv("APB_CLOSE") == "1" then
+   wrk.headers["Connection"] = "close"
+end
+
+function done(summary, latency, requests)
+   local out = io.open(os.getenv("APB_OUT"), "w")
+   local e = summary.errors
+   out:write(string.format(
+      '{"duration_us": %d, "requests": %d, "bytes": %d, "connect": %d, "read": %d, ' ..
+      '"write": %d, "status": %d, "timeout": %d, "p50_us": %d, "p99_us": %d, "max_us": %d}\\n',
+      summary.duration, summary.requests, summary.bytes, e.connect, e.read, e.write,
+      e.status, e.timeout, latency:percentile(50), latency:percentile(99), latency.max))
+   out:close()
+end
+"""
+
+# --------------------------------------------------------------------------------------------
+# load generation
+
+
+def wrk_load(
+    t: Target, path: str, close: bool, s: Settings, args: argparse.Namespace, tmp: Path
+) -> dict[str, Any]:
+    """One wrk run (1 thread, 50 connections by default); returns the parsed summary."""
+    out = tmp / f"wrk-{t.name}-{'close' if close else 'ka'}-{time.monotonic_ns()}.json"
+    argv = [
+        args.wrk,
+        f"-t{args.threads}",
+        f"-c{args.connections}",
+        f"-d{s.wrk_seconds:g}s",
+        "--latency",
+        "--timeout",
+        "5s",
+        "-s",
+        str(tmp / "proxy.lua"),
+        f"http://{LOOPBACK}:{t.port}/",
+    ]
+    env = dict(os.environ)
+    env.update(
+        APB_TARGET=t.target(path),
+        APB_HOST=t.host,
+        APB_CLOSE="1" if close else "0",
+        APB_OUT=str(out),
+    )
+    cmd = f"APB_TARGET={t.target(path)} APB_HOST={t.host} APB_CLOSE={int(close)} " + shlex.join(
+        argv
+    )
+    p = run_bounded("wrk", argv, timeout=s.wrk_seconds + 30, env=env)
+    if not out.exists():
+        raise RuntimeError(f"wrk wrote no summary (rc {p.returncode}): {p.stderr!r:.300}")
+    w = json.loads(out.read_text())
+    seconds = w["duration_us"] / 1e6
+    return {
+        "tool": "wrk",
+        "cmd": cmd,
+        "requests": w["requests"],
+        "seconds": seconds,
+        "rps": w["requests"] / seconds if seconds else 0.0,
+        "p50_ms": w["p50_us"] / 1000,
+        "p99_ms": w["p99_us"] / 1000,
+        "socket_errors": w["connect"] + w["read"] + w["write"] + w["timeout"],
+        "errors_detail": {k: w[k] for k in ("connect", "read", "write", "timeout")},
+        "non_2xx": w["status"],
+        "non_2xx_note": "status >= 400 (wrk's count)",
+    }
+
+
+async def _py_load(
+    port: int, req: bytes, conns: int, seconds: float, close: bool, max_requests: int
+) -> dict[str, Any]:
+    """Keep-alive (or close) load from C{conns} asyncio clients for C{seconds}."""
+    latencies: list[float] = []
+    stats: Counter[str] = Counter()
+    deadline = time.monotonic() + seconds
+
+    async def worker() -> None:
+        reader: asyncio.StreamReader | None = None
+        writer: asyncio.StreamWriter | None = None
+        while time.monotonic() < deadline and stats["requests"] < max_requests:
+            t0 = time.perf_counter()
+            try:
+                if writer is None or reader is None:
+                    reader, writer = await asyncio.wait_for(
+                        asyncio.open_connection(LOOPBACK, port), 5
+                    )
+                writer.write(req)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                status, length, server_close = parse_head(head[:-4])
+                if length:
+                    await asyncio.wait_for(reader.readexactly(length), 5)
+            except (OSError, EOFError, ValueError, IndexError, TimeoutError) as e:
+                stats["socket_errors"] += 1
+                stats[type(e).__name__] += 1
+                if writer is not None:
+                    writer.close()
+                reader = writer = None
+                continue
+            latencies.append(time.perf_counter() - t0)
+            stats["requests"] += 1
+            if not 200 <= status < 300:
+                stats["non_2xx"] += 1
+            if close or server_close or length is None:
+                writer.close()
+                reader = writer = None
+        if writer is not None:
+            writer.close()
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(conns)))
+    elapsed = time.monotonic() - t0
+    latencies.sort()
+
+    def pct(q: float) -> float:
+        return (
+            latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else 0
+        )
+
+    return {
+        "requests": stats["requests"],
+        "seconds": elapsed,
+        "rps": stats["requests"] / elapsed if elapsed else 0.0,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "socket_errors": stats["socket_errors"],
+        "errors_detail": {k: v for k, v in stats.items() if k not in ("requests", "non_2xx")},
+        "non_2xx": stats["non_2xx"],
+        "non_2xx_note": "any status outside 2xx",
+    }
+
+
+def python_load(
+    t: Target, path: str, close: bool, s: Settings, args: argparse.Namespace
+) -> dict[str, Any]:
+    """The fallback load client (no wrk): asyncio, same connection count and duration."""
+    req = request_bytes(t.target(path), t.host, close=close)
+    r = asyncio.run(_py_load(t.port, req, args.connections, s.wrk_seconds, close, 5_000_000))
+    r["tool"] = "python"
+    r["cmd"] = (
+        f"built-in asyncio client: {args.connections} connections, {s.wrk_seconds:g} s, "
+        f"GET {t.target(path)} via {LOOPBACK}:{t.port}{' (Connection: close)' if close else ''}"
+    )
+    return r
+
+
+def load(
+    t: Target,
+    path: str,
+    close: bool,
+    measured_pid: int,
+    s: Settings,
+    args: argparse.Namespace,
+    tmp: Path,
+    origin_pid: int | None = None,
+) -> dict[str, Any]:
+    """
+    One load run with CPU accounting of C{measured_pid}'s process tree, and of the whole
+    machine: how much CPU was busy, and how much of it was not charged to the load client,
+    the origin (C{origin_pid}) or the measured process (other processes, kernel work).
+    """
+    cpu0 = cpu_seconds(measured_pid)
+    origin0 = sum(cpu_seconds(origin_pid)) if origin_pid else 0.0
+    client0 = _own_and_children_cpu()
+    busy0, wall0 = machine_busy_seconds(), time.monotonic()
+    if args.wrk:
+        r = wrk_load(t, path, close, s, args, tmp)
+    else:
+        r = python_load(t, path, close, s, args)
+    cpu1 = cpu_seconds(measured_pid)
+    busy, wall = machine_busy_seconds() - busy0, time.monotonic() - wall0
+    client = _own_and_children_cpu() - client0
+    origin = sum(cpu_seconds(origin_pid)) - origin0 if origin_pid else 0.0
+    user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    ncpu = os.cpu_count() or 1
+    r["machine_busy"] = busy / (wall * ncpu) if wall else None
+    r["unattributed"] = max(0.0, busy - client - origin - user - system) / (wall * ncpu)
+    r["cpu_s"] = user + system
+    r["cpu_sys_share"] = system / (user + system) if user + system else None
+    r["cpu_per_10k"] = r["cpu_s"] / r["requests"] * 10_000 if r["requests"] else None
+    if r["requests"] == 0:
+        raise RuntimeError(f"no request completed ({r['errors_detail']})")
+    return r
+
+
+# --------------------------------------------------------------------------------------------
+# large download, idle connections, slow reader
+
+
+def download(
+    t: Target, path: str, size: int, measured_pid: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One plain download of the large file (curl -x through the proxy), with peak RSS."""
+    base = rss_kib(measured_pid)
+    with RssSampler(measured_pid) as sampler:
+        if args.curl:
+            argv = [args.curl, "-sS", "-o", "/dev/null", "--max-time", "120"]
+            argv += ["-w", "%{http_code} %{size_download} %{time_total}"]
+            if t.via_proxy:
+                argv += ["-x", f"http://{LOOPBACK}:{t.port}"]
+            argv.append(f"http://{t.host}{path}")
+            p = run_bounded("curl", argv, timeout=130)
+            if p.returncode != 0:
+                raise RuntimeError(f"curl exit {p.returncode}: {p.stderr.strip()}")
+            code, got, seconds = p.stdout.split()
+            status, got_n, secs = int(code), int(got), float(seconds)
+            cmd = shlex.join(argv)
+        else:
+            t0 = time.monotonic()
+            status, got_n = http_fetch(t.port, t.target(path), t.host, timeout=30)
+            secs = time.monotonic() - t0
+            cmd = f"built-in socket client: GET {t.target(path)} via {LOOPBACK}:{t.port}"
+    if status != 200 or got_n != size:
+        raise RuntimeError(f"download: status {status}, {got_n} of {size} bytes")
+    return {
+        "cmd": cmd,
+        "mbps": got_n / secs / 1e6 if secs else 0.0,
+        "seconds": secs,
+        "rss_growth_mib": (sampler.peak - base) / 1024,
+    }
+
+
+async def _hold_idle(
+    t: Target, n: int, measure: Callable[[], int], settle: float
+) -> tuple[dict[str, Any], int]:
+    """Open C{n} keep-alive connections, one request each; measure while all are held."""
+    req = request_bytes(t.target("/100b"), t.host, agent="aproxy-bench-idle")
+    sem = asyncio.Semaphore(CONNECT_PARALLEL)
+    stats: Counter[str] = Counter()
+    last_error: list[str] = []
+
+    async def one() -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        async with sem:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(LOOPBACK, t.port), IO_TIMEOUT
+                )
+            except (OSError, TimeoutError) as e:
+                stats["connect_failed"] += 1
+                last_error[:] = [repr(e)]
+                return None
+            try:
+                writer.write(req)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO_TIMEOUT)
+                status, length, _ = parse_head(head[:-4])
+                if length:
+                    await asyncio.wait_for(reader.readexactly(length), IO_TIMEOUT)
+                stats["ok" if status == 200 else "bad_status"] += 1
+            except (OSError, EOFError, ValueError, IndexError, TimeoutError) as e:
+                stats["request_failed"] += 1
+                last_error[:] = [repr(e)]
+            return reader, writer
+
+    t0 = time.monotonic()
+    results = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(n))), 120)
+    open_s = time.monotonic() - t0
+    conns = [c for c in results if c is not None]
+    await asyncio.sleep(settle)
+    held = sum(1 for r, w in conns if not r.at_eof() and not w.is_closing())
+    held_kib = measure()
+    for _, w in conns:
+        w.close()
+    info: dict[str, Any] = dict(stats)
+    info.update(open_s=open_s, held=held, requested=n)
+    if last_error:
+        info["last_error"] = last_error[0]
+    return info, held_kib
+
+
+def idle_conns(t: Target, measured_pid: int, s: Settings) -> dict[str, Any]:
+    """RSS per idle keep-alive connection with C{s.idle_conns} of them held."""
+    before = rss_kib(measured_pid)
+    info, held_kib = asyncio.run(_hold_idle(t, s.idle_conns, lambda: rss_kib(measured_pid), 0.5))
+    info["rss_before_mib"] = before / 1024
+    info["rss_held_mib"] = held_kib / 1024
+    info["kib_per_conn"] = (held_kib - before) / info["held"] if info["held"] else None
+    if info.get("ok", 0) == 0:
+        raise RuntimeError(f"no idle-connection request succeeded: {info}")
+    return info
+
+
+def slow_reader(t: Target, path: str, measured_pid: int, s: Settings) -> dict[str, Any]:
+    """RSS growth while one client reads the large body at about C{s.slow_rate} B/s."""
+    before = rss_kib(measured_pid)
+    got, eof = 0, False
+    with RssSampler(measured_pid) as sampler:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.settimeout(IO_TIMEOUT)
+            sock.connect((LOOPBACK, t.port))
+            sock.sendall(request_bytes(t.target(path), t.host, agent="aproxy-bench-slow"))
+            t0 = time.monotonic()
+            while (elapsed := time.monotonic() - t0) < s.slow_seconds:
+                want = int(s.slow_rate * elapsed) - got
+                if want <= 0:
+                    time.sleep(0.02)
+                    continue
+                sock.settimeout(max(0.05, s.slow_seconds - elapsed))
+                try:
+                    data = sock.recv(min(want, 65536))
+                except TimeoutError:
+                    continue
+                if not data:
+                    eof = True
+                    break
+                got += len(data)
+            seconds = time.monotonic() - t0
+        finally:
+            sock.close()
+    time.sleep(0.2)
+    if got == 0:
+        raise RuntimeError("slow reader received nothing")
+    return {
+        "bytes": got,
+        "seconds": seconds,
+        "eof": eof,
+        "rss_before_mib": before / 1024,
+        "rss_peak_mib": sampler.peak / 1024,
+        "growth_mib": (sampler.peak - before) / 1024,
+        "rss_after_mib": rss_kib(measured_pid) / 1024,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# profiling (optional)
+
+
+def _function(frame: str) -> str:
+    """C{'f (pkg/mod.py:12)'} -> C{'f (pkg/mod.py)'}: py-spy frames grouped by function."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.rsplit(':', 1)[0]})" if where else name
+
+
+def _is_ours(frame: str) -> bool:
+    """Whether a py-spy frame is in aproxy's own code."""
+    return "(aproxy/" in frame or "/aproxy/" in frame
+
+
+def summarize_profile(raw: Path, top: int = 12) -> list[str]:
+    """Markdown lines from a py-spy raw (collapsed stacks) file: where the time goes."""
+    leaf: Counter[str] = Counter()
+    own_self: Counter[str] = Counter()
+    own_incl: Counter[str] = Counter()
+    calls_out: Counter[str] = Counter()  # library leaf <- deepest aproxy line above it
+    total = own_total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [f for f in stack.split(";") if f]
+        if not frames:
+            continue
+        total += count
+        top_frame = _function(frames[-1])
+        if not _is_ours(frames[-1]) and len(frames) > 1:
+            top_frame += f" <- {_function(frames[-2]).split(' (')[0]}"
+        leaf[top_frame] += count
+        ours = [f for f in frames if _is_ours(f)]
+        for f in {_function(f) for f in ours}:
+            own_incl[f] += count
+        if _is_ours(frames[-1]):
+            own_self[_function(frames[-1])] += count
+            own_total += count
+        elif ours:
+            calls_out[f"{_function(frames[-1])} <- {ours[-1]}"] += count
+    if not total:
+        return ["(py-spy recorded no samples)"]
+
+    def listing(title: str, counter: Counter[str]) -> list[str]:
+        rows = [f"- {100 * c / total:5.1f}%  {f}" for f, c in counter.most_common(top)]
+        return ["", title, "", *rows]
+
+    lines = [
+        f"{total} samples; {100 * own_total / total:.1f}% with aproxy's own code on top of "
+        "the stack (percentages are of all samples)."
+    ]
+    lines += listing("Hottest functions, self time (all code; library ones with caller):", leaf)
+    lines += listing("aproxy functions, self time:", own_self)
+    lines += listing("aproxy functions, inclusive (with everything they call):", own_incl)
+    lines += listing("Library/kernel time by the aproxy line that called into it:", calls_out)
+    return lines
+
+
+def find_py_spy() -> str | None:
+    """py-spy on PATH or next to the running interpreter."""
+    found = shutil.which("py-spy")
+    if found:
+        return found
+    candidate = Path(sys.executable).parent / "py-spy"
+    return str(candidate) if candidate.exists() else None
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+
+class Bench:
+    """Owns the temp dir, the origin, aproxy instances, the results and the report."""
+
+    def __init__(self, args: argparse.Namespace, s: Settings) -> None:
+        self.args = args
+        self.s = s
+        self.tmp = Path(tempfile.mkdtemp(prefix="aproxy-bench-"))
+        os.chmod(self.tmp, 0o755)  # nginx workers may run as another user
+        self.results: dict[str, dict[str, Any]] = {"direct": {}, "aproxy": {}}
+        self.problems: list[str] = []
+        self.failures: list[str] = []
+        self.commands: dict[str, str] = {}
+        self.versions: dict[str, str] = {}
+        self.origin: Child | None = None
+        self.origin_kind = ""
+        self.origin_port = 0
+        self.big_path = f"/{s.big_bytes // MIB}m" if s.big_bytes >= MIB else "/big"
+        self.profile_lines: list[str] = []
+
+    # ---- setup
+
+    def write_files(self) -> Path:
+        """The origin's files and the wrk script, in the temp dir."""
+        data = self.tmp / "data"
+        data.mkdir()
+        os.chmod(data, 0o755)
+        (data / "100b").write_bytes(SMALL_BODY)
+        block = bytes(range(256)) * 4096  # 1 MiB
+        with open(data / self.big_path.lstrip("/"), "wb") as f:
+            left = self.s.big_bytes
+            while left > 0:
+                f.write(block[: min(left, len(block))])
+                left -= len(block)
+        for p in data.iterdir():
+            os.chmod(p, 0o644)
+        (self.tmp / "proxy.lua").write_text(WRK_LUA)
+        return data
+
+    def start_origin(self) -> None:
+        """nginx from a rendered config when available, else the asyncio fallback origin."""
+        data = self.write_files()
+        self.origin_port = free_port()
+        nginx = None if self.args.no_nginx else shutil.which("nginx") or _sbin("nginx")
+        if nginx:
+            work = self.tmp / "nginx"
+            work.mkdir()
+            conf = work / "nginx.conf"
+            conf.write_text(NGINX_CONF.format(work=work, port=self.origin_port, data=data))
+            argv = [nginx, "-p", str(work), "-e", str(work / "error.log"), "-c", str(conf)]
+            self.origin_kind = "nginx (1 worker)"
+            self.versions["nginx"] = tool_output([nginx, "-v"])
+        else:
+            script = self.tmp / "origin.py"
+            script.write_text(FALLBACK_ORIGIN)
+            argv = [sys.executable, str(script), str(self.origin_port), str(data)]
+            self.origin_kind = "Python asyncio fallback origin (nginx not used)"
+        self.commands["origin"] = shlex.join(argv)
+        self.origin = Child("origin", argv, logfile=self.tmp / "origin.log", cwd=self.tmp)
+        direct = Target("direct", self.origin_port, self.origin_port, False)
+        self.wait_ready(self.origin, direct, 15)
+        log(f"origin: {self.origin_kind}, pid {self.origin.pid}, {LOOPBACK}:{self.origin_port}")
+
+    def wait_ready(self, child: Child, t: Target, timeout: float) -> None:
+        """Poll a GET of /100b until it answers 200; fail if the child exits first."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if not child.alive():
+                raise RuntimeError(
+                    f"{child.name} exited with {child.proc.returncode}:\n{child.log_tail()}"
+                )
+            try:
+                status, _ = http_fetch(t.port, t.target("/100b"), t.host, timeout=2)
+                if status == 200:
+                    return
+                last = f"status {status}"
+            except OSError as e:
+                last = repr(e)
+            time.sleep(0.1)
+        raise RuntimeError(f"{child.name} not ready after {timeout:.0f} s ({last})")
+
+    def aproxy_argv(self, port: int) -> tuple[list[str], dict[str, str]]:
+        """The aproxy command line and environment for one start on C{port}."""
+        env = dict(os.environ)
+        listen = f"tcp:{port}:interface={LOOPBACK}"
+        if self.args.aproxy_cmd:
+            text = self.args.aproxy_cmd
+            argv = shlex.split(text.replace("{port}", str(port)))
+            if "{port}" not in text:
+                argv += ["--port", listen]
+            return argv, env
+        if (CHECKOUT / "aproxy" / "__init__.py").exists():
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(CHECKOUT), env.get("PYTHONPATH", "")) if p
+            )
+        return [sys.executable, "-m", "twisted", "aproxy", "--port", listen], env
+
+    @contextlib.contextmanager
+    def aproxy(self, phase: str) -> Iterator[tuple[Child, Target]]:
+        """A fresh aproxy process for one phase, stopped afterwards."""
+        port = free_port()
+        argv, env = self.aproxy_argv(port)
+        self.commands.setdefault("aproxy", shlex.join(argv))
+        child = Child(
+            "aproxy", argv, logfile=self.tmp / f"aproxy-{phase}.log", env=env, cwd=self.tmp
+        )
+        t = Target("aproxy", port, self.origin_port, True)
+        ready = False
+        try:
+            self.wait_ready(child, t, 30)
+            ready = True
+            log(f"aproxy ({phase}): pid {child.pid}, {LOOPBACK}:{port}")
+            yield child, t
+        finally:
+            alive = child.alive()
+            child.stop()
+            if not ready:
+                pass  # wait_ready's exception says why
+            elif not alive:
+                self.problems.append(
+                    f"aproxy exited during the {phase} phase (status "
+                    f"{child.proc.returncode}); log tail:\n```\n{child.log_tail()}\n```"
+                )
+            else:
+                self.scan_log(child, phase)
+
+    def scan_log(self, child: Child, phase: str) -> None:
+        """Report tracebacks and error-level lines from an aproxy log."""
+        if child.logfile is None or not child.logfile.exists():
+            return
+        text = child.logfile.read_text(errors="replace")
+        bad = [
+            line
+            for line in text.splitlines()
+            if "Traceback" in line
+            or '"isError": 1' in line
+            or '"name": "error"' in line
+            or '"name": "critical"' in line
+        ]
+        if bad:
+            sample = "\n".join(x[:400] for x in bad[:5])
+            self.problems.append(
+                f"aproxy logged {len(bad)} error line(s) in the {phase} phase, e.g.:\n"
+                f"```\n{sample}\n```"
+            )
+
+    # ---- scenarios
+
+    def scenario(self, who: str, key: str, fn: Callable[[], Any]) -> Any:
+        """Run one scenario; an exception is recorded as a failure, not raised."""
+        log(f"{who}: {key} ...")
+        try:
+            r = fn()
+        except Exception as e:  # every failure is reported, the run goes on
+            self.failures.append(f"{who} {key}: {e}")
+            self.results[who][key] = {"error": str(e)}
+            log(f"{who}: {key} FAILED: {e}")
+            return None
+        self.results[who][key] = r
+        log(f"{who}: {key}: {_brief(r)}")
+        self.check_health(who, key, r)
+        return r
+
+    def check_health(self, who: str, key: str, r: Any) -> None:
+        """Note errors and non-2xx answers seen by a load run."""
+        if not isinstance(r, dict):
+            return
+        errs, bad = r.get("socket_errors", 0), r.get("non_2xx", 0)
+        if errs or bad:
+            self.problems.append(
+                f"{who} {key}: {errs} socket errors {r.get('errors_detail')}, {bad} non-2xx "
+                f"answers ({r.get('non_2xx_note')}) out of {r.get('requests')} requests"
+            )
+        if who == "aproxy" and r.get("eof") and key == "slow_reader":
+            self.problems.append("aproxy slow_reader: the connection ended before the body did")
+
+    def probe(self, child: Child, t: Target, after: str) -> None:
+        """After a scenario: does aproxy still answer promptly? A stall is a problem."""
+        t0 = time.monotonic()
+        try:
+            status, n = http_fetch(t.port, t.target("/100b"), t.host, timeout=5)
+            if status != 200 or n != len(SMALL_BODY):
+                self.problems.append(f"after {after}: probe got status {status}, {n} bytes")
+        except OSError as e:
+            self.problems.append(
+                f"after {after}: aproxy did not answer a GET of /100b within 5 s ({e!r}); "
+                f"alive={child.alive()}"
+            )
+            return
+        if time.monotonic() - t0 > 1:
+            self.problems.append(f"after {after}: probe took {time.monotonic() - t0:.1f} s")
+
+    def downloads(self, who: str, t: Target, pid: int) -> dict[str, Any]:
+        """Median MB/s over C{s.downloads} transfers of the large file."""
+        runs = [
+            download(t, self.big_path, self.s.big_bytes, pid, self.args)
+            for _ in range(self.s.downloads)
+        ]
+        return {
+            "cmd": runs[0]["cmd"],
+            "mbps": statistics.median(r["mbps"] for r in runs),
+            "runs_mbps": [round(r["mbps"], 1) for r in runs],
+            "rss_growth_mib": max(r["rss_growth_mib"] for r in runs),
+        }
+
+    def run_direct(self) -> None:
+        """Every scenario against the origin itself (memory and CPU are the origin's)."""
+        assert self.origin is not None
+        pid, s, a = self.origin.pid, self.s, self.args
+        t = Target("direct", self.origin_port, self.origin_port, False)
+        self.results["direct"]["rss_start_mib"] = rss_kib(pid) / 1024
+        self.scenario("direct", "idle", lambda: idle_conns(t, pid, s))
+        self.scenario("direct", "slow_reader", lambda: slow_reader(t, self.big_path, pid, s))
+        self.scenario("direct", "ka", lambda: load(t, "/100b", False, pid, s, a, self.tmp))
+        self.scenario("direct", "close", lambda: load(t, "/100b", True, pid, s, a, self.tmp))
+        self.scenario("direct", "download", lambda: self.downloads("direct", t, pid))
+
+    def run_aproxy(self) -> None:
+        """Every scenario through aproxy, a fresh process for each of three phases."""
+        s, a = self.s, self.args
+
+        def idle(child: Child, t: Target) -> None:
+            self.results["aproxy"]["rss_start_mib"] = rss_kib(child.pid) / 1024
+            self.scenario("aproxy", "idle", lambda: idle_conns(t, child.pid, s))
+            self.probe(child, t, "the idle-connections scenario")
+
+        def slow(child: Child, t: Target) -> None:
+            self.scenario(
+                "aproxy", "slow_reader", lambda: slow_reader(t, self.big_path, child.pid, s)
+            )
+            self.probe(child, t, "the slow-reader scenario")
+
+        def loads(child: Child, t: Target) -> None:
+            pid = child.pid
+            o = self.origin.pid if self.origin else None
+            self.scenario("aproxy", "ka", lambda: load(t, "/100b", False, pid, s, a, self.tmp, o))
+            self.probe(child, t, "the keep-alive load")
+            if a.profile:
+                self.profile(child, t)
+            self.scenario("aproxy", "close", lambda: load(t, "/100b", True, pid, s, a, self.tmp, o))
+            self.probe(child, t, "the Connection: close load")
+            self.scenario("aproxy", "download", lambda: self.downloads("aproxy", t, pid))
+            self.probe(child, t, "the downloads")
+
+        for phase, body in (("idle", idle), ("slow", slow), ("load", loads)):
+            try:
+                with self.aproxy(phase) as (child, t):
+                    body(child, t)
+            except Exception as e:  # the other phases still run
+                self.failures.append(f"aproxy {phase} phase: {e}")
+                log(f"aproxy {phase} phase FAILED: {e}")
+
+    def profile(self, child: Child, t: Target) -> None:
+        """py-spy record during an extra keep-alive load run; summary into the report."""
+        py_spy = find_py_spy()
+        if not py_spy:
+            self.problems.append("--profile: py-spy not found (pip install py-spy)")
+            return
+        out = Path(self.args.profile).resolve()
+        seconds = max(self.s.wrk_seconds, 2)
+        argv = [py_spy, "record", "--format", "raw", "-r", "200", "-o", str(out)]
+        if self.args.profile_mode == "nonblocking":
+            argv.insert(2, "--nonblocking")
+        argv += ["-d", f"{seconds:g}", "-p", str(child.pid)]
+        self.commands["profile"] = shlex.join(argv)
+        log(f"profiling: {shlex.join(argv)}")
+        spy = Child("py-spy", argv, logfile=self.tmp / "py-spy.log")
+        try:
+            time.sleep(0.5)
+            s = Settings(**{**self.s.__dict__, "wrk_seconds": seconds})
+            self.scenario(
+                "aproxy",
+                "ka_profiled",
+                lambda: load(
+                    t,
+                    "/100b",
+                    False,
+                    child.pid,
+                    s,
+                    self.args,
+                    self.tmp,
+                    self.origin.pid if self.origin else None,
+                ),
+            )
+            spy.proc.wait(timeout=seconds + 30)
+        except subprocess.TimeoutExpired:
+            self.problems.append("py-spy did not finish in time")
+        finally:
+            spy.stop()
+        if out.exists():
+            self.profile_lines = summarize_profile(out)
+        else:
+            self.problems.append(f"py-spy wrote no profile: {spy.log_tail()}")
+
+    def collect_versions(self) -> None:
+        """Python, Twisted, aproxy, wrk and curl versions."""
+        self.versions["Python (bench)"] = platform.python_version()
+        if not self.args.aproxy_cmd:
+            _, env = self.aproxy_argv(0)
+            code = (
+                "import platform, twisted, aproxy; print('Python', platform.python_version(),"
+                " '/ Twisted', twisted.__version__, '/ aproxy', aproxy.__version__,"
+                " 'from', aproxy.__file__)"
+            )
+            try:
+                p = subprocess.run(
+                    [sys.executable, "-c", code],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    timeout=30,
+                )
+                self.versions["aproxy side"] = (p.stdout or p.stderr).strip().splitlines()[-1]
+            except (OSError, subprocess.TimeoutExpired, IndexError) as e:
+                self.versions["aproxy side"] = f"unknown ({e!r})"
+        if not self.args.aproxy_cmd and (CHECKOUT / ".git").exists():
+            git = tool_output(["git", "-C", str(CHECKOUT), "describe", "--always", "--dirty"])
+            if git:
+                self.versions["aproxy checkout"] = f"{CHECKOUT} at {git}"
+        if self.args.wrk:
+            self.versions["wrk"] = tool_output([self.args.wrk, "--version"])
+        if self.args.curl:
+            self.versions["curl"] = tool_output([self.args.curl, "--version"])
+
+    def run(self) -> None:
+        """Origin, direct scenarios, aproxy scenarios."""
+        self.collect_versions()
+        self.start_origin()
+        self.run_direct()
+        self.run_aproxy()
+
+    def cleanup(self) -> None:
+        """Stop every child and remove the temp dir (unless --keep-tmp)."""
+        Child.stop_all()
+        if self.args.keep_tmp:
+            log(f"temp dir kept: {self.tmp}")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # ---- report
+
+    def report(self) -> str:
+        """The Markdown report."""
+        d, p = self.results["direct"], self.results["aproxy"]
+        s = self.s
+        big = f"{s.big_bytes // MIB} MiB" if s.big_bytes >= MIB else f"{s.big_bytes} B"
+        rows: list[tuple[str, str, str, str, str]] = []
+
+        def get(r: dict[str, Any], key: str, field: str) -> float | None:
+            v = r.get(key)
+            if isinstance(v, dict) and "error" not in v:
+                x = v.get(field)
+                return float(x) if isinstance(x, int | float) else None
+            if key == field and isinstance(v, int | float):
+                return float(v)
+            return None
+
+        def cell(r: dict[str, Any], key: str, field: str, fmt: str) -> str:
+            v = r.get(key)
+            if isinstance(v, dict) and "error" in v:
+                return "FAIL"
+            x = get(r, key, field)
+            return "-" if x is None else format(x, fmt)
+
+        def ratio(key: str, field: str) -> str:
+            a, b = get(p, key, field), get(d, key, field)
+            return f"{a / b:.2f}x" if a is not None and b else "-"
+
+        def verdict(value: float | None, ok: Callable[[float], bool], text: str) -> str:
+            if value is None:
+                return text
+            return f"{text} ({'met' if ok(value) else 'NOT met'})"
+
+        def add(
+            label: str, key: str, field: str, fmt: str, target: str = "", with_ratio: bool = True
+        ) -> None:
+            r = ratio(key, field) if with_ratio else ""
+            rows.append((label, cell(d, key, field, fmt), cell(p, key, field, fmt), r, target))
+
+        def errors(key: str) -> str:
+            out = []
+            for r in (d, p):
+                v = r.get(key)
+                if not isinstance(v, dict) or "error" in v:
+                    out.append("FAIL" if isinstance(v, dict) else "-")
+                else:
+                    out.append(f"{v['socket_errors']} / {v['non_2xx']}")
+            return out[0] + "|" + out[1]
+
+        for key, label in (("ka", "100 B keep-alive"), ("close", "100 B Connection: close")):
+            rps = get(p, key, "rps")
+            target = verdict(rps, lambda x: x >= 15000, ">= 15,000") if key == "ka" else ""
+            add(f"{label}: requests/s", key, "rps", ",.0f", target)
+            add(f"{label}: p50 latency, ms", key, "p50_ms", ".2f")
+            add(f"{label}: p99 latency, ms", key, "p99_ms", ".2f")
+            add(f"{label}: CPU s per 10k requests", key, "cpu_per_10k", ".3f")
+            add(
+                f"{label}: share of that CPU in the kernel",
+                key,
+                "cpu_sys_share",
+                ".0%",
+                with_ratio=False,
+            )
+            add(
+                f"{label}: machine CPU busy, % of all CPUs",
+                key,
+                "machine_busy",
+                ".0%",
+                with_ratio=False,
+            )
+            add(
+                f"{label}: of which unattributed (noise)",
+                key,
+                "unattributed",
+                ".0%",
+                with_ratio=False,
+            )
+            e_d, e_p = errors(key).split("|")
+            rows.append((f"{label}: socket errors / non-2xx", e_d, e_p, "", "0 / 0"))
+        runs = f"median of {s.downloads}" if s.downloads > 1 else "1 run"
+        add(f"{big} plain download: MB/s ({runs})", "download", "mbps", ",.0f")
+        add(f"{big} plain download: peak RSS growth, MiB", "download", "rss_growth_mib", ".1f")
+        add("RSS at start, MiB", "rss_start_mib", "rss_start_mib", ".1f")
+        n = s.idle_conns
+        add(f"idle keep-alive connections held (of {n})", "idle", "held", ".0f", f"{n}")
+        add(f"RSS with {n} idle connections, MiB", "idle", "rss_held_mib", ".1f")
+        kib = get(p, "idle", "kib_per_conn")
+        add(
+            "RSS per idle keep-alive connection, KiB",
+            "idle",
+            "kib_per_conn",
+            ".2f",
+            verdict(kib, lambda x: x <= 4, "<= 4"),
+        )
+        growth = get(p, "slow_reader", "growth_mib")
+        add(
+            f"slow reader ({s.slow_seconds:g} s at ~{s.slow_rate / 1e6:g} MB/s): RSS growth, MiB",
+            "slow_reader",
+            "growth_mib",
+            ".2f",
+            verdict(growth, lambda x: x < 2, "< 2"),
+        )
+        add("slow reader: bytes read", "slow_reader", "bytes", ",.0f")
+
+        lines = [
+            f"# aproxy benchmark ({s.name} run, {time.strftime('%Y-%m-%d %H:%M:%S')})",
+            "",
+            f"Direct = client straight to the origin ({self.origin_kind}); its memory and CPU "
+            "figures are the origin's own. aproxy figures are aproxy's process tree. Ratios are "
+            "aproxy / direct. aproxy is restarted for each phase (idle connections; slow reader; "
+            "load and downloads) so every memory figure starts from a fresh process.",
+            "",
+            "| figure | direct | aproxy | aproxy / direct | target |",
+            "|---|---:|---:|---:|---|",
+        ]
+        lines += [f"| {a} | {b} | {c} | {r} | {t} |" for a, b, c, r, t in rows]
+        load_tool = "wrk" if self.args.wrk else "built-in asyncio load client (wrk not found)"
+        lines += [
+            "",
+            f"Load: {load_tool}, {self.args.threads} thread(s), {self.args.connections} "
+            f"connections, {s.wrk_seconds:g} s per run; CPU from /proc/PID/stat utime+stime "
+            "before/after. Idle connections: opened 64 at a time, one keep-alive request each, "
+            "RSS (/proc/PID/status VmRSS) before opening vs. while all are held. Slow reader: "
+            "64 KiB SO_RCVBUF, peak RSS during the read minus RSS before. MB/s = 10^6 B/s.",
+            "",
+            "## Machine and versions",
+            "",
+            f"- machine: {os.cpu_count()} CPUs ({platform.machine()}, {_cpu_model()}), "
+            f"Linux {platform.release()}; client, origin and proxy share the CPUs, unpinned",
+        ]
+        lines += [f"- {k}: {v}" for k, v in self.versions.items()]
+        lines += ["", "## Command lines", ""]
+        for name in ("origin", "aproxy", "profile"):
+            if name in self.commands:
+                lines.append(f"- {name}: `{self.commands[name]}`")
+        for who in ("direct", "aproxy"):
+            for key in ("ka", "close", "download"):
+                v = self.results[who].get(key)
+                if isinstance(v, dict) and "cmd" in v:
+                    lines.append(f"- {who} {key}: `{v['cmd']}`")
+        lines.append(
+            "- idle connections and slow reader: built-in clients (this script), "
+            f"GET http://{LOOPBACK}:{self.origin_port}/100b and {self.big_path}"
+        )
+        if self.profile_lines:
+            lines += ["", "## Profile (aproxy under the keep-alive load)", ""]
+            lines += self.profile_lines
+        lines += ["", "## Problems", ""]
+        if not self.failures and not self.problems:
+            lines.append("None seen.")
+        lines += [f"- FAILED: {f}" for f in self.failures]
+        lines += [f"- {x}" for x in self.problems]
+        return "\n".join(lines) + "\n"
+
+
+def _brief(r: Any) -> str:
+    """A one-line summary of a scenario result for the progress log."""
+    if not isinstance(r, dict):
+        return str(r)
+    keys = (
+        "rps",
+        "p50_ms",
+        "p99_ms",
+        "cpu_per_10k",
+        "cpu_sys_share",
+        "socket_errors",
+        "non_2xx",
+        "mbps",
+        "held",
+        "kib_per_conn",
+        "growth_mib",
+        "bytes",
+    )
+    parts = []
+    for k in keys:
+        if k in r and r[k] is not None:
+            v = r[k]
+            parts.append(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}")
+    return " ".join(parts)
+
+
+def _sbin(name: str) -> str | None:
+    """A tool in /usr/sbin or /sbin when PATH lacks those."""
+    for d in ("/usr/sbin", "/sbin", "/usr/local/sbin"):
+        p = Path(d) / name
+        if p.exists() and os.access(p, os.X_OK):
+            return str(p)
+    return None
+
+
+def _cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
+    ap = argparse.ArgumentParser(
+        description="Benchmark aproxy against a direct connection to a local origin."
+    )
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="3 s load runs, one download")
+    mode.add_argument(
+        "--smoke",
+        action="store_true",
+        help="every scenario for about a second with tiny sizes (for the test suite)",
+    )
+    ap.add_argument(
+        "--aproxy-cmd",
+        help="command that runs aproxy in the foreground; '{port}' is replaced by the port, "
+        "else '--port tcp:PORT:interface=127.0.0.1' is appended. The environment is passed "
+        "unchanged. Default: sys.executable -m twisted aproxy, with PYTHONPATH=the checkout",
+    )
+    ap.add_argument("--duration", type=float, help="seconds per load run (overrides the mode)")
+    ap.add_argument("--connections", type=int, default=50, help="load connections (50)")
+    ap.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
+    ap.add_argument("--idle-conns", type=int, help="idle connections to hold (mode default)")
+    ap.add_argument("--no-wrk", action="store_true", help="use the built-in load client")
+    ap.add_argument("--no-nginx", action="store_true", help="use the built-in Python origin")
+    ap.add_argument("--no-curl", action="store_true", help="use the built-in download client")
+    ap.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="also run py-spy record (raw format, to FILE) during an extra keep-alive run",
+    )
+    ap.add_argument(
+        "--profile-mode",
+        choices=("nonblocking", "blocking"),
+        default="nonblocking",
+        help="py-spy sampling: nonblocking (default; less skew towards system calls) or "
+        "blocking (consistent stacks, but samples land just after system calls)",
+    )
+    ap.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
+    ap.add_argument("--max-seconds", type=int, help="abort the whole run after this long")
+    ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    args = ap.parse_args(argv)
+    args.wrk = None if args.no_wrk else shutil.which("wrk")
+    args.curl = None if args.no_curl else shutil.which("curl")
+    return args
+
+
+def settings_for(args: argparse.Namespace) -> Settings:
+    """The mode's settings with command-line overrides applied."""
+    s = SMOKE if args.smoke else QUICK if args.quick else FULL
+    changes: dict[str, Any] = {}
+    if args.duration:
+        changes["wrk_seconds"] = args.duration
+    if args.idle_conns:
+        changes["idle_conns"] = args.idle_conns
+    if args.max_seconds:
+        changes["max_seconds"] = args.max_seconds
+    return Settings(**{**s.__dict__, **changes}) if changes else s
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; 0 when every scenario ran, 1 if any failed outright, 130 on abort."""
+    args = parse_args(argv)
+    s = settings_for(args)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # inherited by the children
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
+        signal.signal(sig, _raise_abort)
+    signal.alarm(s.max_seconds)
+    bench = Bench(args, s)
+    started = time.monotonic()
+    status = 0
+    try:
+        bench.run()
+    except (KeyboardInterrupt, Abort) as e:
+        bench.failures.append(f"run aborted: {e!r}")
+        status = 130
+    except Exception as e:  # report what we have, then fail
+        bench.failures.append(f"run stopped: {e}")
+        status = 1
+    finally:
+        signal.alarm(0)
+        bench.cleanup()
+    log(f"finished in {time.monotonic() - started:.1f} s")
+    print(bench.report(), end="")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {"settings": s.__dict__, "results": bench.results, "versions": bench.versions},
+                indent=1,
+                default=str,
+            )
+        )
+    if status == 0 and bench.failures:
+        status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
