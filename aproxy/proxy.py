@@ -63,6 +63,7 @@ from aproxy.upstream import (
     UpstreamPool,
     UpstreamProtocol,
 )
+from aproxy.wire import write_now
 
 __all__ = ["ProxyFactory", "ProxyProtocol"]
 
@@ -451,7 +452,7 @@ class ProxyProtocol(Protocol):
         upt.registerProducer(pauser, True)
         self.transport.registerProducer(upt, True)
         self._linked = True
-        upt.write(self._out_head)
+        write_now(upt, self._out_head)
         self._set_deadline(_READ, self.config.read_timeout)
         pending = self._pending
         if pending:
@@ -600,7 +601,7 @@ class ProxyProtocol(Protocol):
         self._resp = resp
         self._resp_started = True
         if decoder is None or decoder.done:
-            self.transport.write(head)
+            write_now(self.transport, head)
             self._resp_body = None
             if rest:
                 self._up_reusable = False
@@ -633,9 +634,9 @@ class ProxyProtocol(Protocol):
         else:
             out += pieces
         if len(out) == 1:
-            self.transport.write(out[0])
+            write_now(self.transport, out[0])
         elif out:
-            self.transport.writeSequence(out)
+            write_now(self.transport, b"".join(out))
         if decoder.done:
             self._resp_body = None
             if rest:

@@ -1,0 +1,42 @@
+"""
+Writing to a transport without the reactor round trip when nothing is queued.
+
+C{transport.write} on a Twisted TCP connection only queues: the bytes go out on the next
+reactor iteration, which costs two C{epoll_ctl} calls (start and stop watching for
+writability) and a pass through the loop for every response. When the transport's buffer is
+empty, L{write_now} hands the bytes to the socket at once and queues only what the kernel
+did not take, so ordering and flow control are unchanged. Any other transport (TLS, test
+doubles) gets a plain C{write}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import tcp
+
+__all__ = ["write_now"]
+
+# The TCP connection classes whose buffering (FileDescriptor.dataBuffer, _tempDataLen)
+# this relies on. Should a Twisted release rename those attributes, the getattr defaults
+# below make every write a plain transport.write.
+_DIRECT = frozenset({tcp.Server, tcp.Client})
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """Write C{data} to C{transport}, sending it immediately when nothing is queued."""
+    kind: type = transport.__class__
+    if (
+        kind in _DIRECT
+        and not getattr(transport, "_tempDataLen", 1)
+        and not getattr(transport, "dataBuffer", 1)
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+    ):
+        sent = transport.writeSomeData(data)
+        if isinstance(sent, int):
+            if sent == len(data):
+                return
+            data = data[sent:]
+    transport.write(data)

@@ -1,0 +1,74 @@
+"""Tests for L{aproxy.wire.write_now}: immediate sends that never reorder or lose bytes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from aproxy.wire import write_now
+
+
+class FakeSocket:
+    """A socket whose send() takes at most C{accept} bytes and records them."""
+
+    def __init__(self, accept: int) -> None:
+        self.accept = accept
+        self.sent: list[bytes] = []
+
+    def send(self, data: Any) -> int:
+        """Take up to C{accept} bytes."""
+        taken = bytes(data[: self.accept])
+        self.sent.append(taken)
+        return len(taken)
+
+
+def tcp_server(accept: int) -> tuple[tcp.Server, FakeSocket]:
+    """A L{tcp.Server} transport around a L{FakeSocket}, without a real file descriptor."""
+    sock = FakeSocket(accept)
+    transport = object.__new__(tcp.Server)
+    transport.socket = sock  # type: ignore[assignment]
+    transport.reactor = MemoryReactor()
+    transport.connected = 1
+    transport.disconnecting = 0
+    transport._writeDisconnected = False
+    transport.dataBuffer = b""
+    transport.offset = 0
+    transport._tempDataBuffer = []
+    transport._tempDataLen = 0
+    transport.producer = None
+    return transport, sock
+
+
+class WriteNowTests(SynchronousTestCase):
+    """write_now sends at once only when nothing is queued, and queues the rest."""
+
+    def test_empty_buffer_sends_immediately(self) -> None:
+        """With nothing queued, the bytes go to the socket at once and nothing is queued."""
+        transport, sock = tcp_server(accept=1000)
+        write_now(transport, b"hello")
+        self.assertEqual(sock.sent, [b"hello"])
+        self.assertEqual(transport._tempDataBuffer, [])
+
+    def test_partial_send_queues_remainder(self) -> None:
+        """What the kernel does not take is queued for the reactor, in order."""
+        transport, sock = tcp_server(accept=2)
+        write_now(transport, b"hello")
+        self.assertEqual(sock.sent, [b"he"])
+        self.assertEqual(transport._tempDataBuffer, [b"llo"])
+
+    def test_queued_data_keeps_order(self) -> None:
+        """With bytes already queued, new bytes are queued behind them, not sent first."""
+        transport, sock = tcp_server(accept=1000)
+        transport.write(b"first")
+        write_now(transport, b"second")
+        self.assertEqual(sock.sent, [])
+        self.assertEqual(transport._tempDataBuffer, [b"first", b"second"])
+
+    def test_other_transports_use_write(self) -> None:
+        """Transports that are not plain TCP connections get an ordinary write."""
+        transport = StringTransport()
+        write_now(transport, b"data")
+        self.assertEqual(transport.value(), b"data")
