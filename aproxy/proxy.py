@@ -179,9 +179,11 @@ class ProxyProtocol(Protocol):
         """
         if self._tunnel is not None:
             self._tunnel.client_eof()
-        elif self._state in (_CONNECTING, _FORWARDING):
+        elif self._state in (_CONNECTING, _FORWARDING) and self._req_body is None:
             self._keep_client = False
             self._eof = True
+        elif self._state in (_CONNECTING, _FORWARDING):
+            self._fail(BadRequest("the client closed before sending the whole request body"))
         else:
             self._close()
 
@@ -571,7 +573,7 @@ class ProxyProtocol(Protocol):
         assert req is not None
         kind = response_body_kind(resp, req.method)
         client11 = req.minor >= 1
-        keep = req.keep_alive and self._req_body is None
+        keep = req.keep_alive and self._req_body is None and not self._eof
         self._out_chunked = False
         framing = b""
         decoder: Any = None

@@ -186,10 +186,10 @@ class UpstreamPool:
 
     def release(self, proto: UpstreamProtocol) -> None:
         """Keep C{proto} for reuse, or close it if the pool for its key is full."""
-        conns = self._idle.setdefault(proto.key, [])
-        if proto.lost:
+        if proto.lost or proto.transport is None:
             return
-        if len(conns) >= self._max or proto.transport is None:
+        conns = self._idle.setdefault(proto.key, [])
+        if len(conns) >= self._max:
             proto.transport.loseConnection()
             return
         proto.idle_since = self._clock.seconds()

@@ -175,6 +175,33 @@ class ForwardingTests(ProxyTestCase):
         self.assertIn(b"Connection: close\r\n", self.client.value())
         self.assertTrue(self.client.disconnecting)
 
+    def test_half_close_after_request_still_answered(self) -> None:
+        """A client that half-closes after its request gets the response, then a close."""
+        attempt, _ = self.forward()
+        self.proto.readConnectionLost()
+        self.assertFalse(self.client.disconnecting)
+        attempt.respond(OK_5)
+        value = self.client.value()
+        self.assertIn(b"Connection: close\r\n", value)
+        self.assertTrue(value.endswith(b"hello"))
+        self.assertTrue(self.client.disconnecting)
+
+    def test_half_close_mid_body_is_400(self) -> None:
+        """A client that half-closes before its request body is complete gets 400."""
+        attempt, upstream = self.forward(
+            b"POST http://a.example/ HTTP/1.1\r\nHost: a\r\nContent-Length: 9\r\n\r\nab"
+        )
+        self.proto.readConnectionLost()
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 400 "))
+        self.assertTrue(upstream.disconnecting)
+
+    def test_half_close_when_idle_closes(self) -> None:
+        """A client that half-closes between requests is closed."""
+        attempt, _ = self.forward()
+        attempt.respond(OK_5)
+        self.proto.readConnectionLost()
+        self.assertTrue(self.client.disconnecting)
+
     def test_connection_close_honoured(self) -> None:
         """A client's Connection: close closes the client connection after the response."""
         attempt, upstream = self.forward(
