@@ -231,6 +231,31 @@ class PluginTests(SynchronousTestCase):
         names = {p.tapname for p in getPlugins(IServiceMaker)}
         self.assertIn("aproxy", names)
 
+    def test_port_in_use_exits_with_one_line(self) -> None:
+        """twistd aproxy on a port already in use exits non-zero with no traceback."""
+        import socket
+
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        twistd = Path(sys.executable).with_name("twistd")
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+        with tempfile.TemporaryDirectory() as cwd:
+            result = subprocess.run(
+                [str(twistd), "-n", "--pidfile=", "aproxy", "--port", str(port)],
+                cwd=cwd,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        output = result.stdout + result.stderr
+        self.assertNotEqual(result.returncode, 0, output)
+        self.assertIn(f"aproxy: cannot listen on 127.0.0.1:{port}", output)
+        self.assertNotIn("Traceback", output)
+
     def test_installed_twistd_finds_plugin(self) -> None:
         """A subprocess C{twistd aproxy --help}, run outside the checkout, exits 0."""
         try:
