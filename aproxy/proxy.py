@@ -9,7 +9,6 @@ writer. Every L{ProxyError} becomes a response in one place, L{ProxyProtocol._fa
 
 from __future__ import annotations
 
-from http import HTTPStatus
 from typing import Any
 
 from twisted.internet import error as ierror
@@ -55,6 +54,7 @@ from aproxy.http1 import (
     serialize_request_head,
     serialize_response_head,
 )
+from aproxy.responses import connect_error, error_response, local_answer
 from aproxy.tunnel import Tunnel
 from aproxy.upstream import (
     EndpointConnector,
@@ -78,7 +78,6 @@ _DIAL, _HOLD, _UPSTREAM = 1, 2, 4
 # Bytes of pipelined requests held while one is in flight before the client is paused.
 _HOLD_LIMIT = 65536
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-_SENSITIVE = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
 
 
 @implementer(IPushProducer)
@@ -417,22 +416,13 @@ class ProxyProtocol(Protocol):
             return
         target = self._target
         assert target is not None
-        where = f"{target.host}:{target.port}"
-        if failure.check(ierror.DNSLookupError):
-            err: ProxyError = BadGateway(
-                f"cannot resolve {target.host}", "dns_error", details=where
-            )
-        elif failure.check(ierror.ConnectionRefusedError):
-            err = BadGateway(f"connection to {where} refused", "connection_refused", where)
-        elif failure.check(ierror.TimeoutError):
-            err = GatewayTimeout(f"connecting to {where} timed out", "connection_timeout", where)
-        else:
-            err = BadGateway(
-                f"cannot connect to {where}: {failure.getErrorMessage()}",
-                "destination_unavailable",
-                where,
-            )
-        self.log.info("upstream {where} failed: {why}", where=where, why=failure.getErrorMessage())
+        err = connect_error(failure, target.host, target.port)
+        self.log.info(
+            "upstream {host}:{port} failed: {why}",
+            host=target.host,
+            port=target.port,
+            why=failure.getErrorMessage(),
+        )
         self._fail(err)
 
     def _attach(self, up: UpstreamProtocol, reused: bool) -> None:
@@ -495,25 +485,8 @@ class ProxyProtocol(Protocol):
                 self._response_complete()
 
     def _answer_locally(self, head: RequestHead, rest: bytes) -> None:
-        if head.method == b"TRACE":
-            lines = [b"TRACE " + head.target + b" HTTP/1.%d\r\n" % head.minor]
-            lines += [
-                n + b": " + v + b"\r\n" for n, v in head.fields if n.lower() not in _SENSITIVE
-            ]
-            body = b"".join(lines) + b"\r\n"
-            ctype = b"Content-Type: message/http\r\n"
-        else:
-            body = b""
-            ctype = b""
         closing = not head.keep_alive or head.codings is not None or bool(head.content_length)
-        self.transport.write(
-            b"HTTP/1.1 200 OK\r\n"
-            + ctype
-            + b"Content-Length: %d\r\n" % len(body)
-            + (b"Connection: close\r\n" if closing else b"")
-            + b"\r\n"
-            + body
-        )
+        self.transport.write(local_answer(head, closing))
         if closing:
             self._close()
             return
@@ -743,26 +716,7 @@ class ProxyProtocol(Protocol):
         if self._resp_started:
             self._truncate(err)
             return
-        reason = err.reason.encode("utf-8", "replace")
-        body = reason + b"\n"
-        try:
-            phrase = HTTPStatus(err.status).phrase.encode("ascii")
-        except ValueError:
-            phrase = b"Error"
-        lines = [
-            b"HTTP/1.1 %d %s\r\n" % (err.status, phrase),
-            b"Content-Type: text/plain; charset=utf-8\r\n",
-            b"Content-Length: %d\r\n" % len(body),
-        ]
-        if err.error_type is not None:
-            status = self._via or b"aproxy"
-            status += b"; error=" + err.error_type.encode("ascii")
-            if err.details:
-                quoted = err.details.replace("\\", "\\\\").replace('"', '\\"')
-                status += b'; details="' + quoted.encode("ascii", "replace") + b'"'
-            lines.append(b"Proxy-Status: " + status + b"\r\n")
-        lines.append(b"Connection: close\r\n\r\n")
-        lines.append(body)
+        lines = error_response(err, self._via)
         self.transport.writeSequence(lines)
         self._close()
 
