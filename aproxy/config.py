@@ -7,8 +7,11 @@ L{aproxy.service.makeService} and L{aproxy.proxy.ProxyFactory} only ever see one
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
+
+from aproxy.policy import parse_host_pattern
 
 __all__ = ["DEFAULT_PORT", "ProxyConfig", "listen_description", "parse_port_list"]
 
@@ -81,6 +84,15 @@ class ProxyConfig:
     @ivar connect_ports: The ports CONNECT may reach, as inclusive (low, high) ranges;
         L{None} allows any port.
     @ivar tunnel_idle_timeout: Seconds a CONNECT or Upgrade tunnel may stay silent.
+    @ivar allow: Client networks (CIDR) that may use the proxy; loopback by default.
+    @ivar deny_hosts: Destination patterns refused (see L{aproxy.policy.parse_host_pattern}).
+    @ivar allow_hosts: If any, only destinations matching one of these are allowed.
+    @ivar block_private: Refuse destinations whose addresses are loopback, private,
+        link-local, CGNAT, unique-local, multicast or unspecified.
+    @ivar x_forwarded_for: C{"add"} the client address, C{"strip"} incoming ones, or
+        C{"keep"} them as they came.
+    @ivar max_connections: Client connections served at once; more get 503.
+    @ivar max_clients_per_ip: Client connections from one address at once; more get 503.
     """
 
     ports: tuple[str, ...] = (DEFAULT_PORT,)
@@ -95,6 +107,13 @@ class ProxyConfig:
     pool_idle_timeout: float = 30.0
     connect_ports: tuple[tuple[int, int], ...] | None = ((443, 443),)
     tunnel_idle_timeout: float = 600.0
+    allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    deny_hosts: tuple[str, ...] = ()
+    allow_hosts: tuple[str, ...] = ()
+    block_private: bool = False
+    x_forwarded_for: str = "keep"
+    max_connections: int = 4096
+    max_clients_per_ip: int = 256
 
     def __post_init__(self) -> None:
         """Validate every field so that a bad value fails at start, not per request."""
@@ -121,6 +140,23 @@ class ProxyConfig:
             raise ValueError("max-request-line must be at least 8000 bytes")
         if not isinstance(self.pool_size, int) or self.pool_size < 0:
             raise ValueError("pool-size must be a whole number, 0 or more")
+        for cidr in self.allow:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"allow: {cidr!r} is not an address or CIDR network") from None
+        for option, patterns in (("deny-host", self.deny_hosts), ("allow-host", self.allow_hosts)):
+            for pattern in patterns:
+                try:
+                    parse_host_pattern(pattern)
+                except ValueError as e:
+                    raise ValueError(f"{option}: {e}") from None
+        if self.x_forwarded_for not in ("add", "strip", "keep"):
+            raise ValueError("x-forwarded-for must be add, strip or keep")
+        for name in ("max_connections", "max_clients_per_ip"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be a whole number, 1 or more")
         if self.connect_ports is not None:
             for low, high in self.connect_ports:
                 if not 0 < low <= high < 65536:

@@ -16,6 +16,7 @@ __all__ = [
     "NotImplementedByProxy",
     "ProxyError",
     "RequestTimeout",
+    "ServiceUnavailable",
     "URITooLong",
     "VersionNotSupported",
 ]
@@ -90,6 +91,13 @@ class BadGateway(ProxyError):
 
     status = 502
     error_type = "proxy_internal_error"
+
+
+class ServiceUnavailable(ProxyError):
+    """The proxy is at a connection limit (503)."""
+
+    status = 503
+    error_type = "connection_limit_reached"
 
 
 class GatewayTimeout(ProxyError):

@@ -103,6 +103,8 @@ _NOTED_NAMES: Final = frozenset(
         b"trailer",
         b"upgrade",
         b"max-forwards",
+        b"via",
+        b"x-forwarded-for",
     }
 )
 _NOTED_LINE = re.compile(rb"\n(" + b"|".join(sorted(_NOTED_NAMES)) + rb"):")

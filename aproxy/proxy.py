@@ -9,6 +9,8 @@ writer. Every L{ProxyError} becomes a response in one place, L{ProxyProtocol._fa
 
 from __future__ import annotations
 
+import ipaddress
+import secrets
 from typing import Any
 
 from twisted.internet import error as ierror
@@ -35,6 +37,7 @@ from aproxy.errors import (
     NotImplementedByProxy,
     ProxyError,
     RequestTimeout,
+    ServiceUnavailable,
 )
 from aproxy.http1 import (
     BODY_CHUNKED,
@@ -54,6 +57,7 @@ from aproxy.http1 import (
     serialize_request_head,
     serialize_response_head,
 )
+from aproxy.policy import AccessPolicy, IPolicy
 from aproxy.responses import connect_error, error_response, local_answer
 from aproxy.tunnel import Tunnel
 from aproxy.upstream import (
@@ -131,6 +135,8 @@ class ProxyProtocol(Protocol):
         self._draining = False
         self._linked = False
         self._eof = False
+        self._counted = False
+        self._client_ip: str | None = None
         self._tunnel: Tunnel | None = None
         self._reset_request()
 
@@ -157,8 +163,35 @@ class ProxyProtocol(Protocol):
     # -- Twisted protocol interface ---------------------------------------------------
 
     def connectionMade(self) -> None:
-        """Start the header timer: a new client must send a request head promptly."""
-        self.factory.open_connections += 1
+        """
+        Admit the client (allowed network, connection limits) and start the header
+        timer: a new client must send a request head promptly.
+        """
+        factory = self.factory
+        factory.open_connections += 1
+        self._client_ip = client_ip = getattr(self.transport.getPeer(), "host", None)
+        factory.note_local_address(self.transport.getHost())
+        refusal: ProxyError | None = None
+        if client_ip is not None:
+            if not factory.policy.client_allowed(client_ip):
+                self.log.info("client {client} refused: not in --allow", client=client_ip)
+                refusal = Forbidden(
+                    "this proxy does not serve your address (see the --allow option)",
+                    "http_request_denied",
+                )
+            else:
+                count = factory.clients_per_ip.get(client_ip, 0) + 1
+                factory.clients_per_ip[client_ip] = count
+                self._counted = True
+                if count > self.config.max_clients_per_ip:
+                    refusal = ServiceUnavailable(
+                        "too many connections from your address", "connection_limit_reached"
+                    )
+        if refusal is None and factory.open_connections > self.config.max_connections:
+            refusal = ServiceUnavailable("too many connections", "connection_limit_reached")
+        if refusal is not None:
+            self._fail(refusal)
+            return
         self._set_deadline(_HEAD, self.config.header_timeout)
 
     def dataReceived(self, data: bytes) -> None:
@@ -191,7 +224,16 @@ class ProxyProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ierror.ConnectionDone())) -> None:  # noqa: B008
         """Stop everything this connection started: timer, dial, upstream connection."""
-        self.factory.open_connections -= 1
+        factory = self.factory
+        factory.open_connections -= 1
+        if self._counted:
+            self._counted = False
+            ip = self._client_ip
+            left = factory.clients_per_ip[ip] - 1
+            if left:
+                factory.clients_per_ip[ip] = left
+            else:
+                del factory.clients_per_ip[ip]
         if self._tunnel is not None:
             self._tunnel.client_lost()
         self._state = _CLOSING
@@ -304,6 +346,11 @@ class ProxyProtocol(Protocol):
 
     def _start_request(self, head: RequestHead, rest: bytes) -> None:
         self._req = head
+        factory = self.factory
+        if b"via" in head.noted and factory.via_marker in b" ".join(head.noted[b"via"]):
+            raise Forbidden(
+                "request loop: this request already passed this proxy", "proxy_loop_detected"
+            )
         if head.method == b"CONNECT":
             self._start_connect(head, rest)
             return
@@ -313,7 +360,9 @@ class ProxyProtocol(Protocol):
             raise NotImplementedByProxy(
                 "https:// targets are not supported yet; use CONNECT through a client"
             )
+        factory.check_destination(target.host, target.port)
         extra = b""
+        drop: tuple[bytes, ...] = ()
         if head.method in (b"OPTIONS", b"TRACE"):
             values = head.values(b"max-forwards")
             if values:
@@ -325,6 +374,7 @@ class ProxyProtocol(Protocol):
                     self._answer_locally(head, rest)
                     return
                 extra = b"Max-Forwards: %d\r\n" % (hops - 1)
+                drop = (b"max-forwards",)
         upgrade = head.values(b"upgrade")
         if (
             upgrade
@@ -342,9 +392,12 @@ class ProxyProtocol(Protocol):
         elif head.content_length:
             self._req_body = LengthDecoder(head.content_length)
             self._req_had_body = True
-        self._out_head = serialize_request_head(
-            head, target, self._via, extra, (b"max-forwards",) if extra else ()
-        )
+        xff = self.config.x_forwarded_for
+        if xff == "strip":
+            drop += (b"x-forwarded-for",)
+        elif xff == "add" and self._client_ip is not None:
+            extra += b"X-Forwarded-For: " + self._client_ip.encode("ascii") + b"\r\n"
+        self._out_head = serialize_request_head(head, target, self._via, extra, drop)
         self._pending = rest
         self._state = _CONNECTING
         key = (target.host, target.port)
@@ -359,6 +412,7 @@ class ProxyProtocol(Protocol):
             raise BadRequest("a CONNECT request has no content")
         host, port = parse_authority(head.target)
         self._target = Target(b"", host, port, head.target, b"")
+        self.factory.check_destination(host, port)
         if not self.config.connect_allowed(port):
             raise Forbidden(
                 f"CONNECT to port {port} is not allowed (see the --connect-ports option)",
@@ -406,6 +460,16 @@ class ProxyProtocol(Protocol):
         up.key = key
         if self._state != _CONNECTING:
             up.transport.loseConnection()
+            return
+        peer = up.transport.getPeer()
+        if self.factory.is_own(
+            getattr(peer, "host", ""),
+            getattr(peer, "port", 0),
+            getattr(up.transport.getHost(), "host", None),
+        ):
+            # The name led back to this proxy: a request loop.
+            up.transport.abortConnection()
+            self._fail(_loop_error())
             return
         self._unpause(_DIAL)
         self._attach(up, False)
@@ -716,7 +780,7 @@ class ProxyProtocol(Protocol):
         if self._resp_started:
             self._truncate(err)
             return
-        lines = error_response(err, self._via)
+        lines = error_response(err, self.factory.name)
         self.transport.writeSequence(lines)
         self._close()
 
@@ -737,6 +801,10 @@ class ProxyProtocol(Protocol):
         self.transport.loseConnection()
 
 
+def _loop_error() -> Forbidden:
+    return Forbidden("request loop: the destination is this proxy", "proxy_loop_detected")
+
+
 def _forget(proto: UpstreamProtocol, reason: Failure) -> None:
     """The end of an upstream connection nobody needs any more."""
 
@@ -754,6 +822,8 @@ class ProxyFactory(Factory):
     @param reactor: The reactor for timers and connections (the global one by default).
     @param connector: How to reach origins (an L{EndpointConnector} on C{reactor} by
         default); tests pass a fake.
+    @param policy: Who may use the proxy and where they may go (an L{AccessPolicy} built
+        from C{config} by default).
     """
 
     protocol = ProxyProtocol
@@ -764,6 +834,7 @@ class ProxyFactory(Factory):
         config: ProxyConfig | None = None,
         reactor: Any = None,
         connector: IUpstreamConnector | None = None,
+        policy: IPolicy | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -771,15 +842,35 @@ class ProxyFactory(Factory):
             reactor = _reactor
         self.config = config = config if config is not None else ProxyConfig()
         self.clock: IReactorTime = reactor
+        self.policy: IPolicy = (
+            policy
+            if policy is not None
+            else AccessPolicy(
+                config.allow, config.deny_hosts, config.allow_hosts, config.block_private
+            )
+        )
         self.connector: IUpstreamConnector = (
             connector
             if connector is not None
-            else EndpointConnector(reactor, config.connect_timeout)
+            else EndpointConnector(
+                reactor,
+                config.connect_timeout,
+                self._check_address if self.policy.needs_address_check() else None,
+            )
         )
         self.upstream_factory = UpstreamFactory(config.max_head_size)
         self.pool = UpstreamPool(reactor, max(config.pool_size, 1), config.pool_idle_timeout)
-        self.via: bytes | None = config.via.encode("ascii") if config.via else None
+        # A random marker in this instance's Via comment: a request that comes back
+        # carrying it has looped, while another aproxy instance has a marker of its own.
+        self.via_marker = b"aproxy-" + secrets.token_hex(8).encode("ascii")
+        self.via: bytes | None = (
+            config.via.encode("ascii") + b" (" + self.via_marker + b")" if config.via else None
+        )
+        self.name = (config.via or "aproxy").encode("ascii")
         self.open_connections = 0
+        self.clients_per_ip: dict[str, int] = {}
+        self.own_addresses: set[tuple[str, int]] = set()
+        self.wildcard_ports: set[int] = set()
         self._targets: dict[bytes, Target] = {}
 
     def parse_target(self, raw: bytes, method: bytes) -> Target:
@@ -796,6 +887,53 @@ class ProxyFactory(Factory):
                     cache.clear()
                 cache[raw] = target
         return target
+
+    def note_listening(self, address: IAddress) -> None:
+        """Remember an address this proxy listens on, so requests to it are loops."""
+        host = getattr(address, "host", None)
+        port = getattr(address, "port", None)
+        if host is None or port is None:
+            return
+        if host in ("0.0.0.0", "::"):
+            self.wildcard_ports.add(port)
+        self.own_addresses.add((host, port))
+
+    def note_local_address(self, address: IAddress) -> None:
+        """Remember the local address a client reached this proxy on (a listening one)."""
+        host = getattr(address, "host", None)
+        port = getattr(address, "port", None)
+        if host is not None and port is not None and (host, port) not in self.own_addresses:
+            self.own_addresses.add((host, port))
+
+    def is_own(self, host: str, port: int, local_host: str | None = None) -> bool:
+        """
+        Whether C{host}:C{port} is this proxy: one of its listening addresses, or, for a
+        wildcard listener's port, a loopback or unspecified address or the local end's own
+        address (a connection from this machine to itself).
+        """
+        if (host, port) in self.own_addresses:
+            return True
+        if port in self.wildcard_ports:
+            try:
+                address = ipaddress.ip_address(host)
+            except ValueError:
+                return False
+            return address.is_loopback or address.is_unspecified or host == local_host
+        return False
+
+    def check_destination(self, host: str, port: int) -> None:
+        """
+        Apply the policy's name rules to a destination as written, and the loop check
+        and address rules to a literal address.
+
+        @raise Forbidden: If the destination is refused.
+        """
+        self.policy.check_name(host)
+        if self.is_own(host, port):
+            raise _loop_error()
+
+    def _check_address(self, host: str, address: str) -> None:
+        self.policy.check_address(host, address)
 
     def buildProtocol(self, addr: IAddress | None) -> ProxyProtocol:
         """Make the protocol for one client connection."""

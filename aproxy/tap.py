@@ -31,6 +31,12 @@ class Options(usage.Options):
     )
     optFlags = [
         ["no-via", None, "Do not add a Via field to forwarded messages."],
+        [
+            "block-private",
+            None,
+            "Refuse destinations that resolve to loopback, private, link-local (cloud "
+            "metadata), CGNAT, unique-local, multicast or unspecified addresses.",
+        ],
     ]
     optParameters: list[list[Any]] = [
         ["connect-timeout", None, 10.0, "Seconds to connect to an origin before 504."],
@@ -69,11 +75,48 @@ class Options(usage.Options):
             600.0,
             "Seconds a CONNECT or Upgrade tunnel may stay silent before it is closed.",
         ],
+        [
+            "x-forwarded-for",
+            None,
+            "keep",
+            "add (append the client address), strip (remove incoming ones) or keep.",
+        ],
+        ["max-connections", None, 4096, "Client connections served at once; more get 503."],
+        [
+            "max-clients-per-ip",
+            None,
+            256,
+            "Client connections from one address at once; more get 503.",
+        ],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["port"] = []
+        self["allow"] = []
+        self["deny-host"] = []
+        self["allow-host"] = []
+
+    def opt_allow(self, cidr: str) -> None:
+        """
+        A client network (address or CIDR) that may use the proxy (repeatable). Default:
+        127.0.0.0/8 and ::1/128 only; other clients get 403.
+        """
+        self["allow"].append(cidr)
+
+    def opt_deny_host(self, pattern: str) -> None:
+        """
+        A destination to refuse (repeatable): a host name, *.example.com (subdomains),
+        .example.com (the domain and its subdomains), or an IP address or CIDR.
+        """
+        self["deny-host"].append(pattern)
+
+    def opt_allow_host(self, pattern: str) -> None:
+        """
+        A destination to allow (repeatable; same patterns as --deny-host). With any
+        --allow-host, only matching destinations are allowed.
+        """
+        self["allow-host"].append(pattern)
 
     def opt_port(self, description: str) -> None:
         """
@@ -112,6 +155,13 @@ class Options(usage.Options):
                 pool_idle_timeout=_number(self, "pool-idle-timeout", float),
                 connect_ports=parse_port_list(self["connect-ports"]),
                 tunnel_idle_timeout=_number(self, "tunnel-idle-timeout", float),
+                allow=tuple(self["allow"]) or ProxyConfig.allow,
+                deny_hosts=tuple(self["deny-host"]),
+                allow_hosts=tuple(self["allow-host"]),
+                block_private=bool(self["block-private"]),
+                x_forwarded_for=self["x-forwarded-for"],
+                max_connections=_number(self, "max-connections", int),
+                max_clients_per_ip=_number(self, "max-clients-per-ip", int),
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None

@@ -7,6 +7,7 @@ each upstream connection (L{UpstreamProtocol}) and the pool that reuses idle con
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -16,6 +17,7 @@ from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
 )
+from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -24,6 +26,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
@@ -55,27 +58,100 @@ class EndpointConnector:
     """
     The default connector: Twisted client endpoints on the given reactor.
 
-    IP literals get a plain TCP endpoint (no name resolution); names get a
-    L{HostnameEndpoint}, which resolves them and tries each address in turn.
+    IP literals get a plain TCP endpoint (no name resolution). Names get a
+    L{HostnameEndpoint}, which resolves them and tries each address in turn, unless
+    C{check_address} is given: then the connector resolves the name itself, checks every
+    address, and connects to exactly the addresses that passed, so a name that resolves
+    differently a moment later (DNS rebinding) can't reach an address that was refused.
+
+    @param check_address: Called with the host and each resolved address; raises a
+        L{aproxy.errors.ProxyError} to refuse that address.
+    @param resolve: Resolves a host to its addresses (default: C{getaddrinfo} in the
+        reactor's thread pool); fails with C{DNSLookupError}.
     """
 
-    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        connect_timeout: float,
+        check_address: Callable[[str, str], None] | None = None,
+        resolve: Callable[[str, int], Deferred[list[str]]] | None = None,
+    ) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout
+        self._check = check_address
+        self._resolve = resolve if resolve is not None else self._getaddrinfo
 
     def connect(self, host: str, port: int, factory: Factory) -> Deferred[Protocol]:
         """Connect to C{host}:C{port} with the right kind of endpoint."""
-        endpoint: IStreamClientEndpoint
         try:
-            address = ipaddress.ip_address(host)
+            ipaddress.ip_address(host)
         except ValueError:
+            if self._check is not None:
+                d = self._resolve(host, port)
+                return d.addCallback(self._connect_checked, host, port, factory)
             endpoint = HostnameEndpoint(
                 self._reactor, host.encode("idna"), port, timeout=self._timeout
             )
-        else:
-            kind = TCP4ClientEndpoint if address.version == 4 else TCP6ClientEndpoint
-            endpoint = kind(self._reactor, host, port, timeout=self._timeout)
+            return cast("Deferred[Protocol]", endpoint.connect(factory))
+        return self._connect_address(host, port, factory)
+
+    def _connect_address(self, address: str, port: int, factory: Factory) -> Deferred[Protocol]:
+        kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
+        endpoint: IStreamClientEndpoint = kind(self._reactor, address, port, timeout=self._timeout)
         return cast("Deferred[Protocol]", endpoint.connect(factory))
+
+    def _connect_checked(
+        self, addresses: list[str], host: str, port: int, factory: Factory
+    ) -> Deferred[Protocol]:
+        assert self._check is not None
+        allowed = []
+        refusal: Exception | None = None
+        for address in addresses:
+            try:
+                self._check(host, address)
+            except Exception as e:
+                refusal = refusal or e
+            else:
+                allowed.append(address)
+        if not allowed:
+            raise refusal or DNSLookupError(host)
+        return self._try_each(allowed, port, factory)
+
+    def _try_each(self, addresses: list[str], port: int, factory: Factory) -> Deferred[Protocol]:
+        d = self._connect_address(addresses[0], port, factory)
+        if len(addresses) > 1:
+            rest = addresses[1:]
+
+            def next_address(failure: Failure) -> Deferred[Protocol] | Failure:
+                if failure.check(ConnectError) and not failure.check(ConnectingCancelledError):
+                    return self._try_each(rest, port, factory)
+                return failure
+
+            d.addErrback(next_address)
+        return d
+
+    def _getaddrinfo(self, host: str, port: int) -> Deferred[list[str]]:
+        reactor = self._reactor
+        d: Deferred[list[str]] = deferToThreadPool(
+            reactor, reactor.getThreadPool(), _lookup, host, port
+        )
+        return d
+
+
+def _lookup(host: str, port: int) -> list[str]:
+    """Resolve C{host} with getaddrinfo: its distinct addresses, in the resolver's order."""
+    try:
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise DNSLookupError(f"{host}: {e}") from None
+    seen: list[str] = []
+    for family, _, _, _, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6) and sockaddr[0] not in seen:
+            seen.append(str(sockaddr[0]))
+    if not seen:
+        raise DNSLookupError(host)
+    return seen
 
 
 @implementer(IHalfCloseableProtocol)
