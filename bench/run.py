@@ -10,7 +10,10 @@ large file, then aproxy on another free loopback port, and measures:
     50 connections, absolute-form targets through the proxy; a Python load client when wrk
     is missing), and proxy CPU seconds per 10k requests (/proc/PID/stat);
   - the same with C{Connection: close} on every request;
-  - MB/s for a 100 MiB plain forwarded download (curl -x, median of 3);
+  - MB/s for a 100 MiB plain forwarded download (curl -x, median of 3), the same through a
+    CONNECT tunnel (curl -p -x; aproxy runs with --connect-ports set to the origin's port),
+    and a 100 MiB plain forwarded upload (POST body, curl --data-binary) to a small Python
+    sink that reads the whole body before it answers;
   - RSS per idle keep-alive connection with 1000 of them held;
   - RSS growth while a slow client (64 KiB receive buffer, ~1 MB/s) reads the 100 MiB body.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -330,18 +334,46 @@ def request_bytes(
     return f"GET {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {agent}\r\n{extra}\r\n".encode()
 
 
-def http_fetch(port: int, target: str, host: str, timeout: float = 5.0) -> tuple[int, int]:
-    """One GET with C{Connection: close}: (status, body bytes read). Raises OSError."""
+def _read_head(s: socket.socket) -> tuple[bytes, bytes]:
+    """Read a response head from C{s}: (head without the blank line, bytes after it)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = s.recv(65536)
+        if not data:
+            raise OSError(f"connection closed before a full response head ({buf[:80]!r})")
+        buf += data
+        if len(buf) > 1 << 20:
+            raise OSError("response head larger than 1 MiB")
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def _open_tunnel(s: socket.socket, authority: str) -> None:
+    """Send C{CONNECT authority} on C{s} and read the proxy's answer; raise unless 200."""
+    s.sendall(
+        f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+        "User-Agent: aproxy-bench\r\n\r\n".encode()
+    )
+    head, rest = _read_head(s)
+    status = int(head.split(b"\r\n", 1)[0].split(b" ", 2)[1])
+    if status != 200 or rest:
+        raise OSError(f"CONNECT {authority} answered {status} ({len(rest)} extra bytes)")
+
+
+def http_fetch(
+    port: int, target: str, host: str, timeout: float = 5.0, tunnel: bool = False
+) -> tuple[int, int]:
+    """
+    One GET with C{Connection: close}: (status, body bytes read). Raises OSError. With
+    C{tunnel}, first C{CONNECT host} through the proxy at C{port}, then GET C{target}
+    (origin form) inside the tunnel.
+    """
     with socket.create_connection((LOOPBACK, port), timeout=timeout) as s:
         s.settimeout(timeout)
+        if tunnel:
+            _open_tunnel(s, host)
         s.sendall(request_bytes(target, host, close=True, agent="aproxy-bench-probe"))
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            data = s.recv(65536)
-            if not data:
-                raise OSError(f"connection closed before a full response head ({buf[:80]!r})")
-            buf += data
-        head, _, body = buf.partition(b"\r\n\r\n")
+        head, body = _read_head(s)
         status, length, _ = parse_head(head)
         got = len(body)
         while length is None or got < length:
@@ -350,6 +382,30 @@ def http_fetch(port: int, target: str, host: str, timeout: float = 5.0) -> tuple
                 break
             got += len(data)
         return status, got
+
+
+def http_post_file(
+    port: int, target: str, host: str, path: Path, timeout: float = 10.0
+) -> tuple[int, bytes]:
+    """One POST of the file at C{path} (Content-Length, sendfile): (status, response body)."""
+    size = path.stat().st_size
+    with socket.create_connection((LOOPBACK, port), timeout=timeout) as s:
+        s.settimeout(timeout)
+        s.sendall(
+            f"POST {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: aproxy-bench-upload\r\n"
+            "Content-Type: application/octet-stream\r\n"
+            f"Content-Length: {size}\r\nConnection: close\r\n\r\n".encode()
+        )
+        with open(path, "rb") as f:
+            s.sendfile(f)
+        head, body = _read_head(s)
+        status, length, _ = parse_head(head)
+        while length is None or len(body) < length:
+            data = s.recv(65536)
+            if not data:
+                break
+            body += data
+        return status, body
 
 
 @dataclass(frozen=True)
@@ -470,6 +526,115 @@ async def main():
 
 if __name__ == "__main__":
     asyncio.run(main())
+'''
+
+SINK_ORIGIN = '''\
+"""Upload sink for the aproxy benchmark: reads every request body to its end, discards it.
+
+Answers each request (after its whole body: Content-Length or chunked) with 200 and the
+number of body bytes received, in decimal, as the response body. A thread per connection,
+recv_into a 1 MiB buffer: the kernel copy is the only per-byte cost.
+"""
+
+import socket
+import sys
+import threading
+
+
+def read_line(conn, rest):
+    while b"\\r\\n" not in rest:
+        data = conn.recv(65536)
+        if not data or len(rest) > 65536:
+            raise OSError("connection closed or line too long")
+        rest += data
+    line, _, rest = rest.partition(b"\\r\\n")
+    return line, rest
+
+
+def read_exact(conn, rest, n, view):
+    if len(rest) >= n:
+        return rest[n:]
+    left = n - len(rest)
+    while left:
+        k = conn.recv_into(view, min(left, len(view)))
+        if not k:
+            raise OSError("connection closed inside a body")
+        left -= k
+    return b""
+
+
+def read_chunked(conn, rest, view):
+    total = 0
+    while True:
+        line, rest = read_line(conn, rest)
+        size = int(line.split(b";")[0], 16)
+        if size == 0:
+            while True:
+                line, rest = read_line(conn, rest)
+                if not line:
+                    return total, rest
+        rest = read_exact(conn, rest, size, view)
+        total += size
+        line, rest = read_line(conn, rest)
+
+
+def serve(conn):
+    view = memoryview(bytearray(1 << 20))
+    rest = b""
+    try:
+        while True:
+            while b"\\r\\n\\r\\n" not in rest:
+                data = conn.recv(65536)
+                if not data or len(rest) > 65536:
+                    return
+                rest += data
+            head, _, rest = rest.partition(b"\\r\\n\\r\\n")
+            lines = head.split(b"\\r\\n")
+            close = lines[0].endswith(b"HTTP/1.0")
+            length, chunked, expect = 0, False, False
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                name, value = name.strip().lower(), value.strip().lower()
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"transfer-encoding":
+                    chunked = b"chunked" in value
+                elif name == b"connection":
+                    close = b"close" in value
+                elif name == b"expect":
+                    expect = value == b"100-continue"
+            if expect:
+                conn.sendall(b"HTTP/1.1 100 Continue\\r\\n\\r\\n")
+            if chunked:
+                got, rest = read_chunked(conn, rest, view)
+            else:
+                rest, got = read_exact(conn, rest, length, view), length
+            body = str(got).encode()
+            conn.sendall(
+                b"HTTP/1.1 200 OK\\r\\nContent-Type: text/plain\\r\\nContent-Length: %d\\r\\n"
+                b"%s\\r\\n%s" % (len(body), b"Connection: close\\r\\n" if close else b"", body)
+            )
+            if close:
+                return
+    except (OSError, ValueError):
+        pass
+    finally:
+        conn.close()
+
+
+def main():
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", int(sys.argv[1])))
+    srv.listen(128)
+    while True:
+        conn, _ = srv.accept()
+        conn.settimeout(60)
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+if __name__ == "__main__":
+    main()
 '''
 
 WRK_LUA = """\
@@ -668,16 +833,24 @@ def load(
 
 
 def download(
-    t: Target, path: str, size: int, measured_pid: int, args: argparse.Namespace
+    t: Target,
+    path: str,
+    size: int,
+    measured_pid: int,
+    args: argparse.Namespace,
+    tunnel: bool = False,
 ) -> dict[str, Any]:
-    """One plain download of the large file (curl -x through the proxy), with peak RSS."""
+    """
+    One download of the large file, with peak RSS: plain forwarding through the proxy
+    (curl -x), or with C{tunnel} through a CONNECT tunnel (curl -p -x), or direct.
+    """
     base = rss_kib(measured_pid)
     with RssSampler(measured_pid) as sampler:
         if args.curl:
             argv = [args.curl, "-sS", "-o", "/dev/null", "--max-time", "120"]
             argv += ["-w", "%{http_code} %{size_download} %{time_total}"]
             if t.via_proxy:
-                argv += ["-x", f"http://{LOOPBACK}:{t.port}"]
+                argv += (["-p"] if tunnel else []) + ["-x", f"http://{LOOPBACK}:{t.port}"]
             argv.append(f"http://{t.host}{path}")
             p = run_bounded("curl", argv, timeout=130)
             if p.returncode != 0:
@@ -687,14 +860,64 @@ def download(
             cmd = shlex.join(argv)
         else:
             t0 = time.monotonic()
-            status, got_n = http_fetch(t.port, t.target(path), t.host, timeout=30)
+            target = path if tunnel else t.target(path)
+            status, got_n = http_fetch(t.port, target, t.host, timeout=30, tunnel=tunnel)
             secs = time.monotonic() - t0
-            cmd = f"built-in socket client: GET {t.target(path)} via {LOOPBACK}:{t.port}"
+            via = f"CONNECT {t.host} via" if tunnel else "via"
+            cmd = f"built-in socket client: GET {target} {via} {LOOPBACK}:{t.port}"
     if status != 200 or got_n != size:
         raise RuntimeError(f"download: status {status}, {got_n} of {size} bytes")
     return {
         "cmd": cmd,
         "mbps": got_n / secs / 1e6 if secs else 0.0,
+        "seconds": secs,
+        "rss_growth_mib": (sampler.peak - base) / 1024,
+    }
+
+
+def upload(
+    t: Target, file: Path, size: int, measured_pid: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """
+    One POST of the large file to the upload sink (C{t.host}), plain forwarded through the
+    proxy (curl -x --data-binary) or direct, with peak RSS. The sink answers with the number
+    of body bytes it received, which must be the whole file.
+    """
+    base = rss_kib(measured_pid)
+    url = f"http://{t.host}/upload"
+    with RssSampler(measured_pid) as sampler:
+        if args.curl:
+            # No "Expect: 100-continue" (curl adds it for large bodies): the figure is about
+            # forwarding the body, not about waiting for an interim response.
+            argv = [args.curl, "-sS", "-o", "-", "--max-time", "120", "-H", "Expect:"]
+            argv += ["-H", "Content-Type: application/octet-stream", "--data-binary", f"@{file}"]
+            argv += ["-w", "\\n%{http_code} %{size_upload} %{time_total}"]
+            if t.via_proxy:
+                argv += ["-x", f"http://{LOOPBACK}:{t.port}"]
+            argv.append(url)
+            p = run_bounded("curl", argv, timeout=130)
+            if p.returncode != 0:
+                raise RuntimeError(f"curl exit {p.returncode}: {p.stderr.strip()}")
+            body, _, stats = p.stdout.rpartition("\n")
+            code, sent, seconds = stats.split()
+            status, sent_n, secs = int(code), int(sent), float(seconds)
+            cmd = shlex.join(argv)
+        else:
+            t0 = time.monotonic()
+            target = url if t.via_proxy else "/upload"
+            status, raw = http_post_file(t.port, target, t.host, file, timeout=30)
+            secs = time.monotonic() - t0
+            body, sent_n = raw.decode("ascii", "replace"), size
+            cmd = f"built-in socket client: POST {target} via {LOOPBACK}:{t.port}, {file}"
+    received = int(body) if body.strip().isdigit() else None
+    if status != 200 or sent_n != size or received != size:
+        raise RuntimeError(
+            f"upload: status {status}, sent {sent_n} of {size} bytes, sink received "
+            f"{received if received is not None else repr(body[:80])}"
+        )
+    return {
+        "cmd": cmd,
+        "mbps": size / secs / 1e6 if secs else 0.0,
         "seconds": secs,
         "rss_growth_mib": (sampler.peak - base) / 1024,
     }
@@ -892,6 +1115,9 @@ class Bench:
         self.origin: Child | None = None
         self.origin_kind = ""
         self.origin_port = 0
+        self.sink: Child | None = None
+        self.sink_port = 0
+        self.data = self.tmp / "data"
         self.big_path = f"/{s.big_bytes // MIB}m" if s.big_bytes >= MIB else "/big"
         self.profile_lines: list[str] = []
 
@@ -899,7 +1125,7 @@ class Bench:
 
     def write_files(self) -> Path:
         """The origin's files and the wrk script, in the temp dir."""
-        data = self.tmp / "data"
+        data = self.data
         data.mkdir()
         os.chmod(data, 0o755)
         (data / "100b").write_bytes(SMALL_BODY)
@@ -938,6 +1164,21 @@ class Bench:
         self.wait_ready(self.origin, direct, 15)
         log(f"origin: {self.origin_kind}, pid {self.origin.pid}, {LOOPBACK}:{self.origin_port}")
 
+    def start_sink(self) -> None:
+        """
+        The upload sink (a small threaded Python server): it answers only after the whole
+        body, with its length. nginx's C{return 204} answers at once and discards the body
+        afterwards, so the answer would overtake the body through a proxy.
+        """
+        script = self.tmp / "sink.py"
+        script.write_text(SINK_ORIGIN)
+        self.sink_port = free_port()
+        argv = [sys.executable, str(script), str(self.sink_port)]
+        self.commands["upload sink"] = shlex.join(argv)
+        self.sink = Child("sink", argv, logfile=self.tmp / "sink.log", cwd=self.tmp)
+        self.wait_ready(self.sink, Target("sink", self.sink_port, self.sink_port, False), 15)
+        log(f"upload sink: pid {self.sink.pid}, {LOOPBACK}:{self.sink_port}")
+
     def wait_ready(self, child: Child, t: Target, timeout: float) -> None:
         """Poll a GET of /100b until it answers 200; fail if the child exits first."""
         deadline = time.monotonic() + timeout
@@ -961,17 +1202,20 @@ class Bench:
         """The aproxy command line and environment for one start on C{port}."""
         env = dict(os.environ)
         listen = f"tcp:{port}:interface={LOOPBACK}"
+        connect = ["--connect-ports", str(self.origin_port)]  # the tunnel download's target
         if self.args.aproxy_cmd:
             text = self.args.aproxy_cmd
             argv = shlex.split(text.replace("{port}", str(port)))
             if "{port}" not in text:
                 argv += ["--port", listen]
+            if "--connect-ports" not in text:
+                argv += connect
             return argv, env
         if (CHECKOUT / "aproxy" / "__init__.py").exists():
             env["PYTHONPATH"] = os.pathsep.join(
                 p for p in (str(CHECKOUT), env.get("PYTHONPATH", "")) if p
             )
-        return [sys.executable, "-m", "twisted", "aproxy", "--port", listen], env
+        return [sys.executable, "-m", "twisted", "aproxy", "--port", listen, *connect], env
 
     @contextlib.contextmanager
     def aproxy(self, phase: str) -> Iterator[tuple[Child, Target]]:
@@ -1068,18 +1312,19 @@ class Bench:
         if time.monotonic() - t0 > 1:
             self.problems.append(f"after {after}: probe took {time.monotonic() - t0:.1f} s")
 
-    def downloads(self, who: str, t: Target, pid: int) -> dict[str, Any]:
-        """Median MB/s over C{s.downloads} transfers of the large file."""
-        runs = [
-            download(t, self.big_path, self.s.big_bytes, pid, self.args)
-            for _ in range(self.s.downloads)
-        ]
+    def transfers(self, one: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Median MB/s over C{s.downloads} large transfers (downloads or uploads)."""
+        runs = [one() for _ in range(self.s.downloads)]
         return {
             "cmd": runs[0]["cmd"],
             "mbps": statistics.median(r["mbps"] for r in runs),
             "runs_mbps": [round(r["mbps"], 1) for r in runs],
             "rss_growth_mib": max(r["rss_growth_mib"] for r in runs),
         }
+
+    def upload_file(self) -> Path:
+        """The file POSTed by the upload scenario: the origin's large file."""
+        return self.data / self.big_path.lstrip("/")
 
     def run_direct(self) -> None:
         """Every scenario against the origin itself (memory and CPU are the origin's)."""
@@ -1091,7 +1336,16 @@ class Bench:
         self.scenario("direct", "slow_reader", lambda: slow_reader(t, self.big_path, pid, s))
         self.scenario("direct", "ka", lambda: load(t, "/100b", False, pid, s, a, self.tmp))
         self.scenario("direct", "close", lambda: load(t, "/100b", True, pid, s, a, self.tmp))
-        self.scenario("direct", "download", lambda: self.downloads("direct", t, pid))
+        big, size = self.big_path, s.big_bytes
+        self.scenario(
+            "direct", "download", lambda: self.transfers(lambda: download(t, big, size, pid, a))
+        )
+        if self.sink is not None:
+            sink, f = self.sink.pid, self.upload_file()
+            up = Target("direct", self.sink_port, self.sink_port, False)
+            self.scenario(
+                "direct", "upload", lambda: self.transfers(lambda: upload(up, f, size, sink, a))
+            )
 
     def run_aproxy(self) -> None:
         """Every scenario through aproxy, a fresh process for each of three phases."""
@@ -1117,8 +1371,26 @@ class Bench:
                 self.profile(child, t)
             self.scenario("aproxy", "close", lambda: load(t, "/100b", True, pid, s, a, self.tmp, o))
             self.probe(child, t, "the Connection: close load")
-            self.scenario("aproxy", "download", lambda: self.downloads("aproxy", t, pid))
+            big, size = self.big_path, s.big_bytes
+            self.scenario(
+                "aproxy",
+                "download",
+                lambda: self.transfers(lambda: download(t, big, size, pid, a)),
+            )
             self.probe(child, t, "the downloads")
+            self.scenario(
+                "aproxy",
+                "tunnel",
+                lambda: self.transfers(lambda: download(t, big, size, pid, a, tunnel=True)),
+            )
+            self.probe(child, t, "the CONNECT tunnel downloads")
+            if self.sink is not None:
+                f = self.upload_file()
+                up = dataclasses.replace(t, origin_port=self.sink_port)
+                self.scenario(
+                    "aproxy", "upload", lambda: self.transfers(lambda: upload(up, f, size, pid, a))
+                )
+                self.probe(child, t, "the uploads")
 
         for phase, body in (("idle", idle), ("slow", slow), ("load", loads)):
             try:
@@ -1204,6 +1476,11 @@ class Bench:
         """Origin, direct scenarios, aproxy scenarios."""
         self.collect_versions()
         self.start_origin()
+        try:
+            self.start_sink()
+        except Exception as e:  # the other scenarios still run
+            self.failures.append(f"upload sink: {e}")
+            log(f"upload sink FAILED: {e}")
         self.run_direct()
         self.run_aproxy()
 
@@ -1296,8 +1573,51 @@ class Bench:
             e_d, e_p = errors(key).split("|")
             rows.append((f"{label}: socket errors / non-2xx", e_d, e_p, "", "0 / 0"))
         runs = f"median of {s.downloads}" if s.downloads > 1 else "1 run"
-        add(f"{big} plain download: MB/s ({runs})", "download", "mbps", ",.0f")
+        fast = ">= 1,000"
+        plain = get(p, "download", "mbps")
+        add(
+            f"{big} plain download: MB/s ({runs})",
+            "download",
+            "mbps",
+            ",.0f",
+            verdict(plain, lambda x: x >= 1000, fast),
+        )
         add(f"{big} plain download: peak RSS growth, MiB", "download", "rss_growth_mib", ".1f")
+        tunnel, direct_dl = get(p, "tunnel", "mbps"), get(d, "download", "mbps")
+        rows.append(
+            (
+                f"{big} download through a CONNECT tunnel: MB/s ({runs}; direct = the direct "
+                "download above)",
+                cell(d, "download", "mbps", ",.0f"),
+                cell(p, "tunnel", "mbps", ",.0f"),
+                f"{tunnel / direct_dl:.2f}x" if tunnel is not None and direct_dl else "-",
+                verdict(tunnel, lambda x: x >= 1000, fast),
+            )
+        )
+        rows.append(
+            (
+                "CONNECT tunnel download: peak RSS growth, MiB",
+                "-",
+                cell(p, "tunnel", "rss_growth_mib", ".1f"),
+                "",
+                "",
+            )
+        )
+        up = get(p, "upload", "mbps")
+        add(
+            f"{big} upload, plain forwarded POST body: MB/s ({runs})",
+            "upload",
+            "mbps",
+            ",.0f",
+            verdict(up, lambda x: x >= 1000, fast),
+        )
+        add(
+            "upload: peak RSS growth, MiB (direct: the upload sink's)",
+            "upload",
+            "rss_growth_mib",
+            ".1f",
+            with_ratio=False,
+        )
         add("RSS at start, MiB", "rss_start_mib", "rss_start_mib", ".1f")
         n = s.idle_conns
         add(f"idle keep-alive connections held (of {n})", "idle", "held", ".0f", f"{n}")
@@ -1339,7 +1659,11 @@ class Bench:
             f"connections, {s.wrk_seconds:g} s per run; CPU from /proc/PID/stat utime+stime "
             "before/after. Idle connections: opened 64 at a time, one keep-alive request each, "
             "RSS (/proc/PID/status VmRSS) before opening vs. while all are held. Slow reader: "
-            "64 KiB SO_RCVBUF, peak RSS during the read minus RSS before. MB/s = 10^6 B/s.",
+            "64 KiB SO_RCVBUF, peak RSS during the read minus RSS before. MB/s = 10^6 B/s. "
+            "CONNECT tunnel: CONNECT to the origin's port, then a GET inside the tunnel "
+            "(curl -p -x); aproxy runs with --connect-ports set to that port. Upload: POST of the "
+            f"{big} file to a Python sink that reads the whole body before answering with its "
+            "byte count (checked); the direct upload goes straight to that sink.",
             "",
             "## Machine and versions",
             "",
@@ -1348,11 +1672,11 @@ class Bench:
         ]
         lines += [f"- {k}: {v}" for k, v in self.versions.items()]
         lines += ["", "## Command lines", ""]
-        for name in ("origin", "aproxy", "profile"):
+        for name in ("origin", "upload sink", "aproxy", "profile"):
             if name in self.commands:
                 lines.append(f"- {name}: `{self.commands[name]}`")
         for who in ("direct", "aproxy"):
-            for key in ("ka", "close", "download"):
+            for key in ("ka", "close", "download", "tunnel", "upload"):
                 v = self.results[who].get(key)
                 if isinstance(v, dict) and "cmd" in v:
                     lines.append(f"- {who} {key}: `{v['cmd']}`")
