@@ -534,13 +534,16 @@ class ProxyProtocol(Protocol):
             return
         upt = self._up.transport  # type: ignore[union-attr]
         if self._req_chunked:
+            out = []
             for piece in pieces:
-                upt.writeSequence(chunk(piece))
+                out += chunk(piece)
             if body.done:
-                upt.write(b"0\r\n" + b"".join(body.trailers) + b"\r\n")
+                out.append(b"0\r\n" + b"".join(body.trailers) + b"\r\n")
+            if out:
+                write_now(upt, b"".join(out))
         else:
             for piece in pieces:
-                upt.write(piece)
+                write_now(upt, piece)
         if body.done:
             self._req_body = None
             if rest:
@@ -870,6 +873,7 @@ class ProxyFactory(Factory):
         self.open_connections = 0
         self.clients_per_ip: dict[str, int] = {}
         self.own_addresses: set[tuple[str, int]] = set()
+        self._allowed: set[tuple[str, int]] = set()
         self.wildcard_ports: set[int] = set()
         self._targets: dict[bytes, Target] = {}
 
@@ -897,6 +901,7 @@ class ProxyFactory(Factory):
         if host in ("0.0.0.0", "::"):
             self.wildcard_ports.add(port)
         self.own_addresses.add((host, port))
+        self._allowed.clear()
 
     def note_local_address(self, address: IAddress) -> None:
         """Remember the local address a client reached this proxy on (a listening one)."""
@@ -904,6 +909,7 @@ class ProxyFactory(Factory):
         port = getattr(address, "port", None)
         if host is not None and port is not None and (host, port) not in self.own_addresses:
             self.own_addresses.add((host, port))
+            self._allowed.discard((host, port))
 
     def is_own(self, host: str, port: int, local_host: str | None = None) -> bool:
         """
@@ -928,9 +934,17 @@ class ProxyFactory(Factory):
 
         @raise Forbidden: If the destination is refused.
         """
+        key = (host, port)
+        if key in self._allowed:
+            return
         self.policy.check_name(host)
         if self.is_own(host, port):
             raise _loop_error()
+        # Name rules and literal addresses always decide the same way: remember the
+        # destinations that passed (bounded), so a busy client pays for the check once.
+        if len(self._allowed) >= _TARGET_CACHE_SIZE:
+            self._allowed.clear()
+        self._allowed.add(key)
 
     def _check_address(self, host: str, address: str) -> None:
         self.policy.check_address(host, address)

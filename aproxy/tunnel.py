@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from aproxy.upstream import UpstreamProtocol
+from aproxy.wire import write_now
 
 __all__ = ["Tunnel"]
 
@@ -80,12 +81,12 @@ class Tunnel:
     def from_client(self, data: bytes) -> None:
         """Relay client bytes to the origin."""
         self.to_origin += len(data)
-        self._origin.write(data)
+        write_now(self._origin, data)
 
     def from_origin(self, data: bytes) -> None:
         """Relay origin bytes to the client."""
         self.to_client += len(data)
-        self._client.write(data)
+        write_now(self._client, data)
 
     def client_eof(self) -> None:
         """The client shut down its write side: shut down ours towards the origin."""
