@@ -5,16 +5,96 @@ every configured endpoint, for any Twisted C{Application} or C{MultiService}.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from aproxy.config import ProxyConfig
 from aproxy.proxy import ProxyFactory
 
-__all__ = ["makeService"]
+__all__ = ["makeService", "public_listeners"]
+
+log = Logger()
+
+
+class _ListeningService(Service):
+    """
+    Listens on one endpoint while running and tells the factory the address it got, so
+    that requests aimed back at the proxy are recognised as loops. A failure to listen
+    is raised from C{privilegedStartService} when the endpoint reports it at once (TCP,
+    UNIX and TLS endpoints do), so a bad port stops the start.
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: ProxyFactory) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port: IListeningPort | None = None
+        self._listening: Deferred[IListeningPort] | None = None
+
+    def privilegedStartService(self) -> None:
+        """Listen; raise the error if listening failed synchronously."""
+        super().privilegedStartService()
+        failures: list[Failure] = []
+        d = self.endpoint.listen(self.factory)
+        d.addCallback(self._listened)
+        d.addErrback(failures.append)
+        if failures:
+            failures[0].raiseException()
+        self._listening = d
+
+    def _listened(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        self.factory.note_listening(port.getHost())
+        return port
+
+    def startService(self) -> None:
+        """Listen now if C{privilegedStartService} was not called (embedders)."""
+        if self._listening is None and self.port is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> Deferred[None] | None:
+        """Stop listening; the Deferred fires once the port is closed."""
+        super().stopService()
+        port, self.port = self.port, None
+        self._listening = None
+        if port is not None:
+            return port.stopListening()
+        return None
+
+
+def public_listeners(config: ProxyConfig) -> list[str]:
+    """
+    The listening descriptions in C{config} reachable from other machines: TCP and TLS
+    endpoints whose interface is not a loopback address (no interface means all).
+    """
+    public = []
+    for description in config.ports:
+        parts = description.replace("\\:", "\x00").split(":")
+        kind = parts[0].lower()
+        if kind == "haproxy":
+            parts = parts[1:]
+            kind = parts[0].lower() if parts else ""
+        if kind not in ("tcp", "tcp6", "ssl"):
+            continue
+        interface = ""
+        for part in parts[1:]:
+            key, sep, value = part.partition("=")
+            if sep and key == "interface":
+                interface = value.replace("\x00", ":")
+        try:
+            loopback = ipaddress.ip_address(interface.strip("[]")).is_loopback
+        except ValueError:
+            loopback = interface == "localhost"
+        if not loopback:
+            public.append(description)
+    return public
 
 
 def makeService(config: ProxyConfig, reactor: Any = None) -> IService:
@@ -36,9 +116,34 @@ def makeService(config: ProxyConfig, reactor: Any = None) -> IService:
     top = MultiService()
     for description in config.ports:
         endpoint = serverFromString(reactor, description)
-        service = StreamServerEndpointService(endpoint, factory)
-        service._raiseSynchronously = True
+        service = _ListeningService(endpoint, factory)
         service.setName(description)
         service.setServiceParent(top)
     top.factory = factory  # type: ignore[attr-defined]
+    _warn_if_exposed(config)
     return top
+
+
+def _warn_if_exposed(config: ProxyConfig) -> None:
+    public = public_listeners(config)
+    if not public:
+        return
+    open_networks = [
+        cidr
+        for cidr in config.allow
+        if not ipaddress.ip_network(cidr, strict=False).is_private
+        or ipaddress.ip_network(cidr, strict=False).prefixlen == 0
+    ]
+    if config.allow == ProxyConfig.allow:
+        log.warn(
+            "listening on {ports} without --allow: only loopback clients are served; "
+            "add --allow NETWORK for the clients that should use this proxy",
+            ports=", ".join(public),
+        )
+    elif open_networks:
+        log.warn(
+            "listening on {ports} and allowing {networks}: this is an open proxy that "
+            "anyone on the internet can use",
+            ports=", ".join(public),
+            networks=", ".join(open_networks),
+        )

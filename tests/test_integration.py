@@ -876,16 +876,7 @@ class IntegrationTests(TestCase):
         self.addCleanup(lambda: service.stopService() if service.running else None)
         self.assertTrue(service.running)
         [child] = list(service)  # type: ignore[call-overload]
-        # The listening port, as StreamServerEndpointService keeps it (a fired Deferred
-        # whose result stopService needs, so observe it without consuming it).
-        ports: list[Any] = []
-
-        def keep(port: Any) -> Any:
-            ports.append(port)
-            return port
-
-        child._waitingForPort.addCallback(keep)
-        [port] = ports
+        port = child.port
         pport = port.getHost().port
         resp = yield deferToThread(exchange_keepalive, pport, get(f"http://127.0.0.1:{oport}/svc"))
         self.assertEqual((resp.status, resp.body), (200, b"origin GET /svc"))

@@ -10,13 +10,15 @@ import tempfile
 from pathlib import Path
 
 from twisted.application.service import IService, IServiceMaker
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import EventLoggingObserver, MemoryReactor
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy import ProxyConfig, makeService
 from aproxy.config import listen_description
+from aproxy.service import public_listeners
 from aproxy.tap import Options
 from aproxy.tap import makeService as tap_make_service
 
@@ -190,6 +192,49 @@ class ServiceTests(SynchronousTestCase):
             [(p[0], p[3]) for p in reactor.tcpServers], [(8111, "127.0.0.1"), (8112, "127.0.0.1")]
         )
         self.assertIs(reactor.tcpServers[0][1], reactor.tcpServers[1][1])
+
+    def test_listening_addresses_noted_for_loop_checks(self) -> None:
+        """The factory learns each address it listens on (for loop detection)."""
+        reactor = MemoryReactor()
+        service = makeService(ProxyConfig(ports=("tcp:8111:interface=127.0.0.1",)), reactor)
+        service.privilegedStartService()
+        factory = service.factory  # type: ignore[attr-defined]
+        self.assertEqual(len(factory.own_addresses), 1)
+
+    def test_public_listeners(self) -> None:
+        """Descriptions reachable from other machines are told apart from loopback ones."""
+        config = ProxyConfig(
+            ports=(
+                "tcp:1:interface=127.0.0.1",
+                "tcp:2",
+                "tcp:3:interface=0.0.0.0",
+                "tcp6:4:interface=\\:\\:1",
+                "unix:/tmp/aproxy.sock",
+                "tcp6:5:interface=\\:\\:",
+            )
+        )
+        self.assertEqual(
+            public_listeners(config),
+            ["tcp:2", "tcp:3:interface=0.0.0.0", "tcp6:5:interface=\\:\\:"],
+        )
+
+    def test_warns_when_listening_publicly(self) -> None:
+        """Listening beyond loopback without --allow logs a warning at start."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        makeService(ProxyConfig(ports=("tcp:0",)), MemoryReactor())
+        self.assertTrue(any("without --allow" in e.get("log_format", "") for e in events))
+
+    def test_warns_about_open_proxy(self) -> None:
+        """Allowing every address on a public listener is called an open proxy."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        makeService(ProxyConfig(ports=("tcp:0",), allow=("0.0.0.0/0",)), MemoryReactor())
+        self.assertTrue(any("open proxy" in e.get("log_format", "") for e in events))
+
+    def test_no_warning_on_loopback(self) -> None:
+        """The default loopback listener logs no exposure warning."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        makeService(ProxyConfig(ports=("tcp:0:interface=127.0.0.1",)), MemoryReactor())
+        self.assertFalse(any(e.get("log_level") == LogLevel.warn for e in events))
 
     def test_tap_reports_port_in_use_in_one_line(self) -> None:
         """A port that can't be bound ends the start with one line and exit status 1."""
