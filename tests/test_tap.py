@@ -8,9 +8,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from twisted.application.service import IService, IServiceMaker
-from twisted.internet.testing import EventLoggingObserver, MemoryReactor
+from twisted.internet.testing import MemoryReactor
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.plugin import getPlugins
 from twisted.python import usage
@@ -21,6 +22,14 @@ from aproxy.config import listen_description
 from aproxy.service import public_listeners
 from aproxy.tap import Options
 from aproxy.tap import makeService as tap_make_service
+
+
+def capture_logs(test: SynchronousTestCase) -> list[Any]:
+    """Collect the log events emitted during C{test}."""
+    events: list[Any] = []
+    globalLogPublisher.addObserver(events.append)
+    test.addCleanup(globalLogPublisher.removeObserver, events.append)
+    return events
 
 
 def parse(*args: str) -> Options:
@@ -220,19 +229,19 @@ class ServiceTests(SynchronousTestCase):
 
     def test_warns_when_listening_publicly(self) -> None:
         """Listening beyond loopback without --allow logs a warning at start."""
-        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        events = capture_logs(self)
         makeService(ProxyConfig(ports=("tcp:0",)), MemoryReactor())
         self.assertTrue(any("without --allow" in e.get("log_format", "") for e in events))
 
     def test_warns_about_open_proxy(self) -> None:
         """Allowing every address on a public listener is called an open proxy."""
-        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        events = capture_logs(self)
         makeService(ProxyConfig(ports=("tcp:0",), allow=("0.0.0.0/0",)), MemoryReactor())
         self.assertTrue(any("open proxy" in e.get("log_format", "") for e in events))
 
     def test_no_warning_on_loopback(self) -> None:
         """The default loopback listener logs no exposure warning."""
-        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        events = capture_logs(self)
         makeService(ProxyConfig(ports=("tcp:0:interface=127.0.0.1",)), MemoryReactor())
         self.assertFalse(any(e.get("log_level") == LogLevel.warn for e in events))
 
