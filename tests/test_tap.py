@@ -8,11 +8,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import IService, IServiceMaker
 from twisted.internet.testing import MemoryReactor
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -27,8 +27,9 @@ from aproxy.tap import makeService as tap_make_service
 def capture_logs(test: SynchronousTestCase) -> list[Any]:
     """Collect the log events emitted during C{test}."""
     events: list[Any] = []
-    globalLogPublisher.addObserver(events.append)
-    test.addCleanup(globalLogPublisher.removeObserver, events.append)
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    test.addCleanup(globalLogPublisher.removeObserver, observer)
     return events
 
 
