@@ -93,6 +93,9 @@ class ProxyConfig:
         C{"keep"} them as they came.
     @ivar max_connections: Client connections served at once; more get 503.
     @ivar max_clients_per_ip: Client connections from one address at once; more get 503.
+    @ivar auth_file: An Apache htpasswd file; when set, every request (CONNECT included)
+        needs valid C{Proxy-Authorization: Basic} credentials, or gets 407.
+    @ivar auth_realm: The realm named in the C{Proxy-Authenticate} challenge.
     """
 
     ports: tuple[str, ...] = (DEFAULT_PORT,)
@@ -114,6 +117,8 @@ class ProxyConfig:
     x_forwarded_for: str = "keep"
     max_connections: int = 4096
     max_clients_per_ip: int = 256
+    auth_file: str | None = None
+    auth_realm: str = "aproxy"
 
     def __post_init__(self) -> None:
         """Validate every field so that a bad value fails at start, not per request."""
@@ -151,6 +156,8 @@ class ProxyConfig:
                     parse_host_pattern(pattern)
                 except ValueError as e:
                     raise ValueError(f"{option}: {e}") from None
+        if not self.auth_realm or any(c in self.auth_realm for c in "\r\n\x00\x7f"):
+            raise ValueError("auth-realm must be non-empty text without control characters")
         if self.x_forwarded_for not in ("add", "strip", "keep"):
             raise ValueError("x-forwarded-for must be add, strip or keep")
         for name in ("max_connections", "max_clients_per_ip"):

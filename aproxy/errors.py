@@ -14,6 +14,7 @@ __all__ = [
     "GatewayTimeout",
     "HeaderTooLarge",
     "NotImplementedByProxy",
+    "ProxyAuthRequired",
     "ProxyError",
     "RequestTimeout",
     "ServiceUnavailable",
@@ -66,6 +67,12 @@ class RequestTimeout(ProxyError):
     """A request head the client did not finish within the header timeout (408)."""
 
     status = 408
+
+
+class ProxyAuthRequired(ProxyError):
+    """Missing or wrong proxy credentials (407, with a C{Proxy-Authenticate} challenge)."""
+
+    status = 407
 
 
 class URITooLong(ProxyError):

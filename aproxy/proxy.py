@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from aproxy.auth import HtpasswdAuthenticator, IAuthenticator, basic_challenge
 from aproxy.body import ChunkedDecoder, LengthDecoder, UntilCloseDecoder, chunk
 from aproxy.config import ProxyConfig
 from aproxy.errors import (
@@ -35,6 +36,7 @@ from aproxy.errors import (
     Forbidden,
     GatewayTimeout,
     NotImplementedByProxy,
+    ProxyAuthRequired,
     ProxyError,
     RequestTimeout,
     ServiceUnavailable,
@@ -137,6 +139,7 @@ class ProxyProtocol(Protocol):
         self._eof = False
         self._counted = False
         self._client_ip: str | None = None
+        self.user: str | None = None
         self._tunnel: Tunnel | None = None
         self._reset_request()
 
@@ -346,6 +349,37 @@ class ProxyProtocol(Protocol):
 
     def _start_request(self, head: RequestHead, rest: bytes) -> None:
         self._req = head
+        auth = self.factory.authenticator
+        if auth is not None:
+            values = head.noted.get(b"proxy-authorization")
+            credentials = values[0] if values is not None and len(values) == 1 else None
+            self._state = _CONNECTING
+            self._pending = rest
+            self._pause(_DIAL)
+            d = auth.authenticate(credentials)
+            d.addCallback(self._authenticated, head)
+            d.addErrback(self._auth_failed)
+            return
+        self._authorized_request(head, rest)
+
+    def _authenticated(self, user: str | None, head: RequestHead) -> None:
+        if self._state != _CONNECTING or self._req is not head:
+            return
+        self._unpause(_DIAL)
+        rest, self._pending = self._pending, b""
+        try:
+            if user is None:
+                raise ProxyAuthRequired("proxy authentication required")
+            self.user = user
+            self._authorized_request(head, rest)
+        except ProxyError as e:
+            self._fail(e)
+
+    def _auth_failed(self, failure: Failure) -> None:
+        self.log.failure("checking proxy credentials failed", failure)
+        self._fail(ProxyAuthRequired("proxy authentication failed"))
+
+    def _authorized_request(self, head: RequestHead, rest: bytes) -> None:
         factory = self.factory
         if b"via" in head.noted and factory.via_marker in b" ".join(head.noted[b"via"]):
             raise Forbidden(
@@ -783,7 +817,14 @@ class ProxyProtocol(Protocol):
         if self._resp_started:
             self._truncate(err)
             return
-        lines = error_response(err, self.factory.name)
+        extra = b""
+        if isinstance(err, ProxyAuthRequired) and self.factory.authenticator is not None:
+            extra = (
+                b"Proxy-Authenticate: "
+                + basic_challenge(self.factory.authenticator.realm)
+                + b"\r\n"
+            )
+        lines = error_response(err, self.factory.name, extra)
         self.transport.writeSequence(lines)
         self._close()
 
@@ -827,6 +868,8 @@ class ProxyFactory(Factory):
         default); tests pass a fake.
     @param policy: Who may use the proxy and where they may go (an L{AccessPolicy} built
         from C{config} by default).
+    @param authenticator: Checks C{Proxy-Authorization} (an L{HtpasswdAuthenticator} on
+        C{config.auth_file} by default, none without one).
     """
 
     protocol = ProxyProtocol
@@ -838,6 +881,7 @@ class ProxyFactory(Factory):
         reactor: Any = None,
         connector: IUpstreamConnector | None = None,
         policy: IPolicy | None = None,
+        authenticator: IAuthenticator | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -852,6 +896,9 @@ class ProxyFactory(Factory):
                 config.allow, config.deny_hosts, config.allow_hosts, config.block_private
             )
         )
+        if authenticator is None and config.auth_file is not None:
+            authenticator = HtpasswdAuthenticator(config.auth_file, config.auth_realm, reactor)
+        self.authenticator = authenticator
         self.connector: IUpstreamConnector = (
             connector
             if connector is not None

@@ -12,8 +12,10 @@ from typing import Any
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import Clock
 from twisted.python import usage
 
+from aproxy.auth import HtpasswdAuthenticator
 from aproxy.config import DEFAULT_PORT, ProxyConfig, listen_description, parse_port_list
 from aproxy.service import makeService as _makeService
 
@@ -82,6 +84,15 @@ class Options(usage.Options):
             "add (append the client address), strip (remove incoming ones) or keep.",
         ],
         ["max-connections", None, 4096, "Client connections served at once; more get 503."],
+        [
+            "auth",
+            None,
+            None,
+            "An Apache htpasswd file (bcrypt, $apr1$, {SHA}, $5$, $6$ entries): every "
+            "request then needs Proxy-Authorization: Basic credentials, or gets 407. "
+            "Re-read when it changes.",
+        ],
+        ["auth-realm", None, "aproxy", "The realm named in the 407 challenge."],
         [
             "max-clients-per-ip",
             None,
@@ -162,9 +173,17 @@ class Options(usage.Options):
                 x_forwarded_for=self["x-forwarded-for"],
                 max_connections=_number(self, "max-connections", int),
                 max_clients_per_ip=_number(self, "max-clients-per-ip", int),
+                auth_file=self["auth"],
+                auth_realm=self["auth-realm"],
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+        if self["auth"] is not None:
+            try:
+                # Load it now so that a bad file is one line at start, not a traceback.
+                HtpasswdAuthenticator(self["auth"], self["auth-realm"], clock=Clock())
+            except ValueError as e:
+                raise usage.UsageError(f"--auth {e}") from None
 
 
 def _number(options: Options, name: str, kind: type[int] | type[float]) -> Any:

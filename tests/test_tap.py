@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -143,6 +144,20 @@ class OptionsTests(SynchronousTestCase):
                 parse(*args)
             self.assertIn(expected, str(caught.exception))
             self.assertNotIn("\n", str(caught.exception))
+
+    def test_bad_auth_file_is_one_line(self) -> None:
+        """An htpasswd line in an unsupported format fails the start naming file and line."""
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        path = Path(tmp) / "htpasswd"
+        path.write_text("erin:{SHA}ItvNMFPtjBMaa6UFiWT3tF4qy1Y=\nbob:plaintext\n")
+        with self.assertRaises(usage.UsageError) as caught:
+            parse("--auth", str(path))
+        message = str(caught.exception)
+        self.assertIn(f"{path}:2", message)
+        self.assertNotIn("\n", message)
+        with self.assertRaises(usage.UsageError):
+            parse("--auth", str(Path(tmp) / "missing"))
 
     def test_help_documents_every_option(self) -> None:
         """--help text names every option."""

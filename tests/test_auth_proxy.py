@@ -1,0 +1,185 @@
+"""Proxy authentication end to end: 407 challenges, credentials checked, never forwarded."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import socket
+import tempfile
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from aproxy.auth import IAuthenticator
+from aproxy.config import ProxyConfig
+from aproxy.proxy import ProxyFactory
+from tests.test_auth import APR1, BCRYPT_2Y, SHA1, SHA256, SHA512
+from tests.test_proxy import GET_A, OK_5, ProxyTestCase
+
+
+def basic(user: str, password: str) -> bytes:
+    """A Proxy-Authorization value for C{user} and C{password}."""
+    return b"Basic " + base64.b64encode(f"{user}:{password}".encode())
+
+
+@implementer(IAuthenticator)
+class FakeAuthenticator:
+    """Knows one credential; can hold its answer back to test the asynchronous path."""
+
+    realm = "test realm"
+
+    def __init__(self, hold: bool = False) -> None:
+        self.hold = hold
+        self.pending: list[tuple[Deferred[str | None], bytes | None]] = []
+
+    def authenticate(self, credentials: bytes | None) -> Deferred[str | None]:
+        """Accept C{basic("u", "p")} only."""
+        user = "u" if credentials == basic("u", "p") else None
+        if not self.hold:
+            return succeed(user)
+        d: Deferred[str | None] = Deferred()
+        self.pending.append((d, credentials))
+        return d
+
+
+def with_auth(request: bytes, credentials: bytes) -> bytes:
+    """Insert a Proxy-Authorization field into C{request}."""
+    line, rest = request.split(b"\r\n", 1)
+    return line + b"\r\nProxy-Authorization: " + credentials + b"\r\n" + rest
+
+
+class AuthProtocolTests(ProxyTestCase):
+    """ProxyProtocol asks the authenticator before doing anything with a request."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.auth = FakeAuthenticator()
+        self.factory.authenticator = self.auth
+
+    def test_missing_credentials_get_407(self) -> None:
+        """A request without credentials gets 407 with a challenge, and nothing is dialed."""
+        self.proto.dataReceived(GET_A)
+        value = self.client.value()
+        self.assertTrue(value.startswith(b"HTTP/1.1 407 Proxy Authentication Required\r\n"))
+        self.assertIn(b'Proxy-Authenticate: Basic realm="test realm"', value)
+        self.assertEqual(self.connector.attempts, [])
+        self.assertTrue(self.client.disconnecting)
+
+    def test_wrong_or_malformed_credentials_get_407(self) -> None:
+        """Wrong, malformed or repeated credentials all get 407, never a 500."""
+        for credentials in (basic("u", "x"), b"Basic !!!", b"Bearer abc", b""):
+            client, proto = self.connect_client()
+            proto.dataReceived(with_auth(GET_A, credentials))
+            self.assertTrue(client.value().startswith(b"HTTP/1.1 407 "), credentials)
+        client, proto = self.connect_client()
+        twice = with_auth(with_auth(GET_A, basic("u", "p")), basic("u", "p"))
+        proto.dataReceived(twice)
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 407 "))
+
+    def test_valid_credentials_forwarded_without_them(self) -> None:
+        """Valid credentials let the request through, and they never reach the origin."""
+        attempt, upstream = self.forward(with_auth(GET_A, basic("u", "p")))
+        self.assertNotIn(b"Proxy-Authorization", upstream.value())
+        attempt.respond(OK_5)
+        self.assertTrue(self.client.value().endswith(b"hello"))
+        self.assertEqual(self.proto.user, "u")
+
+    def test_connect_needs_credentials(self) -> None:
+        """CONNECT is authenticated like any request."""
+        self.proto.dataReceived(b"CONNECT example.com:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 407 "))
+        client, proto = self.connect_client()
+        proto.dataReceived(
+            with_auth(b"CONNECT example.com:443 HTTP/1.1\r\nHost: x\r\n\r\n", basic("u", "p"))
+        )
+        self.assertEqual(len(self.connector.attempts), 1)
+
+    def test_slow_check_pauses_client_and_holds_bytes(self) -> None:
+        """While credentials are checked off-thread the client is paused and its bytes held."""
+        self.auth.hold = True
+        self.proto.dataReceived(with_auth(GET_A, basic("u", "p")))
+        self.assertEqual(self.client.producerState, "paused")
+        self.proto.dataReceived(GET_A)
+        self.assertEqual(self.connector.attempts, [])
+        [(d, _)] = self.auth.pending
+        d.callback("u")
+        attempt = self.connector.attempts[0]
+        attempt.succeed()
+        self.assertEqual(self.client.producerState, "producing")
+        attempt.respond(OK_5)
+        # The held pipelined request is read next; it has no credentials.
+        [_, (d2, credentials)] = self.auth.pending
+        self.assertIsNone(credentials)
+
+    def test_client_gone_during_check(self) -> None:
+        """A client that leaves while its credentials are checked is simply forgotten."""
+        self.auth.hold = True
+        self.proto.dataReceived(with_auth(GET_A, basic("u", "p")))
+        self.proto.connectionLost()
+        [(d, _)] = self.auth.pending
+        d.callback("u")
+        self.assertEqual(self.connector.attempts, [])
+
+
+class _Origin(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")  # type: ignore[union-attr]
+
+
+def fetch(proxy_port: int, origin_port: int, credentials: bytes | None) -> bytes:
+    """Send one GET through the proxy with optional credentials; return the status line."""
+    auth = b"Proxy-Authorization: " + credentials + b"\r\n" if credentials else b""
+    with socket.create_connection(("127.0.0.1", proxy_port), timeout=20) as sock:
+        sock.sendall(
+            b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: x\r\n%bConnection: close\r\n\r\n"
+            % (origin_port, auth)
+        )
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+class AuthIntegrationTests(TestCase):
+    """A real proxy with a real htpasswd file, one user per hash format."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_each_hash_format_end_to_end(self) -> Generator[Any, Any, None]:
+        """Every supported format admits its user with the right password only."""
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        path = Path(tmp) / "htpasswd"
+        users = {
+            "alice": ("alice-secret", BCRYPT_2Y),
+            "carol": ("carol pässword", APR1),
+            "erin": ("erin-secret", SHA1),
+            "frank": ("frank-secret", SHA256),
+            "grace": ("grace-secret", SHA512),
+        }
+        path.write_text("".join(f"{u}:{h}\n" for u, (_, h) in users.items()))
+        origin = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+            Factory.forProtocol(_Origin)
+        )
+        self.addCleanup(origin.stopListening)
+        factory = ProxyFactory(ProxyConfig(auth_file=str(path)), reactor)
+        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        self.addCleanup(factory.pool.close)
+        pport, oport = port.getHost().port, origin.getHost().port
+        for user, (password, _) in users.items():
+            ok = yield deferToThread(fetch, pport, oport, basic(user, password))
+            self.assertEqual(ok, b"HTTP/1.1 200 OK", user)
+            bad = yield deferToThread(fetch, pport, oport, basic(user, password + "x"))
+            self.assertEqual(bad, b"HTTP/1.1 407 Proxy Authentication Required", user)
+        none = yield deferToThread(fetch, pport, oport, None)
+        self.assertEqual(none, b"HTTP/1.1 407 Proxy Authentication Required")
