@@ -6,7 +6,7 @@ to embed with L{makeService} or L{ProxyFactory}.
 from __future__ import annotations
 
 from aproxy.config import ProxyConfig
-from aproxy.proxy import ProxyFactory
+from aproxy.factory import ProxyFactory
 from aproxy.service import makeService
 
 __all__ = ["ProxyConfig", "ProxyFactory", "__version__", "makeService"]

@@ -9,27 +9,31 @@ writer. Every L{ProxyError} becomes a response in one place, L{ProxyProtocol._fa
 
 from __future__ import annotations
 
-import ipaddress
-import secrets
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import (
     IAddress,
-    IDelayedCall,
     IHalfCloseableProtocol,
-    IPushProducer,
-    IReactorTime,
 )
-from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from aproxy.auth import HtpasswdAuthenticator, IAuthenticator, basic_challenge
+from aproxy.auth import basic_challenge
 from aproxy.body import ChunkedDecoder, LengthDecoder, UntilCloseDecoder, chunk
-from aproxy.config import ProxyConfig
+from aproxy.connection import (
+    _CONNECT,
+    _DIAL,
+    _HEAD,
+    _HOLD,
+    _IDLE,
+    _READ,
+    _UPSTREAM,
+    ClientConnection,
+    _ClientPauser,
+)
 from aproxy.errors import (
     BadGateway,
     BadRequest,
@@ -39,7 +43,6 @@ from aproxy.errors import (
     ProxyAuthRequired,
     ProxyError,
     RequestTimeout,
-    ServiceUnavailable,
 )
 from aproxy.http1 import (
     BODY_CHUNKED,
@@ -51,7 +54,6 @@ from aproxy.http1 import (
     ResponseHead,
     Target,
     framing_fields,
-    parse_absolute_target,
     parse_authority,
     parse_request_head,
     parse_response_head,
@@ -59,59 +61,27 @@ from aproxy.http1 import (
     serialize_request_head,
     serialize_response_head,
 )
-from aproxy.policy import AccessPolicy, IPolicy
 from aproxy.responses import connect_error, error_response, local_answer
 from aproxy.tunnel import Tunnel
 from aproxy.upstream import (
-    EndpointConnector,
-    IUpstreamConnector,
-    UpstreamFactory,
-    UpstreamPool,
     UpstreamProtocol,
 )
 from aproxy.wire import write_now
 
-__all__ = ["ProxyFactory", "ProxyProtocol"]
+if TYPE_CHECKING:
+    from aproxy.factory import ProxyFactory
+
+__all__ = ["ProxyProtocol", "loop_error"]
 
 # Connection states.
 _READING, _CONNECTING, _FORWARDING, _TUNNEL, _CLOSING = range(5)
-# What the single per-connection timer is waiting for.
-_NO_DEADLINE, _HEAD, _IDLE, _CONNECT, _READ = range(5)
-# How many parsed request targets the factory remembers.
-_TARGET_CACHE_SIZE = 1024
-# Why the client transport is paused: bits, so each reason is withdrawn on its own.
-_DIAL, _HOLD, _UPSTREAM = 1, 2, 4
 # Bytes of pipelined requests held while one is in flight before the client is paused.
 _HOLD_LIMIT = 65536
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
-@implementer(IPushProducer)
-class _ClientPauser:
-    """
-    Registered as the producer of an upstream transport: when the origin can't take more
-    request body, the client transport is paused (one reason among several).
-    """
-
-    __slots__ = ("_proto",)
-
-    def __init__(self, proto: ProxyProtocol) -> None:
-        self._proto = proto
-
-    def pauseProducing(self) -> None:
-        """The upstream send buffer is full: stop reading from the client."""
-        self._proto._pause(_UPSTREAM)
-
-    def resumeProducing(self) -> None:
-        """The upstream send buffer drained: read from the client again."""
-        self._proto._unpause(_UPSTREAM)
-
-    def stopProducing(self) -> None:
-        """The upstream connection ended; L{ProxyProtocol} handles that itself."""
-
-
 @implementer(IHalfCloseableProtocol)
-class ProxyProtocol(Protocol):
+class ProxyProtocol(ClientConnection):
     """
     One client connection: parses its requests, forwards each to its own origin in turn
     and relays the responses in order.
@@ -121,24 +91,15 @@ class ProxyProtocol(Protocol):
     transport: Any
 
     def __init__(self, factory: ProxyFactory, addr: IAddress | None = None) -> None:
-        self.factory = factory
-        self.config = config = factory.config
-        self.clock = factory.clock
-        self.client_address = addr
+        super().__init__(factory, addr)
+        config = self.config
         self._via = factory.via
         self._reader = HeadReader(config.max_head_size, config.max_request_line)
         self._state = _READING
         self._pending = b""
-        self._paused = 0
-        self._pauser: _ClientPauser | None = None
-        self._timer: IDelayedCall | None = None
-        self._deadline = 0.0
-        self._deadline_kind = _NO_DEADLINE
         self._draining = False
         self._linked = False
         self._eof = False
-        self._counted = False
-        self._client_ip: str | None = None
         self.user: str | None = None
         self._tunnel: Tunnel | None = None
         self._reset_request()
@@ -170,28 +131,7 @@ class ProxyProtocol(Protocol):
         Admit the client (allowed network, connection limits) and start the header
         timer: a new client must send a request head promptly.
         """
-        factory = self.factory
-        factory.open_connections += 1
-        self._client_ip = client_ip = getattr(self.transport.getPeer(), "host", None)
-        factory.note_local_address(self.transport.getHost())
-        refusal: ProxyError | None = None
-        if client_ip is not None:
-            if not factory.policy.client_allowed(client_ip):
-                self.log.info("client {client} refused: not in --allow", client=client_ip)
-                refusal = Forbidden(
-                    "this proxy does not serve your address (see the --allow option)",
-                    "http_request_denied",
-                )
-            else:
-                count = factory.clients_per_ip.get(client_ip, 0) + 1
-                factory.clients_per_ip[client_ip] = count
-                self._counted = True
-                if count > self.config.max_clients_per_ip:
-                    refusal = ServiceUnavailable(
-                        "too many connections from your address", "connection_limit_reached"
-                    )
-        if refusal is None and factory.open_connections > self.config.max_connections:
-            refusal = ServiceUnavailable("too many connections", "connection_limit_reached")
+        refusal = self._admit()
         if refusal is not None:
             self._fail(refusal)
             return
@@ -227,16 +167,7 @@ class ProxyProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ierror.ConnectionDone())) -> None:  # noqa: B008
         """Stop everything this connection started: timer, dial, upstream connection."""
-        factory = self.factory
-        factory.open_connections -= 1
-        if self._counted:
-            self._counted = False
-            ip = self._client_ip
-            left = factory.clients_per_ip[ip] - 1
-            if left:
-                factory.clients_per_ip[ip] = left
-            else:
-                del factory.clients_per_ip[ip]
+        self._release_slot()
         if self._tunnel is not None:
             self._tunnel.client_lost()
         self._state = _CLOSING
@@ -252,6 +183,9 @@ class ProxyProtocol(Protocol):
 
     # -- flow control -----------------------------------------------------------------
 
+    def _is_closing(self) -> bool:
+        return self._state == _CLOSING
+
     def _detach(self) -> UpstreamProtocol | None:
         """Unlink the upstream connection in flight from the client, and return it."""
         up = self._up
@@ -263,50 +197,8 @@ class ProxyProtocol(Protocol):
                 up.transport.unregisterProducer()
         return up
 
-    def _pause(self, reason: int) -> None:
-        """Stop reading from the client for C{reason} (one of several bits)."""
-        if not self._paused:
-            self.transport.pauseProducing()
-        self._paused |= reason
-
-    def _unpause(self, reason: int) -> None:
-        """Withdraw C{reason}; reading resumes once no reason is left."""
-        paused = self._paused
-        if paused & reason:
-            self._paused = paused = paused & ~reason
-            if not paused and self._state != _CLOSING:
-                self.transport.resumeProducing()
-
-    # -- timers -----------------------------------------------------------------------
-
-    def _set_deadline(self, kind: int, timeout: float) -> None:
-        self._deadline_kind = kind
-        self._deadline = self.clock.seconds() + timeout
-        timer = self._timer
-        if timer is None:
-            self._timer = self.clock.callLater(timeout, self._on_deadline)
-        elif timer.getTime() > self._deadline:
-            timer.reset(timeout)
-
-    def _cancel_timer(self) -> None:
-        self._deadline_kind = _NO_DEADLINE
-        timer = self._timer
-        if timer is not None:
-            self._timer = None
-            if timer.active():
-                timer.cancel()
-
-    def _on_deadline(self) -> None:
-        self._timer = None
-        kind = self._deadline_kind
-        if kind == _NO_DEADLINE or self._state == _CLOSING:
-            return
-        remaining = self._deadline - self.clock.seconds()
-        if remaining > 0:
-            # The deadline moved later since the call was scheduled (activity): sleep on.
-            self._timer = self.clock.callLater(remaining, self._on_deadline)
-            return
-        self._deadline_kind = _NO_DEADLINE
+    def _deadline_passed(self, kind: int) -> None:
+        """The timer ran out while waiting for C{kind}: close or answer accordingly."""
         if kind == _IDLE or (kind == _HEAD and not self._reader.pending):
             self._close()
         elif kind == _HEAD:
@@ -503,7 +395,7 @@ class ProxyProtocol(Protocol):
         ):
             # The name led back to this proxy: a request loop.
             up.transport.abortConnection()
-            self._fail(_loop_error())
+            self._fail(loop_error())
             return
         self._unpause(_DIAL)
         self._attach(up, False)
@@ -845,7 +737,8 @@ class ProxyProtocol(Protocol):
         self.transport.loseConnection()
 
 
-def _loop_error() -> Forbidden:
+def loop_error() -> Forbidden:
+    """The 403 for a request that would reach this proxy again."""
     return Forbidden("request loop: the destination is this proxy", "proxy_loop_detected")
 
 
@@ -857,149 +750,10 @@ def _drop(data: bytes) -> None:
     """Bytes from an upstream connection nobody reads any more."""
 
 
-class ProxyFactory(Factory):
-    """
-    Builds a L{ProxyProtocol} per client connection and holds what they share: the
-    configuration, the clock, the upstream connector and the connection pool.
+def __getattr__(name: str) -> Any:
+    """Keep C{aproxy.proxy.ProxyFactory} working: the factory now lives in its own module."""
+    if name == "ProxyFactory":
+        from aproxy.factory import ProxyFactory
 
-    @param config: The validated configuration.
-    @param reactor: The reactor for timers and connections (the global one by default).
-    @param connector: How to reach origins (an L{EndpointConnector} on C{reactor} by
-        default); tests pass a fake.
-    @param policy: Who may use the proxy and where they may go (an L{AccessPolicy} built
-        from C{config} by default).
-    @param authenticator: Checks C{Proxy-Authorization} (an L{HtpasswdAuthenticator} on
-        C{config.auth_file} by default, none without one).
-    """
-
-    protocol = ProxyProtocol
-    noisy = False
-
-    def __init__(
-        self,
-        config: ProxyConfig | None = None,
-        reactor: Any = None,
-        connector: IUpstreamConnector | None = None,
-        policy: IPolicy | None = None,
-        authenticator: IAuthenticator | None = None,
-    ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
-        self.config = config = config if config is not None else ProxyConfig()
-        self.clock: IReactorTime = reactor
-        self.policy: IPolicy = (
-            policy
-            if policy is not None
-            else AccessPolicy(
-                config.allow, config.deny_hosts, config.allow_hosts, config.block_private
-            )
-        )
-        if authenticator is None and config.auth_file is not None:
-            authenticator = HtpasswdAuthenticator(config.auth_file, config.auth_realm, reactor)
-        self.authenticator = authenticator
-        self.connector: IUpstreamConnector = (
-            connector
-            if connector is not None
-            else EndpointConnector(
-                reactor,
-                config.connect_timeout,
-                self._check_address if self.policy.needs_address_check() else None,
-            )
-        )
-        self.upstream_factory = UpstreamFactory(config.max_head_size)
-        self.pool = UpstreamPool(reactor, max(config.pool_size, 1), config.pool_idle_timeout)
-        # A random marker in this instance's Via comment: a request that comes back
-        # carrying it has looped, while another aproxy instance has a marker of its own.
-        self.via_marker = b"aproxy-" + secrets.token_hex(8).encode("ascii")
-        self.via: bytes | None = (
-            config.via.encode("ascii") + b" (" + self.via_marker + b")" if config.via else None
-        )
-        self.name = (config.via or "aproxy").encode("ascii")
-        self.open_connections = 0
-        self.clients_per_ip: dict[str, int] = {}
-        self.own_addresses: set[tuple[str, int]] = set()
-        self._allowed: set[tuple[str, int]] = set()
-        self.wildcard_ports: set[int] = set()
-        self._targets: dict[bytes, Target] = {}
-
-    def parse_target(self, raw: bytes, method: bytes) -> Target:
-        """
-        L{parse_absolute_target}, remembering recent results: clients ask for the same
-        targets again and again, and a L{Target} never changes.
-        """
-        cache = self._targets
-        target = cache.get(raw)
-        if target is None or method == b"OPTIONS":
-            target = parse_absolute_target(raw, method)
-            if method != b"OPTIONS":
-                if len(cache) >= _TARGET_CACHE_SIZE:
-                    cache.clear()
-                cache[raw] = target
-        return target
-
-    def note_listening(self, address: IAddress) -> None:
-        """Remember an address this proxy listens on, so requests to it are loops."""
-        host = getattr(address, "host", None)
-        port = getattr(address, "port", None)
-        if host is None or port is None:
-            return
-        if host in ("0.0.0.0", "::"):
-            self.wildcard_ports.add(port)
-        self.own_addresses.add((host, port))
-        self._allowed.clear()
-
-    def note_local_address(self, address: IAddress) -> None:
-        """Remember the local address a client reached this proxy on (a listening one)."""
-        host = getattr(address, "host", None)
-        port = getattr(address, "port", None)
-        if host is not None and port is not None and (host, port) not in self.own_addresses:
-            self.own_addresses.add((host, port))
-            self._allowed.discard((host, port))
-
-    def is_own(self, host: str, port: int, local_host: str | None = None) -> bool:
-        """
-        Whether C{host}:C{port} is this proxy: one of its listening addresses, or, for a
-        wildcard listener's port, a loopback or unspecified address or the local end's own
-        address (a connection from this machine to itself).
-        """
-        if (host, port) in self.own_addresses:
-            return True
-        if port in self.wildcard_ports:
-            try:
-                address = ipaddress.ip_address(host)
-            except ValueError:
-                return False
-            return address.is_loopback or address.is_unspecified or host == local_host
-        return False
-
-    def check_destination(self, host: str, port: int) -> None:
-        """
-        Apply the policy's name rules to a destination as written, and the loop check
-        and address rules to a literal address.
-
-        @raise Forbidden: If the destination is refused.
-        """
-        key = (host, port)
-        if key in self._allowed:
-            return
-        self.policy.check_name(host)
-        if self.is_own(host, port):
-            raise _loop_error()
-        # Name rules and literal addresses always decide the same way: remember the
-        # destinations that passed (bounded), so a busy client pays for the check once.
-        if len(self._allowed) >= _TARGET_CACHE_SIZE:
-            self._allowed.clear()
-        self._allowed.add(key)
-
-    def _check_address(self, host: str, address: str) -> None:
-        self.policy.check_address(host, address)
-
-    def buildProtocol(self, addr: IAddress | None) -> ProxyProtocol:
-        """Make the protocol for one client connection."""
-        return ProxyProtocol(self, addr)
-
-    def stopFactory(self) -> None:
-        """Close the idle upstream connections when the last listener stops."""
-        self.pool.close()
+        return ProxyFactory
+    raise AttributeError(name)

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from aproxy.config import ProxyConfig
-from aproxy.proxy import ProxyFactory
+from aproxy.factory import ProxyFactory
 
 __all__ = ["makeService", "public_listeners"]
 

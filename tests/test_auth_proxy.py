@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from aproxy.auth import IAuthenticator
 from aproxy.config import ProxyConfig
-from aproxy.proxy import ProxyFactory
+from aproxy.factory import ProxyFactory
 from tests.test_auth import APR1, BCRYPT_2Y, SHA1, SHA256, SHA512
 from tests.test_proxy import GET_A, OK_5, ProxyTestCase
 

@@ -12,7 +12,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy.config import ProxyConfig
-from aproxy.proxy import ProxyFactory, ProxyProtocol
+from aproxy.factory import ProxyFactory
+from aproxy.proxy import ProxyProtocol
 from tests.fakes import Attempt, HalfCloseTransport, RecordingConnector
 
 GET_A = b"GET http://a.example/x?y=%20 HTTP/1.1\r\nHost: a.example\r\nUser-Agent: t\r\n\r\n"

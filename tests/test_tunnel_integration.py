@@ -42,8 +42,9 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from aproxy.config import ProxyConfig
+from aproxy.factory import ProxyFactory
 from aproxy.http1 import HeadReader
-from aproxy.proxy import ProxyFactory, ProxyProtocol
+from aproxy.proxy import ProxyProtocol
 from aproxy.upstream import UpstreamFactory, UpstreamProtocol
 
 try:

@@ -1,0 +1,180 @@
+"""
+What every client connection needs before HTTP: admission (allowed networks and connection
+limits), one lazily rescheduled timer for whichever deadline applies, and pausing the client
+transport for several independent reasons. L{aproxy.proxy.ProxyProtocol} builds on it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from aproxy.errors import Forbidden, ProxyError, ServiceUnavailable
+
+if TYPE_CHECKING:
+    from aproxy.factory import ProxyFactory
+
+__all__ = ["ClientConnection"]
+
+# What the single per-connection timer is waiting for.
+_NO_DEADLINE, _HEAD, _IDLE, _CONNECT, _READ = range(5)
+# Why the client transport is paused: bits, so each reason is withdrawn on its own.
+_DIAL, _HOLD, _UPSTREAM = 1, 2, 4
+
+
+@implementer(IPushProducer)
+class _ClientPauser:
+    """
+    Registered as the producer of an upstream transport: when the origin can't take more
+    request body, the client transport is paused (one reason among several).
+    """
+
+    __slots__ = ("_proto",)
+
+    def __init__(self, proto: ClientConnection) -> None:
+        self._proto = proto
+
+    def pauseProducing(self) -> None:
+        """The upstream send buffer is full: stop reading from the client."""
+        self._proto._pause(_UPSTREAM)
+
+    def resumeProducing(self) -> None:
+        """The upstream send buffer drained: read from the client again."""
+        self._proto._unpause(_UPSTREAM)
+
+    def stopProducing(self) -> None:
+        """The upstream connection ended; L{ClientConnection} handles that itself."""
+
+
+class ClientConnection(Protocol):
+    """
+    A client connection's admission, deadline timer and pause reasons.
+
+    Subclasses implement L{_deadline_passed}, L{_is_closing} and L{_fail}.
+    """
+
+    log = Logger()
+    transport: Any
+
+    def __init__(self, factory: ProxyFactory, addr: IAddress | None = None) -> None:
+        self.factory = factory
+        self.config = factory.config
+        self.clock = factory.clock
+        self.client_address = addr
+        self._paused = 0
+        self._pauser: _ClientPauser | None = None
+        self._timer: IDelayedCall | None = None
+        self._deadline = 0.0
+        self._deadline_kind = _NO_DEADLINE
+        self._counted = False
+        self._client_ip: str | None = None
+
+    # -- hooks ------------------------------------------------------------------------
+
+    def _deadline_passed(self, kind: int) -> None:
+        """The deadline for C{kind} passed."""
+        raise NotImplementedError
+
+    def _is_closing(self) -> bool:
+        """Whether the connection is being closed (no more reading)."""
+        raise NotImplementedError
+
+    def _fail(self, err: ProxyError) -> None:
+        """Answer C{err} and close."""
+        raise NotImplementedError
+
+    # -- admission --------------------------------------------------------------------
+
+    def _admit(self) -> ProxyError | None:
+        """
+        Count this connection and check the client's address and the limits.
+
+        @return: The refusal to answer with, or L{None} to serve the client.
+        """
+        factory = self.factory
+        config = self.config
+        factory.open_connections += 1
+        self._client_ip = client_ip = getattr(self.transport.getPeer(), "host", None)
+        factory.note_local_address(self.transport.getHost())
+        if client_ip is not None:
+            if not factory.policy.client_allowed(client_ip):
+                self.log.info("client {client} refused: not in --allow", client=client_ip)
+                return Forbidden(
+                    "this proxy does not serve your address (see the --allow option)",
+                    "http_request_denied",
+                )
+            count = factory.clients_per_ip.get(client_ip, 0) + 1
+            factory.clients_per_ip[client_ip] = count
+            self._counted = True
+            if count > config.max_clients_per_ip:
+                return ServiceUnavailable(
+                    "too many connections from your address", "connection_limit_reached"
+                )
+        if factory.open_connections > config.max_connections:
+            return ServiceUnavailable("too many connections", "connection_limit_reached")
+        return None
+
+    def _release_slot(self) -> None:
+        """Uncount this connection (at its end)."""
+        factory = self.factory
+        factory.open_connections -= 1
+        ip = self._client_ip
+        if self._counted and ip is not None:
+            self._counted = False
+            left = factory.clients_per_ip[ip] - 1
+            if left:
+                factory.clients_per_ip[ip] = left
+            else:
+                del factory.clients_per_ip[ip]
+
+    # -- flow control -----------------------------------------------------------------
+
+    def _pause(self, reason: int) -> None:
+        """Stop reading from the client for C{reason} (one of several bits)."""
+        if not self._paused:
+            self.transport.pauseProducing()
+        self._paused |= reason
+
+    def _unpause(self, reason: int) -> None:
+        """Withdraw C{reason}; reading resumes once no reason is left."""
+        paused = self._paused
+        if paused & reason:
+            self._paused = paused = paused & ~reason
+            if not paused and not self._is_closing():
+                self.transport.resumeProducing()
+
+    # -- timers -----------------------------------------------------------------------
+
+    def _set_deadline(self, kind: int, timeout: float) -> None:
+        self._deadline_kind = kind
+        self._deadline = self.clock.seconds() + timeout
+        timer = self._timer
+        if timer is None:
+            self._timer = self.clock.callLater(timeout, self._on_deadline)
+        elif timer.getTime() > self._deadline:
+            timer.reset(timeout)
+
+    def _cancel_timer(self) -> None:
+        self._deadline_kind = _NO_DEADLINE
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            if timer.active():
+                timer.cancel()
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        kind = self._deadline_kind
+        if kind == _NO_DEADLINE or self._is_closing():
+            return
+        remaining = self._deadline - self.clock.seconds()
+        if remaining > 0:
+            # The deadline moved later since the call was scheduled (activity): sleep on.
+            self._timer = self.clock.callLater(remaining, self._on_deadline)
+            return
+        self._deadline_kind = _NO_DEADLINE
+        self._deadline_passed(kind)

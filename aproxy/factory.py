@@ -1,0 +1,174 @@
+"""
+L{ProxyFactory}: builds a L{ProxyProtocol} per client connection and holds what they share:
+the configuration, the clock, the policy and authenticator, the upstream connector and
+connection pool, and what the proxy knows about its own addresses (for loop detection).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from typing import Any
+
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Factory
+
+from aproxy.auth import HtpasswdAuthenticator, IAuthenticator
+from aproxy.config import ProxyConfig
+from aproxy.http1 import Target, parse_absolute_target
+from aproxy.policy import AccessPolicy, IPolicy
+from aproxy.proxy import ProxyProtocol, loop_error
+from aproxy.upstream import EndpointConnector, IUpstreamConnector, UpstreamFactory, UpstreamPool
+
+__all__ = ["ProxyFactory"]
+
+# How many parsed request targets and passed destinations the factory remembers.
+_CACHE_SIZE = 1024
+
+
+class ProxyFactory(Factory):
+    """
+    Builds a L{ProxyProtocol} per client connection and holds what they share: the
+    configuration, the clock, the upstream connector and the connection pool.
+
+    @param config: The validated configuration.
+    @param reactor: The reactor for timers and connections (the global one by default).
+    @param connector: How to reach origins (an L{EndpointConnector} on C{reactor} by
+        default); tests pass a fake.
+    @param policy: Who may use the proxy and where they may go (an L{AccessPolicy} built
+        from C{config} by default).
+    @param authenticator: Checks C{Proxy-Authorization} (an L{HtpasswdAuthenticator} on
+        C{config.auth_file} by default, none without one).
+    """
+
+    protocol = ProxyProtocol
+    noisy = False
+
+    def __init__(
+        self,
+        config: ProxyConfig | None = None,
+        reactor: Any = None,
+        connector: IUpstreamConnector | None = None,
+        policy: IPolicy | None = None,
+        authenticator: IAuthenticator | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.config = config = config if config is not None else ProxyConfig()
+        self.clock: IReactorTime = reactor
+        self.policy: IPolicy = (
+            policy
+            if policy is not None
+            else AccessPolicy(
+                config.allow, config.deny_hosts, config.allow_hosts, config.block_private
+            )
+        )
+        if authenticator is None and config.auth_file is not None:
+            authenticator = HtpasswdAuthenticator(config.auth_file, config.auth_realm, reactor)
+        self.authenticator = authenticator
+        self.connector: IUpstreamConnector = (
+            connector
+            if connector is not None
+            else EndpointConnector(
+                reactor,
+                config.connect_timeout,
+                self._check_address if self.policy.needs_address_check() else None,
+            )
+        )
+        self.upstream_factory = UpstreamFactory(config.max_head_size)
+        self.pool = UpstreamPool(reactor, max(config.pool_size, 1), config.pool_idle_timeout)
+        # A random marker in this instance's Via comment: a request that comes back
+        # carrying it has looped, while another aproxy instance has a marker of its own.
+        self.via_marker = b"aproxy-" + secrets.token_hex(8).encode("ascii")
+        self.via: bytes | None = (
+            config.via.encode("ascii") + b" (" + self.via_marker + b")" if config.via else None
+        )
+        self.name = (config.via or "aproxy").encode("ascii")
+        self.open_connections = 0
+        self.clients_per_ip: dict[str, int] = {}
+        self.own_addresses: set[tuple[str, int]] = set()
+        self._allowed: set[tuple[str, int]] = set()
+        self.wildcard_ports: set[int] = set()
+        self._targets: dict[bytes, Target] = {}
+
+    def parse_target(self, raw: bytes, method: bytes) -> Target:
+        """
+        L{parse_absolute_target}, remembering recent results: clients ask for the same
+        targets again and again, and a L{Target} never changes.
+        """
+        cache = self._targets
+        target = cache.get(raw)
+        if target is None or method == b"OPTIONS":
+            target = parse_absolute_target(raw, method)
+            if method != b"OPTIONS":
+                if len(cache) >= _CACHE_SIZE:
+                    cache.clear()
+                cache[raw] = target
+        return target
+
+    def note_listening(self, address: IAddress) -> None:
+        """Remember an address this proxy listens on, so requests to it are loops."""
+        host = getattr(address, "host", None)
+        port = getattr(address, "port", None)
+        if host is None or port is None:
+            return
+        if host in ("0.0.0.0", "::"):
+            self.wildcard_ports.add(port)
+        self.own_addresses.add((host, port))
+        self._allowed.clear()
+
+    def note_local_address(self, address: IAddress) -> None:
+        """Remember the local address a client reached this proxy on (a listening one)."""
+        host = getattr(address, "host", None)
+        port = getattr(address, "port", None)
+        if host is not None and port is not None and (host, port) not in self.own_addresses:
+            self.own_addresses.add((host, port))
+            self._allowed.discard((host, port))
+
+    def is_own(self, host: str, port: int, local_host: str | None = None) -> bool:
+        """
+        Whether C{host}:C{port} is this proxy: one of its listening addresses, or, for a
+        wildcard listener's port, a loopback or unspecified address or the local end's own
+        address (a connection from this machine to itself).
+        """
+        if (host, port) in self.own_addresses:
+            return True
+        if port in self.wildcard_ports:
+            try:
+                address = ipaddress.ip_address(host)
+            except ValueError:
+                return False
+            return address.is_loopback or address.is_unspecified or host == local_host
+        return False
+
+    def check_destination(self, host: str, port: int) -> None:
+        """
+        Apply the policy's name rules to a destination as written, and the loop check
+        and address rules to a literal address.
+
+        @raise Forbidden: If the destination is refused.
+        """
+        key = (host, port)
+        if key in self._allowed:
+            return
+        self.policy.check_name(host)
+        if self.is_own(host, port):
+            raise loop_error()
+        # Name rules and literal addresses always decide the same way: remember the
+        # destinations that passed (bounded), so a busy client pays for the check once.
+        if len(self._allowed) >= _CACHE_SIZE:
+            self._allowed.clear()
+        self._allowed.add(key)
+
+    def _check_address(self, host: str, address: str) -> None:
+        self.policy.check_address(host, address)
+
+    def buildProtocol(self, addr: IAddress | None) -> ProxyProtocol:
+        """Make the protocol for one client connection."""
+        return ProxyProtocol(self, addr)
+
+    def stopFactory(self) -> None:
+        """Close the idle upstream connections when the last listener stops."""
+        self.pool.close()
