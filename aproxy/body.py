@@ -40,6 +40,33 @@ _FIELD_LINE = re.compile(
     rb"(" + _TOKEN + rb"):[ \t]*"
     rb"((?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?)[ \t]*"
 )
+# Fields that must not be sent as trailers (RFC 9110 section 6.5.1: framing, routing,
+# connection control, authentication): the proxy drops them (RFC 9112 section 7.1.2 lets
+# it) so that a recipient that merges trailers into the head cannot be misled.
+_NOT_IN_TRAILERS: Final = frozenset(
+    {
+        b"content-length",
+        b"transfer-encoding",
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"authorization",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"www-authenticate",
+        b"set-cookie",
+        b"cookie",
+        b"content-type",
+        b"content-encoding",
+        b"content-range",
+        b"expect",
+        b"max-forwards",
+    }
+)
 _MAX_LINE: Final = 4096
 _MAX_TRAILERS: Final = 65536
 
@@ -202,7 +229,8 @@ class ChunkedDecoder:
                 self._trailer_size += len(line)
                 if self._trailer_size > _MAX_TRAILERS:
                     raise self._fail("trailer section too large")
-                self.trailers.append(line + b"\r\n")
+                if line.partition(b":")[0].lower() not in _NOT_IN_TRAILERS:
+                    self.trailers.append(line + b"\r\n")
             else:
                 return pieces, data[pos:]
         return pieces, b""

@@ -471,3 +471,18 @@ class ChunkedPropertyTests(SynchronousTestCase):
             feed_all(decoder, [data])
         except ProxyError as e:
             self.assertIsInstance(e, BadRequest if is_request else BadGateway)
+
+
+class TrailerFilterTests(SynchronousTestCase):
+    """Fields that must not be trailers are dropped from what is passed on."""
+
+    def test_framing_and_routing_trailers_dropped(self) -> None:
+        """Content-Length, Transfer-Encoding, Host and Connection trailers are not kept."""
+        decoder = ChunkedDecoder(True)
+        pieces, rest = decoder.feed(
+            b"5\r\nhello\r\n0\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n"
+            b"Host: evil.example\r\nConnection: close\r\nX-Checksum: abc\r\n\r\n"
+        )
+        self.assertTrue(decoder.done)
+        self.assertEqual((b"".join(pieces), rest), (b"hello", b""))
+        self.assertEqual(decoder.trailers, [b"X-Checksum: abc\r\n"])
