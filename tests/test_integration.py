@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
@@ -863,6 +864,34 @@ class IntegrationTests(TestCase):
         self.assertEqual((resp.status, resp.body), (200, b"origin GET /v6"))
         [request] = origin.requests
         self.assertEqual(request.header(b"host"), b"[::1]:%d" % oport)
+
+    @inlineCallbacks
+    def test_unix_socket_listener(self) -> Generator[Any, Any, None]:
+        """makeService listens on a unix: endpoint description and serves requests there."""
+        _, oport = yield self.start_origin()
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        path = os.path.join(tmp, "aproxy.sock")
+        service = makeService(ProxyConfig(ports=(f"unix:{path}",)))
+        self.track(service.factory)  # type: ignore[attr-defined]
+        self.track(service.factory.upstream_factory)  # type: ignore[attr-defined]
+        service.startService()
+        self.addCleanup(lambda: service.stopService() if service.running else None)
+
+        def client() -> bytes:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(20)
+                sock.connect(path)
+                sock.sendall(get(f"http://127.0.0.1:{oport}/unix", extra=b"Connection: close\r\n"))
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+                return data
+
+        data = yield deferToThread(client)
+        self.assertTrue(data.startswith(b"HTTP/1.1 200 OK\r\n"), data)
+        self.assertTrue(data.endswith(b"origin GET /unix"))
+        yield service.stopService()
 
     @inlineCallbacks
     def test_make_service_starts_and_stops(self) -> Generator[Any, Any, None]:
