@@ -96,6 +96,8 @@ class ProxyConfig:
     @ivar auth_file: An Apache htpasswd file; when set, every request (CONNECT included)
         needs valid C{Proxy-Authorization: Basic} credentials, or gets 407.
     @ivar auth_realm: The realm named in the C{Proxy-Authenticate} challenge.
+    @ivar shutdown_timeout: Seconds requests and tunnels in flight may take to finish
+        when the proxy stops, before they are closed.
     """
 
     ports: tuple[str, ...] = (DEFAULT_PORT,)
@@ -119,6 +121,7 @@ class ProxyConfig:
     max_clients_per_ip: int = 256
     auth_file: str | None = None
     auth_realm: str = "aproxy"
+    shutdown_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         """Validate every field so that a bad value fails at start, not per request."""
@@ -132,6 +135,7 @@ class ProxyConfig:
             "header_timeout",
             "pool_idle_timeout",
             "tunnel_idle_timeout",
+            "shutdown_timeout",
         ):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not value > 0:

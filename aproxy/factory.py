@@ -10,8 +10,10 @@ import ipaddress
 import secrets
 from typing import Any
 
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 
 from aproxy.auth import HtpasswdAuthenticator, IAuthenticator
 from aproxy.config import ProxyConfig
@@ -43,6 +45,7 @@ class ProxyFactory(Factory):
 
     protocol = ProxyProtocol
     noisy = False
+    log = Logger()
 
     def __init__(
         self,
@@ -92,6 +95,48 @@ class ProxyFactory(Factory):
         self._allowed: set[tuple[str, int]] = set()
         self.wildcard_ports: set[int] = set()
         self._targets: dict[bytes, Target] = {}
+        self.connections: set[ProxyProtocol] = set()
+        self._drained: Deferred[None] | None = None
+        self._drain_timer: IDelayedCall | None = None
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        """
+        Shut down gracefully: close idle client connections at once, let requests and
+        tunnels in flight finish, and close whatever is left after C{timeout} seconds.
+
+        @return: A L{Deferred} that fires as soon as no connection is left.
+        """
+        d: Deferred[None] = Deferred()
+        self._drained = d
+        for proto in list(self.connections):
+            proto.drain()
+        if not self.connections:
+            self._drained = None
+            d.callback(None)
+            return d
+        self.log.info(
+            "shutting down: waiting up to {timeout} s for {count} connections",
+            timeout=timeout,
+            count=len(self.connections),
+        )
+        self._drain_timer = self.clock.callLater(timeout, self._drain_timeout)
+        return d
+
+    def _drain_timeout(self) -> None:
+        self._drain_timer = None
+        self.log.info("shutdown timeout: closing {count} connections", count=len(self.connections))
+        for proto in list(self.connections):
+            proto.transport.abortConnection()
+
+    def connection_gone(self, proto: ProxyProtocol) -> None:
+        """A client connection ended; finish a pending shutdown once none is left."""
+        self.connections.discard(proto)
+        if self._drained is not None and not self.connections:
+            d, self._drained = self._drained, None
+            timer, self._drain_timer = self._drain_timer, None
+            if timer is not None and timer.active():
+                timer.cancel()
+            d.callback(None)
 
     def parse_target(self, raw: bytes, method: bytes) -> Target:
         """

@@ -98,6 +98,7 @@ class ProxyProtocol(ClientConnection):
         self._state = _READING
         self._pending = b""
         self._draining = False
+        self._last = False
         self._linked = False
         self._eof = False
         self.user: str | None = None
@@ -131,11 +132,21 @@ class ProxyProtocol(ClientConnection):
         Admit the client (allowed network, connection limits) and start the header
         timer: a new client must send a request head promptly.
         """
+        self.factory.connections.add(self)
         refusal = self._admit()
         if refusal is not None:
             self._fail(refusal)
             return
         self._set_deadline(_HEAD, self.config.header_timeout)
+
+    def drain(self) -> None:
+        """
+        The proxy is shutting down: close now if idle; otherwise finish the request or
+        tunnel in flight and close after it.
+        """
+        self._last = True
+        if self._state == _READING and not self._reader.pending:
+            self._close()
 
     def dataReceived(self, data: bytes) -> None:
         """Route client bytes by state: a request head, request body or held bytes."""
@@ -168,6 +179,7 @@ class ProxyProtocol(ClientConnection):
     def connectionLost(self, reason: Failure = Failure(ierror.ConnectionDone())) -> None:  # noqa: B008
         """Stop everything this connection started: timer, dial, upstream connection."""
         self._release_slot()
+        self.factory.connection_gone(self)
         if self._tunnel is not None:
             self._tunnel.client_lost()
         self._state = _CLOSING
@@ -539,7 +551,7 @@ class ProxyProtocol(ClientConnection):
         assert req is not None
         kind = response_body_kind(resp, req.method)
         client11 = req.minor >= 1
-        keep = req.keep_alive and self._req_body is None and not self._eof
+        keep = req.keep_alive and self._req_body is None and not self._eof and not self._last
         self._out_chunked = False
         framing = b""
         decoder: Any = None
@@ -632,6 +644,9 @@ class ProxyProtocol(ClientConnection):
         self._next_request(pending)
 
     def _next_request(self, pending: bytes) -> None:
+        if self._last:
+            self._close()
+            return
         self._state = _READING
         self._pending = b""
         self._unpause(_HOLD)

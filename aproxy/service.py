@@ -69,6 +69,26 @@ class _ListeningService(Service):
         return None
 
 
+class _ProxyService(MultiService):
+    """
+    The listeners plus a graceful stop: stop accepting, then let the factory drain the
+    connections in flight (up to C{shutdown_timeout}) before reporting stopped.
+    """
+
+    def __init__(self, factory: ProxyFactory) -> None:
+        super().__init__()
+        self.factory = factory
+
+    def stopService(self) -> Deferred[None]:
+        """Stop listening, then wait for the connections in flight to finish."""
+        d: Deferred[Any] = Deferred.fromCoroutine(self._stop())
+        return d
+
+    async def _stop(self) -> None:
+        await super().stopService()
+        await self.factory.drain(self.factory.config.shutdown_timeout)
+
+
 def public_listeners(config: ProxyConfig) -> list[str]:
     """
     The listening descriptions in C{config} reachable from other machines: TCP and TLS
@@ -113,13 +133,12 @@ def makeService(config: ProxyConfig, reactor: Any = None) -> IService:
 
         reactor = _reactor
     factory = ProxyFactory(config, reactor)
-    top = MultiService()
+    top = _ProxyService(factory)
     for description in config.ports:
         endpoint = serverFromString(reactor, description)
         service = _ListeningService(endpoint, factory)
         service.setName(description)
         service.setServiceParent(top)
-    top.factory = factory  # type: ignore[attr-defined]
     _warn_if_exposed(config)
     return top
 

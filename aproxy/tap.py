@@ -5,6 +5,7 @@ parsed options into a L{ProxyConfig} and the service from L{aproxy.service}.
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -94,6 +95,13 @@ class Options(usage.Options):
         ],
         ["auth-realm", None, "aproxy", "The realm named in the 407 challenge."],
         [
+            "shutdown-timeout",
+            None,
+            30.0,
+            "On stop (SIGTERM): seconds requests and tunnels in flight may take to finish; "
+            "idle connections close at once.",
+        ],
+        [
             "max-clients-per-ip",
             None,
             256,
@@ -175,6 +183,7 @@ class Options(usage.Options):
                 max_clients_per_ip=_number(self, "max-clients-per-ip", int),
                 auth_file=self["auth"],
                 auth_realm=self["auth-realm"],
+                shutdown_timeout=_number(self, "shutdown-timeout", float),
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
@@ -212,6 +221,18 @@ class _CommandLineService(MultiService):
             super().privilegedStartService()
         except CannotListenError as e:
             self._exit(f"aproxy: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}")
+
+    def stopService(self) -> Any:
+        """
+        Stop gracefully. A SIGTERM is the normal way to stop a service here, so once the
+        connections in flight are done twistd should exit with status 0 rather than
+        re-raise the signal (which twistd does by default, giving status 143/-15).
+        """
+        from twisted.internet import reactor
+
+        if getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
+            reactor._exitSignal = None  # type: ignore[attr-defined]
+        return super().stopService()
 
 
 def _exit(message: str) -> None:

@@ -1,0 +1,148 @@
+"""Graceful shutdown: stop accepting, close idle connections, let work in flight finish."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from aproxy import ProxyConfig, makeService
+from tests.test_proxy import GET_A, OK_5, ProxyTestCase
+
+
+class DrainTests(ProxyTestCase):
+    """ProxyFactory.drain closes idle connections and waits for the busy ones."""
+
+    def lose(self, proto: object) -> None:
+        """Deliver connectionLost to a protocol whose transport was closed."""
+        proto.connectionLost(Failure(Exception("closed")))  # type: ignore[attr-defined]
+
+    def test_nothing_open_fires_at_once(self) -> None:
+        """With no connection left, drain fires immediately."""
+        self.lose(self.proto)
+        self.successResultOf(self.factory.drain(30))
+
+    def test_idle_connection_closed_at_once(self) -> None:
+        """An idle keep-alive client is closed at once, and drain fires when it is gone."""
+        attempt, _ = self.forward()
+        attempt.respond(OK_5)
+        d = self.factory.drain(30)
+        self.assertTrue(self.client.disconnecting)
+        self.assertNoResult(d)
+        self.lose(self.proto)
+        self.successResultOf(d)
+
+    def test_request_in_flight_finishes(self) -> None:
+        """A request in flight gets its whole response, with Connection: close, then a close."""
+        attempt, _ = self.forward()
+        d = self.factory.drain(30)
+        self.assertFalse(self.client.disconnecting)
+        attempt.respond(OK_5)
+        value = self.client.value()
+        self.assertIn(b"Connection: close\r\n", value)
+        self.assertTrue(value.endswith(b"hello"))
+        self.assertTrue(self.client.disconnecting)
+        self.lose(self.proto)
+        self.successResultOf(d)
+
+    def test_timeout_aborts_what_is_left(self) -> None:
+        """Whatever is still busy when the shutdown timeout ends is closed."""
+        self.forward()
+        d = self.factory.drain(5)
+        self.clock.advance(4)
+        self.assertFalse(self.client.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(self.client.disconnected)
+        self.lose(self.proto)
+        self.successResultOf(d)
+
+    def test_pipelined_request_after_drain_not_started(self) -> None:
+        """Once draining, a connection answers what is in flight and reads nothing more."""
+        self.proto.dataReceived(GET_A + GET_A)
+        attempt = self.connector.attempts[0]
+        attempt.succeed()
+        self.factory.drain(30)
+        attempt.respond(OK_5)
+        self.assertEqual(len(self.connector.attempts), 1)
+        self.assertEqual(self.client.value().count(b"HTTP/1.1 200 OK"), 1)
+        self.assertTrue(self.client.disconnecting)
+
+
+class ServiceStopTests(SynchronousTestCase):
+    """Stopping the service stops listening first, then drains."""
+
+    def test_stop_service_stops_listening_and_drains(self) -> None:
+        """stopService closes the listening port and fires once connections are gone."""
+        reactor = MemoryReactorClock()
+        service = makeService(ProxyConfig(ports=("tcp:8111:interface=127.0.0.1",)), reactor)
+        service.startService()
+        factory = service.factory  # type: ignore[attr-defined]
+        d = service.stopService()
+        self.successResultOf(d)
+        self.assertEqual(len(factory.connections), 0)
+
+
+class SignalTests(SynchronousTestCase):
+    """A real twistd process stops on SIGTERM, promptly, with exit status 0."""
+
+    def test_sigterm_with_idle_client_exits_zero_promptly(self) -> None:
+        """SIGTERM closes an idle keep-alive client at once and exits 0 well before the timeout."""
+        root = Path(__file__).resolve().parent.parent
+        twistd = Path(sys.executable).with_name("twistd")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        env = dict(os.environ, PYTHONPATH=str(root))
+        with tempfile.TemporaryDirectory() as cwd:
+            proc = subprocess.Popen(
+                [
+                    str(twistd),
+                    "-n",
+                    "--pidfile=",
+                    "aproxy",
+                    "--port",
+                    str(port),
+                    "--shutdown-timeout",
+                    "30",
+                ],
+                cwd=cwd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                client = self._connect(port, proc)
+                # An idle keep-alive client: connected, nothing in flight.
+                proc.send_signal(signal.SIGTERM)
+                client.settimeout(20)
+                self.assertEqual(client.recv(1), b"")  # closed by the proxy
+                client.close()
+                code = proc.wait(timeout=20)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                output = proc.stdout.read().decode() if proc.stdout else ""
+                if proc.stdout:
+                    proc.stdout.close()
+        self.assertEqual(code, 0, output)
+
+    def _connect(self, port: int, proc: subprocess.Popen[bytes]) -> socket.socket:
+        """Connect once the proxy listens (bounded: 20 s)."""
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                return socket.create_connection(("127.0.0.1", port), timeout=5)
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
