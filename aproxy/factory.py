@@ -6,7 +6,6 @@ connection pool, and what the proxy knows about its own addresses (for loop dete
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 from typing import Any
 
@@ -18,7 +17,7 @@ from twisted.logger import Logger
 from aproxy.auth import HtpasswdAuthenticator, IAuthenticator
 from aproxy.config import ProxyConfig
 from aproxy.http1 import Target, parse_absolute_target
-from aproxy.policy import AccessPolicy, IPolicy
+from aproxy.policy import AccessPolicy, IPolicy, normalize_address
 from aproxy.proxy import ProxyProtocol, loop_error
 from aproxy.upstream import EndpointConnector, IUpstreamConnector, UpstreamFactory, UpstreamPool
 
@@ -71,6 +70,7 @@ class ProxyFactory(Factory):
         if authenticator is None and config.auth_file is not None:
             authenticator = HtpasswdAuthenticator(config.auth_file, config.auth_realm, reactor)
         self.authenticator = authenticator
+        self._own_connector = connector is None
         self.connector: IUpstreamConnector = (
             connector
             if connector is not None
@@ -94,10 +94,43 @@ class ProxyFactory(Factory):
         self.own_addresses: set[tuple[str, int]] = set()
         self._allowed: set[tuple[str, int]] = set()
         self.wildcard_ports: set[int] = set()
+        self.own_ports: set[int] = set()
         self._targets: dict[bytes, Target] = {}
         self.connections: set[ProxyProtocol] = set()
         self._drained: Deferred[None] | None = None
         self._drain_timer: IDelayedCall | None = None
+
+    def reconfigure(self, config: ProxyConfig) -> None:
+        """
+        Apply a new configuration to new requests (SIGHUP): the policy, the authenticator
+        (re-reading its file) and the limits; connections in flight keep their settings
+        and nothing is dropped. The listening ports are not changed here.
+
+        @raise ValueError: If the new authenticator's file can't be used; nothing changes.
+        """
+        authenticator = (
+            HtpasswdAuthenticator(config.auth_file, config.auth_realm, self.clock)
+            if config.auth_file is not None
+            else None
+        )
+        policy = AccessPolicy(
+            config.allow, config.deny_hosts, config.allow_hosts, config.block_private
+        )
+        self.config = config
+        self.policy = policy
+        self.authenticator = authenticator
+        if self._own_connector:
+            self.connector = EndpointConnector(
+                self.clock,
+                config.connect_timeout,
+                self._check_address if policy.needs_address_check() else None,
+            )
+        self.via = (
+            config.via.encode("ascii") + b" (" + self.via_marker + b")" if config.via else None
+        )
+        self.name = (config.via or "aproxy").encode("ascii")
+        self._allowed.clear()
+        self._targets.clear()
 
     def drain(self, timeout: float) -> Deferred[None]:
         """
@@ -159,33 +192,44 @@ class ProxyFactory(Factory):
         port = getattr(address, "port", None)
         if host is None or port is None:
             return
-        if host in ("0.0.0.0", "::"):
+        ip = normalize_address(host)
+        if ip is None:
+            return
+        if ip.is_unspecified:
             self.wildcard_ports.add(port)
-        self.own_addresses.add((host, port))
+        self.own_addresses.add((str(ip), port))
+        self.own_ports.add(port)
         self._allowed.clear()
 
     def note_local_address(self, address: IAddress) -> None:
         """Remember the local address a client reached this proxy on (a listening one)."""
         host = getattr(address, "host", None)
         port = getattr(address, "port", None)
-        if host is not None and port is not None and (host, port) not in self.own_addresses:
-            self.own_addresses.add((host, port))
+        if host is None or port is None:
+            return
+        ip = normalize_address(host)
+        if ip is not None and (str(ip), port) not in self.own_addresses:
+            self.own_addresses.add((str(ip), port))
+            self.own_ports.add(port)
             self._allowed.discard((host, port))
 
     def is_own(self, host: str, port: int, local_host: str | None = None) -> bool:
         """
-        Whether C{host}:C{port} is this proxy: one of its listening addresses, or, for a
-        wildcard listener's port, a loopback or unspecified address or the local end's own
-        address (a connection from this machine to itself).
+        Whether C{host}:C{port} is this proxy: one of its listening addresses (however
+        written: IPv4-mapped IPv6 counts as IPv4), an unspecified address (which connects
+        to this machine) on a port it listens on, or, for a wildcard listener's port, a
+        loopback address or the local end's own address (this machine to itself).
         """
-        if (host, port) in self.own_addresses:
+        if port not in self.own_ports:
+            return False
+        ip = normalize_address(host)
+        if ip is None:
+            return False
+        if (str(ip), port) in self.own_addresses or ip.is_unspecified:
             return True
         if port in self.wildcard_ports:
-            try:
-                address = ipaddress.ip_address(host)
-            except ValueError:
-                return False
-            return address.is_loopback or address.is_unspecified or host == local_host
+            local = normalize_address(local_host) if local_host else None
+            return ip.is_loopback or ip == local
         return False
 
     def check_destination(self, host: str, port: int) -> None:

@@ -10,6 +10,7 @@ address (see L{aproxy.upstream.EndpointConnector}), so DNS rebinding can't slip 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
 
 from zope.interface import Interface, implementer
@@ -22,6 +23,7 @@ __all__ = [
     "IPolicy",
     "Network",
     "is_private",
+    "normalize_address",
     "parse_host_pattern",
 ]
 
@@ -34,11 +36,25 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _EXTRA_BLOCKED = (ipaddress.ip_network("100.64.0.0/10"),)
 
 
+_NAME = re.compile(r"[a-z0-9\-_~]+(?:\.[a-z0-9\-_~]+)*")
+# IPv6 forms that carry an IPv4 address inside: NAT64 (RFC 6052) and 6to4 (RFC 3056).
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
 def _address(text: str) -> IPAddress:
+    """Parse an address, IPv4-mapped IPv6 addresses as the IPv4 address they carry."""
     address = ipaddress.ip_address(text)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def normalize_address(text: str) -> IPAddress | None:
+    """An address in canonical form (IPv4-mapped IPv6 as IPv4), or None if not one."""
+    try:
+        return _address(text.strip("[]"))
+    except ValueError:
+        return None
 
 
 def is_private(address: IPAddress) -> bool:
@@ -47,6 +63,12 @@ def is_private(address: IPAddress) -> bool:
     (169.254.169.254, the cloud metadata address, included), CGNAT, unique-local,
     multicast, reserved or unspecified.
     """
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address in _NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None and is_private(embedded):
+            return True
     if address.is_multicast or address.is_unspecified or address.is_loopback:
         return True
     if any(address in net for net in _EXTRA_BLOCKED if net.version == address.version):
@@ -76,7 +98,9 @@ def parse_host_pattern(text: str) -> tuple[str, str | Network]:
         kind, name = "domain", text[1:]
     else:
         kind, name = "exact", text
-    if not name or "*" in name or any(not part for part in name.split(".")):
+    if not name or _NAME.fullmatch(name) is None or any(not p for p in name.split(".")):
+        # Not a network and not a host name: a typo here would otherwise become a rule
+        # that silently matches nothing.
         raise ValueError(f"bad host pattern {text!r}")
     return kind, name
 

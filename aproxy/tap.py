@@ -8,16 +8,19 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from dataclasses import replace
+from typing import Any, cast
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
+from twisted.logger import Logger
 from twisted.python import usage
 
 from aproxy.auth import HtpasswdAuthenticator
 from aproxy.config import DEFAULT_PORT, ProxyConfig, listen_description, parse_port_list
+from aproxy.configfile import ConfigFileError, load_config_file
 from aproxy.service import makeService as _makeService
 
 __all__ = ["Options", "makeService"]
@@ -42,6 +45,14 @@ class Options(usage.Options):
         ],
     ]
     optParameters: list[list[Any]] = [
+        [
+            "config",
+            None,
+            None,
+            "A TOML file whose keys are these long option names (e.g. connect-ports = "
+            '[443, 8443], allow = ["10.0.0.0/8"]); options given here override it, and a '
+            "repeatable option given here replaces the file's list. SIGHUP re-reads it.",
+        ],
         ["connect-timeout", None, 10.0, "Seconds to connect to an origin before 504."],
         [
             "read-timeout",
@@ -115,6 +126,29 @@ class Options(usage.Options):
         self["allow"] = []
         self["deny-host"] = []
         self["allow-host"] = []
+        self.argv: list[str] = []
+        self.exit_on_config_error = True
+        # Which options the command line gave, so that they override the config file.
+        self.given: set[str] = set()
+        for name, handler in list(self._dispatch.items()):
+            self._dispatch[name] = self._recording(name, handler)
+
+    def _recording(self, name: str, handler: Any) -> Callable[[str, str], None]:
+        key = name.replace("_", "-")
+
+        def record(option: str, value: str) -> None:
+            self.given.add(key)
+            if isinstance(handler, usage.CoerceParameter):
+                handler.dispatch(option, value)
+            else:
+                handler(option, value)
+
+        return record
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse, remembering the arguments so that SIGHUP can parse them again."""
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_allow(self, cidr: str) -> None:
         """
@@ -152,6 +186,23 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         """Build the validated L{ProxyConfig}; a bad value is one usage error line."""
+        if self["config"] is not None:
+            try:
+                values = load_config_file(self["config"], OPTION_KINDS)
+            except ConfigFileError as e:
+                if not self.exit_on_config_error:
+                    raise
+                sys.stderr.write(f"aproxy: {e}\n")
+                raise SystemExit(2) from None
+            for key, value in values.items():
+                if key in self.given:
+                    continue
+                if key == "port":
+                    try:
+                        value = [listen_description(v) for v in value]
+                    except ValueError as e:
+                        raise usage.UsageError(f"{self['config']}: port: {e}") from None
+                self[key] = value
         ports = tuple(self["port"]) or (DEFAULT_PORT,)
         for description in ports:
             try:
@@ -161,7 +212,7 @@ class Options(usage.Options):
             except Exception as e:
                 raise usage.UsageError(f"--port {description}: {e}") from None
         try:
-            self["config"] = ProxyConfig(
+            self["proxy-config"] = ProxyConfig(
                 ports=ports,
                 connect_timeout=_number(self, "connect-timeout", float),
                 read_timeout=_number(self, "read-timeout", float),
@@ -195,6 +246,34 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--auth {e}") from None
 
 
+# The kind of value each long option takes, for the config file (see configfile.py).
+OPTION_KINDS: dict[str, str] = {
+    "port": "list",
+    "allow": "list",
+    "deny-host": "list",
+    "allow-host": "list",
+    "no-via": "flag",
+    "block-private": "flag",
+    "connect-timeout": "float",
+    "read-timeout": "float",
+    "idle-timeout": "float",
+    "header-timeout": "float",
+    "via": "str",
+    "max-head-size": "int",
+    "max-request-line": "int",
+    "pool-size": "int",
+    "pool-idle-timeout": "float",
+    "connect-ports": "ports",
+    "tunnel-idle-timeout": "float",
+    "x-forwarded-for": "str",
+    "max-connections": "int",
+    "max-clients-per-ip": "int",
+    "auth": "str",
+    "auth-realm": "str",
+    "shutdown-timeout": "float",
+}
+
+
 def _number(options: Options, name: str, kind: type[int] | type[float]) -> Any:
     value = options[name]
     try:
@@ -210,10 +289,52 @@ class _CommandLineService(MultiService):
     standard error and exit status 1, instead of twistd's long traceback.
     """
 
-    def __init__(self, inner: IService, exit: Callable[[str], None]) -> None:
+    log = Logger()
+
+    def __init__(
+        self, inner: IService, exit: Callable[[str], None], options: Options | None = None
+    ) -> None:
         super().__init__()
         inner.setServiceParent(self)
+        self._inner = inner
         self._exit = exit
+        self._options = options
+
+    def startService(self) -> None:
+        """Start, and re-read the configuration on SIGHUP."""
+        super().startService()
+        if self._options is not None and hasattr(signal, "SIGHUP"):
+            from twisted.internet import reactor
+
+            threads = cast(Any, reactor)
+            signal.signal(signal.SIGHUP, lambda signum, frame: threads.callFromThread(self.reload))
+
+    def reload(self) -> None:
+        """
+        Parse the original command line (and so the config file, the auth file and the
+        access rules) again and apply it to new requests; connections are not dropped and
+        the listening ports do not change. A configuration that fails validation is
+        logged and the running one kept.
+        """
+        assert self._options is not None
+        fresh = Options()
+        fresh.exit_on_config_error = False
+        try:
+            fresh.parseOptions(self._options.argv)
+        except (usage.UsageError, ValueError) as e:
+            self.log.warn("reload failed, keeping the running configuration: {why}", why=e)
+            return
+        factory = self._inner.factory  # type: ignore[attr-defined]
+        config = fresh["proxy-config"]
+        if config.ports != factory.config.ports:
+            self.log.warn("listening ports don't change on reload; restart to change them")
+            config = replace(config, ports=factory.config.ports)
+        try:
+            factory.reconfigure(config)
+        except ValueError as e:
+            self.log.warn("reload failed, keeping the running configuration: {why}", why=e)
+            return
+        self.log.info("configuration reloaded")
 
     def privilegedStartService(self) -> None:
         """Bind the ports, reporting one that can't be bound in a single line."""
@@ -244,8 +365,8 @@ def _exit(message: str) -> None:
 def makeService(options: Options) -> IService:
     """Make the proxy service from parsed command-line options."""
     try:
-        inner = _makeService(options["config"])
+        inner = _makeService(options["proxy-config"])
     except ValueError as e:
         _exit(f"aproxy: {e}")
         raise  # unreachable: _exit raises
-    return _CommandLineService(inner, _exit)
+    return _CommandLineService(inner, _exit, options)

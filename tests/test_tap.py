@@ -46,7 +46,7 @@ class OptionsTests(SynchronousTestCase):
 
     def test_defaults(self) -> None:
         """With no options the proxy listens on 127.0.0.1:8080 with the documented values."""
-        config = parse()["config"]
+        config = parse()["proxy-config"]
         self.assertEqual(config, ProxyConfig())
         self.assertEqual(config.ports, ("tcp:8080:interface=127.0.0.1",))
         self.assertEqual(
@@ -62,13 +62,15 @@ class OptionsTests(SynchronousTestCase):
 
     def test_bare_port_is_loopback(self) -> None:
         """A bare port number listens on the loopback interface only."""
-        self.assertEqual(parse("--port", "9000")["config"].ports, ("tcp:9000:interface=127.0.0.1",))
+        self.assertEqual(
+            parse("--port", "9000")["proxy-config"].ports, ("tcp:9000:interface=127.0.0.1",)
+        )
 
     def test_port_repeatable_and_full_descriptions(self) -> None:
         """--port may be given several times, with any endpoint description."""
         config = parse(
             "--port", "9000", "-p", "tcp6:9001:interface=\\:\\:1", "--port", "unix:/tmp/x"
-        )["config"]
+        )["proxy-config"]
         self.assertEqual(
             config.ports,
             ("tcp:9000:interface=127.0.0.1", "tcp6:9001:interface=\\:\\:1", "unix:/tmp/x"),
@@ -99,7 +101,7 @@ class OptionsTests(SynchronousTestCase):
             "443, 8000-8100",
             "--tunnel-idle-timeout",
             "6",
-        )["config"]
+        )["proxy-config"]
         self.assertEqual(
             config,
             ProxyConfig(
@@ -119,11 +121,11 @@ class OptionsTests(SynchronousTestCase):
 
     def test_connect_ports_any(self) -> None:
         """--connect-ports * allows CONNECT to any port."""
-        self.assertIsNone(parse("--connect-ports", "*")["config"].connect_ports)
+        self.assertIsNone(parse("--connect-ports", "*")["proxy-config"].connect_ports)
 
     def test_no_via(self) -> None:
         """--no-via turns the Via field off."""
-        self.assertIsNone(parse("--no-via")["config"].via)
+        self.assertIsNone(parse("--no-via")["proxy-config"].via)
 
     def test_bad_values_are_usage_errors(self) -> None:
         """Bad values give a one-line usage error that names the option."""
