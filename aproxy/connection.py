@@ -71,6 +71,7 @@ class ClientConnection(Protocol):
         self._deadline = 0.0
         self._deadline_kind = _NO_DEADLINE
         self._counted = False
+        self._slot_taken = False
         self._client_ip: str | None = None
 
     # -- hooks ------------------------------------------------------------------------
@@ -98,6 +99,7 @@ class ClientConnection(Protocol):
         factory = self.factory
         config = self.config
         factory.open_connections += 1
+        self._slot_taken = True
         self._client_ip = client_ip = getattr(self.transport.getPeer(), "host", None)
         factory.note_local_address(self.transport.getHost())
         if client_ip is not None:
@@ -121,6 +123,9 @@ class ClientConnection(Protocol):
     def _release_slot(self) -> None:
         """Uncount this connection (at its end)."""
         factory = self.factory
+        if not self._slot_taken:
+            return
+        self._slot_taken = False
         factory.open_connections -= 1
         ip = self._client_ip
         if self._counted and ip is not None:

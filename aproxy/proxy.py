@@ -71,6 +71,13 @@ from aproxy.wire import write_now
 if TYPE_CHECKING:
     from aproxy.factory import ProxyFactory
 
+try:
+    # Not exported by twisted.protocols.haproxy; without it, PROXY listeners still work
+    # but clients are admitted by the load balancer's address.
+    from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
+except ImportError:  # pragma: no cover
+    HAProxyProtocolWrapper = None  # type: ignore[assignment,misc]
+
 __all__ = ["ProxyProtocol", "loop_error"]
 
 # Connection states.
@@ -133,11 +140,25 @@ class ProxyProtocol(ClientConnection):
         timer: a new client must send a request head promptly.
         """
         self.factory.connections.add(self)
+        self._set_deadline(_HEAD, self.config.header_timeout)
+        if HAProxyProtocolWrapper is not None and isinstance(
+            self.transport, HAProxyProtocolWrapper
+        ):
+            # Behind a PROXY protocol listener the real client address is known only once
+            # the PROXY header has been read, just before the first bytes reach us.
+            self.dataReceived = self._admit_then_receive  # type: ignore[method-assign]
+            return
+        refusal = self._admit()
+        if refusal is not None:
+            self._fail(refusal)
+
+    def _admit_then_receive(self, data: bytes) -> None:
+        del self.dataReceived
         refusal = self._admit()
         if refusal is not None:
             self._fail(refusal)
             return
-        self._set_deadline(_HEAD, self.config.header_timeout)
+        self.dataReceived(data)
 
     def drain(self) -> None:
         """

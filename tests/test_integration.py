@@ -866,6 +866,43 @@ class IntegrationTests(TestCase):
         self.assertEqual(request.header(b"host"), b"[::1]:%d" % oport)
 
     @inlineCallbacks
+    def test_haproxy_listener_uses_real_client_address(self) -> Generator[Any, Any, None]:
+        """Behind a PROXY protocol listener, --allow and X-Forwarded-For see the real client."""
+        origin, oport = yield self.start_origin()
+        factory = ProxyFactory(ProxyConfig(allow=("10.0.0.0/8",), x_forwarded_for="add"), reactor)
+        self.track(factory)
+        self.track(factory.upstream_factory)
+        endpoint = serverFromString(reactor, "haproxy:tcp:0:interface=127.0.0.1")
+        port = yield endpoint.listen(factory)
+        self.addCleanup(port.stopListening)
+        pport = port.getHost().port
+        request = get(f"http://127.0.0.1:{oport}/ha", extra=b"Connection: close\r\n")
+        v2_header = (
+            b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c"
+            + socket.inet_aton("10.9.8.7")
+            + socket.inet_aton("127.0.0.1")
+            + (4444).to_bytes(2, "big")
+            + pport.to_bytes(2, "big")
+        )
+
+        def client(header: bytes) -> bytes:
+            with socket.create_connection((LOCAL, pport), timeout=20) as sock:
+                sock.sendall(header + request)
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+                return data
+
+        v1 = yield deferToThread(client, b"PROXY TCP4 10.1.2.3 127.0.0.1 5555 %d\r\n" % pport)
+        self.assertTrue(v1.startswith(b"HTTP/1.1 200 OK"), v1)
+        v2 = yield deferToThread(client, v2_header)
+        self.assertTrue(v2.startswith(b"HTTP/1.1 200 OK"), v2)
+        refused = yield deferToThread(client, b"PROXY TCP4 192.0.2.9 127.0.0.1 5555 %d\r\n" % pport)
+        self.assertTrue(refused.startswith(b"HTTP/1.1 403 "), refused)
+        seen = [r.header(b"x-forwarded-for") for r in origin.requests]
+        self.assertEqual(seen, [b"10.1.2.3", b"10.9.8.7"])
+
+    @inlineCallbacks
     def test_unix_socket_listener(self) -> Generator[Any, Any, None]:
         """makeService listens on a unix: endpoint description and serves requests there."""
         _, oport = yield self.start_origin()
