@@ -19,6 +19,7 @@ from aproxy.config import ProxyConfig
 from aproxy.http1 import Target, parse_absolute_target
 from aproxy.policy import AccessPolicy, IPolicy, normalize_address
 from aproxy.proxy import ProxyProtocol, loop_error
+from aproxy.records import ExchangeObserver
 from aproxy.upstream import EndpointConnector, IUpstreamConnector, UpstreamFactory, UpstreamPool
 
 __all__ = ["ProxyFactory"]
@@ -97,6 +98,9 @@ class ProxyFactory(Factory):
         self.own_ports: set[int] = set()
         self._targets: dict[bytes, Target] = {}
         self.connections: set[ProxyProtocol] = set()
+        # Called with an Exchange for every finished request and tunnel (access logs,
+        # metrics); empty by default, so nothing is built per request.
+        self.observers: list[ExchangeObserver] = []
         self._drained: Deferred[None] | None = None
         self._drain_timer: IDelayedCall | None = None
 

@@ -61,6 +61,7 @@ from aproxy.http1 import (
     serialize_request_head,
     serialize_response_head,
 )
+from aproxy.records import Exchange
 from aproxy.responses import connect_error, error_response, local_answer
 from aproxy.tunnel import Tunnel
 from aproxy.upstream import (
@@ -131,6 +132,11 @@ class ProxyProtocol(ClientConnection):
         self._up_reusable = False
         self._is_connect = False
         self._upgrade: bytes | None = None
+        self._to_client = 0
+        self._to_origin = 0
+        self._status = 0
+        self._emitted = False
+        self._started = 0.0
 
     # -- Twisted protocol interface ---------------------------------------------------
 
@@ -201,6 +207,10 @@ class ProxyProtocol(ClientConnection):
         """Stop everything this connection started: timer, dial, upstream connection."""
         self._release_slot()
         self.factory.connection_gone(self)
+        if self._req is not None and self._tunnel is None:
+            # The client left with a request unfinished (its own end is not an error of
+            # the proxy's, so no Proxy-Status type).
+            self._emit(self._status, None)
         if self._tunnel is not None:
             self._tunnel.client_lost()
         self._state = _CLOSING
@@ -274,6 +284,7 @@ class ProxyProtocol(ClientConnection):
 
     def _start_request(self, head: RequestHead, rest: bytes) -> None:
         self._req = head
+        self._started = self.clock.seconds()
         auth = self.factory.authenticator
         if auth is not None:
             values = head.noted.get(b"proxy-authorization")
@@ -379,6 +390,7 @@ class ProxyProtocol(ClientConnection):
                 details=f"port {port}",
             )
         self._is_connect = True
+        self._status = 200
         self._pending = rest
         self._state = _CONNECTING
         self._dial((host, port))
@@ -406,6 +418,7 @@ class ProxyProtocol(ClientConnection):
 
     def _tunnel_closed(self, tunnel: Tunnel) -> None:
         self._state = _CLOSING
+        self._emit(self._status, None)
 
     def _dial(self, key: tuple[str, int]) -> None:
         self._pause(_DIAL)
@@ -450,6 +463,7 @@ class ProxyProtocol(ClientConnection):
 
     def _attach(self, up: UpstreamProtocol, reused: bool) -> None:
         if self._is_connect:
+            self._to_client += 39
             self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             pending = self._pending
             self._pending = b""
@@ -467,6 +481,7 @@ class ProxyProtocol(ClientConnection):
         upt.registerProducer(pauser, True)
         self.transport.registerProducer(upt, True)
         self._linked = True
+        self._to_origin += len(self._out_head)
         write_now(upt, self._out_head)
         self._set_deadline(_READ, self.config.read_timeout)
         pending = self._pending
@@ -499,9 +514,12 @@ class ProxyProtocol(ClientConnection):
             if body.done:
                 out.append(b"0\r\n" + b"".join(body.trailers) + b"\r\n")
             if out:
-                write_now(upt, b"".join(out))
+                data = b"".join(out)
+                self._to_origin += len(data)
+                write_now(upt, data)
         else:
             for piece in pieces:
+                self._to_origin += len(piece)
                 write_now(upt, piece)
         if body.done:
             self._req_body = None
@@ -512,7 +530,10 @@ class ProxyProtocol(ClientConnection):
 
     def _answer_locally(self, head: RequestHead, rest: bytes) -> None:
         closing = not head.keep_alive or head.codings is not None or bool(head.content_length)
-        self.transport.write(local_answer(head, closing))
+        answer = local_answer(head, closing)
+        self._to_client += len(answer)
+        self.transport.write(answer)
+        self._emit(200, None)
         if closing:
             self._close()
             return
@@ -550,7 +571,9 @@ class ProxyProtocol(ClientConnection):
         assert req is not None
         if req.minor:
             # RFC 9110 section 15.2: forward 1xx, but never to an HTTP/1.0 client.
-            self.transport.write(serialize_response_head(resp, b"", self._via, None))
+            interim = serialize_response_head(resp, b"", self._via, None)
+            self._to_client += len(interim)
+            self.transport.write(interim)
         if rest:
             self._upstream_data(rest)
 
@@ -561,7 +584,10 @@ class ProxyProtocol(ClientConnection):
             return
         upgrade = resp.values(b"upgrade")
         fields = b"Upgrade: " + b", ".join(upgrade) + b"\r\n" if upgrade else b""
-        self.transport.write(serialize_response_head(resp, fields, self._via, b"Upgrade"))
+        switching = serialize_response_head(resp, fields, self._via, b"Upgrade")
+        self._to_client += len(switching)
+        self.transport.write(switching)
+        self._status = 101
         self._resp_started = True
         pending = self._pending
         self._pending = b""
@@ -601,7 +627,9 @@ class ProxyProtocol(ClientConnection):
         head = serialize_response_head(resp, framing, self._via, conn)
         self._resp = resp
         self._resp_started = True
+        self._status = resp.status
         if decoder is None or decoder.done:
+            self._to_client += len(head)
             write_now(self.transport, head)
             self._resp_body = None
             if rest:
@@ -623,6 +651,7 @@ class ProxyProtocol(ClientConnection):
             pieces, rest = decoder.feed(data) if data else ([], b"")
         except ProxyError as e:
             if head is not None:
+                self._to_client += len(head)
                 self.transport.write(head)
             self._truncate(e)
             return
@@ -635,9 +664,13 @@ class ProxyProtocol(ClientConnection):
         else:
             out += pieces
         if len(out) == 1:
-            write_now(self.transport, out[0])
+            data = out[0]
+            self._to_client += len(data)
+            write_now(self.transport, data)
         elif out:
-            write_now(self.transport, b"".join(out))
+            data = b"".join(out)
+            self._to_client += len(data)
+            write_now(self.transport, data)
         if decoder.done:
             self._resp_body = None
             if rest:
@@ -645,7 +678,33 @@ class ProxyProtocol(ClientConnection):
             if self._req_body is None:
                 self._response_complete()
 
+    def _emit(self, status: int, error: str | None) -> None:
+        """Report the exchange that just ended to the factory's observers (if any)."""
+        req = self._req
+        observers = self.factory.observers
+        if req is None or not observers or self._emitted:
+            return
+        self._emitted = True
+        now = self.clock.seconds()
+        tunnel = self._tunnel
+        record = Exchange(
+            self._started,
+            self._client_ip or "unix",
+            self.user,
+            req.method.decode("ascii"),
+            req.target.decode("ascii", "replace"),
+            status,
+            self._to_client + (tunnel.to_client if tunnel else 0),
+            self._to_origin + (tunnel.to_origin if tunnel else 0),
+            now - self._started,
+            "direct",
+            error,
+        )
+        for observer in observers:
+            observer(record)
+
     def _response_complete(self) -> None:
+        self._emit(self._status, None)
         up = self._detach()
         if up is not None:
             upt = up.transport
@@ -720,6 +779,7 @@ class ProxyProtocol(ClientConnection):
         if isinstance(self._resp_body, UntilCloseDecoder):
             self._resp_body.done = True
             if self._out_chunked:
+                self._to_client += 5
                 self.transport.write(b"0\r\n\r\n")
             self._resp_body = None
             self._up_reusable = False
@@ -729,13 +789,18 @@ class ProxyProtocol(ClientConnection):
                 self._close()
             return
         if self._resp_body is not None:
-            self._truncate(BadGateway("the origin closed the connection mid-response"))
+            self._truncate(
+                BadGateway(
+                    "the origin closed the connection mid-response", "http_response_incomplete"
+                )
+            )
 
     # -- errors and closing -----------------------------------------------------------
 
     def _truncate(self, err: ProxyError) -> None:
         """A failure after the response started: close, so the client sees truncation."""
         self.log.info("response cut short: {why}", why=err.reason)
+        self._emit(self._status, err.error_type or "http_response_incomplete")
         self._close()
 
     def _fail(self, err: ProxyError) -> None:
@@ -753,7 +818,9 @@ class ProxyProtocol(ClientConnection):
                 + b"\r\n"
             )
         lines = error_response(err, self.factory.name, extra)
+        self._to_client += sum(map(len, lines))
         self.transport.writeSequence(lines)
+        self._emit(err.status, err.error_type)
         self._close()
 
     def _close(self) -> None:
