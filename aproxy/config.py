@@ -98,6 +98,11 @@ class ProxyConfig:
     @ivar auth_realm: The realm named in the C{Proxy-Authenticate} challenge.
     @ivar shutdown_timeout: Seconds requests and tunnels in flight may take to finish
         when the proxy stops, before they are closed.
+    @ivar access_log: Where to write one line per request and tunnel (C{"-"} for
+        standard output), or L{None} for no access log.
+    @ivar access_log_format: C{"combined"}, C{"squid"} or C{"json"}.
+    @ivar metrics: A server endpoint description for C{/metrics} and C{/status}, or
+        L{None} for none.
     """
 
     ports: tuple[str, ...] = (DEFAULT_PORT,)
@@ -122,6 +127,9 @@ class ProxyConfig:
     auth_file: str | None = None
     auth_realm: str = "aproxy"
     shutdown_timeout: float = 30.0
+    access_log: str | None = None
+    access_log_format: str = "combined"
+    metrics: str | None = None
 
     def __post_init__(self) -> None:
         """Validate every field so that a bad value fails at start, not per request."""
@@ -162,6 +170,10 @@ class ProxyConfig:
                     raise ValueError(f"{option}: {e}") from None
         if not self.auth_realm or any(c in self.auth_realm for c in "\r\n\x00\x7f"):
             raise ValueError("auth-realm must be non-empty text without control characters")
+        if self.access_log_format not in ("combined", "squid", "json"):
+            raise ValueError("access-log-format must be combined, squid or json")
+        if self.metrics is not None:
+            object.__setattr__(self, "metrics", listen_description(self.metrics))
         if self.x_forwarded_for not in ("add", "strip", "keep"):
             raise ValueError("x-forwarded-for must be add, strip or keep")
         for name in ("max_connections", "max_clients_per_ip"):
