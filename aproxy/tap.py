@@ -205,6 +205,9 @@ class Options(usage.Options):
                 self[key] = value
         ports = tuple(self["port"]) or (DEFAULT_PORT,)
         for description in ports:
+            if description.startswith("systemd:"):
+                # Parsed once, when listening: it takes over the inherited descriptors.
+                continue
             try:
                 # Parsing builds the endpoint object without listening; for ssl: it also
                 # loads the key and certificate, so a bad file is reported here.
