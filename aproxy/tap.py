@@ -106,6 +106,26 @@ class Options(usage.Options):
         ],
         ["auth-realm", None, "aproxy", "The realm named in the 407 challenge."],
         [
+            "access-log",
+            None,
+            None,
+            "Write one line per request and tunnel to this file (- for standard output); "
+            "SIGUSR1 reopens it after rotation.",
+        ],
+        [
+            "access-log-format",
+            None,
+            "combined",
+            "combined (Apache style plus extras), squid (Squid's access.log) or json.",
+        ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve /metrics (Prometheus) and /status (a page) on this endpoint, e.g. "
+            "tcp:9108:interface=127.0.0.1 (a bare number means that port on 127.0.0.1).",
+        ],
+        [
             "shutdown-timeout",
             None,
             30.0,
@@ -238,6 +258,9 @@ class Options(usage.Options):
                 auth_file=self["auth"],
                 auth_realm=self["auth-realm"],
                 shutdown_timeout=_number(self, "shutdown-timeout", float),
+                access_log=self["access-log"],
+                access_log_format=self["access-log-format"],
+                metrics=self["metrics"],
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
@@ -274,6 +297,9 @@ OPTION_KINDS: dict[str, str] = {
     "auth": "str",
     "auth-realm": "str",
     "shutdown-timeout": "float",
+    "access-log": "str",
+    "access-log-format": "str",
+    "metrics": "str",
 }
 
 
