@@ -1202,14 +1202,24 @@ class Bench:
         """The aproxy command line and environment for one start on C{port}."""
         env = dict(os.environ)
         listen = f"tcp:{port}:interface={LOOPBACK}"
-        connect = ["--connect-ports", str(self.origin_port)]  # the tunnel download's target
+        # --connect-ports: the tunnel download's target. --max-clients-per-ip: every client
+        # here comes from 127.0.0.1, and the default per-address limit (256) would refuse
+        # most of the 1000 idle connections.
+        connect = [
+            "--connect-ports",
+            str(self.origin_port),
+            "--max-clients-per-ip",
+            "100000",
+        ]
         if self.args.aproxy_cmd:
             text = self.args.aproxy_cmd
             argv = shlex.split(text.replace("{port}", str(port)))
             if "{port}" not in text:
                 argv += ["--port", listen]
             if "--connect-ports" not in text:
-                argv += connect
+                argv += connect[:2]
+            if "--max-clients-per-ip" not in text:
+                argv += connect[2:]
             return argv, env
         if (CHECKOUT / "aproxy" / "__init__.py").exists():
             env["PYTHONPATH"] = os.pathsep.join(
