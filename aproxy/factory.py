@@ -7,6 +7,7 @@ connection pool, and what the proxy knows about its own addresses (for loop dete
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -101,6 +102,8 @@ class ProxyFactory(Factory):
         # Called with an Exchange for every finished request and tunnel (access logs,
         # metrics); empty by default, so nothing is built per request.
         self.observers: list[ExchangeObserver] = []
+        # Called with the seconds each new upstream connection took (metrics).
+        self.connect_observers: list[Callable[[float], None]] = []
         self._drained: Deferred[None] | None = None
         self._drain_timer: IDelayedCall | None = None
 

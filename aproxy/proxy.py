@@ -137,6 +137,7 @@ class ProxyProtocol(ClientConnection):
         self._status = 0
         self._emitted = False
         self._started = 0.0
+        self._dial_started = 0.0
 
     # -- Twisted protocol interface ---------------------------------------------------
 
@@ -420,7 +421,13 @@ class ProxyProtocol(ClientConnection):
         self._state = _CLOSING
         self._emit(self._status, None)
 
+    @property
+    def is_tunnel(self) -> bool:
+        """Whether this connection is a CONNECT or Upgrade tunnel now."""
+        return self._tunnel is not None and not self._tunnel.closed
+
     def _dial(self, key: tuple[str, int]) -> None:
+        self._dial_started = self.clock.seconds()
         self._pause(_DIAL)
         self._set_deadline(_CONNECT, self.config.connect_timeout)
         d = self.factory.connector.connect(key[0], key[1], self.factory.upstream_factory)
@@ -429,6 +436,11 @@ class ProxyProtocol(ClientConnection):
 
     def _connected(self, up: UpstreamProtocol, key: tuple[str, int]) -> None:
         self._connecting = None
+        observers = self.factory.connect_observers
+        if observers:
+            took = self.clock.seconds() - self._dial_started
+            for observer in observers:
+                observer(took)
         up.key = key
         if self._state != _CONNECTING:
             up.transport.loseConnection()

@@ -11,12 +11,13 @@ from typing import Any
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from aproxy.config import ProxyConfig
 from aproxy.factory import ProxyFactory
+from aproxy.metrics import Metrics, metrics_site
 
 __all__ = ["makeService", "public_listeners"]
 
@@ -31,9 +32,15 @@ class _ListeningService(Service):
     UNIX and TLS endpoints do), so a bad port stops the start.
     """
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: ProxyFactory) -> None:
+    def __init__(
+        self,
+        endpoint: IStreamServerEndpoint,
+        factory: ProxyFactory,
+        serve: IProtocolFactory | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.factory = factory
+        self._serve = serve if serve is not None else factory
         self.port: IListeningPort | None = None
         self._listening: Deferred[IListeningPort] | None = None
 
@@ -41,7 +48,7 @@ class _ListeningService(Service):
         """Listen; raise the error if listening failed synchronously."""
         super().privilegedStartService()
         failures: list[Failure] = []
-        d = self.endpoint.listen(self.factory)
+        d = self.endpoint.listen(self._serve)
         d.addCallback(self._listened)
         d.addErrback(failures.append)
         if failures:
@@ -138,6 +145,17 @@ def makeService(config: ProxyConfig, reactor: Any = None) -> IService:
         endpoint = serverFromString(reactor, description)
         service = _ListeningService(endpoint, factory)
         service.setName(description)
+        service.setServiceParent(top)
+    if config.metrics is not None:
+        metrics = Metrics(factory, reactor)
+        factory.observers.append(metrics)
+        factory.connect_observers.append(metrics.observe_connect)
+        # Its address is noted like the proxy's own, so requests through the proxy to the
+        # metrics endpoint are refused as loops.
+        service = _ListeningService(
+            serverFromString(reactor, config.metrics), factory, metrics_site(metrics, factory)
+        )
+        service.setName("metrics " + config.metrics)
         service.setServiceParent(top)
     _warn_if_exposed(config)
     return top

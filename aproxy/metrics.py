@@ -1,0 +1,283 @@
+"""
+Prometheus metrics and a status page for a running proxy.
+
+L{Metrics} is an L{Exchange} observer (add it to C{ProxyFactory.observers}) that counts
+requests, bytes, errors and durations in its own C{prometheus_client} registry, reads
+the factory's gauges (connections, tunnels, pooled upstream connections) at scrape time,
+and keeps 15 minutes of history for the C{/status} page (L{aproxy.status}).
+L{metrics_site} serves both over HTTP: C{GET /metrics} and C{GET /status}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from twisted.internet.interfaces import IReactorTime
+from twisted.web import http, pages
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from aproxy.records import Exchange
+from aproxy.status import History, render_status
+
+if TYPE_CHECKING:
+    from aproxy.factory import ProxyFactory
+
+__all__ = ["METRICS_CONTENT_TYPE", "Metrics", "metrics_site"]
+
+METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+"""The content type of the Prometheus text exposition format that L{Metrics.render} uses."""
+
+# Methods get their own label value; anything else a client sends is counted as
+# "other", so a client can't create unbounded label values (time series).
+_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+# Requests take milliseconds to minutes; tunnels (counted when they close) take hours.
+_DURATION_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    1800.0,
+    3600.0,
+)
+_ALLOWED = (b"GET", b"HEAD")
+_CONNECT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def _tunnels(factory: ProxyFactory) -> int:
+    """The client connections that are tunnels (CONNECT or Upgrade) right now."""
+    return sum(1 for proto in factory.connections if proto.is_tunnel)
+
+
+class _FactoryCollector:
+    """The gauges read from the factory at scrape time."""
+
+    def __init__(self, factory: ProxyFactory) -> None:
+        self._factory = factory
+
+    def describe(self) -> list[Metric]:
+        """The metric names this collector yields, for the registry's duplicate check."""
+        return list(self._families(0, 0, 0, 0))
+
+    def collect(self) -> Iterator[Metric]:
+        """The current values."""
+        factory = self._factory
+        return self._families(
+            len(factory.connections), _tunnels(factory), len(factory.pool), factory.pool.reused
+        )
+
+    def _families(
+        self, connections: int, tunnels: int, pooled: int, reused: int
+    ) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "aproxy_client_connections",
+            "Open client connections, idle keep-alive connections included.",
+            value=connections,
+        )
+        yield GaugeMetricFamily(
+            "aproxy_tunnels", "Open tunnels (CONNECT and Upgrade).", value=tunnels
+        )
+        yield GaugeMetricFamily(
+            "aproxy_upstream_pool_connections",
+            "Idle upstream connections kept for reuse.",
+            value=pooled,
+        )
+        yield CounterMetricFamily(
+            "aproxy_upstream_reused",
+            "Requests sent on a reused idle upstream connection.",
+            value=reused,
+        )
+
+
+class Metrics:
+    """
+    Collects aproxy's Prometheus metrics from a factory (an Exchange observer + gauges).
+
+    Register it with C{factory.observers.append(metrics)}; it also keeps the history
+    the C{/status} page draws.
+
+    @ivar registry: The registry holding aproxy's metrics (never the global one).
+    @ivar history: The last 15 minutes of traffic, for the status page.
+    """
+
+    def __init__(
+        self,
+        factory: ProxyFactory,
+        clock: IReactorTime,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        """
+        @param factory: The proxy whose connections and pool are reported.
+        @param clock: The clock that places records and samples in the history.
+        @param registry: Where to register the metrics (a new registry by default).
+        """
+        self._factory = factory
+        self._clock = clock
+        self.registry = registry = registry if registry is not None else CollectorRegistry()
+        self.history = History(clock.seconds())
+        self._requests = Counter(
+            "aproxy_requests_total",
+            "Finished requests and tunnels, by method and status class (0xx: no response).",
+            ["method", "status_class"],
+            registry=registry,
+        )
+        self._bytes = Counter(
+            "aproxy_bytes_total",
+            "Bytes written to clients and to origins, heads included.",
+            ["direction"],
+            registry=registry,
+        )
+        self._to_client = self._bytes.labels(direction="to_client")
+        self._to_origin = self._bytes.labels(direction="to_origin")
+        self._errors = Counter(
+            "aproxy_errors_total",
+            "Finished requests and tunnels with an error, by RFC 9209 Proxy-Status type.",
+            ["error"],
+            registry=registry,
+        )
+        self._duration = Histogram(
+            "aproxy_request_duration_seconds",
+            "Seconds from a complete request head to the end of the exchange.",
+            buckets=_DURATION_BUCKETS,
+            registry=registry,
+        )
+        self._connect = Histogram(
+            "aproxy_upstream_connect_seconds",
+            "Seconds taken to connect to an origin.",
+            buckets=_CONNECT_BUCKETS,
+            registry=registry,
+        )
+        registry.register(_FactoryCollector(factory))
+
+    def __call__(self, record: Exchange) -> None:
+        """Count a finished exchange (the L{ExchangeObserver} interface)."""
+        method = record.method if record.method in _METHODS else "other"
+        self._requests.labels(method=method, status_class=f"{record.status // 100}xx").inc()
+        self._to_client.inc(record.bytes_to_client)
+        self._to_origin.inc(record.bytes_to_origin)
+        if record.error is not None:
+            self._errors.labels(error=record.error).inc()
+        self._duration.observe(max(record.duration, 0.0))
+        now = self._clock.seconds()
+        self.history.record(now, record)
+        self._sample(now)
+
+    def observe_connect(self, seconds: float) -> None:
+        """Record how long a connection to an origin took to establish."""
+        self._connect.observe(max(seconds, 0.0))
+
+    def _sample(self, now: float) -> tuple[int, int]:
+        factory = self._factory
+        connections, tunnels = len(factory.connections), _tunnels(factory)
+        self.history.sample(now, connections, tunnels)
+        return connections, tunnels
+
+    def render(self) -> bytes:
+        """
+        The metrics in the Prometheus text exposition format (version 0.0.4).
+
+        Rendering also samples the connection gauges into the history.
+        """
+        self._sample(self._clock.seconds())
+        return generate_latest(self.registry)
+
+    def render_status(self) -> bytes:
+        """The C{/status} HTML page (see L{aproxy.status.render_status})."""
+        from aproxy import __version__
+
+        factory = self._factory
+        now = self._clock.seconds()
+        connections, tunnels = self._sample(now)
+        return render_status(
+            self.history,
+            now,
+            connections,
+            tunnels,
+            len(factory.pool),
+            factory.pool.reused,
+            factory.config,
+            __version__,
+        )
+
+
+class _Pages(Resource):
+    """
+    The whole site as one leaf: C{/metrics} and C{/status} answer GET (and HEAD),
+    anything else is 404, and other methods get 405.
+    """
+
+    def __init__(self, pages: dict[bytes, tuple[bytes, Callable[[], bytes]]]) -> None:
+        super().__init__()
+        self.isLeaf = True
+        self._pages = pages
+
+    def render(self, request: Request) -> object:
+        """
+        Answer with the current document, never cached.
+
+        @return: The body, or C{NOT_DONE_YET} for an error page (written by Twisted's
+            template machinery).
+        """
+        page = self._pages.get(b"/".join(request.postpath)) if request.postpath else None
+        if page is None:
+            return _error(request, 404, "No Such Resource", "No such page.")
+        if request.method not in _ALLOWED:
+            request.setHeader(b"allow", b", ".join(_ALLOWED))
+            return _error(request, 405, "Method Not Allowed", "Only GET and HEAD.")
+        content_type, body = page
+        request.setHeader(b"content-type", content_type)
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        # Nothing on these pages is meant to run or load: forbid it all, so even a
+        # mistake in escaping can't execute anything (inline styles are used).
+        request.setHeader(
+            b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'"
+        )
+        return body()
+
+
+def _error(request: Request, code: int, brief: str, detail: str) -> object:
+    """Render an escaped error page from L{twisted.web.pages} with status C{code}."""
+    return pages.errorPage(code, brief, detail).render(request)
+
+
+class _QuietSite(Site):
+    """A L{Site} that writes no access log: a scrape every few seconds is not news."""
+
+    noisy = False
+
+    def log(self, request: http.Request) -> None:
+        """Log nothing."""
+
+
+def metrics_site(metrics: Metrics, factory: ProxyFactory) -> Site:
+    """
+    The HTTP site for C{--metrics}: C{GET /metrics} (Prometheus text format) and
+    C{GET /status} (HTML); every other path is 404 and methods other than GET and
+    HEAD get 405.
+
+    @param metrics: The metrics to serve.
+    @param factory: The proxy; its clock drives the site's timeouts.
+    """
+    root = _Pages(
+        {
+            b"metrics": (METRICS_CONTENT_TYPE, metrics.render),
+            b"status": (b"text/html; charset=utf-8", metrics.render_status),
+        }
+    )
+    return _QuietSite(root, reactor=factory.clock)

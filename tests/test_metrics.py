@@ -1,0 +1,453 @@
+"""
+Tests for L{aproxy.metrics} and L{aproxy.status}: Prometheus metrics after known
+traffic, the 15-minute history, and the C{/metrics} and C{/status} site, all on a fake
+clock and in-memory transports.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Site
+
+from aproxy.config import ProxyConfig
+from aproxy.factory import ProxyFactory
+from aproxy.metrics import Metrics, metrics_site
+from aproxy.records import Exchange
+from aproxy.status import BUCKET_SECONDS, BUCKETS, History, destination_host
+from tests.fakes import RecordingConnector
+from tests.test_proxy import GET_A, OK_5, ProxyTestCase
+
+CONNECT_A = b"CONNECT secure.example:443 HTTP/1.1\r\nHost: secure.example:443\r\n\r\n"
+
+
+def exchange(**fields: Any) -> Exchange:
+    """An L{Exchange} with plausible defaults for the fields not given."""
+    values: dict[str, Any] = {
+        "time": 0.0,
+        "client": "127.0.0.1",
+        "user": None,
+        "method": "GET",
+        "target": "http://a.example/",
+        "status": 200,
+        "bytes_to_client": 100,
+        "bytes_to_origin": 50,
+        "duration": 0.02,
+        "upstream": "direct",
+        "error": None,
+    }
+    values.update(fields)
+    return Exchange(**values)
+
+
+def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a parsed scrape, keyed by sample name and sorted labels."""
+    text = metrics.render().decode("utf-8")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+class _Collect(Protocol):
+    """A client that keeps every byte it receives."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        """Keep the bytes."""
+        self.data += data
+
+
+def fetch(site: Site, path: bytes, method: bytes = b"GET") -> tuple[int, dict[bytes, bytes], bytes]:
+    """
+    Send one request to C{site} over in-memory transports and parse the answer.
+
+    @return: The status code, the header fields (lower-cased names) and the body.
+    """
+    server = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 9090))
+    client = _Collect()
+    transport = iosim.makeFakeClient(client)
+    pump = iosim.connect(server, iosim.makeFakeServer(server), client, transport, greet=False)
+    transport.write(
+        method + b" " + path + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    pump.flush()
+    head, _, body = client.data.partition(b"\r\n\r\n")
+    status_line, *lines = head.split(b"\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, body
+
+
+class MetricsTests(SynchronousTestCase):
+    """Counters and histograms count the Exchange records they are given."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.factory = ProxyFactory(ProxyConfig(), self.clock, connector=RecordingConnector())
+        self.metrics = Metrics(self.factory, self.clock)
+
+    def test_requests_by_method_and_status_class(self) -> None:
+        """Requests are counted per method and status class; status 0 is 0xx."""
+        for method, status in [("GET", 200), ("GET", 204), ("POST", 502), ("GET", 0)]:
+            self.metrics(exchange(method=method, status=status))
+        found = samples(self.metrics)
+        self.assertEqual(
+            found[("aproxy_requests_total", (("method", "GET"), ("status_class", "2xx")))], 2
+        )
+        self.assertEqual(
+            found[("aproxy_requests_total", (("method", "POST"), ("status_class", "5xx")))], 1
+        )
+        self.assertEqual(
+            found[("aproxy_requests_total", (("method", "GET"), ("status_class", "0xx")))], 1
+        )
+
+    def test_unknown_methods_share_one_label(self) -> None:
+        """Methods outside the standard set are counted as "other", bounding the series."""
+        self.metrics(exchange(method="BREW", status=400))
+        self.metrics(exchange(method="X-ANYTHING", status=400))
+        found = samples(self.metrics)
+        self.assertEqual(
+            found[("aproxy_requests_total", (("method", "other"), ("status_class", "4xx")))], 2
+        )
+
+    def test_bytes_both_directions(self) -> None:
+        """Bytes to clients and to origins are summed separately."""
+        self.metrics(exchange(bytes_to_client=1000, bytes_to_origin=10))
+        self.metrics(exchange(bytes_to_client=24, bytes_to_origin=5))
+        found = samples(self.metrics)
+        self.assertEqual(found[("aproxy_bytes_total", (("direction", "to_client"),))], 1024)
+        self.assertEqual(found[("aproxy_bytes_total", (("direction", "to_origin"),))], 15)
+
+    def test_errors_by_type(self) -> None:
+        """Exchanges with an error are counted by its type; others are not errors."""
+        self.metrics(exchange(status=502, error="connection_refused"))
+        self.metrics(exchange(status=502, error="connection_refused"))
+        self.metrics(exchange(status=504, error="connection_timeout"))
+        self.metrics(exchange())
+        found = samples(self.metrics)
+        errors = {k[1]: v for k, v in found.items() if k[0] == "aproxy_errors_total"}
+        self.assertEqual(
+            errors,
+            {(("error", "connection_refused"),): 2, (("error", "connection_timeout"),): 1},
+        )
+
+    def test_request_duration_histogram(self) -> None:
+        """Durations land in the histogram's buckets, count and sum."""
+        for duration in (0.003, 0.2, 7200.0):
+            self.metrics(exchange(duration=duration))
+        found = samples(self.metrics)
+        name = "aproxy_request_duration_seconds"
+        self.assertEqual(found[(name + "_count", ())], 3)
+        self.assertAlmostEqual(found[(name + "_sum", ())], 7200.203)
+        self.assertEqual(found[(name + "_bucket", (("le", "0.005"),))], 1)
+        self.assertEqual(found[(name + "_bucket", (("le", "0.25"),))], 2)
+        self.assertEqual(found[(name + "_bucket", (("le", "3600.0"),))], 2)
+        self.assertEqual(found[(name + "_bucket", (("le", "+Inf"),))], 3)
+
+    def test_connect_histogram(self) -> None:
+        """observe_connect feeds the upstream connect-time histogram."""
+        self.metrics.observe_connect(0.004)
+        self.metrics.observe_connect(1.5)
+        found = samples(self.metrics)
+        name = "aproxy_upstream_connect_seconds"
+        self.assertEqual(found[(name + "_count", ())], 2)
+        self.assertEqual(found[(name + "_bucket", (("le", "0.005"),))], 1)
+
+    def test_idle_proxy_reports_zero_gauges(self) -> None:
+        """With no traffic every gauge and mirrored counter is present and zero."""
+        found = samples(self.metrics)
+        for name in (
+            "aproxy_client_connections",
+            "aproxy_tunnels",
+            "aproxy_upstream_pool_connections",
+            "aproxy_upstream_reused_total",
+        ):
+            self.assertEqual(found[(name, ())], 0, name)
+
+    def test_own_registry(self) -> None:
+        """Each Metrics has its own registry: two can coexist and the global one is untouched."""
+        other = Metrics(self.factory, self.clock)
+        self.metrics(exchange())
+        self.assertEqual(samples(other)[("aproxy_bytes_total", (("direction", "to_client"),))], 0)
+        self.assertIsNone(REGISTRY.get_sample_value("aproxy_bytes_total"))
+
+    def test_given_registry(self) -> None:
+        """Metrics can be registered in a registry the caller supplies."""
+        registry = CollectorRegistry()
+        metrics = Metrics(self.factory, self.clock, registry)
+        metrics(exchange(bytes_to_origin=7))
+        self.assertEqual(
+            registry.get_sample_value("aproxy_bytes_total", {"direction": "to_origin"}), 7
+        )
+
+
+class TrafficTests(ProxyTestCase):
+    """Gauges read from a live factory after real requests through L{ProxyProtocol}."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.metrics = Metrics(self.factory, self.clock)
+        self.factory.observers.append(self.metrics)
+
+    def test_forwarded_requests_and_pool(self) -> None:
+        """Two keep-alive GETs: counted, bytes match, one pooled connection reused once."""
+        attempt, upstream = self.forward()
+        attempt.respond(OK_5)
+        self.proto.dataReceived(GET_A)
+        attempt.respond(OK_5)
+        found = samples(self.metrics)
+        self.assertEqual(
+            found[("aproxy_requests_total", (("method", "GET"), ("status_class", "2xx")))], 2
+        )
+        self.assertEqual(
+            found[("aproxy_bytes_total", (("direction", "to_client"),))], len(self.client.value())
+        )
+        self.assertEqual(
+            found[("aproxy_bytes_total", (("direction", "to_origin"),))], len(upstream.value())
+        )
+        self.assertEqual(found[("aproxy_upstream_reused_total", ())], 1)
+        self.assertEqual(found[("aproxy_upstream_pool_connections", ())], 1)
+        self.assertEqual(found[("aproxy_client_connections", ())], 1)
+        self.assertEqual(found[("aproxy_request_duration_seconds_count", ())], 2)
+
+    def test_tunnel_gauge(self) -> None:
+        """An open CONNECT tunnel counts as a tunnel and as a client connection."""
+        self.connect_client()
+        self.forward(CONNECT_A)
+        found = samples(self.metrics)
+        self.assertEqual(found[("aproxy_client_connections", ())], 2)
+        self.assertEqual(found[("aproxy_tunnels", ())], 1)
+
+
+class DestinationHostTests(SynchronousTestCase):
+    """The destination host is taken from each kind of request target."""
+
+    def test_connect_authority(self) -> None:
+        """A CONNECT target gives its host without the port, IPv6 without brackets."""
+        self.assertEqual(destination_host("CONNECT", "Example.COM:443"), "example.com")
+        self.assertEqual(destination_host("CONNECT", "[::1]:443"), "::1")
+
+    def test_absolute_form(self) -> None:
+        """An absolute-form target gives its host, lower-cased, without port or path."""
+        self.assertEqual(destination_host("GET", "http://A.Example:8080/x?y"), "a.example")
+
+    def test_no_host(self) -> None:
+        """Origin-form, asterisk-form and unparseable targets name no host."""
+        self.assertIsNone(destination_host("GET", "/local"))
+        self.assertIsNone(destination_host("OPTIONS", "*"))
+        self.assertIsNone(destination_host("GET", "http://[::1/"))
+
+
+class HistoryTests(SynchronousTestCase):
+    """The ring of 10-second buckets behind the status page."""
+
+    def test_requests_in_their_buckets(self) -> None:
+        """Each exchange is counted in the bucket of the time it finished."""
+        history = History(1000.0)
+        history.record(1001.0, exchange())
+        history.record(1005.0, exchange())
+        history.record(1012.0, exchange())
+        window = history.window(1015.0)
+        self.assertEqual(len(window), BUCKETS)
+        counts = [bucket.requests for _, bucket in window if bucket is not None]
+        self.assertEqual(counts, [2, 1])
+        self.assertEqual(window[-1][0], 5.0)
+        self.assertEqual(window[-2][0], BUCKET_SECONDS)
+        self.assertEqual(window[-3][0], 0.0)
+
+    def test_bytes_spread_over_duration(self) -> None:
+        """A long exchange's bytes are spread over the buckets it lasted."""
+        history = History(0.0)
+        history.record(105.0, exchange(duration=30.0, bytes_to_client=3000, bytes_to_origin=60))
+        window = history.window(105.0)
+        spread = [
+            (round(bucket.to_client), round(bucket.to_origin))
+            for _, bucket in window
+            if bucket is not None
+        ]
+        self.assertEqual(spread, [(500, 10), (1000, 20), (1000, 20), (500, 10)])
+
+    def test_old_buckets_forgotten(self) -> None:
+        """After 15 minutes a bucket's slot is reused and its counts are gone."""
+        history = History(0.0)
+        history.record(5.0, exchange(target="http://old.example/"))
+        later = 5.0 + BUCKETS * BUCKET_SECONDS
+        history.record(later, exchange(target="http://new.example/"))
+        self.assertEqual(dict(history.totals(later, "hosts")), {"new.example": 1})
+
+    def test_destinations_bounded(self) -> None:
+        """Ever new host names in one bucket are capped, the excess counted as (other)."""
+        history = History(0.0)
+        for i in range(600):
+            history.record(1.0, exchange(target=f"http://h{i}.example/"))
+        hosts = history.totals(1.0, "hosts")
+        self.assertEqual(len(hosts), 501)
+        self.assertEqual(hosts["(other)"], 100)
+
+    def test_gauge_samples_keep_the_peak(self) -> None:
+        """Samples in one bucket keep the highest connection and tunnel counts."""
+        history = History(0.0)
+        history.sample(1.0, 3, 1)
+        history.sample(2.0, 5, 0)
+        bucket = history.window(2.0)[-1][1]
+        assert bucket is not None
+        self.assertEqual((bucket.connections, bucket.tunnels), (5, 1))
+
+
+class SiteTests(SynchronousTestCase):
+    """The HTTP site serves /metrics and /status and nothing else."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.factory = ProxyFactory(ProxyConfig(), self.clock, connector=RecordingConnector())
+        self.metrics = Metrics(self.factory, self.clock)
+        self.site = metrics_site(self.metrics, self.factory)
+
+    def traffic(self) -> None:
+        """A minute of requests to two destinations, one of them with a hostile name."""
+        for second in range(60):
+            self.clock.advance(1)
+            self.metrics(exchange(target="http://a.example/x", bytes_to_client=2000))
+            if second % 3 == 0:
+                self.metrics(exchange(method="CONNECT", target="<script>alert(1)</script>:443"))
+
+    def test_metrics_endpoint(self) -> None:
+        """GET /metrics answers in the Prometheus text format with the counts."""
+        self.traffic()
+        status, headers, body = fetch(self.site, b"/metrics")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers[b"content-type"], b"text/plain; version=0.0.4; charset=utf-8")
+        families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+        [total] = [s for s in families["aproxy_requests"].samples if s.labels["method"] == "GET"]
+        self.assertEqual(total.value, 60)
+
+    def test_status_page(self) -> None:
+        """GET /status is HTML with the connection count, a destination and SVG charts."""
+        self.traffic()
+        status, headers, body = fetch(self.site, b"/status")
+        page = body.decode("utf-8")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers[b"content-type"], b"text/html; charset=utf-8")
+        self.assertIn(b"default-src 'none'", headers[b"content-security-policy"])
+        self.assertIn("client connections<b>0</b>", page)
+        self.assertIn('<td>a.example</td><td class="num">60</td>', page)
+        self.assertIn("<svg", page)
+        self.assertIn("<polyline", page)
+        self.assertNotIn("<script", page)
+        self.assertIn("&lt;script&gt;alert(1)&lt;/script&gt;", page)
+
+    def test_status_shows_configuration(self) -> None:
+        """The configuration table lists the fields with their values."""
+        _, _, body = fetch(self.site, b"/status")
+        page = body.decode("utf-8")
+        self.assertIn("<td>connect_timeout</td><td>10.0</td>", page)
+        self.assertIn("<td>connect_ports</td><td>443</td>", page)
+
+    def test_status_shows_auth_file_path_not_contents(self) -> None:
+        """The password file's path is shown; nothing from inside it is."""
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "htpasswd")
+        digest = base64.b64encode(hashlib.sha1(b"hunter2").digest()).decode()
+        with open(path, "w") as f:
+            f.write(f"alice-the-user:{{SHA}}{digest}\n")
+        factory = ProxyFactory(
+            ProxyConfig(auth_file=path), self.clock, connector=RecordingConnector()
+        )
+        site = metrics_site(Metrics(factory, self.clock), factory)
+        page = fetch(site, b"/status")[2].decode("utf-8")
+        self.assertIn(path, page)
+        self.assertNotIn("alice-the-user", page)
+        self.assertNotIn(digest, page)
+
+    def test_unknown_paths_404(self) -> None:
+        """The root, unknown paths and paths below the two pages are 404."""
+        for path in (b"/", b"/nothing", b"/metrics/extra", b"/status/"):
+            self.assertEqual(fetch(self.site, path)[0], 404, path)
+
+    def test_other_methods_405(self) -> None:
+        """Only GET and HEAD are served; anything else is 405 with Allow."""
+        status, headers, _ = fetch(self.site, b"/metrics", b"POST")
+        self.assertEqual(status, 405)
+        self.assertEqual(headers[b"allow"], b"GET, HEAD")
+
+    def test_head(self) -> None:
+        """HEAD /metrics answers 200 with the headers and no body."""
+        status, headers, body = fetch(self.site, b"/metrics", b"HEAD")
+        self.assertEqual((status, body), (200, b""))
+        self.assertTrue(headers[b"content-type"].startswith(b"text/plain"))
+
+
+_CHROMIUM = next(
+    (
+        path
+        for path in (
+            shutil.which("chromium"),
+            shutil.which("chromium-browser"),
+            shutil.which("google-chrome"),
+        )
+        if path
+    ),
+    None,
+)
+
+
+class ScreenshotTests(SynchronousTestCase):
+    """The status page renders in a real browser (only where Chromium is installed)."""
+
+    def test_headless_screenshot(self) -> None:
+        """Headless Chromium renders /status to a PNG."""
+        if _CHROMIUM is None:
+            self.skipTest("Chromium is not installed")
+        clock = Clock()
+        clock.advance(1_700_000_000)
+        factory = ProxyFactory(ProxyConfig(), clock, connector=RecordingConnector())
+        metrics = Metrics(factory, clock)
+        for second in range(300):
+            clock.advance(1)
+            for _ in range(second % 7):
+                metrics(exchange(target=f"http://host{second % 5}.example/", duration=0.5))
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        page = os.path.join(directory, "status.html")
+        png = os.path.join(directory, "status.png")
+        with open(page, "wb") as f:
+            f.write(metrics.render_status())
+        result = subprocess.run(
+            [
+                _CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                f"--screenshot={png}",
+                "--window-size=1200,900",
+                "file://" + page,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        self.assertTrue(os.path.exists(png), result.stderr[-2000:])
+        self.assertGreater(os.path.getsize(png), 1000)
