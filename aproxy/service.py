@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from aproxy.accesslog import AccessLog
 from aproxy.config import ProxyConfig
 from aproxy.factory import ProxyFactory
 from aproxy.metrics import Metrics, metrics_site
@@ -85,6 +86,7 @@ class _ProxyService(MultiService):
     def __init__(self, factory: ProxyFactory) -> None:
         super().__init__()
         self.factory = factory
+        self.access_log: AccessLog | None = None
 
     def stopService(self) -> Deferred[None]:
         """Stop listening, then wait for the connections in flight to finish."""
@@ -94,6 +96,8 @@ class _ProxyService(MultiService):
     async def _stop(self) -> None:
         await super().stopService()
         await self.factory.drain(self.factory.config.shutdown_timeout)
+        if self.access_log is not None:
+            self.access_log.close()
 
 
 def public_listeners(config: ProxyConfig) -> list[str]:
@@ -133,7 +137,8 @@ def makeService(config: ProxyConfig, reactor: Any = None) -> IService:
     @param reactor: The reactor to listen and connect with (the global one by default).
     @return: A L{MultiService}; start it (or give it a parent) to listen. A port that
         can't be bound makes C{privilegedStartService} raise C{CannotListenError}.
-    @raise ValueError: If an endpoint description is malformed.
+    @raise ValueError: If an endpoint description is malformed, or the access log can't
+        be opened.
     """
     if reactor is None:
         from twisted.internet import reactor as _reactor
@@ -146,6 +151,9 @@ def makeService(config: ProxyConfig, reactor: Any = None) -> IService:
         service = _ListeningService(endpoint, factory)
         service.setName(description)
         service.setServiceParent(top)
+    if config.access_log is not None:
+        top.access_log = AccessLog(config.access_log, config.access_log_format, reactor)
+        factory.observers.append(top.access_log)
     if config.metrics is not None:
         metrics = Metrics(factory, reactor)
         factory.observers.append(metrics)

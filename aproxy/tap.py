@@ -337,6 +337,16 @@ class _CommandLineService(MultiService):
 
             threads = cast(Any, reactor)
             signal.signal(signal.SIGHUP, lambda signum, frame: threads.callFromThread(self.reload))
+            signal.signal(
+                signal.SIGUSR1, lambda signum, frame: threads.callFromThread(self.reopen_logs)
+            )
+
+    def reopen_logs(self) -> None:
+        """Reopen the access log (SIGUSR1, after logrotate moved it)."""
+        access_log = getattr(self._inner, "access_log", None)
+        if access_log is not None:
+            access_log.reopen()
+            self.log.info("access log reopened")
 
     def reload(self) -> None:
         """

@@ -110,3 +110,67 @@ class ReloadSignalTests(SynchronousTestCase):
                         proc.wait()
                     if proc.stdout:
                         proc.stdout.close()
+
+
+class AccessLogSignalTests(SynchronousTestCase):
+    """The access log of a real twistd process: JSON lines, reopened on SIGUSR1."""
+
+    def test_access_log_rotation(self) -> None:
+        """Lines go to the file; after a rename and SIGUSR1 new lines go to a new file."""
+        import json
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        with tempfile.TemporaryDirectory() as tmp:
+            log = Path(tmp) / "access.log"
+            proc = subprocess.Popen(
+                [
+                    str(Path(sys.executable).with_name("twistd")),
+                    "-n",
+                    "--pidfile=",
+                    "aproxy",
+                    "--port",
+                    str(port),
+                    "--deny-host",
+                    "blocked.invalid",
+                    "--access-log",
+                    str(log),
+                    "--access-log-format",
+                    "json",
+                ],
+                cwd=tmp,
+                env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                wait_for_line(proc, b"starting on")
+                self.assertEqual(
+                    status_of(port, b"http://blocked.invalid/one"), b"HTTP/1.1 403 Forbidden"
+                )
+                log.rename(Path(tmp) / "access.log.1")
+                proc.send_signal(signal.SIGUSR1)
+                wait_for_line(proc, b"access log reopened")
+                self.assertEqual(
+                    status_of(port, b"http://blocked.invalid/two"), b"HTTP/1.1 403 Forbidden"
+                )
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait()
+                    if proc.stdout:
+                        proc.stdout.close()
+            self.assertEqual(proc.returncode, 0)
+            [old] = (Path(tmp) / "access.log.1").read_text().splitlines()
+            [new] = log.read_text().splitlines()
+        first, second = json.loads(old), json.loads(new)
+        self.assertEqual(
+            (first["target"], first["status"], first["error"], first["client"]),
+            ("http://blocked.invalid/one", 403, "http_request_denied", "127.0.0.1"),
+        )
+        self.assertEqual(second["target"], "http://blocked.invalid/two")
