@@ -67,7 +67,7 @@ from aproxy.tunnel import Tunnel
 from aproxy.upstream import (
     UpstreamProtocol,
 )
-from aproxy.wire import write_now
+from aproxy.wire import bulk_reads, write_now
 
 if TYPE_CHECKING:
     from aproxy.factory import ProxyFactory
@@ -85,6 +85,8 @@ __all__ = ["ProxyProtocol", "loop_error"]
 _READING, _CONNECTING, _FORWARDING, _TUNNEL, _CLOSING = range(5)
 # Bytes of pipelined requests held while one is in flight before the client is paused.
 _HOLD_LIMIT = 65536
+# Response bodies at least this large are read in bigger pieces (see wire.bulk_reads).
+_BULK = 1 << 20
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
@@ -650,6 +652,8 @@ class ProxyProtocol(ClientConnection):
                 self._response_complete()
             return
         self._resp_body = decoder
+        if kind != BODY_LENGTH or (resp.content_length or 0) >= _BULK:
+            bulk_reads(self._up.transport)  # type: ignore[union-attr]
         self._response_data(rest, head)
 
     def _response_data(self, data: bytes, head: bytes | None) -> None:
@@ -720,6 +724,7 @@ class ProxyProtocol(ClientConnection):
         up = self._detach()
         if up is not None:
             upt = up.transport
+            bulk_reads(upt, False)
             if self._up_reusable and self._req_body is None and self.config.pool_size:
                 upt.resumeProducing()
                 self.factory.pool.release(up)

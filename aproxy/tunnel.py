@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from aproxy.upstream import UpstreamProtocol
-from aproxy.wire import write_now
+from aproxy.wire import bulk_reads, write_now
 
 __all__ = ["Tunnel"]
 
@@ -68,6 +68,8 @@ class Tunnel:
         upstream.on_data = self.from_origin
         upstream.on_eof = self.origin_eof
         upstream.on_lost = self.origin_lost
+        bulk_reads(self._client)
+        bulk_reads(self._origin)
         self._client.registerProducer(self._origin, True)
         self._origin.registerProducer(self._client, True)
         self._timer = self._clock.callLater(

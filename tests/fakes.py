@@ -16,6 +16,7 @@ class HalfCloseTransport(StringTransport):
     """A L{StringTransport} that records a shutdown of its write side."""
 
     write_closed = False
+    bufferSize = 65536  # noqa: N815 (a TCP transport's read size, named by Twisted)
 
     def loseWriteConnection(self) -> None:
         """Record that the write side was shut down."""

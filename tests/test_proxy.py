@@ -293,6 +293,15 @@ class BodyTests(ProxyTestCase):
         self.assertTrue(value.endswith(b"\r\n\r\nhi"))
         self.assertTrue(self.client.disconnecting)
 
+    def test_large_body_read_in_bulk(self) -> None:
+        """A large response body is read with the bulk read size, reset when pooled."""
+        attempt, upstream = self.forward()
+        attempt.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2000000\r\n\r\n")
+        self.assertEqual(upstream.bufferSize, 1 << 18)
+        attempt.respond(b"x" * 2000000)
+        self.assertEqual(len(self.factory.pool), 1)
+        self.assertEqual(upstream.bufferSize, 1 << 16)
+
     def test_head_response_has_no_body(self) -> None:
         """A HEAD response keeps its Content-Length but carries no body."""
         attempt, _ = self.forward(b"HEAD http://a.example/ HTTP/1.1\r\nHost: a\r\n\r\n")

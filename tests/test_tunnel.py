@@ -50,6 +50,7 @@ class ConnectTests(ProxyTestCase):
         self.assertIs(self.client.producer, upstream)
         self.assertIs(upstream.producer, self.client)
         self.assertTrue(self.client.streaming and upstream.streaming)
+        self.assertEqual((self.client.bufferSize, upstream.bufferSize), (1 << 18, 1 << 18))
 
     def test_ipv6_literal(self) -> None:
         """An IPv6 literal in brackets is dialed without brackets."""

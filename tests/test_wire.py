@@ -8,7 +8,7 @@ from twisted.internet import tcp
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from aproxy.wire import write_now
+from aproxy.wire import BULK_BUFFER, bulk_reads, write_now
 
 
 class FakeSocket:
@@ -72,3 +72,21 @@ class WriteNowTests(SynchronousTestCase):
         transport = StringTransport()
         write_now(transport, b"data")
         self.assertEqual(transport.value(), b"data")
+
+
+class BulkReadTests(SynchronousTestCase):
+    """bulk_reads raises a TCP transport's read size and puts it back."""
+
+    def test_raise_and_restore(self) -> None:
+        """The read size goes to BULK_BUFFER and back to the class default."""
+        transport, _ = tcp_server(accept=1)
+        bulk_reads(transport)
+        self.assertEqual(transport.bufferSize, BULK_BUFFER)
+        bulk_reads(transport, False)
+        self.assertEqual(transport.bufferSize, tcp.Server.bufferSize)
+
+    def test_other_transports_untouched(self) -> None:
+        """A transport without a read size is left alone."""
+        transport = StringTransport()
+        bulk_reads(transport)
+        self.assertFalse(hasattr(transport, "bufferSize"))
