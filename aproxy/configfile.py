@@ -37,6 +37,10 @@ def _check(path: str, key: str, value: Any, kind: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("a whole number")
         return value
+    if kind == "workers":
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
+            return str(value)
+        raise bad('a whole number or "auto"')
     if kind == "str":
         if not isinstance(value, str):
             raise bad("a string")

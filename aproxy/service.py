@@ -20,7 +20,7 @@ from aproxy.config import ProxyConfig
 from aproxy.factory import ProxyFactory
 from aproxy.metrics import Metrics, metrics_site
 
-__all__ = ["makeService", "public_listeners"]
+__all__ = ["adopted_service", "makeService", "public_listeners"]
 
 log = Logger()
 
@@ -98,6 +98,52 @@ class _ProxyService(MultiService):
         await self.factory.drain(self.factory.config.shutdown_timeout)
         if self.access_log is not None:
             self.access_log.close()
+
+
+class _AdoptedService(Service):
+    """Serves on a listening socket inherited from the parent (a C{--workers} worker)."""
+
+    def __init__(self, fd: int, family: int, factory: ProxyFactory, reactor: Any) -> None:
+        self.fd = fd
+        self.family = family
+        self.factory = factory
+        self.reactor = reactor
+        self.port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        """Adopt the socket."""
+        super().startService()
+        self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.factory)
+        self.factory.note_listening(self.port.getHost())
+
+    def stopService(self) -> Deferred[None] | None:
+        """Stop accepting on the socket (the parent keeps it)."""
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        return None
+
+
+def adopted_service(
+    config: ProxyConfig, fds: list[tuple[int, int]], reactor: Any = None
+) -> IService:
+    """
+    The proxy service of one C{--workers} worker: like L{makeService}, but serving on
+    inherited listening sockets, given as (file descriptor, address family) pairs.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    factory = ProxyFactory(config, reactor)
+    top = _ProxyService(factory)
+    for fd, family in fds:
+        _AdoptedService(fd, family, factory, reactor).setServiceParent(top)
+    if config.access_log is not None:
+        top.access_log = AccessLog(config.access_log, config.access_log_format, reactor)
+        factory.observers.append(top.access_log)
+    return top
 
 
 def public_listeners(config: ProxyConfig) -> list[str]:

@@ -21,7 +21,9 @@ from twisted.python import usage
 from aproxy.auth import HtpasswdAuthenticator
 from aproxy.config import DEFAULT_PORT, ProxyConfig, listen_description, parse_port_list
 from aproxy.configfile import ConfigFileError, load_config_file
+from aproxy.service import adopted_service
 from aproxy.service import makeService as _makeService
+from aproxy.workers import WorkerPool, worker_count
 
 __all__ = ["Options", "makeService"]
 
@@ -124,6 +126,13 @@ class Options(usage.Options):
             None,
             "Serve /metrics (Prometheus) and /status (a page) on this endpoint, e.g. "
             "tcp:9108:interface=127.0.0.1 (a bare number means that port on 127.0.0.1).",
+        ],
+        [
+            "workers",
+            None,
+            "1",
+            "Worker processes sharing the listening ports (auto: one per core). Each is a "
+            "whole proxy; the parent restarts one that dies and passes signals on.",
         ],
         [
             "shutdown-timeout",
@@ -235,6 +244,12 @@ class Options(usage.Options):
             except Exception as e:
                 raise usage.UsageError(f"--port {description}: {e}") from None
         try:
+            self["worker-count"] = worker_count(str(self["workers"]))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        if self["worker-count"] > 1 and self["metrics"] is not None:
+            raise usage.UsageError("--metrics can't be used with --workers yet")
+        try:
             self["proxy-config"] = ProxyConfig(
                 ports=ports,
                 connect_timeout=_number(self, "connect-timeout", float),
@@ -297,6 +312,7 @@ OPTION_KINDS: dict[str, str] = {
     "auth": "str",
     "auth-realm": "str",
     "shutdown-timeout": "float",
+    "workers": "workers",
     "access-log": "str",
     "access-log-format": "str",
     "metrics": "str",
@@ -343,6 +359,9 @@ class _CommandLineService(MultiService):
 
     def reopen_logs(self) -> None:
         """Reopen the access log (SIGUSR1, after logrotate moved it)."""
+        if isinstance(self._inner, WorkerPool):
+            self._inner.signal_workers(signal.SIGUSR1)
+            return
         access_log = getattr(self._inner, "access_log", None)
         if access_log is not None:
             access_log.reopen()
@@ -356,6 +375,9 @@ class _CommandLineService(MultiService):
         logged and the running one kept.
         """
         assert self._options is not None
+        if isinstance(self._inner, WorkerPool):
+            self._inner.signal_workers(signal.SIGHUP)
+            return
         fresh = Options()
         fresh.exit_on_config_error = False
         try:
@@ -381,6 +403,8 @@ class _CommandLineService(MultiService):
             super().privilegedStartService()
         except CannotListenError as e:
             self._exit(f"aproxy: cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}")
+        except (OSError, ValueError) as e:
+            self._exit(f"aproxy: cannot listen: {e}")
 
     def stopService(self) -> Any:
         """
@@ -403,9 +427,27 @@ def _exit(message: str) -> None:
 
 def makeService(options: Options) -> IService:
     """Make the proxy service from parsed command-line options."""
+    config = options["proxy-config"]
+    if options["worker-count"] > 1:
+        from twisted.internet import reactor
+
+        argv = [a for a in options.argv]
+        pool = WorkerPool(config, argv, options["worker-count"], reactor)
+        return _CommandLineService(pool, _exit, options)
     try:
-        inner = _makeService(options["proxy-config"])
+        inner = _makeService(config)
     except ValueError as e:
         _exit(f"aproxy: {e}")
         raise  # unreachable: _exit raises
+    return _CommandLineService(inner, _exit, options)
+
+
+def worker_service(argv: list[str], fds: list[tuple[int, int]]) -> IService:
+    """
+    The service of one C{--workers} worker process: the same options as the parent,
+    serving on the inherited sockets, reloading on SIGHUP and reopening logs on SIGUSR1.
+    """
+    options = Options()
+    options.parseOptions(argv)
+    inner = adopted_service(options["proxy-config"], fds)
     return _CommandLineService(inner, _exit, options)
