@@ -23,11 +23,10 @@ from typing import Any
 
 from twisted.application.service import IService
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
 from aproxy import ProxyConfig, ProxyFactory, makeService
@@ -40,6 +39,7 @@ from tests.origin import (
     respond,
     stream,
 )
+from tests.tracking import ConnectionTracking
 
 # Socket timeouts for the blocking clients: shorter than the test timeout, so a hang fails
 # with a client-side error that says where it hung.
@@ -299,60 +299,12 @@ def never_answer(request: OriginRequest, proto: OriginProtocol) -> None:
     """Accept the request and say nothing."""
 
 
-class IntegrationTests(TestCase):
+class IntegrationTests(ConnectionTracking, TestCase):
     """The proxy between real sockets on the loopback interface."""
 
     timeout = 30
 
     # -- fixtures ---------------------------------------------------------------------------
-
-    def track(self, factory: Factory[Any]) -> list[Protocol]:
-        """
-        Record every protocol C{factory} builds and add a cleanup per connection that aborts
-        it if still open and waits until it is really gone (trial fails a dirty reactor).
-
-        @return: The list the built protocols are appended to.
-        """
-        built: list[Protocol] = []
-        build = factory.buildProtocol
-
-        def buildProtocol(addr: Any) -> Protocol | None:
-            proto = build(addr)
-            if proto is not None:
-                built.append(proto)
-                self._watch(proto)
-            return proto
-
-        factory.buildProtocol = buildProtocol  # type: ignore[method-assign]
-        return built
-
-    def _watch(self, proto: Protocol) -> None:
-        gone: list[Deferred[None]] = []
-        lost = False
-        original = proto.connectionLost
-
-        def connectionLost(reason: Failure) -> None:
-            nonlocal lost
-            try:
-                original(reason)
-            finally:
-                lost = True
-                for d in gone:
-                    d.callback(None)
-
-        proto.connectionLost = connectionLost  # type: ignore[method-assign, assignment]
-
-        def disconnect() -> Deferred[None]:
-            if lost:
-                return succeed(None)
-            d: Deferred[None] = Deferred()
-            gone.append(d)
-            transport: Any = proto.transport
-            if transport is not None:
-                transport.abortConnection()
-            return d
-
-        self.addCleanup(disconnect)
 
     @inlineCallbacks
     def listen(self, factory: Factory[Any], interface: str = LOCAL) -> Generator[Any, Any, int]:

@@ -14,17 +14,17 @@ from collections.abc import Generator
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
 from aproxy import ProxyConfig, ProxyFactory
 from tests.origin import Origin
 from tests.test_integration import LOCAL, RawClient, Response, exchange
 from tests.test_integration import get as get_head
+from tests.tracking import ConnectionTracking
 
 # Bounds the damage if loop detection fails: a looping request is cut off by this many
 # client connections at most, instead of running until the test times out.
@@ -51,58 +51,12 @@ def has_ipv4_mapped_ipv6() -> bool:
     return True
 
 
-class PolicyIntegrationTests(TestCase):
+class PolicyIntegrationTests(ConnectionTracking, TestCase):
     """Access control between real sockets on the loopback interface."""
 
     timeout = 30
 
     # -- fixtures ---------------------------------------------------------------------------
-
-    def track(self, factory: Factory[Any]) -> list[Protocol]:
-        """
-        Record every protocol C{factory} builds; a cleanup per connection aborts it if still
-        open and waits until it is gone.
-        """
-        built: list[Protocol] = []
-        build = factory.buildProtocol
-
-        def buildProtocol(addr: Any) -> Protocol | None:
-            proto = build(addr)
-            if proto is not None:
-                built.append(proto)
-                self._watch(proto)
-            return proto
-
-        factory.buildProtocol = buildProtocol  # type: ignore[method-assign]
-        return built
-
-    def _watch(self, proto: Protocol) -> None:
-        gone: list[Deferred[None]] = []
-        lost = False
-        original = proto.connectionLost
-
-        def connectionLost(reason: Failure) -> None:
-            nonlocal lost
-            try:
-                original(reason)
-            finally:
-                lost = True
-                for d in gone:
-                    d.callback(None)
-
-        proto.connectionLost = connectionLost  # type: ignore[method-assign, assignment]
-
-        def disconnect() -> Deferred[None]:
-            if lost:
-                return succeed(None)
-            d: Deferred[None] = Deferred()
-            gone.append(d)
-            transport: Any = proto.transport
-            if transport is not None:
-                transport.abortConnection()
-            return d
-
-        self.addCleanup(disconnect)
 
     @inlineCallbacks
     def listen(self, factory: Factory[Any]) -> Generator[Any, Any, Any]:
