@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import runpy
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -15,6 +12,7 @@ from twisted.application.service import IService
 from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy.tap import Options
+from tests.processes import TWISTD, start, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -53,42 +51,16 @@ class ExampleTests(SynchronousTestCase):
             "os.environ['LISTEN_PID'] = str(os.getpid())\n"
             "os.execv(sys.argv[2], sys.argv[2:])\n"
         )
-        twistd = str(Path(sys.executable).with_name("twistd"))
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
         with tempfile.TemporaryDirectory() as cwd:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    launcher,
-                    str(listener.fileno()),
-                    twistd,
-                    "-n",
-                    "--pidfile=",
-                    "aproxy",
-                    "--port",
-                    "systemd:domain=INET:index=0",
-                ],
-                cwd=cwd,
-                env=env,
-                pass_fds=(listener.fileno(),),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
+            args = [sys.executable, "-c", launcher, str(listener.fileno()), TWISTD, "-n"]
+            args += ["--pidfile=", "aproxy", "--port", "systemd:domain=INET:index=0"]
+            proc = start(args, cwd, pass_fds=(listener.fileno(),))
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
                     client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
                     reply = client.recv(65536)
             finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                finally:
-                    if proc.poll() is None:
-                        proc.kill()
-                        proc.wait()
-                    if proc.stdout:
-                        proc.stdout.close()
+                stop(proc)
         # Answered by aproxy (an origin-form request gets its explanation).
         self.assertTrue(reply.startswith(b"HTTP/1.1 400 Bad Request"), reply)
         self.assertIn(b"forward proxy", reply)

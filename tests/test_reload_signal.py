@@ -1,60 +1,16 @@
-"""SIGHUP on a real twistd process re-reads the config file without dropping connections."""
+"""Signals on a real twistd process: SIGHUP reloads the config file, SIGUSR1 reopens logs."""
 
 from __future__ import annotations
 
-import os
-import select
+import json
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_for_line(proc: subprocess.Popen[bytes], text: bytes, seconds: float = 20) -> bytes:
-    """Read the process's output until a line contains C{text} (bounded in time)."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + seconds
-    seen = b""
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen += line
-        if text in line:
-            return seen
-    raise AssertionError(f"{text!r} not seen in output:\n{seen.decode(errors='replace')}")
-
-
-def status_of(port: int, target: bytes, sock: socket.socket | None = None) -> bytes:
-    """Send one GET for C{target} (on C{sock} if given, kept open) and return its status line."""
-    own = sock is None
-    conn = sock or socket.create_connection(("127.0.0.1", port), timeout=20)
-    try:
-        conn.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-        while len(body) < length:
-            body += conn.recv(65536)
-        return head.split(b"\r\n")[0]
-    finally:
-        if own:
-            conn.close()
+from tests.processes import free_port, status_of, stop, twistd, wait_for_line
 
 
 class ReloadSignalTests(SynchronousTestCase):
@@ -62,27 +18,11 @@ class ReloadSignalTests(SynchronousTestCase):
 
     def test_sighup_reloads_rules(self) -> None:
         """A deny rule removed from the file stops applying after SIGHUP; connections stay."""
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         with tempfile.TemporaryDirectory() as tmp:
             config = Path(tmp) / "aproxy.toml"
             config.write_text(f'port = ["{port}"]\ndeny-host = ["blocked.invalid"]\n')
-            proc = subprocess.Popen(
-                [
-                    str(Path(sys.executable).with_name("twistd")),
-                    "-n",
-                    "--pidfile=",
-                    "aproxy",
-                    "--config",
-                    str(config),
-                ],
-                cwd=tmp,
-                env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
-            try:
+            with twistd(["--config", str(config)], tmp) as proc:
                 wait_for_line(proc, b"starting on")
                 kept = socket.create_connection(("127.0.0.1", port), timeout=20)
                 self.addCleanup(kept.close)
@@ -100,16 +40,6 @@ class ReloadSignalTests(SynchronousTestCase):
                 self.assertEqual(
                     status_of(port, b"http://other.invalid/"), b"HTTP/1.1 403 Forbidden"
                 )
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                finally:
-                    if proc.poll() is None:
-                        proc.kill()
-                        proc.wait()
-                    if proc.stdout:
-                        proc.stdout.close()
 
 
 class AccessLogSignalTests(SynchronousTestCase):
@@ -117,34 +47,12 @@ class AccessLogSignalTests(SynchronousTestCase):
 
     def test_access_log_rotation(self) -> None:
         """Lines go to the file; after a rename and SIGUSR1 new lines go to a new file."""
-        import json
-
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         with tempfile.TemporaryDirectory() as tmp:
             log = Path(tmp) / "access.log"
-            proc = subprocess.Popen(
-                [
-                    str(Path(sys.executable).with_name("twistd")),
-                    "-n",
-                    "--pidfile=",
-                    "aproxy",
-                    "--port",
-                    str(port),
-                    "--deny-host",
-                    "blocked.invalid",
-                    "--access-log",
-                    str(log),
-                    "--access-log-format",
-                    "json",
-                ],
-                cwd=tmp,
-                env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
-            try:
+            args = ["--port", str(port), "--deny-host", "blocked.invalid"]
+            args += ["--access-log", str(log), "--access-log-format", "json"]
+            with twistd(args, tmp) as proc:
                 wait_for_line(proc, b"starting on")
                 self.assertEqual(
                     status_of(port, b"http://blocked.invalid/one"), b"HTTP/1.1 403 Forbidden"
@@ -155,17 +63,7 @@ class AccessLogSignalTests(SynchronousTestCase):
                 self.assertEqual(
                     status_of(port, b"http://blocked.invalid/two"), b"HTTP/1.1 403 Forbidden"
                 )
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                finally:
-                    if proc.poll() is None:
-                        proc.kill()
-                        proc.wait()
-                    if proc.stdout:
-                        proc.stdout.close()
-            self.assertEqual(proc.returncode, 0)
+                self.assertEqual(stop(proc), 0)
             [old] = (Path(tmp) / "access.log.1").read_text().splitlines()
             [new] = log.read_text().splitlines()
         first, second = json.loads(old), json.loads(new)

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
-import time
-from pathlib import Path
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy import ProxyConfig, makeService
+from tests.processes import free_port, twistd, wait_for_line
 from tests.test_proxy import GET_A, OK_5, ProxyTestCase
 
 
@@ -96,53 +92,16 @@ class SignalTests(SynchronousTestCase):
 
     def test_sigterm_with_idle_client_exits_zero_promptly(self) -> None:
         """SIGTERM closes an idle keep-alive client at once and exits 0 well before the timeout."""
-        root = Path(__file__).resolve().parent.parent
-        twistd = Path(sys.executable).with_name("twistd")
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        env = dict(os.environ, PYTHONPATH=str(root))
-        with tempfile.TemporaryDirectory() as cwd:
-            proc = subprocess.Popen(
-                [
-                    str(twistd),
-                    "-n",
-                    "--pidfile=",
-                    "aproxy",
-                    "--port",
-                    str(port),
-                    "--shutdown-timeout",
-                    "30",
-                ],
-                cwd=cwd,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
-            try:
-                client = self._connect(port, proc)
-                # An idle keep-alive client: connected, nothing in flight.
-                proc.send_signal(signal.SIGTERM)
-                client.settimeout(20)
-                self.assertEqual(client.recv(1), b"")  # closed by the proxy
-                client.close()
-                code = proc.wait(timeout=20)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-                output = proc.stdout.read().decode() if proc.stdout else ""
-                if proc.stdout:
-                    proc.stdout.close()
-        self.assertEqual(code, 0, output)
-
-    def _connect(self, port: int, proc: subprocess.Popen[bytes]) -> socket.socket:
-        """Connect once the proxy listens (bounded: 20 s)."""
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                return socket.create_connection(("127.0.0.1", port), timeout=5)
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        port = free_port()
+        args = ["--port", str(port), "--shutdown-timeout", "30"]
+        with tempfile.TemporaryDirectory() as cwd, twistd(args, cwd) as proc:
+            wait_for_line(proc, b"starting on")
+            # An idle keep-alive client: one request answered (by the proxy itself, so the
+            # reactor is surely running), the connection kept, nothing in flight.
+            client = socket.create_connection(("127.0.0.1", port), timeout=20)
+            self.addCleanup(client.close)
+            client.sendall(b"OPTIONS http://x/ HTTP/1.1\r\nHost: x\r\nMax-Forwards: 0\r\n\r\n")
+            self.assertTrue(client.recv(65536).startswith(b"HTTP/1.1 200 OK"))
+            proc.send_signal(signal.SIGTERM)
+            self.assertEqual(client.recv(1), b"")  # closed by the proxy
+            self.assertEqual(proc.wait(timeout=20), 0)

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy.tap import Options
 from aproxy.workers import listening_socket, worker_count
-from tests.test_reload_signal import status_of, wait_for_line
+from tests.processes import free_port, status_of, stop, twistd, wait_for_line
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,62 +52,33 @@ class WorkerProcessTests(SynchronousTestCase):
 
     def test_two_workers(self) -> None:
         """Both workers serve; a killed one is restarted; SIGTERM stops everything with 0."""
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        with tempfile.TemporaryDirectory() as tmp:
-            proc = subprocess.Popen(
-                [
-                    str(Path(sys.executable).with_name("twistd")),
-                    "-n",
-                    "--pidfile=",
-                    "aproxy",
-                    "--port",
-                    str(port),
-                    "--workers",
-                    "2",
-                    "--deny-host",
-                    "blocked.invalid",
-                ],
-                cwd=tmp,
-                env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
-            try:
-                out = wait_for_line(proc, b"worker 0 started")
-                out += wait_for_line(proc, b"worker 1 started")
-                pids = [
-                    int(line.rsplit(b"pid ", 1)[1])
-                    for line in out.splitlines()
-                    if b"started, pid" in line
-                ]
-                self.assertEqual(len(pids), 2)
-                deadline = time.monotonic() + 20
-                while True:
-                    try:
-                        status = status_of(port, b"http://blocked.invalid/")
-                        break
-                    except (OSError, IndexError):
-                        if time.monotonic() > deadline:
-                            raise
-                        time.sleep(0.05)
-                self.assertEqual(status, b"HTTP/1.1 403 Forbidden")
-                os.kill(pids[0], signal.SIGKILL)
-                wait_for_line(proc, b"restarting it")
-                wait_for_line(proc, b"worker 0 started")
-                for _ in range(10):
-                    self.assertEqual(
-                        status_of(port, b"http://blocked.invalid/"), b"HTTP/1.1 403 Forbidden"
-                    )
-            finally:
-                proc.send_signal(signal.SIGTERM)
+        port = free_port()
+        args = ["--port", str(port), "--workers", "2", "--deny-host", "blocked.invalid"]
+        with tempfile.TemporaryDirectory() as tmp, twistd(args, tmp) as proc:
+            out = wait_for_line(proc, b"worker 0 started")
+            out += wait_for_line(proc, b"worker 1 started")
+            pids = [
+                int(line.rsplit(b"pid ", 1)[1])
+                for line in out.splitlines()
+                if b"started, pid" in line
+            ]
+            self.assertEqual(len(pids), 2)
+            deadline = time.monotonic() + 20
+            while True:
                 try:
-                    code = proc.wait(timeout=30)
-                finally:
-                    if proc.poll() is None:
-                        proc.kill()
-                        proc.wait()
-                    if proc.stdout:
-                        proc.stdout.close()
-        self.assertEqual(code, 0)
+                    status = status_of(port, b"http://blocked.invalid/")
+                    break
+                except (OSError, IndexError):
+                    # The workers adopt the socket a moment after they start.
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            self.assertEqual(status, b"HTTP/1.1 403 Forbidden")
+            os.kill(pids[0], signal.SIGKILL)
+            wait_for_line(proc, b"restarting it")
+            wait_for_line(proc, b"worker 0 started")
+            for _ in range(10):
+                self.assertEqual(
+                    status_of(port, b"http://blocked.invalid/"), b"HTTP/1.1 403 Forbidden"
+                )
+            self.assertEqual(stop(proc, 30), 0)
