@@ -287,6 +287,14 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--auth {e}") from None
 
 
+# twistd's --help shows an opt_* docstring as written, indentation included: fold each into
+# one line of text.
+for _name in dir(Options):
+    if _name.startswith("opt_"):
+        _method = getattr(Options, _name)
+        if _method.__doc__:
+            _method.__doc__ = " ".join(_method.__doc__.split())
+
 # The kind of value each long option takes, for the config file (see configfile.py).
 OPTION_KINDS: dict[str, str] = {
     "port": "list",
