@@ -164,6 +164,9 @@ class OptionsTests(SynchronousTestCase):
     def test_help_documents_every_option(self) -> None:
         """--help text names every option."""
         text = str(Options())
+        # Descriptions from opt_* docstrings are folded, not printed with their indentation.
+        self.assertIn("With any --allow-host", " ".join(text.split("\n")).replace("  ", " "))
+        self.assertNotIn("any         --allow-host", text)
         for name in (
             "--port",
             "--connect-timeout",
