@@ -209,7 +209,6 @@ class ProxyProtocol(ClientConnection):
     def connectionLost(self, reason: Failure = Failure(ierror.ConnectionDone())) -> None:  # noqa: B008
         """Stop everything this connection started: timer, dial, upstream connection."""
         self._release_slot()
-        self.factory.connection_gone(self)
         if self._req is not None and self._tunnel is None:
             # The client left with a request unfinished (its own end is not an error of
             # the proxy's, so no Proxy-Status type).
@@ -226,6 +225,8 @@ class ProxyProtocol(ClientConnection):
             up.on_lost = _forget
             up.on_data = _drop
             up.transport.abortConnection()
+        # Last: this may complete a graceful shutdown (which closes the access log).
+        self.factory.connection_gone(self)
 
     # -- flow control -----------------------------------------------------------------
 

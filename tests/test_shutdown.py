@@ -61,6 +61,16 @@ class DrainTests(ProxyTestCase):
         self.lose(self.proto)
         self.successResultOf(d)
 
+    def test_last_record_before_drain_completes(self) -> None:
+        """A client leaving mid-request is reported before the drain completes (log close)."""
+        self.forward()
+        d = self.factory.drain(30)
+        fired_before_record: list[bool] = []
+        self.factory.observers.append(lambda record: fired_before_record.append(d.called))
+        self.lose(self.proto)
+        self.assertEqual(fired_before_record, [False])
+        self.successResultOf(d)
+
     def test_pipelined_request_after_drain_not_started(self) -> None:
         """Once draining, a connection answers what is in flight and reads nothing more."""
         self.proto.dataReceived(GET_A + GET_A)
