@@ -5,6 +5,12 @@ A L{ProxyProtocol} reads a request head with the sans-IO parser, gets an upstrea
 (from the pool or by dialing), forwards the head and streams the body both ways, re-framed,
 with each transport registered as the other's producer so a slow reader pauses the fast
 writer. Every L{ProxyError} becomes a response in one place, L{ProxyProtocol._fail}.
+
+This module is one state machine (reading, connecting, forwarding, tunnel, closing) and is
+kept whole on purpose: its request and response halves share that state on every step,
+and splitting them into mixins would hide the transitions. What is not the state machine
+lives elsewhere: the factory (factory.py), admission, timers and pausing (connection.py),
+the proxy's own responses (responses.py), tunnels (tunnel.py) and records (records.py).
 """
 
 from __future__ import annotations
