@@ -222,15 +222,7 @@ class ProxyProtocol(ClientConnection):
         if self._tunnel is not None:
             self._tunnel.client_lost()
         self._state = _CLOSING
-        self._cancel_timer()
-        if self._connecting is not None:
-            d, self._connecting = self._connecting, None
-            d.cancel()
-        up = self._detach()
-        if up is not None:
-            up.on_lost = _forget
-            up.on_data = _drop
-            up.transport.abortConnection()
+        self._stop_upstream(abort=True)
         # Last: this may complete a graceful shutdown (which closes the access log).
         self.factory.connection_gone(self)
 
@@ -736,9 +728,7 @@ class ProxyProtocol(ClientConnection):
                 upt.resumeProducing()
                 self.factory.pool.release(up)
             else:
-                up.on_lost = _forget
-                up.on_data = _drop
-                upt.loseConnection()
+                _abandon(up, abort=False)
         if not self._keep_client:
             self._close()
             return
@@ -847,19 +837,21 @@ class ProxyProtocol(ClientConnection):
         self._emit(err.status, err.error_type)
         self._close()
 
+    def _stop_upstream(self, abort: bool) -> None:
+        """Cancel the timer and any dial; close the upstream connection in flight."""
+        self._cancel_timer()
+        if self._connecting is not None:
+            d, self._connecting = self._connecting, None
+            d.cancel()
+        up = self._detach()
+        if up is not None:
+            _abandon(up, abort)
+
     def _close(self) -> None:
         if self._state == _CLOSING:
             return
         self._state = _CLOSING
-        self._cancel_timer()
-        up = self._detach()
-        if up is not None:
-            up.on_lost = _forget
-            up.on_data = _drop
-            up.transport.loseConnection()
-        if self._connecting is not None:
-            d, self._connecting = self._connecting, None
-            d.cancel()
+        self._stop_upstream(abort=False)
         self._paused = 0
         self.transport.loseConnection()
 
@@ -867,6 +859,16 @@ class ProxyProtocol(ClientConnection):
 def loop_error() -> Forbidden:
     """The 403 for a request that would reach this proxy again."""
     return Forbidden("request loop: the destination is this proxy", "proxy_loop_detected")
+
+
+def _abandon(up: UpstreamProtocol, abort: bool) -> None:
+    """Close an upstream connection nobody will read from again (abort: drop its buffer)."""
+    up.on_lost = _forget
+    up.on_data = _drop
+    if abort:
+        up.transport.abortConnection()
+    else:
+        up.transport.loseConnection()
 
 
 def _forget(proto: UpstreamProtocol, reason: Failure) -> None:
