@@ -169,6 +169,11 @@ def _squid_hierarchy(record: Exchange) -> str:
     )
     if not reached:
         return "HIER_NONE/-"
+    if record.upstream != "direct":
+        # Through a parent proxy (its URL without credentials): Squid's code for a
+        # request forwarded to its only parent.
+        parent = record.upstream.partition("://")[2].rpartition(":")[0].strip("[]")
+        return f"DEFAULT_PARENT/{_UNSAFE_URL.sub(_percent_escape, parent) or '-'}"
     host = _UNSAFE_URL.sub(_percent_escape, _target_host(record.target))
     return f"HIER_DIRECT/{host}"
 
@@ -195,7 +200,8 @@ def format_squid(record: Exchange) -> str:
       - C{USER}: the authenticated user URL-encoded, or C{-}.
       - C{HIERARCHY/PEER}: C{HIER_DIRECT/<host>} when the origin was reached, with the
         host name from the target (Squid logs the origin's IP address, which records
-        do not carry); C{HIER_NONE/-} when the proxy answered by itself or the client
+        do not carry); C{DEFAULT_PARENT/<parent host>} when it went through a parent
+        proxy; C{HIER_NONE/-} when the proxy answered by itself or the client
         left before anything was sent to the origin.
       - C{TYPE}: the response content type is not recorded, so always C{-}.
 

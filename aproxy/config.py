@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from aproxy.policy import parse_host_pattern
+from aproxy.routes import Router, parse_parent
 
 __all__ = ["DEFAULT_PORT", "ProxyConfig", "listen_description", "parse_port_list"]
 
@@ -103,6 +104,14 @@ class ProxyConfig:
     @ivar access_log_format: C{"combined"}, C{"squid"} or C{"json"}.
     @ivar metrics: A server endpoint description for C{/metrics} and C{/status}, or
         L{None} for none.
+    @ivar routes: C{PATTERN=TARGET} rules choosing a parent proxy (or C{direct}) per
+        destination host, first match wins (see L{aproxy.routes.parse_route}).
+    @ivar upstream: A parent proxy URL for everything no route matched (the same as a
+        last route C{*=URL}), or L{None}.
+    @ivar ca_file: A PEM file of certificate authorities trusted for TLS to origins and
+        parents, in addition to the system's trust store.
+    @ivar insecure_hosts: Hosts whose TLS certificates are not verified (named one by
+        one; there is no switch for all).
     """
 
     ports: tuple[str, ...] = (DEFAULT_PORT,)
@@ -130,6 +139,10 @@ class ProxyConfig:
     access_log: str | None = None
     access_log_format: str = "combined"
     metrics: str | None = None
+    routes: tuple[str, ...] = ()
+    upstream: str | None = None
+    ca_file: str | None = None
+    insecure_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Validate every field so that a bad value fails at start, not per request."""
@@ -180,10 +193,29 @@ class ProxyConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be a whole number, 1 or more")
+        try:
+            Router(self.routes)
+        except ValueError as e:
+            raise ValueError(f"route: {e}") from None
+        if self.upstream is not None:
+            try:
+                parse_parent(self.upstream)
+            except ValueError as e:
+                raise ValueError(f"upstream: {e}") from None
+        for host in self.insecure_hosts:
+            if not host.strip() or any(c in host for c in "*/ \t"):
+                raise ValueError(f"insecure-host: {host!r} is not a host name or address")
         if self.connect_ports is not None:
             for low, high in self.connect_ports:
                 if not 0 < low <= high < 65536:
                     raise ValueError(f"connect-ports: bad port range {low}-{high}")
+
+    @property
+    def all_routes(self) -> tuple[str, ...]:
+        """The routes, with C{upstream} as the last one (C{*=URL})."""
+        if self.upstream is None:
+            return self.routes
+        return (*self.routes, "*=" + self.upstream)
 
     def connect_allowed(self, port: int) -> bool:
         """Whether a CONNECT tunnel may go to C{port}."""

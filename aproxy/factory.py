@@ -11,16 +11,25 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IProtocolNegotiationFactory,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from aproxy.auth import HtpasswdAuthenticator, IAuthenticator
+from aproxy.chain import Dialer
 from aproxy.config import ProxyConfig
 from aproxy.http1 import Target, parse_absolute_target
 from aproxy.policy import AccessPolicy, IPolicy, normalize_address
 from aproxy.proxy import ProxyProtocol, loop_error
 from aproxy.records import ExchangeObserver
+from aproxy.routes import Router
+from aproxy.tls import ClientTLS
 from aproxy.upstream import EndpointConnector, IUpstreamConnector, UpstreamFactory, UpstreamPool
 
 __all__ = ["ProxyFactory"]
@@ -29,6 +38,7 @@ __all__ = ["ProxyFactory"]
 _CACHE_SIZE = 1024
 
 
+@implementer(IProtocolNegotiationFactory)
 class ProxyFactory(Factory):
     """
     Builds a L{ProxyProtocol} per client connection and holds what they share: the
@@ -83,6 +93,7 @@ class ProxyFactory(Factory):
             )
         )
         self.upstream_factory = UpstreamFactory(config.max_head_size)
+        self.dialer = self._make_dialer(config)
         self.pool = UpstreamPool(reactor, max(config.pool_size, 1), config.pool_idle_timeout)
         # A random marker in this instance's Via comment: a request that comes back
         # carrying it has looped, while another aproxy instance has a marker of its own.
@@ -113,8 +124,10 @@ class ProxyFactory(Factory):
         (re-reading its file) and the limits; connections in flight keep their settings
         and nothing is dropped. The listening ports are not changed here.
 
-        @raise ValueError: If the new authenticator's file can't be used; nothing changes.
+        @raise ValueError: If the new authenticator's file or CA file can't be used;
+            nothing changes.
         """
+        tls = ClientTLS(config.ca_file, config.insecure_hosts)
         authenticator = (
             HtpasswdAuthenticator(config.auth_file, config.auth_realm, self.clock)
             if config.auth_file is not None
@@ -132,12 +145,42 @@ class ProxyFactory(Factory):
                 config.connect_timeout,
                 self._check_address if policy.needs_address_check() else None,
             )
+        self.dialer = self._make_dialer(config, tls)
         self.via = (
             config.via.encode("ascii") + b" (" + self.via_marker + b")" if config.via else None
         )
         self.name = (config.via or "aproxy").encode("ascii")
         self._allowed.clear()
         self._targets.clear()
+
+    @property
+    def upstream_factory(self) -> UpstreamFactory:
+        """Builds the protocol of each upstream connection (tests may replace it)."""
+        return self._upstream_factory
+
+    @upstream_factory.setter
+    def upstream_factory(self, factory: UpstreamFactory) -> None:
+        self._upstream_factory = factory
+        dialer: Dialer | None = getattr(self, "dialer", None)
+        if dialer is not None:
+            dialer.upstream_factory = factory
+
+    def _make_dialer(self, config: ProxyConfig, tls: ClientTLS | None = None) -> Dialer:
+        """The dialer for C{config}: its routes, TLS trust and the current connector."""
+        # Parents are configured, not requested: the destination address rules don't
+        # apply to them (a parent on a private network is normal).
+        parent_connector = (
+            EndpointConnector(self.clock, config.connect_timeout)
+            if self._own_connector
+            else self.connector
+        )
+        return Dialer(
+            self.connector,
+            parent_connector,
+            tls if tls is not None else ClientTLS(config.ca_file, config.insecure_hosts),
+            self.upstream_factory,
+            Router(config.all_routes),
+        )
 
     def drain(self, timeout: float) -> Deferred[None]:
         """
@@ -260,6 +303,16 @@ class ProxyFactory(Factory):
 
     def _check_address(self, host: str, address: str) -> None:
         self.policy.check_address(host, address)
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        The ALPN protocols a TLS listener (C{--port ssl:...}) agrees to: HTTP/1.1.
+
+        Clients such as curl offer C{http/1.1} to an HTTPS proxy; Twisted's TLS server
+        answers an offer it has no protocol in common with by a fatal "internal error"
+        alert, so a proxy without this list could not be reached over TLS by them.
+        """
+        return [b"http/1.1"]
 
     def buildProtocol(self, addr: IAddress | None) -> ProxyProtocol:
         """Make the protocol for one client connection."""

@@ -524,6 +524,7 @@ def serialize_request_head(
     via: bytes | None,
     extra_fields: bytes = b"",
     drop: tuple[bytes, ...] = (),
+    absolute: bool = False,
 ) -> bytes:
     """
     Write the head forwarded to the origin: origin-form target, C{Host} from the target,
@@ -532,8 +533,14 @@ def serialize_request_head(
     @param via: The C{Via} field value to append, or L{None} for none.
     @param extra_fields: Already-serialised field lines to add (e.g. C{Max-Forwards}).
     @param drop: Further lowercase field names to leave out (those C{extra_fields} replace).
+    @param absolute: Write the target in absolute form, for a parent proxy.
     """
-    parts = [head.method + b" " + target.path + b" HTTP/1.1\r\nHost: " + target.authority + b"\r\n"]
+    path = target.path
+    if absolute:
+        # RFC 9112 section 3.2.2; an OPTIONS for the whole server ("*") is written
+        # without a path (section 3.2.4).
+        path = target.scheme + b"://" + target.authority + (b"" if path == b"*" else path)
+    parts = [head.method + b" " + path + b" HTTP/1.1\r\nHost: " + target.authority + b"\r\n"]
     parts.append(_forwarded_block(head, (b"host", *drop)))
     if head.codings is not None:
         parts.append(framing_fields(BODY_CHUNKED, None, head.codings))

@@ -15,6 +15,7 @@ the proxy's own responses (responses.py), tunnels (tunnel.py) and records (recor
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error as ierror
@@ -29,6 +30,7 @@ from zope.interface import implementer
 
 from aproxy.auth import basic_challenge
 from aproxy.body import ChunkedDecoder, LengthDecoder, UntilCloseDecoder, chunk
+from aproxy.chain import Hop
 from aproxy.connection import (
     _CONNECT,
     _DIAL,
@@ -45,7 +47,6 @@ from aproxy.errors import (
     BadRequest,
     Forbidden,
     GatewayTimeout,
-    NotImplementedByProxy,
     ProxyAuthRequired,
     ProxyError,
     RequestTimeout,
@@ -129,6 +130,7 @@ class ProxyProtocol(ClientConnection):
         self._req_had_body = False
         self._out_head = b""
         self._up: UpstreamProtocol | None = None
+        self._hop: Hop | None = None
         self._reused = False
         self._retried = False
         self._connecting: Deferred[Any] | None = None
@@ -328,11 +330,9 @@ class ProxyProtocol(ClientConnection):
             return
         target = self.factory.parse_target(head.target, head.method)
         self._target = target
-        if target.scheme != b"http":
-            raise NotImplementedByProxy(
-                "https:// targets are not supported yet; use CONNECT through a client"
-            )
         factory.check_destination(target.host, target.port)
+        hop = factory.dialer.plan(target.scheme, target.host, target.port, False)
+        self._hop = hop
         extra = b""
         drop: tuple[bytes, ...] = ()
         if head.method in (b"OPTIONS", b"TRACE"):
@@ -369,15 +369,18 @@ class ProxyProtocol(ClientConnection):
             drop += (b"x-forwarded-for",)
         elif xff == "add" and self._client_ip is not None:
             extra += b"X-Forwarded-For: " + self._client_ip.encode("ascii") + b"\r\n"
-        self._out_head = serialize_request_head(head, target, self._via, extra, drop)
+        if hop.absolute:
+            # To an HTTP parent: a proxy request, with the parent's own credentials.
+            assert hop.parent is not None
+            extra += hop.parent.authorization or b""
+        self._out_head = serialize_request_head(head, target, self._via, extra, drop, hop.absolute)
         self._pending = rest
         self._state = _CONNECTING
-        key = (target.host, target.port)
-        up = self.factory.pool.acquire(key)
+        up = self.factory.pool.acquire(hop.key)
         if up is not None:
             self._attach(up, True)
         else:
-            self._dial(key)
+            self._dial(hop)
 
     def _start_connect(self, head: RequestHead, rest: bytes) -> None:
         if head.codings is not None or head.content_length:
@@ -395,7 +398,8 @@ class ProxyProtocol(ClientConnection):
         self._status = 200
         self._pending = rest
         self._state = _CONNECTING
-        self._dial((host, port))
+        self._hop = hop = self.factory.dialer.plan(b"", host, port, True)
+        self._dial(hop)
 
     def _open_tunnel(self, up: UpstreamProtocol, to_origin: bytes, to_client: bytes) -> None:
         """Switch this connection to a raw relay with C{up} (after a CONNECT or a 101)."""
@@ -427,15 +431,15 @@ class ProxyProtocol(ClientConnection):
         """Whether this connection is a CONNECT or Upgrade tunnel now."""
         return self._tunnel is not None and not self._tunnel.closed
 
-    def _dial(self, key: tuple[str, int]) -> None:
+    def _dial(self, hop: Hop) -> None:
         self._dial_started = self.clock.seconds()
         self._pause(_DIAL)
         self._set_deadline(_CONNECT, self.config.connect_timeout)
-        d = self.factory.connector.connect(key[0], key[1], self.factory.upstream_factory)
+        d = self.factory.dialer.open(hop)
         self._connecting = d
-        d.addCallbacks(self._connected, self._connect_failed, callbackArgs=(key,))
+        d.addCallbacks(self._connected, self._connect_failed, callbackArgs=(hop.key,))
 
-    def _connected(self, up: UpstreamProtocol, key: tuple[str, int]) -> None:
+    def _connected(self, up: UpstreamProtocol, key: Hashable) -> None:
         self._connecting = None
         observers = self.factory.connect_observers
         if observers:
@@ -470,7 +474,7 @@ class ProxyProtocol(ClientConnection):
             "upstream {host}:{port} failed: {why}",
             host=target.host,
             port=target.port,
-            why=failure.getErrorMessage(),
+            why=err.reason,
         )
         self._fail(err)
 
@@ -609,6 +613,18 @@ class ProxyProtocol(ClientConnection):
     def _begin_response(self, resp: ResponseHead, rest: bytes) -> None:
         req = self._req
         assert req is not None
+        if resp.status == 407 and self._hop is not None and self._hop.absolute:
+            # The parent's challenge is for us, not the client, who can't answer it.
+            assert self._hop.parent is not None
+            self._fail(
+                BadGateway(
+                    f"parent proxy {self._hop.parent.name} requires authentication (407): "
+                    "check the credentials in its URL",
+                    "destination_unavailable",
+                    details=f"parent {self._hop.parent.name} answered 407",
+                )
+            )
+            return
         kind = response_body_kind(resp, req.method)
         client11 = req.minor >= 1
         keep = req.keep_alive and self._req_body is None and not self._eof and not self._last
@@ -712,7 +728,7 @@ class ProxyProtocol(ClientConnection):
             self._to_client + (tunnel.to_client if tunnel else 0),
             self._to_origin + (tunnel.to_origin if tunnel else 0),
             now - self._started,
-            "direct",
+            self._hop.label if self._hop is not None else "direct",
             error,
         )
         for observer in observers:
@@ -779,9 +795,8 @@ class ProxyProtocol(ClientConnection):
                 # A pooled connection the origin had closed: try once on a fresh one.
                 self._retried = True
                 self._state = _CONNECTING
-                target = self._target
-                assert target is not None
-                self._dial((target.host, target.port))
+                assert self._hop is not None
+                self._dial(self._hop)
                 return
             self._fail(
                 BadGateway(

@@ -24,7 +24,8 @@ class Exchange:
     @ivar bytes_to_client: Bytes written to the client, heads included (as Squid counts).
     @ivar bytes_to_origin: Bytes written to the origin, heads included.
     @ivar duration: Seconds from the complete request head to the end of the exchange.
-    @ivar upstream: How the origin was reached: C{"direct"} (parents come later).
+    @ivar upstream: How the origin was reached: C{"direct"}, or the parent proxy's URL
+        without credentials (e.g. C{"http://10.1.2.3:3128"}).
     @ivar error: The RFC 9209 C{Proxy-Status} error type, or L{None}.
     """
 

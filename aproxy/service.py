@@ -19,6 +19,7 @@ from aproxy.accesslog import AccessLog
 from aproxy.config import ProxyConfig
 from aproxy.factory import ProxyFactory
 from aproxy.metrics import Metrics, metrics_site
+from aproxy.routes import parse_route
 
 __all__ = ["adopted_service", "makeService", "public_listeners"]
 
@@ -212,6 +213,16 @@ def makeService(config: ProxyConfig, reactor: Any = None) -> IService:
         service.setName("metrics " + config.metrics)
         service.setServiceParent(top)
     _warn_if_exposed(config)
+    if config.insecure_hosts:
+        log.warn(
+            "TLS certificates are NOT verified for {hosts} (--insecure-host): anyone on "
+            "the path to them can read and change that traffic",
+            hosts=", ".join(config.insecure_hosts),
+        )
+    for route in config.all_routes:
+        pattern, parent = parse_route(route)
+        if parent is not None:
+            log.info("route {pattern} -> {parent}", pattern=pattern, parent=parent.name)
     return top
 
 

@@ -23,6 +23,7 @@ from aproxy.config import DEFAULT_PORT, ProxyConfig, listen_description, parse_p
 from aproxy.configfile import ConfigFileError, load_config_file
 from aproxy.service import adopted_service
 from aproxy.service import makeService as _makeService
+from aproxy.tls import ClientTLS
 from aproxy.workers import WorkerPool, worker_count
 
 __all__ = ["Options", "makeService"]
@@ -108,6 +109,21 @@ class Options(usage.Options):
         ],
         ["auth-realm", None, "aproxy", "The realm named in the 407 challenge."],
         [
+            "upstream",
+            None,
+            None,
+            "Send everything through a parent proxy: http://[user:pass@]host:port, "
+            "https://... (TLS to the parent) or socks5://[user:pass@]host:port (names "
+            "resolved by the parent). The same as a last --route '*=URL'.",
+        ],
+        [
+            "ca-file",
+            None,
+            None,
+            "A PEM file of certificate authorities to trust for https:// origins and "
+            "https:// parents, in addition to the system's trust store.",
+        ],
+        [
             "access-log",
             None,
             None,
@@ -155,6 +171,8 @@ class Options(usage.Options):
         self["allow"] = []
         self["deny-host"] = []
         self["allow-host"] = []
+        self["route"] = []
+        self["insecure-host"] = []
         self.argv: list[str] = []
         self.exit_on_config_error = True
         # Which options the command line gave, so that they override the config file.
@@ -199,6 +217,22 @@ class Options(usage.Options):
         --allow-host, only matching destinations are allowed.
         """
         self["allow-host"].append(pattern)
+
+    def opt_route(self, rule: str) -> None:
+        """
+        PATTERN=TARGET (repeatable, first match wins): send requests for hosts matching
+        PATTERN (a host name, *.suffix or *) to TARGET, a parent proxy URL as for
+        --upstream or direct. E.g. --route '*.corp.example=http://10.1.2.3:3128'
+        --route '*=direct'. Hosts no route matches go directly (or to --upstream).
+        """
+        self["route"].append(rule)
+
+    def opt_insecure_host(self, host: str) -> None:
+        """
+        Do not verify the TLS certificate of this origin or parent host (repeatable;
+        there is no switch for all hosts). A warning is logged at start.
+        """
+        self["insecure-host"].append(host)
 
     def opt_port(self, description: str) -> None:
         """
@@ -276,6 +310,10 @@ class Options(usage.Options):
                 access_log=self["access-log"],
                 access_log_format=self["access-log-format"],
                 metrics=self["metrics"],
+                routes=tuple(self["route"]),
+                upstream=self["upstream"],
+                ca_file=self["ca-file"],
+                insecure_hosts=tuple(self["insecure-host"]),
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
@@ -285,6 +323,10 @@ class Options(usage.Options):
                 HtpasswdAuthenticator(self["auth"], self["auth-realm"], clock=Clock())
             except ValueError as e:
                 raise usage.UsageError(f"--auth {e}") from None
+        try:
+            ClientTLS(self["ca-file"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
 
 
 # twistd's --help shows an opt_* docstring as written, indentation included: fold each into
@@ -324,6 +366,10 @@ OPTION_KINDS: dict[str, str] = {
     "access-log": "str",
     "access-log-format": "str",
     "metrics": "str",
+    "route": "list",
+    "upstream": "str",
+    "ca-file": "str",
+    "insecure-host": "list",
 }
 
 

@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from aproxy.upstream import UpstreamProtocol
-from aproxy.wire import bulk_reads, write_now
+from aproxy.wire import bulk_reads, shut_write, write_now
 
 __all__ = ["Tunnel"]
 
@@ -96,7 +96,7 @@ class Tunnel:
         if self._origin_eof:
             self.close()
         else:
-            self._origin.loseWriteConnection()
+            shut_write(self._origin)
 
     def origin_eof(self) -> None:
         """The origin shut down its write side: shut down ours towards the client."""
@@ -104,7 +104,7 @@ class Tunnel:
         if self._client_eof:
             self.close()
         else:
-            self._client.loseWriteConnection()
+            shut_write(self._client)
 
     def client_lost(self) -> None:
         """The client connection ended: close the origin's after flushing it."""

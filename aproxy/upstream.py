@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
@@ -160,19 +160,24 @@ class UpstreamProtocol(Protocol):
     One connection to an origin: a thin adapter that hands received bytes and the
     connection's end to whoever owns it now (a client's L{ProxyProtocol} or the pool).
 
-    @ivar key: The (host, port) the connection goes to, for the pool.
+    @ivar key: Where the connection goes, for the pool (L{aproxy.chain.Hop.key}).
     @ivar reader: Collects the head of each response on this connection.
     @ivar on_data: Called with each received chunk of bytes.
     @ivar on_lost: Called with this protocol and the reason when the connection ends.
     @ivar on_eof: Called when the origin shuts down its write side (a half-close); by
         default that ends the connection, which is what HTTP needs. Tunnels relay it.
+    @ivar on_ready: Called once when the connection can carry a request: when it is made,
+        or with C{wait_handshake} when the TLS handshake beneath it completed (see
+        L{aproxy.chain}); L{None} when nobody waits.
     """
 
     # A TCP or TLS transport: ITransport plus IConsumer, IPushProducer and half-close;
     # no single interface says all of that, so it is typed loosely here.
     transport: Any
-    key: tuple[str, int] = ("", 0)
+    key: Hashable = ("", 0)
     idle_since: float = 0.0
+    wait_handshake = False
+    on_ready: Callable[[], None] | None = None
 
     def __init__(self, reader: HeadReader | None = None) -> None:
         self.reader = reader if reader is not None else HeadReader(65536, 65536, False)
@@ -184,6 +189,26 @@ class UpstreamProtocol(Protocol):
     def _close(self) -> None:
         if self.transport is not None:
             self.transport.loseConnection()
+
+    def connectionMade(self) -> None:
+        """Ready now, unless a TLS handshake beneath must complete first."""
+        if not self.wait_handshake:
+            self._now_ready()
+
+    def handshakeCompleted(self) -> None:
+        """
+        The TLS handshake beneath this protocol completed (and was verified).
+
+        Only instances under a TLS layer declare C{IHandshakeListener} (with
+        C{alsoProvides}): Twisted's endpoint wrapper (26.10) keeps just the last of the
+        optional interfaces a protocol provides, which would hide C{IHalfCloseableProtocol}.
+        """
+        self._now_ready()
+
+    def _now_ready(self) -> None:
+        ready, self.on_ready = self.on_ready, None
+        if ready is not None:
+            ready()
 
     def dataReceived(self, data: bytes) -> None:
         """Hand the bytes to the current owner."""
@@ -228,7 +253,8 @@ class UpstreamFactory(Factory):
 
 class UpstreamPool:
     """
-    Idle upstream connections kept for reuse, per (host, port).
+    Idle upstream connections kept for reuse, per key (see L{aproxy.chain.Hop.key}: the
+    origin, or the parent proxy, and whether it speaks TLS).
 
     A connection is put back only after its response was read completely and neither side
     asked to close. While idle it must stay silent: any byte or a close from the origin
@@ -242,7 +268,7 @@ class UpstreamPool:
         self._clock = clock
         self._max = max_per_key
         self._idle_timeout = idle_timeout
-        self._idle: dict[tuple[str, int], list[UpstreamProtocol]] = {}
+        self._idle: dict[Hashable, list[UpstreamProtocol]] = {}
         self._sweeper: IDelayedCall | None = None
         self.reused = 0
 
@@ -250,7 +276,7 @@ class UpstreamPool:
         """The number of idle connections held."""
         return sum(len(v) for v in self._idle.values())
 
-    def acquire(self, key: tuple[str, int]) -> UpstreamProtocol | None:
+    def acquire(self, key: Hashable) -> UpstreamProtocol | None:
         """Take the most recently used idle connection to C{key}, if there is one."""
         conns = self._idle.get(key)
         while conns:

@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 
-__all__ = ["BULK_BUFFER", "bulk_reads", "write_now"]
+__all__ = ["BULK_BUFFER", "bulk_reads", "shut_write", "write_now"]
 
 # Read size for bulk transfers (tunnels, large bodies): Twisted reads 64 KiB per pass by
 # default; four times that means a quarter of the reactor passes per megabyte (measured on
@@ -53,3 +54,18 @@ def write_now(transport: Any, data: bytes) -> None:
                 return
             data = data[sent:]
     transport.write(data)
+
+
+def shut_write(transport: Any) -> None:
+    """
+    Shut down the write side of C{transport} (a half-close) and keep reading.
+
+    On TCP that is C{loseWriteConnection}. A TLS transport has no TCP-level half-close
+    (a bare FIN would look like a truncation attack to the peer); its C{loseConnection}
+    sends TLS's close_notify, which is TLS's way to say "no more data from me", and
+    Twisted keeps delivering what the peer still sends until the peer closes too.
+    """
+    if isinstance(transport, TLSMemoryBIOProtocol):
+        transport.loseConnection()
+    else:
+        transport.loseWriteConnection()

@@ -40,7 +40,7 @@ class ConfigFileTests(SynchronousTestCase):
         """Each long option (except --config itself) can be set in the file."""
         options = Options()
         names = {p[0] for p in options.optParameters} | {f[0] for f in options.optFlags}
-        names |= {"port", "allow", "deny-host", "allow-host"}
+        names |= {"port", "allow", "deny-host", "allow-host", "route", "insecure-host"}
         self.assertEqual(names - {"config"}, set(OPTION_KINDS))
 
     def test_values_from_file(self) -> None:

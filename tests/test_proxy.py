@@ -8,12 +8,14 @@ from __future__ import annotations
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy.config import ProxyConfig
 from aproxy.factory import ProxyFactory
 from aproxy.proxy import ProxyProtocol
+from aproxy.upstream import UpstreamProtocol
 from tests.fakes import Attempt, HalfCloseTransport, RecordingConnector
 
 GET_A = b"GET http://a.example/x?y=%20 HTTP/1.1\r\nHost: a.example\r\nUser-Agent: t\r\n\r\n"
@@ -522,10 +524,18 @@ class ErrorTests(ProxyTestCase):
         self.proto.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         self.assertIn(b"forward proxy", self.client.value())
 
-    def test_https_target_not_implemented(self) -> None:
-        """https:// targets get 501 until TLS to origins exists."""
+    def test_https_target_dials_tls(self) -> None:
+        """
+        An https:// target is dialled on port 443 with a TLS layer around the upstream
+        protocol, and nothing is sent before that TLS connection is ready.
+        """
         self.proto.dataReceived(b"GET https://a.example/ HTTP/1.1\r\nHost: a\r\n\r\n")
-        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 501 "))
+        [attempt] = self.connector.attempts
+        self.assertEqual((attempt.host, attempt.port), ("a.example", 443))
+        layer = attempt.factory.buildProtocol(None)
+        assert isinstance(layer, TLSMemoryBIOProtocol)
+        self.assertIsInstance(layer.wrappedProtocol, UpstreamProtocol)
+        self.assertEqual(self.client.value(), b"")
 
     def test_client_gone_aborts_upstream(self) -> None:
         """A client that disconnects mid-request takes its upstream connection with it."""

@@ -1,0 +1,608 @@
+"""
+How a request's upstream connection is built: a L{Hop} says where it goes (directly or
+through a parent proxy, in clear or over TLS) and the L{Dialer} opens it, layer by layer.
+
+A connection is a stack of Twisted protocols on one TCP connection, outermost first:
+
+    TLS to an C{https://} parent      (L{TLSMemoryBIOProtocol})
+    a CONNECT or SOCKS5 handshake     (L{HttpConnectHandshake}, L{Socks5Handshake})
+    TLS to an C{https://} origin      (L{TLSMemoryBIOProtocol})
+    the L{UpstreamProtocol}
+
+each layer present only when needed. The L{Deferred} from L{Dialer.open} fires with the
+L{UpstreamProtocol} once every layer is up (TLS handshakes verified, the parent said yes),
+or fails with the L{ProxyError} the client should see: a 502 naming the origin or the
+parent and saying why. The plain direct case stays one call to the connector.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from twisted.internet import error as ierror
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import alsoProvides, implementer
+
+from aproxy.errors import BadGateway, GatewayTimeout, ProxyError
+from aproxy.http1 import HeadReader, parse_response_head
+from aproxy.routes import Parent, Router
+from aproxy.tls import ClientTLS, VerifyNote, tls_failure
+from aproxy.upstream import IUpstreamConnector, UpstreamFactory, UpstreamProtocol
+
+__all__ = ["Dialer", "Hop", "HttpConnectHandshake", "Socks5Handshake"]
+
+# How many plans the dialer remembers (they never change until a reload).
+_CACHE_SIZE = 1024
+
+
+class Hop:
+    """
+    Where one request's upstream connection goes and how.
+
+    @ivar key: The pool key: connections with equal keys are interchangeable.
+    @ivar host: The origin's host, as the client wrote it.
+    @ivar port: The origin's port.
+    @ivar tls: Whether the connection speaks TLS to the origin (an C{https://} target).
+    @ivar parent: The parent proxy it goes through, or L{None} for direct.
+    @ivar absolute: Whether the request goes to an HTTP parent as a proxy request
+        (absolute-form target, the parent's C{Proxy-Authorization}) rather than through a
+        tunnel to the origin.
+    @ivar label: C{"direct"} or the parent's name, for logs.
+    """
+
+    __slots__ = ("absolute", "host", "key", "label", "parent", "port", "tls")
+
+    def __init__(
+        self,
+        key: Hashable,
+        host: str,
+        port: int,
+        tls: bool = False,
+        parent: Parent | None = None,
+        absolute: bool = False,
+    ) -> None:
+        self.key = key
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.parent = parent
+        self.absolute = absolute
+        self.label = parent.name if parent is not None else "direct"
+
+
+def _authority(host: str, port: int) -> str:
+    """C{host:port}, with brackets around an IPv6 address."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Dialer:
+    """
+    Plans and opens upstream connections.
+
+    @param connector: Reaches origins directly (with the policy's address checks).
+    @param parent_connector: Reaches parent proxies (configured, so not checked).
+    @param tls: The TLS client settings for origins and parents.
+    @param upstream_factory: Builds the L{UpstreamProtocol} at the top of each stack.
+    @param router: Which destinations go through which parent.
+    """
+
+    def __init__(
+        self,
+        connector: IUpstreamConnector,
+        parent_connector: IUpstreamConnector,
+        tls: ClientTLS,
+        upstream_factory: UpstreamFactory,
+        router: Router,
+    ) -> None:
+        self.connector = connector
+        self.parent_connector = parent_connector
+        self.tls = tls
+        self.upstream_factory = upstream_factory
+        self.router = router
+        self._plans: dict[tuple[bytes, str, int, bool], Hop] = {}
+
+    def plan(self, scheme: bytes, host: str, port: int, tunnel: bool) -> Hop:
+        """
+        The L{Hop} for a request to C{scheme://host:port} (C{tunnel}: a CONNECT, whose
+        bytes are relayed as they are).
+        """
+        cache_key = (scheme, host, port, tunnel)
+        hop = self._plans.get(cache_key)
+        if hop is not None:
+            return hop
+        parent = self.router.parent_for(host) if self.router else None
+        tls = scheme == b"https" and not tunnel
+        key: Hashable
+        if parent is None:
+            key = ("https", host, port) if tls else (host, port)
+            hop = Hop(key, host, port, tls)
+        elif parent.scheme != "socks5" and not tls and not tunnel:
+            # Plain requests to an HTTP parent share its connections, whatever the origin.
+            hop = Hop(("parent", parent), host, port, False, parent, True)
+        else:
+            key = ("via", parent, "https" if tls else "http", host, port)
+            hop = Hop(key, host, port, tls, parent)
+        if len(self._plans) >= _CACHE_SIZE:
+            self._plans.clear()
+        self._plans[cache_key] = hop
+        return hop
+
+    def open(self, hop: Hop) -> Deferred[UpstreamProtocol]:
+        """
+        Open a connection for C{hop}.
+
+        @return: A L{Deferred} firing with the L{UpstreamProtocol} once the connection is
+            ready for the request, or failing with a L{ProxyError} (or the connector's
+            error for a direct connection, which L{connect_error} explains).
+        """
+        if hop.parent is None and not hop.tls:
+            return self.connector.connect(  # type: ignore[return-value]
+                hop.host, hop.port, self.upstream_factory
+            )
+        return _Attempt(self, hop).start()
+
+
+class _Build(Factory):
+    """A factory whose protocols come from a callable (one stack per connection)."""
+
+    noisy = False
+
+    def __init__(self, build: Callable[[Any], Protocol]) -> None:
+        self._build = build
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        """Build the stack for this connection."""
+        return self._build(addr)
+
+
+def _tls_layer(creator: Any, inner: Protocol) -> Protocol:
+    """A client TLS protocol around C{inner}."""
+    factory = TLSMemoryBIOFactory(creator, True, _Build(lambda addr: inner))
+    return factory.buildProtocol(None)
+
+
+class _Attempt:
+    """One upstream connection being built through its layers."""
+
+    def __init__(self, dialer: Dialer, hop: Hop) -> None:
+        self._dialer = dialer
+        self._hop = hop
+        self.result: Deferred[UpstreamProtocol] = Deferred(self._cancel)
+        self._connecting: Deferred[Any] | None = None
+        self._outer: Protocol | None = None
+        self._up: UpstreamProtocol | None = None
+        self._done = False
+        self._succeeded = False
+        # The TLS layer right around the upstream protocol, if any: (note, whom).
+        self._inner_tls: tuple[VerifyNote, str] | None = None
+
+    def start(self) -> Deferred[UpstreamProtocol]:
+        hop = self._hop
+        parent = hop.parent
+        if parent is not None:
+            connector = self._dialer.parent_connector
+            d = connector.connect(parent.host, parent.port, _Build(self._build))
+        else:
+            d = self._dialer.connector.connect(hop.host, hop.port, _Build(self._build))
+        self._connecting = d
+        d.addCallbacks(self._connected, self._connect_failed)
+        return self.result
+
+    def _build(self, addr: Any) -> Protocol:
+        hop = self._hop
+        parent = hop.parent
+        dialer = self._dialer
+        up = dialer.upstream_factory.buildProtocol(addr)
+        self._up = up
+        up.on_lost = self._lost_early
+        up.on_ready = self._ready
+        layer: Protocol = up
+        if hop.tls:
+            note = VerifyNote()
+            self._inner_tls = (note, _authority(hop.host, hop.port))
+            up.wait_handshake = True
+            alsoProvides(up, IHandshakeListener)
+            layer = _tls_layer(dialer.tls.creator(hop.host, note), layer)
+        if parent is not None and not hop.absolute:
+            kind = Socks5Handshake if parent.scheme == "socks5" else HttpConnectHandshake
+            layer = kind(parent, hop.host, hop.port, layer, self.fail)
+        if parent is not None and parent.scheme == "https":
+            note = VerifyNote()
+            whom = f"parent proxy {parent.name}"
+            # (Declared per instance: see UpstreamProtocol.handshakeCompleted.)
+            alsoProvides(layer, IHandshakeListener)
+            if isinstance(layer, _Handshake):
+                layer.parent_tls = (note, whom)
+            else:
+                self._inner_tls = (note, whom)
+                up.wait_handshake = True
+            layer = _tls_layer(dialer.tls.creator(parent.host, note), layer)
+        self._outer = layer
+        return layer
+
+    def _connected(self, proto: Any) -> None:
+        self._connecting = None
+        if self._done and not self._succeeded:
+            # Cancelled or failed meanwhile.
+            proto.transport.abortConnection()
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._connecting = None
+        if self._done:
+            return
+        self._done = True
+        parent = self._hop.parent
+        if failure.check(CancelledError) or parent is None:
+            self.result.errback(failure)
+            return
+        self.result.errback(parent_unreachable(failure, parent))
+
+    def _ready(self) -> None:
+        if self._done:
+            return
+        self._done = self._succeeded = True
+        up = self._up
+        assert up is not None
+        self.result.callback(up)
+
+    def _lost_early(self, up: UpstreamProtocol, reason: Failure) -> None:
+        if self._inner_tls is not None:
+            note, whom = self._inner_tls
+            self.fail(tls_failure(reason, note, whom))
+            return
+        self.fail(
+            BadGateway(
+                f"the connection to {self._hop.label} ended before it was ready",
+                "connection_terminated",
+            )
+        )
+
+    def fail(self, err: ProxyError) -> None:
+        """Give up: close what is open and fail the attempt with C{err}."""
+        if self._done:
+            return
+        self._done = True
+        self._abort()
+        self.result.errback(err)
+
+    def _abort(self) -> None:
+        outer = self._outer
+        transport = getattr(outer, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+
+    def _cancel(self, d: Deferred[UpstreamProtocol]) -> None:
+        self._done = True
+        if self._connecting is not None:
+            connecting, self._connecting = self._connecting, None
+            connecting.cancel()
+        else:
+            self._abort()
+
+
+def parent_unreachable(failure: Failure, parent: Parent) -> ProxyError:
+    """The error for a parent proxy that could not be connected to: 502, or 504."""
+    name = parent.name
+    details = f"parent {name}"
+    if failure.check(ierror.DNSLookupError):
+        return BadGateway(f"cannot resolve parent proxy {name}", "dns_error", details)
+    if failure.check(ierror.ConnectionRefusedError):
+        return BadGateway(
+            f"connection to parent proxy {name} refused", "connection_refused", details
+        )
+    if failure.check(ierror.TimeoutError):
+        return GatewayTimeout(
+            f"connecting to parent proxy {name} timed out", "connection_timeout", details
+        )
+    if isinstance(failure.value, ProxyError):
+        return failure.value
+    return BadGateway(
+        f"cannot connect to parent proxy {name}: {failure.getErrorMessage()}",
+        "destination_unavailable",
+        details,
+    )
+
+
+@implementer(IHalfCloseableProtocol)
+class _Handshake(Protocol):
+    """
+    Talks to a parent proxy first, then hands the connection to the layer above it:
+    that layer is connected to this transport and gets every later byte and event.
+
+    @ivar parent_tls: When the parent is reached over TLS: the note and name to explain
+        a failed TLS handshake with it.
+    """
+
+    transport: Any
+
+    def __init__(
+        self,
+        parent: Parent,
+        host: str,
+        port: int,
+        inner: Protocol,
+        fail: Callable[[ProxyError], None],
+    ) -> None:
+        self.parent = parent
+        self.host = host
+        self.port = port
+        self._inner = inner
+        self._fail = fail
+        self._open = False
+        self._tls_done = False
+        self._buffer = b""
+        self.parent_tls: tuple[VerifyNote, str] | None = None
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake with the parent completed."""
+        self._tls_done = True
+
+    def dataReceived(self, data: bytes) -> None:
+        """Parent's answer while setting up; afterwards, bytes for the layer above."""
+        if self._open:
+            self._inner.dataReceived(data)
+            return
+        self._buffer += data
+        try:
+            self.received()
+        except ProxyError as e:
+            self.refuse(e)
+
+    def received(self) -> None:
+        """Look at the parent's bytes so far (in C{_buffer})."""
+        raise NotImplementedError
+
+    def refuse(self, err: ProxyError) -> None:
+        """The parent said no (or something unreadable): fail the connection."""
+        self._open = False
+        self._fail(err)
+
+    def succeed(self, rest: bytes) -> None:
+        """The parent opened the way: connect the layer above, hand over C{rest}."""
+        self._open = True
+        self._buffer = b""
+        inner = self._inner
+        inner.makeConnection(self.transport)
+        if rest and self._open:
+            inner.dataReceived(rest)
+
+    def connectionLost(self, reason: Failure = Failure(ierror.ConnectionDone())) -> None:  # noqa: B008
+        """Pass the end on, or explain it if the parent hadn't said yes yet."""
+        if self._open:
+            self._inner.connectionLost(reason)
+            return
+        if self.parent_tls is not None and not self._tls_done:
+            note, whom = self.parent_tls
+            self._fail(tls_failure(reason, note, whom))
+            return
+        self._fail(
+            BadGateway(
+                f"parent proxy {self.parent.name} closed the connection before opening "
+                f"the way to {_authority(self.host, self.port)}",
+                "connection_terminated",
+                details=f"parent {self.parent.name}",
+            )
+        )
+
+    def readConnectionLost(self) -> None:
+        """A half-close from the parent: pass it on if the layer above relays it."""
+        inner = IHalfCloseableProtocol(self._inner, None) if self._open else None
+        if inner is not None:
+            inner.readConnectionLost()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        """Our write side is shut: tell the layer above if it cares."""
+        inner = IHalfCloseableProtocol(self._inner, None) if self._open else None
+        if inner is not None:
+            inner.writeConnectionLost()
+
+
+class HttpConnectHandshake(_Handshake):
+    """
+    Opens a tunnel through an HTTP parent: C{CONNECT host:port} with the parent's
+    credentials; any 2xx answer opens it, anything else is a 502 naming the parent.
+    """
+
+    def connectionMade(self) -> None:
+        """Send the CONNECT (over TLS it waits in the TLS layer until the handshake)."""
+        self._reader = HeadReader(65536, 65536, False)
+        authority = _authority(self.host, self.port).encode("idna")
+        self.transport.write(
+            b"CONNECT "
+            + authority
+            + b" HTTP/1.1\r\nHost: "
+            + authority
+            + b"\r\n"
+            + (self.parent.authorization or b"")
+            + b"\r\n"
+        )
+
+    def received(self) -> None:
+        """Parse the parent's answer once its head is complete."""
+        data, self._buffer = self._buffer, b""
+        try:
+            raw = self._reader.feed(data)
+        except ProxyError:
+            self._bad("an invalid response")
+            return
+        if raw is None:
+            return
+        rest = self._reader.rest
+        try:
+            head = parse_response_head(raw)
+        except ProxyError:
+            self._bad("an invalid response")
+            return
+        if 200 <= head.status < 300:
+            self.succeed(rest)
+            return
+        if 100 <= head.status < 200:
+            # An interim response: the final one follows.
+            self._buffer = rest
+            self._reader = HeadReader(65536, 65536, False)
+            if rest:
+                self.received()
+            return
+        status = f"{head.status} {head.reason.decode('ascii', 'replace')}"
+        why = (
+            "requires authentication (407): check the credentials in its URL"
+            if head.status == 407
+            else f"answered {status}"
+        )
+        self.refuse(
+            BadGateway(
+                f"parent proxy {self.parent.name} refused the tunnel to "
+                f"{_authority(self.host, self.port)}: {why}",
+                "destination_unavailable",
+                details=f"parent {self.parent.name} answered {head.status}",
+            )
+        )
+
+    def _bad(self, what: str) -> None:
+        self.refuse(
+            BadGateway(
+                f"parent proxy {self.parent.name} sent {what} to the CONNECT",
+                "http_protocol_error",
+                details=f"parent {self.parent.name}",
+            )
+        )
+
+
+# RFC 1928 section 6: the reply field.
+_SOCKS_REPLIES = {
+    1: "general SOCKS server failure",
+    2: "connection not allowed by ruleset",
+    3: "network unreachable",
+    4: "host unreachable",
+    5: "connection refused",
+    6: "TTL expired",
+    7: "command not supported",
+    8: "address type not supported",
+}
+_GREETING, _AUTH, _REPLY = range(3)
+
+
+class Socks5Handshake(_Handshake):
+    """
+    Opens a connection through a SOCKS5 parent (RFC 1928): no authentication, or
+    username/password (RFC 1929) when the parent's URL has them; the destination is sent
+    as a name so that the parent resolves it.
+    """
+
+    def connectionMade(self) -> None:
+        """Offer the authentication methods we can do."""
+        self._state = _GREETING
+        if self.parent.username is not None:
+            self.transport.write(b"\x05\x02\x00\x02")
+        else:
+            self.transport.write(b"\x05\x01\x00")
+
+    def received(self) -> None:
+        """Advance through the method choice, the login and the CONNECT reply."""
+        buf = self._buffer
+        if self._state == _GREETING:
+            if len(buf) < 2:
+                return
+            if buf[0] != 5:
+                self._bad("a reply that is not SOCKS5")
+                return
+            method = buf[1]
+            self._buffer = buf[2:]
+            if method == 0:
+                self._send_connect()
+            elif method == 2 and self.parent.username is not None:
+                user = self.parent.username.encode()
+                password = (self.parent.password or "").encode()
+                self._state = _AUTH
+                self.transport.write(
+                    b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password
+                )
+            else:
+                why = (
+                    "accepts none of our authentication methods"
+                    if self.parent.username is not None
+                    else "requires a user name and password (put them in its URL)"
+                )
+                self._refused(why)
+                return
+        elif self._state == _AUTH:
+            if len(buf) < 2:
+                return
+            self._buffer = buf[2:]
+            if buf[1] != 0:
+                self._refused("refused the user name and password")
+                return
+            self._send_connect()
+        else:
+            self._reply()
+            return
+        if self._buffer and self._state == _REPLY:
+            self._reply()
+
+    def _send_connect(self) -> None:
+        self._state = _REPLY
+        host = self.host
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            name = host.encode("idna")
+            if len(name) > 255:
+                self._refused("can't take a host name over 255 bytes")
+                return
+            dest = b"\x03" + bytes([len(name)]) + name
+        else:
+            dest = (b"\x01" if address.version == 4 else b"\x04") + address.packed
+        self.transport.write(b"\x05\x01\x00" + dest + struct.pack("!H", self.port))
+
+    def _reply(self) -> None:
+        buf = self._buffer
+        if len(buf) < 5:
+            return
+        if buf[0] != 5:
+            self._bad("a reply that is not SOCKS5")
+            return
+        kind = buf[3]
+        if kind == 1:
+            size = 4 + 4 + 2
+        elif kind == 4:
+            size = 4 + 16 + 2
+        elif kind == 3:
+            size = 4 + 1 + buf[4] + 2
+        else:
+            self._bad("a reply with an unknown address type")
+            return
+        if len(buf) < size:
+            return
+        if buf[1] != 0:
+            why = _SOCKS_REPLIES.get(buf[1], f"error {buf[1]}")
+            self._refused(f"could not connect: {why}")
+            return
+        self.succeed(buf[size:])
+
+    def _refused(self, why: str) -> None:
+        self.refuse(
+            BadGateway(
+                f"SOCKS5 parent proxy {self.parent.name} {why} "
+                f"(to {_authority(self.host, self.port)})",
+                "destination_unavailable",
+                details=f"parent {self.parent.name}",
+            )
+        )
+
+    def _bad(self, what: str) -> None:
+        self.refuse(
+            BadGateway(
+                f"SOCKS5 parent proxy {self.parent.name} sent {what}",
+                "http_protocol_error",
+                details=f"parent {self.parent.name}",
+            )
+        )
