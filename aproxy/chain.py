@@ -508,47 +508,45 @@ class Socks5Handshake(_Handshake):
 
     def received(self) -> None:
         """Advance through the method choice, the login and the CONNECT reply."""
+        while not self._open and self._step():
+            pass
+
+    def _step(self) -> bool:
+        """Take one complete message from the buffer; whether there may be another."""
         buf = self._buffer
+        if self._state == _REPLY:
+            self._reply()
+            return False
+        if len(buf) < 2:
+            return False
+        self._buffer = buf[2:]
         if self._state == _GREETING:
-            if len(buf) < 2:
-                return
             if buf[0] != 5:
                 self._bad("a reply that is not SOCKS5")
-                return
-            method = buf[1]
-            self._buffer = buf[2:]
-            if method == 0:
-                self._send_connect()
-            elif method == 2 and self.parent.username is not None:
+                return False
+            if buf[1] == 0:
+                return self._send_connect()
+            if buf[1] == 2 and self.parent.username is not None:
                 user = self.parent.username.encode()
                 password = (self.parent.password or "").encode()
                 self._state = _AUTH
                 self.transport.write(
                     b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password
                 )
-            else:
-                why = (
-                    "accepts none of our authentication methods"
-                    if self.parent.username is not None
-                    else "requires a user name and password (put them in its URL)"
-                )
-                self._refused(why)
-                return
-        elif self._state == _AUTH:
-            if len(buf) < 2:
-                return
-            self._buffer = buf[2:]
-            if buf[1] != 0:
-                self._refused("refused the user name and password")
-                return
-            self._send_connect()
-        else:
-            self._reply()
-            return
-        if self._buffer and self._state == _REPLY:
-            self._reply()
+                return True
+            self._refused(
+                "accepts none of our authentication methods"
+                if self.parent.username is not None
+                else "requires a user name and password (put them in its URL)"
+            )
+            return False
+        # _AUTH: RFC 1929's reply, version 1 and a status (0 is success).
+        if buf[1] != 0:
+            self._refused("refused the user name and password")
+            return False
+        return self._send_connect()
 
-    def _send_connect(self) -> None:
+    def _send_connect(self) -> bool:
         self._state = _REPLY
         host = self.host
         try:
@@ -557,11 +555,12 @@ class Socks5Handshake(_Handshake):
             name = host.encode("idna")
             if len(name) > 255:
                 self._refused("can't take a host name over 255 bytes")
-                return
+                return False
             dest = b"\x03" + bytes([len(name)]) + name
         else:
             dest = (b"\x01" if address.version == 4 else b"\x04") + address.packed
         self.transport.write(b"\x05\x01\x00" + dest + struct.pack("!H", self.port))
+        return True
 
     def _reply(self) -> None:
         buf = self._buffer
