@@ -113,6 +113,7 @@ class _TrackedUpstream(UpstreamProtocol):
     tracker: Tracker
 
     def connectionMade(self) -> None:
+        super().connectionMade()
         self.tracker.opened(self)
 
     def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
