@@ -27,7 +27,7 @@ from aproxy.config import ProxyConfig
 from aproxy.factory import ProxyFactory
 from aproxy.metrics import Metrics, metrics_site
 from aproxy.records import Exchange
-from aproxy.status import BUCKET_SECONDS, BUCKETS, History, destination_host
+from aproxy.status import BUCKET_SECONDS, BUCKETS, History, destination_host, render_status
 from tests.fakes import RecordingConnector
 from tests.test_proxy import GET_A, OK_5, ProxyTestCase
 
@@ -312,6 +312,83 @@ class HistoryTests(SynchronousTestCase):
         bucket = history.window(2.0)[-1][1]
         assert bucket is not None
         self.assertEqual((bucket.connections, bucket.tunnels), (5, 1))
+
+
+class HistoryMergeTests(SynchronousTestCase):
+    """Summing histories of several processes (--workers) into one."""
+
+    def test_same_interval_summed(self) -> None:
+        """Buckets of the same interval add their counts, bytes, errors and hosts."""
+        one, two = History(0.0), History(0.0)
+        one.record(1.0, exchange(target="http://a.example/", bytes_to_client=10))
+        two.record(2.0, exchange(target="http://a.example/", bytes_to_client=5))
+        two.record(3.0, exchange(target="http://b.example/", error="dns_timeout"))
+        two.record(15.0, exchange(target="http://b.example/"))
+        total = History(0.0)
+        total.merge(one.buckets())
+        total.merge(two.buckets())
+        counts = [(b.index, b.requests) for _, b in total.window(15.0) if b is not None]
+        self.assertEqual(counts, [(0, 3), (1, 1)])
+        self.assertEqual(dict(total.totals(15.0, "hosts")), {"a.example": 2, "b.example": 2})
+        self.assertEqual(dict(total.totals(15.0, "errors")), {"dns_timeout": 1})
+        first = total.window(15.0)[-2][1]
+        assert first is not None
+        self.assertEqual(first.to_client, 115.0)
+
+    def test_sampled_gauges_summed(self) -> None:
+        """Each process's peak is added; a bucket one process never sampled adds nothing."""
+        one, two, three = History(0.0), History(0.0), History(0.0)
+        one.sample(1.0, 3, 1)
+        two.sample(2.0, 4, 0)
+        three.record(3.0, exchange())
+        total = History(0.0)
+        for history in (three, one, two):
+            total.merge(history.buckets())
+        bucket = total.window(3.0)[-1][1]
+        assert bucket is not None
+        self.assertEqual((bucket.requests, bucket.connections, bucket.tunnels), (1, 7, 1))
+
+    def test_older_than_the_slot_ignored(self) -> None:
+        """A bucket 15 minutes older than the one in its slot is outside the window."""
+        old, new = History(0.0), History(0.0)
+        old.record(5.0, exchange(target="http://old.example/"))
+        later = 5.0 + BUCKETS * BUCKET_SECONDS
+        new.record(later, exchange(target="http://new.example/"))
+        total = History(0.0)
+        total.merge(new.buckets())
+        total.merge(old.buckets())
+        self.assertEqual(dict(total.totals(later, "hosts")), {"new.example": 1})
+        again = History(0.0)
+        again.merge(old.buckets())
+        again.merge(new.buckets())
+        self.assertEqual(dict(again.totals(later, "hosts")), {"new.example": 1})
+
+    def test_keys_stay_bounded(self) -> None:
+        """Merging keeps the cap on distinct destinations per bucket."""
+        one, two = History(0.0), History(0.0)
+        for i in range(400):
+            one.record(1.0, exchange(target=f"http://one{i}.example/"))
+            two.record(1.0, exchange(target=f"http://two{i}.example/"))
+        total = History(0.0)
+        total.merge(one.buckets())
+        total.merge(two.buckets())
+        hosts = total.totals(1.0, "hosts")
+        self.assertEqual(len(hosts), 501)
+        self.assertEqual(hosts["(other)"], 300)
+
+    def test_buckets_oldest_first(self) -> None:
+        """buckets() lists only buckets with data, oldest first."""
+        history = History(0.0)
+        history.record(25.0, exchange())
+        history.record(5.0, exchange())
+        self.assertEqual([b.index for b in history.buckets()], [0, 2])
+
+    def test_workers_tile(self) -> None:
+        """With a worker count, the status page shows it as a tile."""
+        page = render_status(History(0.0), 10.0, 0, 0, 0, 0, ProxyConfig(), "1", workers=3)
+        self.assertIn(b"workers<b>3</b>", page)
+        page = render_status(History(0.0), 10.0, 0, 0, 0, 0, ProxyConfig(), "1")
+        self.assertNotIn(b"workers<b>", page)
 
 
 class SiteTests(SynchronousTestCase):
