@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.test import iosim
@@ -25,7 +26,7 @@ from twisted.web.server import Site
 
 from aproxy.config import ProxyConfig
 from aproxy.factory import ProxyFactory
-from aproxy.metrics import Metrics, metrics_site
+from aproxy.metrics import Metrics, metrics_site, pages_site
 from aproxy.records import Exchange
 from aproxy.status import BUCKET_SECONDS, BUCKETS, History, destination_host, render_status
 from tests.fakes import RecordingConnector
@@ -474,6 +475,70 @@ class SiteTests(SynchronousTestCase):
         status, headers, body = fetch(self.site, b"/metrics", b"HEAD")
         self.assertEqual((status, body), (200, b""))
         self.assertTrue(headers[b"content-type"].startswith(b"text/plain"))
+
+
+class LaterPagesTests(SynchronousTestCase):
+    """pages_site: a page whose body comes later (the parent's totals with --workers)."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pending: Deferred[bytes] = Deferred()
+        self.site = pages_site(lambda: self.pending, lambda: b"<p>now</p>", self.clock)
+
+    def start(self, method: bytes = b"GET") -> tuple[_Collect, iosim.IOPump]:
+        """Send a request for /metrics; the answer waits for C{self.pending}."""
+        server = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 9090))
+        client = _Collect()
+        transport = iosim.makeFakeClient(client)
+        pump = iosim.connect(server, iosim.makeFakeServer(server), client, transport, greet=False)
+        transport.write(method + b" /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        pump.flush()
+        return client, pump
+
+    def test_written_when_it_arrives(self) -> None:
+        """Nothing is sent until the body arrives, then it is, with its length."""
+        client, pump = self.start()
+        self.assertEqual(client.data, b"")
+        self.pending.callback(b"aproxy_x 1\n")
+        pump.flush()
+        head, _, body = client.data.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertIn(b"Content-Length: 11", head)
+        self.assertIn(b"Content-Type: text/plain; version=0.0.4", head)
+        self.assertEqual(body, b"aproxy_x 1\n")
+
+    def test_head(self) -> None:
+        """HEAD gets the header fields only."""
+        client, pump = self.start(b"HEAD")
+        self.pending.callback(b"aproxy_x 1\n")
+        pump.flush()
+        head, _, body = client.data.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertEqual(body, b"")
+
+    def test_failure_is_503(self) -> None:
+        """A body that fails is a 503 page (and the failure is logged)."""
+        client, pump = self.start()
+        self.pending.errback(ZeroDivisionError("no figures"))
+        pump.flush()
+        self.assertTrue(client.data.startswith(b"HTTP/1.1 503 "), client.data)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_client_gone(self) -> None:
+        """A body that arrives after the client left is dropped quietly."""
+        client, pump = self.start()
+        assert client.transport is not None
+        client.transport.loseConnection()
+        pump.flush()
+        self.pending.callback(b"late")
+        pump.flush()
+        self.assertEqual(client.data, b"")
+
+    def test_immediate_body(self) -> None:
+        """A page that gives bytes at once is served as before."""
+        status, headers, body = fetch(self.site, b"/status")
+        self.assertEqual((status, body), (200, b"<p>now</p>"))
+        self.assertEqual(headers[b"content-type"], b"text/html; charset=utf-8")
 
 
 _CHROMIUM = next(
