@@ -35,6 +35,9 @@ def start(args: list[str], cwd: str, pass_fds: tuple[int, ...] = ()) -> subproce
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         pass_fds=pass_fds,
+        # Unbuffered: wait_for_line selects on the descriptor, so no line may wait in a
+        # buffer of ours (two lines arriving together would hide the second one).
+        bufsize=0,
     )
 
 
