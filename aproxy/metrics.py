@@ -11,14 +11,17 @@ L{metrics_site} serves both over HTTP: C{GET /metrics} and C{GET /status}.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, pages
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from aproxy.records import Exchange
 from aproxy.status import History, render_status
@@ -26,7 +29,12 @@ from aproxy.status import History, render_status
 if TYPE_CHECKING:
     from aproxy.factory import ProxyFactory
 
-__all__ = ["METRICS_CONTENT_TYPE", "Metrics", "metrics_site"]
+__all__ = ["METRICS_CONTENT_TYPE", "Metrics", "Page", "metrics_site", "pages_site"]
+
+log = Logger()
+
+Page = Callable[[], Union[bytes, "Deferred[bytes]"]]
+"""What renders one page: its body now, or a Deferred that fires with it (or fails: 503)."""
 
 METRICS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 """The content type of the Prometheus text exposition format that L{Metrics.render} uses."""
@@ -175,13 +183,14 @@ class Metrics:
         self._duration.observe(max(record.duration, 0.0))
         now = self._clock.seconds()
         self.history.record(now, record)
-        self._sample(now)
+        self.sample(now)
 
     def observe_connect(self, seconds: float) -> None:
         """Record how long a connection to an origin took to establish."""
         self._connect.observe(max(seconds, 0.0))
 
-    def _sample(self, now: float) -> tuple[int, int]:
+    def sample(self, now: float) -> tuple[int, int]:
+        """Sample the client connections and tunnels into the history; return them."""
         factory = self._factory
         connections, tunnels = len(factory.connections), _tunnels(factory)
         self.history.sample(now, connections, tunnels)
@@ -193,7 +202,7 @@ class Metrics:
 
         Rendering also samples the connection gauges into the history.
         """
-        self._sample(self._clock.seconds())
+        self.sample(self._clock.seconds())
         return generate_latest(self.registry)
 
     def render_status(self) -> bytes:
@@ -202,7 +211,7 @@ class Metrics:
 
         factory = self._factory
         now = self._clock.seconds()
-        connections, tunnels = self._sample(now)
+        connections, tunnels = self.sample(now)
         return render_status(
             self.history,
             now,
@@ -217,11 +226,12 @@ class Metrics:
 
 class _Pages(Resource):
     """
-    The whole site as one leaf: C{/metrics} and C{/status} answer GET (and HEAD),
-    anything else is 404, and other methods get 405.
+    The whole site as one leaf: each page answers GET (and HEAD), anything else is
+    404, and other methods get 405. A page whose body comes later (a L{Deferred}) is
+    written when it arrives; if it fails, the answer is 503.
     """
 
-    def __init__(self, pages: dict[bytes, tuple[bytes, Callable[[], bytes]]]) -> None:
+    def __init__(self, pages: dict[bytes, tuple[bytes, Page]]) -> None:
         super().__init__()
         self.isLeaf = True
         self._pages = pages
@@ -230,8 +240,8 @@ class _Pages(Resource):
         """
         Answer with the current document, never cached.
 
-        @return: The body, or C{NOT_DONE_YET} for an error page (written by Twisted's
-            template machinery).
+        @return: The body, or C{NOT_DONE_YET} for a body that comes later or an error
+            page (written by Twisted's template machinery).
         """
         page = self._pages.get(b"/".join(request.postpath)) if request.postpath else None
         if page is None:
@@ -240,7 +250,6 @@ class _Pages(Resource):
             request.setHeader(b"allow", b", ".join(_ALLOWED))
             return _error(request, 405, "Method Not Allowed", "Only GET and HEAD.")
         content_type, body = page
-        request.setHeader(b"content-type", content_type)
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-content-type-options", b"nosniff")
         # Nothing on these pages is meant to run or load: forbid it all, so even a
@@ -248,7 +257,28 @@ class _Pages(Resource):
         request.setHeader(
             b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'"
         )
-        return body()
+        result = body()
+        if isinstance(result, bytes):
+            request.setHeader(b"content-type", content_type)
+            return result
+        gone: list[object] = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def write(data: bytes) -> None:
+            if gone:
+                return
+            request.setHeader(b"content-type", content_type)
+            request.setHeader(b"content-length", b"%d" % len(data))
+            request.write(data)
+            request.finish()
+
+        def fail(failure: Failure) -> None:
+            log.failure("rendering {path}", failure, path=request.path)
+            if not gone:
+                _error(request, 503, "Service Unavailable", "No figures available now.")
+
+        result.addCallbacks(write, fail)
+        return NOT_DONE_YET
 
 
 def _error(request: Request, code: int, brief: str, detail: str) -> object:
@@ -274,10 +304,22 @@ def metrics_site(metrics: Metrics, factory: ProxyFactory) -> Site:
     @param metrics: The metrics to serve.
     @param factory: The proxy; its clock drives the site's timeouts.
     """
+    return pages_site(metrics.render, metrics.render_status, factory.clock)
+
+
+def pages_site(render_metrics: Page, render_status: Page, clock: IReactorTime) -> Site:
+    """
+    The C{--metrics} site (see L{metrics_site}) for any source of the two pages; with
+    C{--workers} the parent serves the workers' totals with it.
+
+    @param render_metrics: Renders C{/metrics} (Prometheus text format).
+    @param render_status: Renders C{/status} (HTML).
+    @param clock: Drives the site's timeouts.
+    """
     root = _Pages(
         {
-            b"metrics": (METRICS_CONTENT_TYPE, metrics.render),
-            b"status": (b"text/html; charset=utf-8", metrics.render_status),
+            b"metrics": (METRICS_CONTENT_TYPE, render_metrics),
+            b"status": (b"text/html; charset=utf-8", render_status),
         }
     )
-    return _QuietSite(root, reactor=factory.clock)
+    return _QuietSite(root, reactor=clock)

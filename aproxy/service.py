@@ -5,13 +5,21 @@ every configured endpoint, for any Twisted C{Application} or C{MultiService}.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -20,6 +28,7 @@ from aproxy.config import ProxyConfig
 from aproxy.factory import ProxyFactory
 from aproxy.metrics import Metrics, metrics_site
 from aproxy.routes import parse_route
+from aproxy.workermetrics import SnapshotFactory
 
 __all__ = ["adopted_service", "makeService", "public_listeners"]
 
@@ -127,20 +136,43 @@ class _AdoptedService(Service):
 
 
 def adopted_service(
-    config: ProxyConfig, fds: list[tuple[int, int]], reactor: Any = None
+    config: ProxyConfig,
+    fds: list[tuple[int, int]],
+    reactor: Any = None,
+    snapshot: str | None = None,
+    own: Sequence[IAddress] = (),
 ) -> IService:
     """
     The proxy service of one C{--workers} worker: like L{makeService}, but serving on
     inherited listening sockets, given as (file descriptor, address family) pairs.
+
+    @param snapshot: With C{config.metrics}: the unix socket path where the worker
+        serves its figures to the parent (L{aproxy.workermetrics}), which serves the
+        metrics endpoint; the worker does not listen on C{config.metrics} itself.
+    @param own: Other addresses of this proxy (the parent's metrics endpoint) that
+        requests must not be sent to (loops).
     """
     if reactor is None:
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
     factory = ProxyFactory(config, reactor)
+    for address in own:
+        factory.note_listening(address)
     top = _ProxyService(factory)
     for fd, family in fds:
         _AdoptedService(fd, family, factory, reactor).setServiceParent(top)
+    if config.metrics is not None and snapshot is not None:
+        metrics = Metrics(factory, reactor)
+        factory.observers.append(metrics)
+        factory.connect_observers.append(metrics.observe_connect)
+        # A socket left by a worker that was killed would stop this one from listening.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(snapshot)
+        endpoint = UNIXServerEndpoint(reactor, snapshot, mode=0o600)
+        _ListeningService(endpoint, factory, SnapshotFactory(metrics, reactor)).setServiceParent(
+            top
+        )
     if config.access_log is not None:
         top.access_log = AccessLog(config.access_log, config.access_log_format, reactor)
         factory.observers.append(top.access_log)

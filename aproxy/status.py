@@ -110,12 +110,35 @@ class Bucket:
         self.connections: int | None = None
         self.tunnels: int | None = None
 
+    def add(self, other: Bucket) -> None:
+        """
+        Add another process's figures for the same interval (C{--workers}): counts and
+        bytes are summed, and so are the sampled gauges (each process keeps its own
+        peak, so the sum is at least the peak of the total).
+        """
+        self.requests += other.requests
+        self.to_client += other.to_client
+        self.to_origin += other.to_origin
+        for key, amount in other.errors.items():
+            _count(self.errors, key, amount)
+        for key, amount in other.hosts.items():
+            _count(self.hosts, key, amount)
+        self.connections = _add_samples(self.connections, other.connections)
+        self.tunnels = _add_samples(self.tunnels, other.tunnels)
 
-def _count(counter: Counter[str], key: str) -> None:
+
+def _add_samples(a: int | None, b: int | None) -> int | None:
+    """The sum of two sampled gauges, either of which may not have been sampled."""
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def _count(counter: Counter[str], key: str, amount: int = 1) -> None:
     """Count C{key}, or L{_OTHER} once C{counter} holds L{_MAX_KEYS} distinct keys."""
     if key not in counter and len(counter) >= _MAX_KEYS:
         key = _OTHER
-    counter[key] += 1
+    counter[key] += amount
 
 
 class History:
@@ -189,6 +212,22 @@ class History:
             high = min((index + 1) * BUCKET_SECONDS, now)
             result.append((max(high - low, 0.0), self._get(index)))
         return result
+
+    def buckets(self) -> list[Bucket]:
+        """Every bucket that holds data, oldest first."""
+        return sorted((b for b in self._ring if b.index != _NEVER), key=lambda b: b.index)
+
+    def merge(self, buckets: Iterable[Bucket]) -> None:
+        """
+        Add another process's buckets (C{--workers}) into this history: a bucket for an
+        interval this history also has is summed with it (L{Bucket.add}); a bucket older
+        than the one in its slot of the ring is outside the window and ignored.
+        """
+        for other in buckets:
+            slot = self._ring[other.index % BUCKETS]
+            if other.index < slot.index:
+                continue
+            self._bucket(other.index).add(other)
 
     def totals(self, now: float, key: str) -> Counter[str]:
         """Sum the per-bucket counters named C{key} (C{"hosts"} or C{"errors"}) over the window."""
@@ -329,6 +368,7 @@ def render_status(
     config: ProxyConfig,
     version: str,
     top: int = 10,
+    workers: int | None = None,
 ) -> bytes:
     """
     Render the status page.
@@ -342,6 +382,8 @@ def render_status(
     @param config: The running configuration, shown as a table.
     @param version: The aproxy version shown in the title.
     @param top: How many destinations to list.
+    @param workers: With C{--workers}, how many worker processes the figures (totals
+        over all of them) come from; shown as a tile.
     @return: A UTF-8 HTML document.
     """
     window = history.window(now)
@@ -366,6 +408,8 @@ def render_status(
         ("idle upstream", str(pooled)),
         ("upstream reused", str(reused)),
     ]
+    if workers is not None:
+        tiles.append(("workers", str(workers)))
     tile_html = "".join(
         f'<div class="tile">{html.escape(label)}<b>{html.escape(value)}</b></div>'
         for label, value in tiles

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, cast
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IAddress
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.python import usage
@@ -141,14 +142,16 @@ class Options(usage.Options):
             None,
             None,
             "Serve /metrics (Prometheus) and /status (a page) on this endpoint, e.g. "
-            "tcp:9108:interface=127.0.0.1 (a bare number means that port on 127.0.0.1).",
+            "tcp:9108:interface=127.0.0.1 (a bare number means that port on 127.0.0.1). "
+            "With --workers, the parent serves the totals over all workers.",
         ],
         [
             "workers",
             None,
             "1",
             "Worker processes sharing the listening ports (auto: one per core). Each is a "
-            "whole proxy; the parent restarts one that dies and passes signals on.",
+            "whole proxy; the parent restarts one that dies, passes signals on and serves "
+            "--metrics with the workers' totals.",
         ],
         [
             "shutdown-timeout",
@@ -281,8 +284,6 @@ class Options(usage.Options):
             self["worker-count"] = worker_count(str(self["workers"]))
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
-        if self["worker-count"] > 1 and self["metrics"] is not None:
-            raise usage.UsageError("--metrics can't be used with --workers yet")
         try:
             self["proxy-config"] = ProxyConfig(
                 ports=ports,
@@ -496,12 +497,21 @@ def makeService(options: Options) -> IService:
     return _CommandLineService(inner, _exit, options)
 
 
-def worker_service(argv: list[str], fds: list[tuple[int, int]]) -> IService:
+def worker_service(
+    argv: list[str],
+    fds: list[tuple[int, int]],
+    snapshot: str | None = None,
+    own: Sequence[IAddress] = (),
+) -> IService:
     """
     The service of one C{--workers} worker process: the same options as the parent,
     serving on the inherited sockets, reloading on SIGHUP and reopening logs on SIGUSR1.
+
+    @param snapshot: With C{--metrics}: the unix socket where the worker serves its
+        figures to the parent (which serves the metrics endpoint itself).
+    @param own: The parent's addresses (its metrics endpoint), refused as loops.
     """
     options = Options()
     options.parseOptions(argv)
-    inner = adopted_service(options["proxy-config"], fds)
+    inner = adopted_service(options["proxy-config"], fds, snapshot=snapshot, own=own)
     return _CommandLineService(inner, _exit, options)

@@ -4,25 +4,36 @@ starts N worker processes that adopt them (C{adoptStreamPort}); the kernel sprea
 connections over the workers. The parent restarts a worker that dies and passes SIGTERM,
 SIGHUP and SIGUSR1 on. Each worker is a complete aproxy with its own reactor, factory and
 connection pool, started as C{python -m aproxy.workers FD:FAMILY ... -- ARGS}.
+
+With C{--metrics}, the parent serves the endpoint itself, with the totals over the workers
+(L{aproxy.workermetrics}): each worker is also given C{snapshot=PATH}, the unix socket
+where it serves its own figures to the parent, and C{own=HOST:PORT}, the metrics address,
+which it refuses as a destination like its own ports (a loop).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import sys
+from collections.abc import Hashable
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IAddress, IListeningPort
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from aproxy.config import ProxyConfig
+from aproxy.workermetrics import WorkerTotals
 
-__all__ = ["WorkerPool", "listening_socket", "worker_count"]
+__all__ = ["WorkerPool", "listening_socket", "parse_worker_args", "worker_count"]
 
 log = Logger()
 
@@ -76,6 +87,8 @@ class _Worker(ProcessProtocol):
         self.number = number
         self.started = 0.0
         self.ended: Deferred[None] = Deferred()
+        # Where it serves its figures to the parent (with --metrics).
+        self.snapshot_path: str | None = None
 
     def processEnded(self, reason: Failure) -> None:
         """Tell the pool, which restarts the worker unless it is stopping."""
@@ -97,13 +110,48 @@ class WorkerPool(Service):
         self.reactor = reactor
         self.sockets: list[socket.socket] = []
         self.workers: dict[int, _Worker] = {}
+        self.metrics: WorkerTotals | None = None
+        self._metrics_port: IListeningPort | None = None
+        # The metrics endpoint's address, for the workers' loop check.
+        self._own: list[str] = []
+        self._spawned = 0
         self._stopping = False
 
     def privilegedStartService(self) -> None:
-        """Create the listening sockets (here, so that a port in use stops the start)."""
+        """
+        Create the listening sockets and the metrics endpoint (here, so that a port in
+        use stops the start).
+        """
         super().privilegedStartService()
         if not self.sockets:
             self.sockets = [listening_socket(d) for d in self.config.ports]
+        if self.config.metrics is not None and self.metrics is None:
+            self._listen_metrics(self.config.metrics)
+
+    def _listen_metrics(self, description: str) -> None:
+        """Serve the workers' totals on C{description}; raise if it can't listen."""
+        totals = WorkerTotals(self.config, self.reactor, self._live_workers)
+        ports: list[IListeningPort] = []
+        failures: list[Failure] = []
+        d = serverFromString(self.reactor, description).listen(totals.site())
+        d.addCallbacks(ports.append, failures.append)
+        if not ports:
+            totals.close()
+            if failures:
+                failures[0].raiseException()
+            raise ValueError(f"--metrics {description} did not listen at once")
+        self.metrics, self._metrics_port = totals, ports[0]
+        address = ports[0].getHost()
+        host, port = getattr(address, "host", None), getattr(address, "port", None)
+        if host is not None and port is not None:
+            self._own = [f"{host}:{port}"]
+
+    def _live_workers(self) -> dict[Hashable, str]:
+        return {
+            worker: worker.snapshot_path
+            for worker in self.workers.values()
+            if worker.snapshot_path is not None
+        }
 
     def startService(self) -> None:
         """Start the workers."""
@@ -122,6 +170,12 @@ class WorkerPool(Service):
         for index, sock in enumerate(self.sockets):
             fds[3 + index] = sock.fileno()
             specs.append(f"{3 + index}:{int(sock.family)}")
+        if self.metrics is not None:
+            # A new path for every process, so that an answer is never taken for another's.
+            self._spawned += 1
+            worker.snapshot_path = self.metrics.socket_path(f"worker{number}-{self._spawned}")
+            specs.append(f"snapshot={worker.snapshot_path}")
+        specs.extend(f"own={address}" for address in self._own)
         args = [sys.executable, "-m", "aproxy.workers", *specs, "--", *self.argv]
         worker.started = self.reactor.seconds()
         transport = self.reactor.spawnProcess(
@@ -134,6 +188,11 @@ class WorkerPool(Service):
         """Restart a worker that ended while the pool is running."""
         if self.workers.get(worker.number) is worker:
             del self.workers[worker.number]
+        if self.metrics is not None:
+            self.metrics.totals.retire(worker)
+        if worker.snapshot_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(worker.snapshot_path)
         if self._stopping:
             return
         log.warn(
@@ -154,7 +213,10 @@ class WorkerPool(Service):
                     log.failure("signalling worker {number}", number=worker.number)
 
     def stopService(self) -> Deferred[Any]:
-        """Stop the workers gracefully (each drains), then close the shared sockets."""
+        """
+        Stop the workers gracefully (each drains), then close the shared sockets and the
+        metrics endpoint, and remove the workers' socket directory.
+        """
         super().stopService()
         self._stopping = True
         ended = [w.ended for w in self.workers.values()]
@@ -164,16 +226,47 @@ class WorkerPool(Service):
             self.config.shutdown_timeout + 10, self.signal_workers, signal.SIGKILL
         )
 
-        def done(result: object) -> None:
+        def done(result: object) -> Deferred[None] | None:
             if killer.active():
                 killer.cancel()
             for sock in self.sockets:
                 sock.close()
             self.sockets = []
+            if self.metrics is not None:
+                self.metrics.close()
+            port, self._metrics_port = self._metrics_port, None
+            return port.stopListening() if port is not None else None
 
         d: Deferred[Any] = DeferredList(ended)
         d.addCallback(done)
         return d
+
+
+def parse_worker_args(
+    specs: list[str],
+) -> tuple[list[tuple[int, int]], str | None, list[IAddress]]:
+    """
+    Parse what the parent tells a worker (the arguments before C{--}): C{FD:FAMILY} for
+    each inherited socket, C{snapshot=PATH} where to serve figures to the parent, and
+    C{own=HOST:PORT} for each address of the parent's to refuse as a loop.
+
+    @return: The (descriptor, family) pairs, the snapshot path, and the own addresses.
+    """
+    fds: list[tuple[int, int]] = []
+    snapshot: str | None = None
+    own: list[IAddress] = []
+    for spec in specs:
+        key, sep, value = spec.partition("=")
+        if sep and key == "snapshot":
+            snapshot = value
+        elif sep and key == "own":
+            host, _, port = value.rpartition(":")
+            kind = IPv6Address if ":" in host else IPv4Address
+            own.append(kind("TCP", host, int(port)))
+        else:
+            fd, _, family = spec.partition(":")
+            fds.append((int(fd), int(family)))
+    return fds, snapshot, own
 
 
 def _run_worker(argv: list[str]) -> None:
@@ -186,8 +279,8 @@ def _run_worker(argv: list[str]) -> None:
     split = argv.index("--")
     specs, rest = argv[:split], argv[split + 1 :]
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
-    fds = [(int(fd), int(family)) for fd, family in (s.split(":") for s in specs)]
-    service = worker_service(rest, fds)
+    fds, snapshot, own = parse_worker_args(specs)
+    service = worker_service(rest, fds, snapshot, own)
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()

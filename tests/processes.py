@@ -25,9 +25,17 @@ def free_port() -> int:
         return port
 
 
-def start(args: list[str], cwd: str, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
-    """Start C{args} with the checkout on PYTHONPATH, output (both streams) to a pipe."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def start(
+    args: list[str],
+    cwd: str,
+    pass_fds: tuple[int, ...] = (),
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """
+    Start C{args} with the checkout on PYTHONPATH, output (both streams) to a pipe;
+    C{env} adds to (or overrides) the environment.
+    """
+    env = dict(os.environ, **(env or {}), PYTHONPATH=str(ROOT))
     return subprocess.Popen(
         args,
         cwd=cwd,
@@ -35,6 +43,9 @@ def start(args: list[str], cwd: str, pass_fds: tuple[int, ...] = ()) -> subproce
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         pass_fds=pass_fds,
+        # Unbuffered: wait_for_line selects on the descriptor, so no line may wait in a
+        # buffer of ours (two lines arriving together would hide the second one).
+        bufsize=0,
     )
 
 
@@ -53,9 +64,11 @@ def stop(proc: subprocess.Popen[bytes], seconds: float = 20) -> int:
 
 
 @contextmanager
-def twistd(args: list[str], cwd: str) -> Iterator[subprocess.Popen[bytes]]:
+def twistd(
+    args: list[str], cwd: str, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """C{twistd -n aproxy ARGS} for the duration of the block, stopped afterwards."""
-    proc = start([TWISTD, "-n", "--pidfile=", "aproxy", *args], cwd)
+    proc = start([TWISTD, "-n", "--pidfile=", "aproxy", *args], cwd, env=env)
     try:
         yield proc
     finally:

@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.test import iosim
@@ -25,9 +26,9 @@ from twisted.web.server import Site
 
 from aproxy.config import ProxyConfig
 from aproxy.factory import ProxyFactory
-from aproxy.metrics import Metrics, metrics_site
+from aproxy.metrics import Metrics, metrics_site, pages_site
 from aproxy.records import Exchange
-from aproxy.status import BUCKET_SECONDS, BUCKETS, History, destination_host
+from aproxy.status import BUCKET_SECONDS, BUCKETS, History, destination_host, render_status
 from tests.fakes import RecordingConnector
 from tests.test_proxy import GET_A, OK_5, ProxyTestCase
 
@@ -314,6 +315,83 @@ class HistoryTests(SynchronousTestCase):
         self.assertEqual((bucket.connections, bucket.tunnels), (5, 1))
 
 
+class HistoryMergeTests(SynchronousTestCase):
+    """Summing histories of several processes (--workers) into one."""
+
+    def test_same_interval_summed(self) -> None:
+        """Buckets of the same interval add their counts, bytes, errors and hosts."""
+        one, two = History(0.0), History(0.0)
+        one.record(1.0, exchange(target="http://a.example/", bytes_to_client=10))
+        two.record(2.0, exchange(target="http://a.example/", bytes_to_client=5))
+        two.record(3.0, exchange(target="http://b.example/", error="dns_timeout"))
+        two.record(15.0, exchange(target="http://b.example/"))
+        total = History(0.0)
+        total.merge(one.buckets())
+        total.merge(two.buckets())
+        counts = [(b.index, b.requests) for _, b in total.window(15.0) if b is not None]
+        self.assertEqual(counts, [(0, 3), (1, 1)])
+        self.assertEqual(dict(total.totals(15.0, "hosts")), {"a.example": 2, "b.example": 2})
+        self.assertEqual(dict(total.totals(15.0, "errors")), {"dns_timeout": 1})
+        first = total.window(15.0)[-2][1]
+        assert first is not None
+        self.assertEqual(first.to_client, 115.0)
+
+    def test_sampled_gauges_summed(self) -> None:
+        """Each process's peak is added; a bucket one process never sampled adds nothing."""
+        one, two, three = History(0.0), History(0.0), History(0.0)
+        one.sample(1.0, 3, 1)
+        two.sample(2.0, 4, 0)
+        three.record(3.0, exchange())
+        total = History(0.0)
+        for history in (three, one, two):
+            total.merge(history.buckets())
+        bucket = total.window(3.0)[-1][1]
+        assert bucket is not None
+        self.assertEqual((bucket.requests, bucket.connections, bucket.tunnels), (1, 7, 1))
+
+    def test_older_than_the_slot_ignored(self) -> None:
+        """A bucket 15 minutes older than the one in its slot is outside the window."""
+        old, new = History(0.0), History(0.0)
+        old.record(5.0, exchange(target="http://old.example/"))
+        later = 5.0 + BUCKETS * BUCKET_SECONDS
+        new.record(later, exchange(target="http://new.example/"))
+        total = History(0.0)
+        total.merge(new.buckets())
+        total.merge(old.buckets())
+        self.assertEqual(dict(total.totals(later, "hosts")), {"new.example": 1})
+        again = History(0.0)
+        again.merge(old.buckets())
+        again.merge(new.buckets())
+        self.assertEqual(dict(again.totals(later, "hosts")), {"new.example": 1})
+
+    def test_keys_stay_bounded(self) -> None:
+        """Merging keeps the cap on distinct destinations per bucket."""
+        one, two = History(0.0), History(0.0)
+        for i in range(400):
+            one.record(1.0, exchange(target=f"http://one{i}.example/"))
+            two.record(1.0, exchange(target=f"http://two{i}.example/"))
+        total = History(0.0)
+        total.merge(one.buckets())
+        total.merge(two.buckets())
+        hosts = total.totals(1.0, "hosts")
+        self.assertEqual(len(hosts), 501)
+        self.assertEqual(hosts["(other)"], 300)
+
+    def test_buckets_oldest_first(self) -> None:
+        """buckets() lists only buckets with data, oldest first."""
+        history = History(0.0)
+        history.record(25.0, exchange())
+        history.record(5.0, exchange())
+        self.assertEqual([b.index for b in history.buckets()], [0, 2])
+
+    def test_workers_tile(self) -> None:
+        """With a worker count, the status page shows it as a tile."""
+        page = render_status(History(0.0), 10.0, 0, 0, 0, 0, ProxyConfig(), "1", workers=3)
+        self.assertIn(b"workers<b>3</b>", page)
+        page = render_status(History(0.0), 10.0, 0, 0, 0, 0, ProxyConfig(), "1")
+        self.assertNotIn(b"workers<b>", page)
+
+
 class SiteTests(SynchronousTestCase):
     """The HTTP site serves /metrics and /status and nothing else."""
 
@@ -397,6 +475,70 @@ class SiteTests(SynchronousTestCase):
         status, headers, body = fetch(self.site, b"/metrics", b"HEAD")
         self.assertEqual((status, body), (200, b""))
         self.assertTrue(headers[b"content-type"].startswith(b"text/plain"))
+
+
+class LaterPagesTests(SynchronousTestCase):
+    """pages_site: a page whose body comes later (the parent's totals with --workers)."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pending: Deferred[bytes] = Deferred()
+        self.site = pages_site(lambda: self.pending, lambda: b"<p>now</p>", self.clock)
+
+    def start(self, method: bytes = b"GET") -> tuple[_Collect, iosim.IOPump]:
+        """Send a request for /metrics; the answer waits for C{self.pending}."""
+        server = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 9090))
+        client = _Collect()
+        transport = iosim.makeFakeClient(client)
+        pump = iosim.connect(server, iosim.makeFakeServer(server), client, transport, greet=False)
+        transport.write(method + b" /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        pump.flush()
+        return client, pump
+
+    def test_written_when_it_arrives(self) -> None:
+        """Nothing is sent until the body arrives, then it is, with its length."""
+        client, pump = self.start()
+        self.assertEqual(client.data, b"")
+        self.pending.callback(b"aproxy_x 1\n")
+        pump.flush()
+        head, _, body = client.data.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertIn(b"Content-Length: 11", head)
+        self.assertIn(b"Content-Type: text/plain; version=0.0.4", head)
+        self.assertEqual(body, b"aproxy_x 1\n")
+
+    def test_head(self) -> None:
+        """HEAD gets the header fields only."""
+        client, pump = self.start(b"HEAD")
+        self.pending.callback(b"aproxy_x 1\n")
+        pump.flush()
+        head, _, body = client.data.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertEqual(body, b"")
+
+    def test_failure_is_503(self) -> None:
+        """A body that fails is a 503 page (and the failure is logged)."""
+        client, pump = self.start()
+        self.pending.errback(ZeroDivisionError("no figures"))
+        pump.flush()
+        self.assertTrue(client.data.startswith(b"HTTP/1.1 503 "), client.data)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_client_gone(self) -> None:
+        """A body that arrives after the client left is dropped quietly."""
+        client, pump = self.start()
+        assert client.transport is not None
+        client.transport.loseConnection()
+        pump.flush()
+        self.pending.callback(b"late")
+        pump.flush()
+        self.assertEqual(client.data, b"")
+
+    def test_immediate_body(self) -> None:
+        """A page that gives bytes at once is served as before."""
+        status, headers, body = fetch(self.site, b"/status")
+        self.assertEqual((status, body), (200, b"<p>now</p>"))
+        self.assertEqual(headers[b"content-type"], b"text/html; charset=utf-8")
 
 
 _CHROMIUM = next(

@@ -1,18 +1,27 @@
-"""--workers: shared listening sockets, restarted workers, signals passed on."""
+"""--workers: shared listening sockets, restarted workers, signals passed on, summed metrics."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from aproxy.config import ProxyConfig
 from aproxy.tap import Options
-from aproxy.workers import listening_socket, worker_count
+from aproxy.workermetrics import Family, Snapshot
+from aproxy.workers import WorkerPool, listening_socket, parse_worker_args, worker_count
 from tests.processes import free_port, status_of, stop, twistd, wait_for_line
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,13 +38,13 @@ class WorkerOptionTests(SynchronousTestCase):
             self.assertRaises(ValueError, worker_count, bad)
 
     def test_option(self) -> None:
-        """--workers is parsed; --metrics with workers is refused for now."""
+        """--workers is parsed, and may be combined with --metrics."""
         options = Options()
         options.parseOptions(["--workers", "2"])
         self.assertEqual(options["worker-count"], 2)
-        self.assertRaises(
-            usage.UsageError, Options().parseOptions, ["--workers", "2", "--metrics", "9108"]
-        )
+        options = Options()
+        options.parseOptions(["--workers", "2", "--metrics", "9108"])
+        self.assertEqual(options["proxy-config"].metrics, "tcp:9108:interface=127.0.0.1")
         self.assertRaises(usage.UsageError, Options().parseOptions, ["--workers", "none"])
 
     def test_listening_socket(self) -> None:
@@ -45,6 +54,105 @@ class WorkerOptionTests(SynchronousTestCase):
         self.assertEqual(sock.getsockname()[0], "127.0.0.1")
         self.assertFalse(sock.getblocking())
         self.assertRaises(ValueError, listening_socket, "unix:/tmp/x.sock")
+
+
+class WorkerArgsTests(SynchronousTestCase):
+    """What the parent tells a worker on its command line."""
+
+    def test_parse(self) -> None:
+        """Sockets, the snapshot path and own addresses (IPv6 too) are told apart."""
+        fds, snapshot, own = parse_worker_args(
+            ["3:2", "4:10", "snapshot=/tmp/d/w0-1.sock", "own=127.0.0.1:9108", "own=::1:9109"]
+        )
+        self.assertEqual(fds, [(3, 2), (4, 10)])
+        self.assertEqual(snapshot, "/tmp/d/w0-1.sock")
+        self.assertEqual(
+            [(a.host, a.port) for a in own],  # type: ignore[attr-defined]
+            [("127.0.0.1", 9108), ("::1", 9109)],
+        )
+
+    def test_own_address_is_a_loop(self) -> None:
+        """A worker told about the parent's metrics address refuses it as its own."""
+        from aproxy.service import adopted_service
+
+        _, _, own = parse_worker_args(["own=127.0.0.1:9108"])
+        service = adopted_service(ProxyConfig(), [], Clock(), own=own)
+        factory = service.factory  # type: ignore[attr-defined]
+        self.assertTrue(factory.is_own("127.0.0.1", 9108))
+        self.assertFalse(factory.is_own("127.0.0.1", 9109))
+
+
+class _FakeProcess:
+    """The transport of a worker that was not really started."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[int] = []
+
+    def signalProcess(self, signum: int) -> None:  # noqa: N802
+        """Remember the signal."""
+        self.signals.append(signum)
+
+
+class _SpawningReactor(MemoryReactorClock):
+    """A memory reactor that records the processes it is asked to start."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[Any, list[str]]] = []
+
+    def spawnProcess(  # noqa: N802
+        self, protocol: Any, executable: str, args: list[str], *a: Any, **kw: Any
+    ) -> _FakeProcess:
+        """Record the worker and its arguments; give it a fake transport."""
+        transport = _FakeProcess(1000 + len(self.spawned))
+        protocol.makeConnection(transport)
+        self.spawned.append((protocol, args))
+        return transport
+
+
+class WorkerPoolMetricsTests(SynchronousTestCase):
+    """The parent's side of --metrics with --workers, without processes."""
+
+    def test_wiring(self) -> None:
+        """
+        Workers are told their snapshot socket and the metrics address; a worker that
+        ends is retired from the totals and its socket removed; stopping removes the
+        private directory.
+        """
+        reactor = _SpawningReactor()
+        config = ProxyConfig(
+            ports=("tcp:0:interface=127.0.0.1",), metrics="tcp:9108:interface=127.0.0.1"
+        )
+        pool = WorkerPool(config, ["--metrics", "9108"], 2, reactor)
+        pool.startService()
+        assert pool.metrics is not None
+        directory = Path(pool.metrics.directory)
+        self.assertEqual(directory.stat().st_mode & 0o777, 0o700)
+        [(first, args), (_, other)] = reactor.spawned
+        self.assertIn(f"snapshot={directory}/worker0-1.sock", args)
+        self.assertIn(f"snapshot={directory}/worker1-2.sock", other)
+        # The memory reactor listens on 0.0.0.0 whatever it is asked.
+        self.assertIn("own=0.0.0.0:9108", args)
+        self.assertEqual(args[args.index("--") + 1 :], ["--metrics", "9108"])
+
+        requests = Family("aproxy_requests", "counter", "", {("aproxy_requests_total", ()): 3.0})
+        pool.metrics.totals.update(first, Snapshot(1, (requests,), ()))
+        Path(first.snapshot_path).touch()
+        first.processEnded(Failure(ProcessTerminated(signal=signal.SIGKILL)))
+        self.assertFalse(Path(first.snapshot_path).exists())
+        self.assertEqual(pool.metrics.totals.live, 0)
+        self.assertEqual(pool.metrics.totals.value("aproxy_requests_total"), 3.0)
+        reactor.advance(1)
+        self.assertIn(f"snapshot={directory}/worker0-3.sock", reactor.spawned[-1][1])
+
+        stopped = pool.stopService()
+        for worker, _ in reactor.spawned[1:]:
+            self.assertEqual(worker.transport.signals, [signal.SIGTERM])
+            worker.processEnded(Failure(ProcessDone(0)))
+        self.successResultOf(stopped)
+        self.assertFalse(directory.exists())
+        self.assertEqual(pool.sockets, [])
 
 
 class WorkerProcessTests(SynchronousTestCase):
@@ -82,3 +190,105 @@ class WorkerProcessTests(SynchronousTestCase):
                     status_of(port, b"http://blocked.invalid/"), b"HTTP/1.1 403 Forbidden"
                 )
             self.assertEqual(stop(proc, 30), 0)
+
+
+def get(port: int, path: bytes) -> bytes:
+    """GET C{path} from 127.0.0.1:C{port}; the whole response."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def requests_total(metrics_port: int) -> float | None:
+    """The sum of aproxy_requests_total on the metrics endpoint, or None if it has none."""
+    head, _, body = get(metrics_port, b"/metrics").partition(b"\r\n\r\n")
+    if b" 200 " not in head.split(b"\r\n")[0]:
+        return None
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+        if sample.name == "aproxy_requests_total"
+    )
+
+
+def wait_for_total(metrics_port: int, expected: float, seconds: float = 20) -> None:
+    """Scrape until the requests total is C{expected} (bounded in time)."""
+    deadline = time.monotonic() + seconds
+    total = None
+    while time.monotonic() < deadline:
+        total = requests_total(metrics_port)
+        if total == expected:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"requests total {total}, not {expected}")
+
+
+class WorkerMetricsTests(SynchronousTestCase):
+    """--metrics with --workers: the parent serves the totals over the workers."""
+
+    def test_totals(self) -> None:
+        """
+        /metrics counts the requests of both workers; a killed worker's counts stay;
+        asking the proxy for the metrics port is a loop; /status renders; the private
+        socket directory is 0700 and removed at exit.
+        """
+        port, metrics = free_port(), free_port()
+        args = [
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            "--metrics",
+            str(metrics),
+            "--deny-host",
+            "blocked.invalid",
+        ]
+        with tempfile.TemporaryDirectory() as tmp:
+            with twistd(args, tmp, env={"TMPDIR": tmp}) as proc:
+                out = wait_for_line(proc, b"worker 0 started")
+                out += wait_for_line(proc, b"worker 1 started")
+                pids = [
+                    int(line.rsplit(b"pid ", 1)[1])
+                    for line in out.splitlines()
+                    if b"started, pid" in line
+                ]
+                deadline = time.monotonic() + 20
+                while len(list(Path(tmp).glob("aproxy-*/*.sock"))) < 2:
+                    # Each worker serves its figures once it has started.
+                    self.assertLess(time.monotonic(), deadline)
+                    time.sleep(0.05)
+                [private] = [p for p in Path(tmp).iterdir() if p.name.startswith("aproxy-")]
+                self.assertEqual(private.stat().st_mode & 0o777, 0o700)
+                # Separate connections, which the kernel spreads over the workers.
+                sent = 20
+                for _ in range(sent):
+                    self.assertEqual(
+                        status_of(port, b"http://blocked.invalid/"), b"HTTP/1.1 403 Forbidden"
+                    )
+                looped = get(port, b"http://127.0.0.1:%d/metrics" % metrics)
+                self.assertTrue(looped.startswith(b"HTTP/1.1 403 "), looped)
+                self.assertIn(b"proxy_loop_detected", looped)
+                sent += 1
+                wait_for_total(metrics, sent)
+
+                status = get(metrics, b"/status")
+                self.assertTrue(status.startswith(b"HTTP/1.1 200 "), status[:200])
+                self.assertIn(b"<svg", status)
+                self.assertIn(b"workers<b>2</b>", status)
+                self.assertIn(b"requests<b>%d</b>" % sent, status)
+
+                # A killed worker's counts stay in the totals: they never go down.
+                os.kill(pids[0], signal.SIGKILL)
+                wait_for_line(proc, b"restarting it")
+                self.assertEqual(requests_total(metrics), sent)
+                wait_for_line(proc, b"worker 0 started")
+                self.assertEqual(
+                    status_of(port, b"http://blocked.invalid/"), b"HTTP/1.1 403 Forbidden"
+                )
+                wait_for_total(metrics, sent + 1)
+                self.assertEqual(stop(proc, 30), 0)
+            self.assertFalse([p for p in Path(tmp).iterdir() if p.name.startswith("aproxy-")])
