@@ -1680,11 +1680,21 @@ class Bench:
                 "127.0.0.1, no Via header, LogLevel Critical; proxy.py: its defaults (threadless, "
                 "one acceptor process per CPU), HOME in the temp dir"
             )
-        for who in self.targets:
+        # Client commands: direct's and the first proxy's; the other proxies' differ only
+        # in the proxy port (the one in their command line).
+        shown = [who for who in self.targets if who == "direct"]
+        shown += [who for who in self.targets if who != "direct"][:1]
+        for who in shown:
             for key in ("ka", "close", "download", "tunnel", "upload"):
                 v = self.results[who].get(key)
                 if isinstance(v, dict) and "cmd" in v:
                     lines.append(f"- {who} {key}: `{v['cmd']}`")
+        others = [who for who in self.targets if who not in shown]
+        if others:
+            lines.append(
+                f"- {', '.join(others)}: the same client commands as {shown[-1]}'s, with that "
+                "proxy's port"
+            )
         lines.append(
             "- idle connections and slow reader: built-in clients (this script), "
             f"GET http://{LOOPBACK}:{self.origin_port}/100b and {self.big_path}"
