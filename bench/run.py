@@ -85,6 +85,10 @@ FULL = Settings("full", 10, 100 * MIB, 3, 1000, 5, 1_000_000, 1200, 300)
 QUICK = Settings("quick", 3, 100 * MIB, 1, 1000, 3, 1_000_000, 400, 150)
 SMOKE = Settings("smoke", 1, 1 * MIB, 1, 20, 1, 1_000_000, 90, 30)
 
+# A load run in which more than this share of all CPUs was busy with work not charged to the
+# client, the origin or the proxy was disturbed by other work (quiet runs: under 10%).
+DISTURBED_SHARE = 0.2
+
 # A large transfer slower than this is not repeated (proxy.py forwards a 100 MiB body at
 # about 6 MB/s, 17 s a run): its median is then of one run, and the report says so.
 SLOW_TRANSFER_SECONDS = 12.0
@@ -1194,6 +1198,7 @@ class Bench:
         self.data = self.tmp / "data"
         self.big_path = f"/{s.big_bytes // MIB}m" if s.big_bytes >= MIB else "/big"
         self.profile_lines: list[str] = []
+        self.disturbed: list[str] = []  # load runs with a large unattributed CPU share
 
     def fail(self, who: str, text: str) -> None:
         """Record a failure: a peer's is reported, aproxy's and direct's fail the run."""
@@ -1399,9 +1404,16 @@ class Bench:
         return r
 
     def check_health(self, who: str, key: str, r: Any) -> None:
-        """Note errors and non-2xx answers seen by a load run."""
+        """Note errors and non-2xx answers seen by a load run, and runs disturbed by others."""
         if not isinstance(r, dict):
             return
+        noise = r.get("unattributed")
+        if isinstance(noise, float) and noise > DISTURBED_SHARE:
+            self.disturbed.append(f"{who} {key}")
+            self.problems.append(
+                f"{who} {key}: {noise:.0%} of all CPUs were busy with work not charged to the "
+                "client, the origin or the proxy: other work on the machine disturbed this run"
+            )
         errs, bad = r.get("socket_errors", 0), r.get("non_2xx", 0)
         if errs or bad:
             self.problems.append(
@@ -1653,6 +1665,14 @@ class Bench:
             "",
             *detail_lines(self, big),
         ]
+        if self.disturbed:
+            lines += [
+                "",
+                f"**Disturbed**: in {len(self.disturbed)} load run(s) "
+                f"({', '.join(self.disturbed)}) over {DISTURBED_SHARE:.0%} of the machine's CPU "
+                "went to other work, so those figures, and ratios between rows, are not "
+                "reliable: rerun on an idle machine.",
+            ]
         goals = [line for name in self.targets for line in goal_lines(name, self.results, s)]
         if goals:
             lines += ["", "## Targets (aproxy)", "", *goals]
