@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """
-aproxy's own benchmark: aproxy side by side with a direct connection to the same origin.
+aproxy's own benchmark: aproxy side by side with a direct connection to the same origin,
+and with squid, tinyproxy and proxy.py when they are installed.
 
 Starts a local origin on 127.0.0.1 (nginx from a config rendered into a temp dir when nginx
 is installed, else a small asyncio origin written into that temp dir) serving C{/100b} and a
-large file, then aproxy on another free loopback port, and measures:
+large file, then each proxy target in turn (C{--targets}: aproxy, aproxy with C{--workers 2},
+squid, tinyproxy, proxy.py; configs rendered into the temp dir) on a free loopback port,
+afresh for each phase, and measures through each:
 
   - requests/s and p50/p99 latency for 100-byte keep-alive responses (wrk, 1 thread,
     50 connections, absolute-form targets through the proxy; a Python load client when wrk
@@ -17,11 +20,12 @@ large file, then aproxy on another free loopback port, and measures:
   - RSS per idle keep-alive connection with 1000 of them held;
   - RSS growth while a slow client (64 KiB receive buffer, ~1 MB/s) reads the 100 MiB body.
 
-Prints one Markdown report on standard output (progress goes to standard error). Only the
-Python 3.11 standard library is used; wrk, nginx and curl are used when present. Every child
-process runs in its own process group and is killed at the end, also on Ctrl-C or errors.
+Prints one Markdown report on standard output, a table with a row per target (progress goes
+to standard error). Only the Python 3.11 standard library is used; wrk, nginx and curl are
+used when present. Every child process runs in its own process group and is killed at the
+end, also on Ctrl-C or errors. A peer's failure is reported but does not fail the run.
 
-Usage: python bench/run.py [--quick] [--smoke] [--aproxy-cmd CMD] [--profile FILE] ...
+Usage: python bench/run.py [--quick] [--smoke] [--targets A,B,...] [--aproxy-cmd CMD] ...
 """
 
 from __future__ import annotations
@@ -73,12 +77,32 @@ class Settings:
     idle_conns: int
     slow_seconds: float
     slow_rate: int
-    max_seconds: int
+    max_seconds: int  # time budget for direct and one proxy target
+    per_target_seconds: int  # added to the budget for each further proxy target
 
 
-FULL = Settings("full", 10, 100 * MIB, 3, 1000, 5, 1_000_000, 1200)
-QUICK = Settings("quick", 3, 100 * MIB, 1, 1000, 3, 1_000_000, 400)
-SMOKE = Settings("smoke", 1, 1 * MIB, 1, 20, 1, 1_000_000, 90)
+FULL = Settings("full", 10, 100 * MIB, 3, 1000, 5, 1_000_000, 1200, 300)
+QUICK = Settings("quick", 3, 100 * MIB, 1, 1000, 3, 1_000_000, 400, 150)
+SMOKE = Settings("smoke", 1, 1 * MIB, 1, 20, 1, 1_000_000, 90, 30)
+
+# A load run in which more than this share of all CPUs was busy with work not charged to the
+# client, the origin or the proxy was disturbed by other work (quiet runs: under 10%).
+DISTURBED_SHARE = 0.2
+
+# A large transfer slower than this is not repeated (proxy.py forwards a 100 MiB body at
+# about 6 MB/s, 17 s a run): its median is then of one run, and the report says so.
+SLOW_TRANSFER_SECONDS = 12.0
+
+# --------------------------------------------------------------------------------------------
+# targets
+
+# aproxy targets and their --workers count.
+APROXY_TARGETS = {"aproxy": 1, "aproxy-w2": 2}
+# Comparison proxies, run when installed; their failures do not fail the run.
+PEERS = ("squid", "tinyproxy", "proxypy")
+TARGETS = ("direct", *APROXY_TARGETS, *PEERS)
+# Where bench/../shared/bench's setup.sh puts proxy.py's venv.
+BENCH_VENVS = Path(os.environ.get("BENCH_VENVS") or "/tmp/bench-venvs")
 
 # --------------------------------------------------------------------------------------------
 # logging and aborts
@@ -661,6 +685,54 @@ function done(summary, latency, requests)
 end
 """
 
+# squid as a plain forwarder: no cache in memory or on disk (no cache_dir), nothing sent off
+# the machine (no DNS server but 127.0.0.1, no ICP/HTCP, no ICMP pinger), logs in its temp
+# dir. CONNECT may reach any port (no SSL_ports rule): the tunnel scenario targets the
+# origin's plain-HTTP port. squid waits shutdown_lifetime before it exits on SIGTERM.
+SQUID_CONF = """\
+# squid for the aproxy benchmark, rendered by bench/run.py; run as squid -N -f THIS_FILE.
+http_port {listen}
+acl bench_clients src 127.0.0.1/32 ::1
+http_access allow bench_clients
+http_access deny all
+cache deny all
+cache_mem 0 MB
+maximum_object_size_in_memory 0 KB
+memory_pools off
+dns_nameservers 127.0.0.1
+visible_hostname localhost
+icp_port 0
+htcp_port 0
+pinger_enable off
+max_filedescriptors 16384
+client_persistent_connections on
+server_persistent_connections on
+shutdown_lifetime 1 seconds
+access_log none
+cache_store_log none
+logfile_rotate 0
+cache_log {work}/cache.log
+pid_filename {work}/squid.pid
+coredump_dir {work}
+"""
+
+# tinyproxy: loopback only, no Via/X-Tinyproxy headers, CONNECT to any port (no ConnectPort
+# lines), quiet. It closes the client connection after every response.
+TINYPROXY_CONF = """\
+# tinyproxy for the aproxy benchmark, rendered by bench/run.py; run as tinyproxy -d -c THIS_FILE.
+Port {port}
+Listen {host}
+BindSame no
+Timeout 600
+MaxClients 4096
+Allow 127.0.0.1
+Allow ::1
+DisableViaHeader Yes
+XTinyproxy No
+LogLevel Critical
+PidFile "{work}/tinyproxy.pid"
+"""
+
 # --------------------------------------------------------------------------------------------
 # load generation
 
@@ -1100,18 +1172,24 @@ def find_py_spy() -> str | None:
 
 
 class Bench:
-    """Owns the temp dir, the origin, aproxy instances, the results and the report."""
+    """Owns the temp dir, the origin, the proxies under test, the results and the report."""
 
-    def __init__(self, args: argparse.Namespace, s: Settings) -> None:
+    def __init__(
+        self, args: argparse.Namespace, s: Settings, targets: list[str], skipped: dict[str, str]
+    ) -> None:
         self.args = args
         self.s = s
+        self.targets = targets
+        self.skipped = skipped
         self.tmp = Path(tempfile.mkdtemp(prefix="aproxy-bench-"))
-        os.chmod(self.tmp, 0o755)  # nginx workers may run as another user
-        self.results: dict[str, dict[str, Any]] = {"direct": {}, "aproxy": {}}
+        os.chmod(self.tmp, 0o755)  # nginx workers and squid may run as another user
+        self.results: dict[str, dict[str, Any]] = {name: {} for name in targets}
         self.problems: list[str] = []
-        self.failures: list[str] = []
+        self.failures: list[str] = []  # direct and aproxy: these make the exit status 1
+        self.peer_failures: list[str] = []  # squid, tinyproxy, proxy.py: reported only
         self.commands: dict[str, str] = {}
         self.versions: dict[str, str] = {}
+        self.target_versions: dict[str, str] = {}
         self.origin: Child | None = None
         self.origin_kind = ""
         self.origin_port = 0
@@ -1120,6 +1198,12 @@ class Bench:
         self.data = self.tmp / "data"
         self.big_path = f"/{s.big_bytes // MIB}m" if s.big_bytes >= MIB else "/big"
         self.profile_lines: list[str] = []
+        self.disturbed: list[str] = []  # load runs with a large unattributed CPU share
+
+    def fail(self, who: str, text: str) -> None:
+        """Record a failure: a peer's is reported, aproxy's and direct's fail the run."""
+        (self.peer_failures if who in PEERS else self.failures).append(text)
+        log(f"FAILED: {text}")
 
     # ---- setup
 
@@ -1198,50 +1282,77 @@ class Bench:
             time.sleep(0.1)
         raise RuntimeError(f"{child.name} not ready after {timeout:.0f} s ({last})")
 
-    def aproxy_argv(self, port: int) -> tuple[list[str], dict[str, str]]:
+    def aproxy_argv(self, port: int, workers: int = 1) -> tuple[list[str], dict[str, str]]:
         """The aproxy command line and environment for one start on C{port}."""
         env = dict(os.environ)
         listen = f"tcp:{port}:interface={LOOPBACK}"
         # --connect-ports: the tunnel download's target. --max-clients-per-ip: every client
         # here comes from 127.0.0.1, and the default per-address limit (256) would refuse
         # most of the 1000 idle connections.
-        connect = [
-            "--connect-ports",
-            str(self.origin_port),
-            "--max-clients-per-ip",
-            "100000",
-        ]
+        extra = {
+            "--connect-ports": str(self.origin_port),
+            "--max-clients-per-ip": "100000",
+        }
+        if workers > 1:
+            extra["--workers"] = str(workers)
         if self.args.aproxy_cmd:
             text = self.args.aproxy_cmd
             argv = shlex.split(text.replace("{port}", str(port)))
             if "{port}" not in text:
                 argv += ["--port", listen]
-            if "--connect-ports" not in text:
-                argv += connect[:2]
-            if "--max-clients-per-ip" not in text:
-                argv += connect[2:]
+            for option, value in extra.items():
+                if option not in text:
+                    argv += [option, value]
             return argv, env
         if (CHECKOUT / "aproxy" / "__init__.py").exists():
             env["PYTHONPATH"] = os.pathsep.join(
                 p for p in (str(CHECKOUT), env.get("PYTHONPATH", "")) if p
             )
-        return [sys.executable, "-m", "twisted", "aproxy", "--port", listen, *connect], env
+        argv = [sys.executable, "-m", "twisted", "aproxy", "--port", listen]
+        for option, value in extra.items():
+            argv += [option, value]
+        return argv, env
+
+    def proxy_argv(self, name: str, port: int, work: Path) -> tuple[list[str], dict[str, str]]:
+        """
+        The command line and environment of proxy target C{name} listening on
+        127.0.0.1:C{port}; a peer's config is rendered into C{work} first.
+        """
+        if name in APROXY_TARGETS:
+            return self.aproxy_argv(port, APROXY_TARGETS[name])
+        exe = find_peer(name, self.args)
+        if exe is None:
+            raise RuntimeError(f"{name} is not installed")
+        env = dict(os.environ)
+        if name == "squid":
+            conf = work / "squid.conf"
+            conf.write_text(SQUID_CONF.format(listen=f"{LOOPBACK}:{port}", work=work))
+            os.chmod(conf, 0o644)
+            return [exe, "-N", "-f", str(conf)], env
+        if name == "tinyproxy":
+            conf = work / "tinyproxy.conf"
+            conf.write_text(TINYPROXY_CONF.format(port=port, host=LOOPBACK, work=work))
+            return [exe, "-d", "-c", str(conf)], env
+        # proxy.py keeps its data (certificates, cache) under ~/.proxy: use the temp dir.
+        env["HOME"] = str(work)
+        return [exe, "--hostname", LOOPBACK, "--port", str(port), "--log-level", "WARNING"], env
 
     @contextlib.contextmanager
-    def aproxy(self, phase: str) -> Iterator[tuple[Child, Target]]:
-        """A fresh aproxy process for one phase, stopped afterwards."""
+    def proxy(self, name: str, phase: str) -> Iterator[tuple[Child, Target]]:
+        """A fresh process of proxy target C{name} for one phase, stopped afterwards."""
         port = free_port()
-        argv, env = self.aproxy_argv(port)
-        self.commands.setdefault("aproxy", shlex.join(argv))
-        child = Child(
-            "aproxy", argv, logfile=self.tmp / f"aproxy-{phase}.log", env=env, cwd=self.tmp
-        )
-        t = Target("aproxy", port, self.origin_port, True)
+        work = self.tmp / name / phase
+        work.mkdir(parents=True)
+        os.chmod(work, 0o777)  # squid, started as root, runs as its own user
+        argv, env = self.proxy_argv(name, port, work)
+        self.commands[name] = shlex.join(argv)  # the last phase's (the load phase)
+        child = Child(name, argv, logfile=work / "output.log", env=env, cwd=work)
+        t = Target(name, port, self.origin_port, True)
         ready = False
         try:
             self.wait_ready(child, t, 30)
             ready = True
-            log(f"aproxy ({phase}): pid {child.pid}, {LOOPBACK}:{port}")
+            log(f"{name} ({phase}): pid {child.pid}, {LOOPBACK}:{port}")
             yield child, t
         finally:
             alive = child.alive()
@@ -1250,10 +1361,10 @@ class Bench:
                 pass  # wait_ready's exception says why
             elif not alive:
                 self.problems.append(
-                    f"aproxy exited during the {phase} phase (status "
+                    f"{name} exited during the {phase} phase (status "
                     f"{child.proc.returncode}); log tail:\n```\n{child.log_tail()}\n```"
                 )
-            else:
+            elif name in APROXY_TARGETS:
                 self.scan_log(child, phase)
 
     def scan_log(self, child: Child, phase: str) -> None:
@@ -1272,7 +1383,7 @@ class Bench:
         if bad:
             sample = "\n".join(x[:400] for x in bad[:5])
             self.problems.append(
-                f"aproxy logged {len(bad)} error line(s) in the {phase} phase, e.g.:\n"
+                f"{child.name} logged {len(bad)} error line(s) in the {phase} phase, e.g.:\n"
                 f"```\n{sample}\n```"
             )
 
@@ -1284,9 +1395,8 @@ class Bench:
         try:
             r = fn()
         except Exception as e:  # every failure is reported, the run goes on
-            self.failures.append(f"{who} {key}: {e}")
             self.results[who][key] = {"error": str(e)}
-            log(f"{who}: {key} FAILED: {e}")
+            self.fail(who, f"{who} {key}: {e}")
             return None
         self.results[who][key] = r
         log(f"{who}: {key}: {_brief(r)}")
@@ -1294,40 +1404,57 @@ class Bench:
         return r
 
     def check_health(self, who: str, key: str, r: Any) -> None:
-        """Note errors and non-2xx answers seen by a load run."""
+        """Note errors and non-2xx answers seen by a load run, and runs disturbed by others."""
         if not isinstance(r, dict):
             return
+        noise = r.get("unattributed")
+        if isinstance(noise, float) and noise > DISTURBED_SHARE:
+            self.disturbed.append(f"{who} {key}")
+            self.problems.append(
+                f"{who} {key}: {noise:.0%} of all CPUs were busy with work not charged to the "
+                "client, the origin or the proxy: other work on the machine disturbed this run"
+            )
         errs, bad = r.get("socket_errors", 0), r.get("non_2xx", 0)
         if errs or bad:
             self.problems.append(
                 f"{who} {key}: {errs} socket errors {r.get('errors_detail')}, {bad} non-2xx "
                 f"answers ({r.get('non_2xx_note')}) out of {r.get('requests')} requests"
             )
-        if who == "aproxy" and r.get("eof") and key == "slow_reader":
-            self.problems.append("aproxy slow_reader: the connection ended before the body did")
+        if who != "direct" and r.get("eof") and key == "slow_reader":
+            self.problems.append(f"{who} slow_reader: the connection ended before the body did")
 
     def probe(self, child: Child, t: Target, after: str) -> None:
-        """After a scenario: does aproxy still answer promptly? A stall is a problem."""
+        """After a scenario: does the proxy still answer promptly? A stall is a problem."""
         t0 = time.monotonic()
         try:
             status, n = http_fetch(t.port, t.target("/100b"), t.host, timeout=5)
             if status != 200 or n != len(SMALL_BODY):
-                self.problems.append(f"after {after}: probe got status {status}, {n} bytes")
+                self.problems.append(
+                    f"{t.name} after {after}: probe got status {status}, {n} bytes"
+                )
         except OSError as e:
             self.problems.append(
-                f"after {after}: aproxy did not answer a GET of /100b within 5 s ({e!r}); "
+                f"{t.name} after {after}: no answer to a GET of /100b within 5 s ({e!r}); "
                 f"alive={child.alive()}"
             )
             return
         if time.monotonic() - t0 > 1:
-            self.problems.append(f"after {after}: probe took {time.monotonic() - t0:.1f} s")
+            self.problems.append(
+                f"{t.name} after {after}: probe took {time.monotonic() - t0:.1f} s"
+            )
 
     def transfers(self, one: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """Median MB/s over C{s.downloads} large transfers (downloads or uploads)."""
-        runs = [one() for _ in range(self.s.downloads)]
+        """
+        Median MB/s over C{s.downloads} large transfers (downloads or uploads); one only
+        when the first took longer than L{SLOW_TRANSFER_SECONDS}.
+        """
+        runs = [one()]
+        while len(runs) < self.s.downloads and runs[0]["seconds"] <= SLOW_TRANSFER_SECONDS:
+            runs.append(one())
         return {
             "cmd": runs[0]["cmd"],
             "mbps": statistics.median(r["mbps"] for r in runs),
+            "runs": len(runs),
             "runs_mbps": [round(r["mbps"], 1) for r in runs],
             "rss_growth_mib": max(r["rss_growth_mib"] for r in runs),
         }
@@ -1357,39 +1484,35 @@ class Bench:
                 "direct", "upload", lambda: self.transfers(lambda: upload(up, f, size, sink, a))
             )
 
-    def run_aproxy(self) -> None:
-        """Every scenario through aproxy, a fresh process for each of three phases."""
+    def run_proxy(self, name: str) -> None:
+        """Every scenario through proxy target C{name}, a fresh process for each phase."""
         s, a = self.s, self.args
 
         def idle(child: Child, t: Target) -> None:
-            self.results["aproxy"]["rss_start_mib"] = rss_kib(child.pid) / 1024
-            self.scenario("aproxy", "idle", lambda: idle_conns(t, child.pid, s))
+            self.results[name]["rss_start_mib"] = rss_kib(child.pid) / 1024
+            self.scenario(name, "idle", lambda: idle_conns(t, child.pid, s))
             self.probe(child, t, "the idle-connections scenario")
 
         def slow(child: Child, t: Target) -> None:
-            self.scenario(
-                "aproxy", "slow_reader", lambda: slow_reader(t, self.big_path, child.pid, s)
-            )
+            self.scenario(name, "slow_reader", lambda: slow_reader(t, self.big_path, child.pid, s))
             self.probe(child, t, "the slow-reader scenario")
 
         def loads(child: Child, t: Target) -> None:
             pid = child.pid
             o = self.origin.pid if self.origin else None
-            self.scenario("aproxy", "ka", lambda: load(t, "/100b", False, pid, s, a, self.tmp, o))
+            self.scenario(name, "ka", lambda: load(t, "/100b", False, pid, s, a, self.tmp, o))
             self.probe(child, t, "the keep-alive load")
-            if a.profile:
+            if a.profile and name == "aproxy":
                 self.profile(child, t)
-            self.scenario("aproxy", "close", lambda: load(t, "/100b", True, pid, s, a, self.tmp, o))
+            self.scenario(name, "close", lambda: load(t, "/100b", True, pid, s, a, self.tmp, o))
             self.probe(child, t, "the Connection: close load")
             big, size = self.big_path, s.big_bytes
             self.scenario(
-                "aproxy",
-                "download",
-                lambda: self.transfers(lambda: download(t, big, size, pid, a)),
+                name, "download", lambda: self.transfers(lambda: download(t, big, size, pid, a))
             )
             self.probe(child, t, "the downloads")
             self.scenario(
-                "aproxy",
+                name,
                 "tunnel",
                 lambda: self.transfers(lambda: download(t, big, size, pid, a, tunnel=True)),
             )
@@ -1398,17 +1521,18 @@ class Bench:
                 f = self.upload_file()
                 up = dataclasses.replace(t, origin_port=self.sink_port)
                 self.scenario(
-                    "aproxy", "upload", lambda: self.transfers(lambda: upload(up, f, size, pid, a))
+                    name, "upload", lambda: self.transfers(lambda: upload(up, f, size, pid, a))
                 )
                 self.probe(child, t, "the uploads")
 
         for phase, body in (("idle", idle), ("slow", slow), ("load", loads)):
             try:
-                with self.aproxy(phase) as (child, t):
+                with self.proxy(name, phase) as (child, t):
                     body(child, t)
             except Exception as e:  # the other phases still run
-                self.failures.append(f"aproxy {phase} phase: {e}")
-                log(f"aproxy {phase} phase FAILED: {e}")
+                for key in PHASE_KEYS[phase]:  # what the phase did not get to: "failed"
+                    self.results[name].setdefault(key, {"error": f"{phase} phase: {e}"})
+                self.fail(name, f"{name} {phase} phase: {e}")
 
     def profile(self, child: Child, t: Target) -> None:
         """py-spy record during an extra keep-alive load run; summary into the report."""
@@ -1453,14 +1577,15 @@ class Bench:
             self.problems.append(f"py-spy wrote no profile: {spy.log_tail()}")
 
     def collect_versions(self) -> None:
-        """Python, Twisted, aproxy, wrk and curl versions."""
+        """Python, Twisted, aproxy, the peers', wrk's and curl's versions."""
         self.versions["Python (bench)"] = platform.python_version()
+        aproxy_version = "unknown (--aproxy-cmd: not queried)"
         if not self.args.aproxy_cmd:
             _, env = self.aproxy_argv(0)
             code = (
-                "import platform, twisted, aproxy; print('Python', platform.python_version(),"
-                " '/ Twisted', twisted.__version__, '/ aproxy', aproxy.__version__,"
-                " 'from', aproxy.__file__)"
+                "import platform, twisted, aproxy; print('aproxy', aproxy.__version__,"
+                " '/ Python', platform.python_version(), '/ Twisted', twisted.__version__,"
+                " '/ from', aproxy.__file__)"
             )
             try:
                 p = subprocess.run(
@@ -1470,29 +1595,39 @@ class Bench:
                     env=env,
                     timeout=30,
                 )
-                self.versions["aproxy side"] = (p.stdout or p.stderr).strip().splitlines()[-1]
+                aproxy_version = (p.stdout or p.stderr).strip().splitlines()[-1]
             except (OSError, subprocess.TimeoutExpired, IndexError) as e:
-                self.versions["aproxy side"] = f"unknown ({e!r})"
+                aproxy_version = f"unknown ({e!r})"
+            self.versions["aproxy side"] = aproxy_version
         if not self.args.aproxy_cmd and (CHECKOUT / ".git").exists():
             git = tool_output(["git", "-C", str(CHECKOUT), "describe", "--always", "--dirty"])
             if git:
                 self.versions["aproxy checkout"] = f"{CHECKOUT} at {git}"
+        for name in self.targets:
+            if name in APROXY_TARGETS:
+                self.target_versions[name] = aproxy_version.split(" / from ")[0]
+            elif name in PEERS:
+                self.target_versions[name] = peer_version(name, self.args)
         if self.args.wrk:
             self.versions["wrk"] = tool_output([self.args.wrk, "--version"])
         if self.args.curl:
             self.versions["curl"] = tool_output([self.args.curl, "--version"])
 
     def run(self) -> None:
-        """Origin, direct scenarios, aproxy scenarios."""
+        """Origin, then every scenario for each target in turn."""
         self.collect_versions()
         self.start_origin()
+        self.target_versions["direct"] = self.versions.get("nginx") or self.origin_kind
         try:
             self.start_sink()
         except Exception as e:  # the other scenarios still run
             self.failures.append(f"upload sink: {e}")
             log(f"upload sink FAILED: {e}")
-        self.run_direct()
-        self.run_aproxy()
+        for name in self.targets:
+            if name == "direct":
+                self.run_direct()
+            else:
+                self.run_proxy(name)
 
     def cleanup(self) -> None:
         """Stop every child and remove the temp dir (unless --keep-tmp)."""
@@ -1506,190 +1641,80 @@ class Bench:
 
     def report(self) -> str:
         """The Markdown report."""
-        d, p = self.results["direct"], self.results["aproxy"]
         s = self.s
-        big = f"{s.big_bytes // MIB} MiB" if s.big_bytes >= MIB else f"{s.big_bytes} B"
-        rows: list[tuple[str, str, str, str, str]] = []
-
-        def get(r: dict[str, Any], key: str, field: str) -> float | None:
-            v = r.get(key)
-            if isinstance(v, dict) and "error" not in v:
-                x = v.get(field)
-                return float(x) if isinstance(x, int | float) else None
-            if key == field and isinstance(v, int | float):
-                return float(v)
-            return None
-
-        def cell(r: dict[str, Any], key: str, field: str, fmt: str) -> str:
-            v = r.get(key)
-            if isinstance(v, dict) and "error" in v:
-                return "FAIL"
-            x = get(r, key, field)
-            return "-" if x is None else format(x, fmt)
-
-        def ratio(key: str, field: str) -> str:
-            a, b = get(p, key, field), get(d, key, field)
-            return f"{a / b:.2f}x" if a is not None and b else "-"
-
-        def verdict(value: float | None, ok: Callable[[float], bool], text: str) -> str:
-            if value is None:
-                return text
-            return f"{text} ({'met' if ok(value) else 'NOT met'})"
-
-        def add(
-            label: str, key: str, field: str, fmt: str, target: str = "", with_ratio: bool = True
-        ) -> None:
-            r = ratio(key, field) if with_ratio else ""
-            rows.append((label, cell(d, key, field, fmt), cell(p, key, field, fmt), r, target))
-
-        def errors(key: str) -> str:
-            out = []
-            for r in (d, p):
-                v = r.get(key)
-                if not isinstance(v, dict) or "error" in v:
-                    out.append("FAIL" if isinstance(v, dict) else "-")
-                else:
-                    out.append(f"{v['socket_errors']} / {v['non_2xx']}")
-            return out[0] + "|" + out[1]
-
-        for key, label in (("ka", "100 B keep-alive"), ("close", "100 B Connection: close")):
-            rps = get(p, key, "rps")
-            target = verdict(rps, lambda x: x >= 15000, ">= 15,000") if key == "ka" else ""
-            add(f"{label}: requests/s", key, "rps", ",.0f", target)
-            add(f"{label}: p50 latency, ms", key, "p50_ms", ".2f")
-            add(f"{label}: p99 latency, ms", key, "p99_ms", ".2f")
-            add(f"{label}: CPU s per 10k requests", key, "cpu_per_10k", ".3f")
-            add(
-                f"{label}: share of that CPU in the kernel",
-                key,
-                "cpu_sys_share",
-                ".0%",
-                with_ratio=False,
-            )
-            add(
-                f"{label}: machine CPU busy, % of all CPUs",
-                key,
-                "machine_busy",
-                ".0%",
-                with_ratio=False,
-            )
-            add(
-                f"{label}: of which unattributed (noise)",
-                key,
-                "unattributed",
-                ".0%",
-                with_ratio=False,
-            )
-            e_d, e_p = errors(key).split("|")
-            rows.append((f"{label}: socket errors / non-2xx", e_d, e_p, "", "0 / 0"))
-        runs = f"median of {s.downloads}" if s.downloads > 1 else "1 run"
-        fast = ">= 1,000"
-        plain = get(p, "download", "mbps")
-        add(
-            f"{big} plain download: MB/s ({runs})",
-            "download",
-            "mbps",
-            ",.0f",
-            verdict(plain, lambda x: x >= 1000, fast),
-        )
-        add(f"{big} plain download: peak RSS growth, MiB", "download", "rss_growth_mib", ".1f")
-        tunnel, direct_dl = get(p, "tunnel", "mbps"), get(d, "download", "mbps")
-        rows.append(
-            (
-                f"{big} download through a CONNECT tunnel: MB/s ({runs}; direct = the direct "
-                "download above)",
-                cell(d, "download", "mbps", ",.0f"),
-                cell(p, "tunnel", "mbps", ",.0f"),
-                f"{tunnel / direct_dl:.2f}x" if tunnel is not None and direct_dl else "-",
-                verdict(tunnel, lambda x: x >= 1000, fast),
-            )
-        )
-        rows.append(
-            (
-                "CONNECT tunnel download: peak RSS growth, MiB",
-                "-",
-                cell(p, "tunnel", "rss_growth_mib", ".1f"),
-                "",
-                "",
-            )
-        )
-        up = get(p, "upload", "mbps")
-        add(
-            f"{big} upload, plain forwarded POST body: MB/s ({runs})",
-            "upload",
-            "mbps",
-            ",.0f",
-            verdict(up, lambda x: x >= 1000, fast),
-        )
-        add(
-            "upload: peak RSS growth, MiB (direct: the upload sink's)",
-            "upload",
-            "rss_growth_mib",
-            ".1f",
-            with_ratio=False,
-        )
-        add("RSS at start, MiB", "rss_start_mib", "rss_start_mib", ".1f")
-        n = s.idle_conns
-        add(f"idle keep-alive connections held (of {n})", "idle", "held", ".0f", f"{n}")
-        add(f"RSS with {n} idle connections, MiB", "idle", "rss_held_mib", ".1f")
-        kib = get(p, "idle", "kib_per_conn")
-        add(
-            "RSS per idle keep-alive connection, KiB",
-            "idle",
-            "kib_per_conn",
-            ".2f",
-            verdict(kib, lambda x: x <= 4, "<= 4"),
-        )
-        growth = get(p, "slow_reader", "growth_mib")
-        add(
-            f"slow reader ({s.slow_seconds:g} s at ~{s.slow_rate / 1e6:g} MB/s): RSS growth, MiB",
-            "slow_reader",
-            "growth_mib",
-            ".2f",
-            verdict(growth, lambda x: x < 2, "< 2"),
-        )
-        add("slow reader: bytes read", "slow_reader", "bytes", ",.0f")
-
+        big = size_label(s.big_bytes)
+        commands = {name: self.commands.get(name, "") for name in self.targets}
+        commands["direct"] = ""
         lines = [
             f"# aproxy benchmark ({s.name} run, {time.strftime('%Y-%m-%d %H:%M:%S')})",
             "",
-            f"Direct = client straight to the origin ({self.origin_kind}); its memory and CPU "
-            "figures are the origin's own. aproxy figures are aproxy's process tree. Ratios are "
-            "aproxy / direct. aproxy is restarted for each phase (idle connections; slow reader; "
-            "load and downloads) so every memory figure starts from a fresh process.",
+            f"Machine: {machine_line()}. Client (wrk, curl, this script), origin and proxy share "
+            "the CPUs, nothing is pinned; all traffic on 127.0.0.1.",
             "",
-            "| figure | direct | aproxy | aproxy / direct | target |",
-            "|---|---:|---:|---:|---|",
+            *table_lines(self.targets, self.results, s, self.target_versions, commands),
+            "",
+            "Rows: direct = client straight to the origin "
+            f"({self.origin_kind}; its memory and CPU figures are the origin's own, its upload "
+            "RSS the upload sink's); every other row is that proxy's process tree (RSS and CPU "
+            "summed over the started process and its descendants), started afresh for each "
+            "phase (idle connections; slow reader; load runs and transfers). "
+            '"failed": the scenario failed (see Problems); "-": not measured. '
+            "In aproxy rows, (N.NNx) is aproxy / squid from this run (for CPU and KiB per "
+            "connection lower is better). A transfer slower than "
+            f"{SLOW_TRANSFER_SECONDS:g} s is not repeated, marked (1 run).",
+            "",
+            *detail_lines(self, big),
         ]
-        lines += [f"| {a} | {b} | {c} | {r} | {t} |" for a, b, c, r, t in rows]
-        load_tool = "wrk" if self.args.wrk else "built-in asyncio load client (wrk not found)"
-        lines += [
-            "",
-            f"Load: {load_tool}, {self.args.threads} thread(s), {self.args.connections} "
-            f"connections, {s.wrk_seconds:g} s per run; CPU from /proc/PID/stat utime+stime "
-            "before/after. Idle connections: opened 64 at a time, one keep-alive request each, "
-            "RSS (/proc/PID/status VmRSS) before opening vs. while all are held. Slow reader: "
-            "64 KiB SO_RCVBUF, peak RSS during the read minus RSS before. MB/s = 10^6 B/s. "
-            "CONNECT tunnel: CONNECT to the origin's port, then a GET inside the tunnel "
-            "(curl -p -x); aproxy runs with --connect-ports set to that port. Upload: POST of the "
-            f"{big} file to a Python sink that reads the whole body before answering with its "
-            "byte count (checked); the direct upload goes straight to that sink.",
-            "",
-            "## Machine and versions",
-            "",
-            f"- machine: {os.cpu_count()} CPUs ({platform.machine()}, {_cpu_model()}), "
-            f"Linux {platform.release()}; client, origin and proxy share the CPUs, unpinned",
-        ]
+        if self.disturbed:
+            lines += [
+                "",
+                f"**Disturbed**: in {len(self.disturbed)} load run(s) "
+                f"({', '.join(self.disturbed)}) over {DISTURBED_SHARE:.0%} of the machine's CPU "
+                "went to other work, so those figures, and ratios between rows, are not "
+                "reliable: rerun on an idle machine.",
+            ]
+        goals = [line for name in self.targets for line in goal_lines(name, self.results, s)]
+        if goals:
+            lines += ["", "## Targets (aproxy)", "", *goals]
+            if s.big_bytes < 100 * MIB:
+                lines.append(
+                    f"- (the transfer targets are about a 100 MiB body; this run moved {big}, "
+                    "so its MB/s are mostly connection setup)"
+                )
+        lines += ["", "## Machine and versions", ""]
+        lines.append(f"- machine: {machine_line()}")
         lines += [f"- {k}: {v}" for k, v in self.versions.items()]
+        lines += [f"- {k}: {v}" for k, v in self.target_versions.items() if k in PEERS]
+        if self.skipped:
+            lines += ["", "## Targets not run", ""]
+            lines += [f"- {name}: {why}" for name, why in self.skipped.items()]
         lines += ["", "## Command lines", ""]
-        for name in ("origin", "upload sink", "aproxy", "profile"):
-            if name in self.commands:
+        for name in ("origin", "upload sink", *self.targets, "profile"):
+            if self.commands.get(name):
                 lines.append(f"- {name}: `{self.commands[name]}`")
-        for who in ("direct", "aproxy"):
+        if any(name in PEERS for name in self.targets):
+            lines.append(
+                "- peers' configs (rendered into the temp dir, kept with --keep-tmp): squid: "
+                "no cache (cache deny all, cache_mem 0, no cache_dir), http_port 127.0.0.1:PORT, "
+                "access from 127.0.0.1 only, no access log; tinyproxy: Listen 127.0.0.1, Allow "
+                "127.0.0.1, no Via header, LogLevel Critical; proxy.py: its defaults (threadless, "
+                "one acceptor process per CPU), HOME in the temp dir"
+            )
+        # Client commands: direct's and the first proxy's; the other proxies' differ only
+        # in the proxy port (the one in their command line).
+        shown = [who for who in self.targets if who == "direct"]
+        shown += [who for who in self.targets if who != "direct"][:1]
+        for who in shown:
             for key in ("ka", "close", "download", "tunnel", "upload"):
                 v = self.results[who].get(key)
                 if isinstance(v, dict) and "cmd" in v:
                     lines.append(f"- {who} {key}: `{v['cmd']}`")
+        others = [who for who in self.targets if who not in shown]
+        if others:
+            lines.append(
+                f"- {', '.join(others)}: the same client commands as {shown[-1]}'s, with that "
+                "proxy's port"
+            )
         lines.append(
             "- idle connections and slow reader: built-in clients (this script), "
             f"GET http://{LOOPBACK}:{self.origin_port}/100b and {self.big_path}"
@@ -1698,11 +1723,244 @@ class Bench:
             lines += ["", "## Profile (aproxy under the keep-alive load)", ""]
             lines += self.profile_lines
         lines += ["", "## Problems", ""]
-        if not self.failures and not self.problems:
+        if not self.failures and not self.peer_failures and not self.problems:
             lines.append("None seen.")
         lines += [f"- FAILED: {f}" for f in self.failures]
+        lines += [
+            f"- FAILED (a peer; does not change the exit status): {f}" for f in self.peer_failures
+        ]
         lines += [f"- {x}" for x in self.problems]
         return "\n".join(lines) + "\n"
+
+
+# phase -> the result keys it fills (marked "failed" when the phase fails before them)
+PHASE_KEYS = {
+    "idle": ("rss_start_mib", "idle"),
+    "slow": ("slow_reader",),
+    "load": ("ka", "close", "download", "tunnel", "upload"),
+}
+
+# --------------------------------------------------------------------------------------------
+# the report's pieces (plain functions of the results, so the tests can render fakes)
+
+
+def size_label(n: int) -> str:
+    """C{100 MiB} or C{512 B}."""
+    return f"{n // MIB} MiB" if n >= MIB else f"{n} B"
+
+
+def machine_line() -> str:
+    """CPU count and model, architecture, kernel."""
+    return (
+        f"{os.cpu_count()} CPUs ({_cpu_model()}, {platform.machine()}), Linux {platform.release()}"
+    )
+
+
+def value(r: dict[str, Any], key: str, field: str) -> float | None:
+    """A figure from one target's results, or None when missing or failed."""
+    v = r.get(key)
+    if isinstance(v, dict) and "error" not in v:
+        x = v.get(field)
+        return float(x) if isinstance(x, int | float) else None
+    if key == field and isinstance(v, int | float):
+        return float(v)
+    return None
+
+
+def failed(r: dict[str, Any], key: str) -> bool:
+    """Whether a scenario of one target failed."""
+    v = r.get(key)
+    return isinstance(v, dict) and "error" in v
+
+
+def cell(r: dict[str, Any], key: str, field: str, fmt: str, vs: dict[str, Any] | None) -> str:
+    """One figure, formatted; C{failed} or C{-}; with C{vs} (squid's results) a ratio."""
+    if failed(r, key):
+        return "failed"
+    x = value(r, key, field)
+    if x is None:
+        return "-"
+    text = format(x, fmt)
+    y = value(vs, key, field) if vs is not None else None
+    return f"{text} ({x / y:.2f}x)" if x is not None and y else text
+
+
+def load_cell(r: dict[str, Any], key: str, vs: dict[str, Any] | None) -> str:
+    """Requests/s of a load run, with wrk's socket errors and non-2xx answers when any."""
+    text = cell(r, key, "rps", ",.0f", vs)
+    v = r.get(key)
+    if isinstance(v, dict) and "error" not in v:
+        notes = []
+        if v.get("socket_errors"):
+            notes.append(f"{v['socket_errors']:,} sock err")
+        if v.get("non_2xx"):
+            notes.append(f"{v['non_2xx']:,} non-2xx")
+        if notes:
+            text += f" [{', '.join(notes)}]"
+    return text
+
+
+def latency_cell(r: dict[str, Any], key: str) -> str:
+    """C{p50 / p99} in ms."""
+    if failed(r, key):
+        return "failed"
+    p50, p99 = value(r, key, "p50_ms"), value(r, key, "p99_ms")
+    return "-" if p50 is None or p99 is None else f"{p50:.2f} / {p99:.2f}"
+
+
+def transfer_cell(r: dict[str, Any], key: str, s: Settings, vs: dict[str, Any] | None) -> str:
+    """MB/s of the large transfers, noting a single run where the mode asks for more."""
+    text = cell(r, key, "mbps", ",.0f", vs)
+    v = r.get(key)
+    if isinstance(v, dict) and v.get("runs", s.downloads) < s.downloads:
+        text += f" ({v['runs']} run)"
+    return text
+
+
+def table_lines(
+    names: list[str],
+    results: dict[str, dict[str, Any]],
+    s: Settings,
+    versions: dict[str, str],
+    commands: dict[str, str],
+) -> list[str]:
+    """The report's table: a row per target (direct, aproxy, peers), a column per figure."""
+    big = size_label(s.big_bytes)
+    squid = results.get("squid")
+    if squid is not None and value(squid, "ka", "rps") is None:
+        squid = None  # no ratios against a squid that did not run
+    headers = [
+        "target",
+        "100 B keep-alive: req/s",
+        "keep-alive p50 / p99, ms",
+        "keep-alive CPU s / 10k req",
+        "100 B Connection: close: req/s",
+        "close p50 / p99, ms",
+        "close CPU s / 10k req",
+        f"{big} plain download, MB/s",
+        f"{big} CONNECT tunnel download, MB/s",
+        f"{big} upload (POST body), MB/s",
+        "transfer peak RSS growth, MiB (plain / tunnel / upload)",
+        "RSS at start, MiB",
+        f"idle keep-alive conns held (of {s.idle_conns})",
+        "RSS per idle conn, KiB",
+        f"slow reader: RSS growth, MiB (MB read in {s.slow_seconds:g} s)",
+        "version",
+        "command",
+    ]
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|---|" + "---:|" * (len(headers) - 3) + "---|---|",
+    ]
+    for name in names:
+        r = results.get(name, {})
+        vs = squid if name in APROXY_TARGETS else None
+        growth = " / ".join(
+            cell(r, key, "rss_growth_mib", ".1f", None) for key in ("download", "tunnel", "upload")
+        )
+        slow = cell(r, "slow_reader", "growth_mib", ".2f", None)
+        got = value(r, "slow_reader", "bytes")
+        if got is not None:
+            slow += f" ({got / 1e6:.1f})"
+        command = commands.get(name, "")
+        row = [
+            name,
+            load_cell(r, "ka", vs),
+            latency_cell(r, "ka"),
+            cell(r, "ka", "cpu_per_10k", ".3f", vs),
+            load_cell(r, "close", vs),
+            latency_cell(r, "close"),
+            cell(r, "close", "cpu_per_10k", ".3f", vs),
+            transfer_cell(r, "download", s, vs),
+            "n/a (no proxy)" if name == "direct" else transfer_cell(r, "tunnel", s, vs),
+            transfer_cell(r, "upload", s, vs),
+            growth,
+            cell(r, "rss_start_mib", "rss_start_mib", ".1f", None),
+            cell(r, "idle", "held", ".0f", None),
+            cell(r, "idle", "kib_per_conn", ".2f", vs),
+            slow,
+            versions.get(name, "-"),
+            f"`{command}`" if command else "- (no proxy)" if name == "direct" else "-",
+        ]
+        lines.append("| " + " | ".join(x.replace("|", "\\|") for x in row) + " |")
+    return lines
+
+
+def goal_lines(name: str, results: dict[str, dict[str, Any]], s: Settings) -> list[str]:
+    """The project's targets for an aproxy row: each with its figure and met / NOT met."""
+    if name not in APROXY_TARGETS:
+        return []
+    r = results.get(name, {})
+    big = size_label(s.big_bytes)
+    one = " through one aproxy process" if APROXY_TARGETS[name] == 1 else ""
+    goals: list[tuple[str, str, str, str, Callable[[float], bool]]] = [
+        (f"100 B keep-alive >= 15,000 requests/s{one}", "ka", "rps", ",.0f", lambda x: x >= 15000),
+        (
+            "RSS per idle keep-alive connection <= 4 KiB",
+            "idle",
+            "kib_per_conn",
+            ".2f",
+            lambda x: x <= 4,
+        ),
+        ("slow-reader RSS growth < 2 MiB", "slow_reader", "growth_mib", ".2f", lambda x: x < 2),
+        (f"{big} plain download >= 1,000 MB/s", "download", "mbps", ",.0f", lambda x: x >= 1000),
+        (
+            f"{big} CONNECT tunnel download >= 1,000 MB/s",
+            "tunnel",
+            "mbps",
+            ",.0f",
+            lambda x: x >= 1000,
+        ),
+        (
+            f"{big} upload (plain forwarded POST body) >= 1,000 MB/s",
+            "upload",
+            "mbps",
+            ",.0f",
+            lambda x: x >= 1000,
+        ),
+    ]
+    lines = []
+    for text, key, field, fmt, ok in goals:
+        x = value(r, key, field)
+        if failed(r, key):
+            lines.append(f"- {name}: {text}: failed (NOT met)")
+        elif x is not None:
+            lines.append(f"- {name}: {text}: {format(x, fmt)} ({'met' if ok(x) else 'NOT met'})")
+    return lines
+
+
+def detail_lines(bench: Bench, big: str) -> list[str]:
+    """How the load ran: tool and settings, and per target the CPU share and machine noise."""
+    a, s = bench.args, bench.s
+    load_tool = "wrk" if a.wrk else "built-in asyncio load client (wrk not found)"
+    lines = [
+        f"Load: {load_tool}, {a.threads} thread(s), {a.connections} connections, "
+        f"{s.wrk_seconds:g} s per run, absolute-form target through proxies; CPU from "
+        "/proc/PID/stat utime+stime before/after, per 10k requests. Transfers: curl, median of "
+        f"{s.downloads}, MB/s = 10^6 B/s; the CONNECT tunnel goes to the origin's port (aproxy "
+        "runs with --connect-ports set to it), then a GET inside the tunnel (curl -p -x); the "
+        f"upload POSTs the {big} file to a Python sink that reads the whole body before it "
+        "answers with its byte count (checked). Idle connections: opened 64 at a time, one "
+        "keep-alive request each, RSS before opening vs. while all are held. Slow reader: "
+        "64 KiB SO_RCVBUF, peak RSS during the read minus RSS before.",
+        "",
+        "CPU of the load runs (keep-alive; close): share in the kernel, machine busy (% of all "
+        "CPUs), and unattributed (not charged to the client, origin or proxy: other processes "
+        "and kernel work; a large value means the run was disturbed):",
+        "",
+    ]
+    for name in bench.targets:
+        r = bench.results.get(name, {})
+        parts = []
+        for key in ("ka", "close"):
+            share, busy = value(r, key, "cpu_sys_share"), value(r, key, "machine_busy")
+            noise = value(r, key, "unattributed")
+            if share is None or busy is None or noise is None:
+                parts.append("-")
+            else:
+                parts.append(f"{share:.0%} kernel, {busy:.0%} busy, {noise:.0%} unattributed")
+        lines.append(f"- {name}: {parts[0]}; {parts[1]}")
+    return lines
 
 
 def _brief(r: Any) -> str:
@@ -1752,10 +2010,88 @@ def _cpu_model() -> str:
     return "unknown CPU"
 
 
+def find_peer(name: str, args: argparse.Namespace) -> str | None:
+    """
+    The executable of comparison proxy C{name}, or None when it is not installed: the
+    C{--squid}/C{--tinyproxy}/C{--proxypy} option when given, else squid and tinyproxy on
+    C{PATH} or in /usr/sbin, and proxy.py in BENCH_VENVS/proxypy (default /tmp/bench-venvs).
+    """
+    given = getattr(args, name, None)
+    if given:
+        return shutil.which(given)
+    if name == "proxypy":
+        return shutil.which(str(BENCH_VENVS / "proxypy" / "bin" / "proxy"))
+    return shutil.which(name) or _sbin(name)
+
+
+def peer_where(name: str, args: argparse.Namespace) -> str:
+    """Where L{find_peer} looked, for the report's "not installed" line."""
+    given = getattr(args, name, None)
+    if given:
+        return f"--{name} {given} is not an executable"
+    if name == "proxypy":
+        return f"no {BENCH_VENVS}/proxypy/bin/proxy (--proxypy PATH, or BENCH_VENVS)"
+    return f"no {name} on PATH or in /usr/sbin (--{name} PATH)"
+
+
+def peer_version(name: str, args: argparse.Namespace) -> str:
+    """The first line of a peer's version output (proxy.py's with its venv's Python)."""
+    exe = find_peer(name, args)
+    if exe is None:
+        return "-"
+    if name == "squid":
+        return tool_output([exe, "-v"]) or "squid (version unknown)"
+    if name == "tinyproxy":
+        return tool_output([exe, "-v"]) or "tinyproxy (version unknown)"
+    text = f"proxy.py {tool_output([exe, '--version']) or '(version unknown)'}"
+    python = Path(exe).parent / "python"
+    if python.exists():
+        text += f" / {tool_output([str(python), '--version'])}"
+    return text
+
+
+def target_list(text: str) -> list[str]:
+    """C{--targets}: comma-separated names from L{TARGETS}, in the order given."""
+    names: list[str] = []
+    for name in (x.strip() for x in text.split(",")):
+        if name not in TARGETS:
+            raise argparse.ArgumentTypeError(
+                f"unknown target {name!r} (choose from {', '.join(TARGETS)})"
+            )
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def select_targets(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """
+    The targets to run, and those left out with the reason. Default: direct, aproxy and
+    every installed peer; C{--smoke} without C{--targets}: direct and aproxy only. A peer
+    that is not installed is left out, never a failure.
+    """
+    skipped: dict[str, str] = {}
+    if args.targets is not None:
+        wanted = list(args.targets)
+    elif args.smoke:
+        wanted = ["direct", "aproxy"]
+        for name in PEERS:
+            skipped[name] = "not run: --smoke runs direct and aproxy unless --targets names more"
+    else:
+        wanted = ["direct", "aproxy", *PEERS]
+    chosen = []
+    for name in wanted:
+        if name in PEERS and find_peer(name, args) is None:
+            skipped[name] = f"skipped, not installed: {peer_where(name, args)}"
+        else:
+            chosen.append(name)
+    return chosen, skipped
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     ap = argparse.ArgumentParser(
-        description="Benchmark aproxy against a direct connection to a local origin."
+        description="Benchmark aproxy against a direct connection to a local origin, and "
+        "against squid, tinyproxy and proxy.py when they are installed."
     )
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="3 s load runs, one download")
@@ -1768,8 +2104,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--aproxy-cmd",
         help="command that runs aproxy in the foreground; '{port}' is replaced by the port, "
         "else '--port tcp:PORT:interface=127.0.0.1' is appended. The environment is passed "
-        "unchanged. Default: sys.executable -m twisted aproxy, with PYTHONPATH=the checkout",
+        "unchanged. Default: sys.executable -m twisted aproxy, with PYTHONPATH=the checkout. "
+        "Also used for aproxy-w2 (with --workers 2 appended)",
     )
+    ap.add_argument(
+        "--targets",
+        type=target_list,
+        help=f"comma-separated, in this order; from {','.join(TARGETS)} (aproxy-w2: aproxy "
+        "--workers 2; proxypy: proxy.py). Default: direct, aproxy and every installed peer; "
+        "with --smoke: direct,aproxy",
+    )
+    for peer, where in (
+        ("squid", "PATH or /usr/sbin"),
+        ("tinyproxy", "PATH or /usr/sbin"),
+        ("proxypy", "$BENCH_VENVS/proxypy/bin/proxy, BENCH_VENVS=/tmp/bench-venvs"),
+    ):
+        ap.add_argument(f"--{peer}", metavar="PATH", help=f"{peer} executable (default: {where})")
     ap.add_argument("--duration", type=float, help="seconds per load run (overrides the mode)")
     ap.add_argument("--connections", type=int, default=50, help="load connections (50)")
     ap.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
@@ -1798,8 +2148,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def settings_for(args: argparse.Namespace) -> Settings:
-    """The mode's settings with command-line overrides applied."""
+def settings_for(args: argparse.Namespace, proxies: int = 1) -> Settings:
+    """
+    The mode's settings with command-line overrides applied; the time budget grows with
+    the number of proxy targets beyond the first.
+    """
     s = SMOKE if args.smoke else QUICK if args.quick else FULL
     changes: dict[str, Any] = {}
     if args.duration:
@@ -1808,13 +2161,16 @@ def settings_for(args: argparse.Namespace) -> Settings:
         changes["idle_conns"] = args.idle_conns
     if args.max_seconds:
         changes["max_seconds"] = args.max_seconds
+    elif proxies > 1:
+        changes["max_seconds"] = s.max_seconds + s.per_target_seconds * (proxies - 1)
     return Settings(**{**s.__dict__, **changes}) if changes else s
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 when every scenario ran, 1 if any failed outright, 130 on abort."""
     args = parse_args(argv)
-    s = settings_for(args)
+    targets, skipped = select_targets(args)
+    s = settings_for(args, sum(1 for name in targets if name != "direct"))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
     if soft < want:
@@ -1823,7 +2179,10 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
         signal.signal(sig, _raise_abort)
     signal.alarm(s.max_seconds)
-    bench = Bench(args, s)
+    for name, why in skipped.items():
+        log(f"{name}: {why}")
+    log(f"targets: {', '.join(targets)}; time budget {s.max_seconds} s")
+    bench = Bench(args, s, targets, skipped)
     started = time.monotonic()
     status = 0
     try:
@@ -1842,7 +2201,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(
             json.dumps(
-                {"settings": s.__dict__, "results": bench.results, "versions": bench.versions},
+                {
+                    "settings": s.__dict__,
+                    "targets": targets,
+                    "skipped": skipped,
+                    "results": bench.results,
+                    "versions": {**bench.versions, **bench.target_versions},
+                    "commands": bench.commands,
+                },
                 indent=1,
                 default=str,
             )

@@ -1,33 +1,249 @@
-"""The benchmark in bench/ runs: a smoke pass of every scenario (not a timed test)."""
+"""
+The benchmark in bench/ runs: a smoke pass of every scenario (not a timed test), plus its
+target selection and report table on made-up results.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "bench" / "run.py"
+MISSING = "/nonexistent/bench-peer"
+
+
+def load_bench() -> ModuleType:
+    """bench/run.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("aproxy_bench_run", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def row_cells(line: str) -> list[str]:
+    """The cells of one Markdown table row (no cell here contains an escaped pipe)."""
+    return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
 class BenchSmokeTests(SynchronousTestCase):
     """bench/run.py --smoke exercises each scenario for about a second and exits 0."""
 
     def test_smoke(self) -> None:
-        """Every benchmark scenario runs to completion against a real aproxy."""
-        script = ROOT / "bench" / "run.py"
-        if not script.exists():
+        """
+        Every scenario runs to completion against a real aproxy and the direct origin; a
+        peer that is not installed is left out with a line, not a failure.
+        """
+        if not SCRIPT.exists():
             self.skipTest("not running from a checkout")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        result = subprocess.run(
-            [sys.executable, str(script), "--smoke"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = Path(tmp) / "bench.json"
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    str(SCRIPT),
+                    "--smoke",
+                    "--targets",
+                    "direct,aproxy,squid",
+                    "--squid",
+                    MISSING,
+                    "--json",
+                    str(raw),
+                ],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+            self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+            data = json.loads(raw.read_text())
+        self.assertEqual(data["targets"], ["direct", "aproxy"])
+        self.assertIn("squid", data["skipped"])
+        for name in ("direct", "aproxy"):
+            for key in ("ka", "close", "download", "upload", "idle", "slow_reader"):
+                self.assertNotIn("error", data["results"][name][key], (name, key))
+            self.assertGreater(data["results"][name]["ka"]["rps"], 0)
+        self.assertGreater(data["results"]["aproxy"]["tunnel"]["mbps"], 0)
+        out = result.stdout
+        self.assertIn(f"- squid: skipped, not installed: --squid {MISSING}", out)
+        rows = {row_cells(x)[0]: row_cells(x) for x in out.splitlines() if x.startswith("| ")}
+        self.assertEqual(sorted(rows), ["aproxy", "direct", "target"])
+        header = rows["target"]
+        self.assertIn("100 B keep-alive: req/s", header)
+        self.assertEqual(len(rows["aproxy"]), len(header))
+        self.assertNotIn("failed", rows["aproxy"])
+        self.assertTrue(rows["aproxy"][header.index("command")].startswith("`"))
+        self.assertIn("100 B keep-alive >= 15,000 requests/s", out)
+
+
+class BenchTargetTests(SynchronousTestCase):
+    """Which targets run: --targets, the defaults, and peers that are not installed."""
+
+    def setUp(self) -> None:
+        if not SCRIPT.exists():
+            self.skipTest("not running from a checkout")
+        self.bench = load_bench()
+
+    def select(self, *argv: str) -> tuple[list[str], dict[str, str]]:
+        """select_targets for a command line."""
+        targets, skipped = self.bench.select_targets(self.bench.parse_args(list(argv)))
+        return list(targets), dict(skipped)
+
+    def test_smoke_default(self) -> None:
+        """--smoke alone runs direct and aproxy, and says why the peers did not run."""
+        targets, skipped = self.select("--smoke")
+        self.assertEqual(targets, ["direct", "aproxy"])
+        self.assertEqual(sorted(skipped), ["proxypy", "squid", "tinyproxy"])
+        self.assertIn("--smoke", skipped["squid"])
+
+    def test_default_without_peers(self) -> None:
+        """Without --targets every peer is wanted; those not installed are skipped."""
+        missing = ("--squid", MISSING, "--tinyproxy", MISSING, "--proxypy", MISSING)
+        targets, skipped = self.select(*missing)
+        self.assertEqual(targets, ["direct", "aproxy"])
+        self.assertEqual(sorted(skipped), ["proxypy", "squid", "tinyproxy"])
+        self.assertIn("not installed", skipped["proxypy"])
+
+    def test_targets_order(self) -> None:
+        """--targets keeps the order given, drops repeats, and installed peers stay in."""
+        targets, skipped = self.select(
+            "--targets", "aproxy-w2,direct,aproxy-w2,squid", "--squid", sys.executable
         )
-        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-        self.assertIn("requests/s", result.stdout)
+        self.assertEqual(targets, ["aproxy-w2", "direct", "squid"])
+        self.assertEqual(skipped, {})
+
+    def test_unknown_target(self) -> None:
+        """An unknown name is a usage error."""
+        with open(os.devnull, "w") as devnull:
+            stderr, sys.stderr = sys.stderr, devnull
+            try:
+                self.assertRaises(SystemExit, self.bench.parse_args, ["--targets", "nginx"])
+            finally:
+                sys.stderr = stderr
+
+    def test_time_budget_grows(self) -> None:
+        """Each proxy target beyond the first adds to the mode's time budget."""
+        args = self.bench.parse_args(["--quick"])
+        one = self.bench.settings_for(args, 1).max_seconds
+        five = self.bench.settings_for(args, 5).max_seconds
+        self.assertEqual(five - one, 4 * self.bench.QUICK.per_target_seconds)
+
+
+def load_result(rps: float, cpu: float, errors: int = 0) -> dict[str, Any]:
+    """A made-up load run."""
+    return {
+        "rps": rps,
+        "p50_ms": 2.5,
+        "p99_ms": 4.0,
+        "cpu_per_10k": cpu,
+        "socket_errors": errors,
+        "non_2xx": 0,
+    }
+
+
+def transfer(mbps: float, runs: int = 3) -> dict[str, Any]:
+    """A made-up median of large transfers."""
+    return {"mbps": mbps, "runs": runs, "rss_growth_mib": 0.5}
+
+
+class BenchReportTests(SynchronousTestCase):
+    """The report's table and target lines, from made-up results."""
+
+    def setUp(self) -> None:
+        if not SCRIPT.exists():
+            self.skipTest("not running from a checkout")
+        self.bench = load_bench()
+        self.results: dict[str, dict[str, Any]] = {
+            "direct": {"ka": load_result(60000, 0.15), "download": transfer(3000)},
+            "aproxy": {
+                "rss_start_mib": 50.0,
+                "ka": load_result(16000, 0.5),
+                "close": load_result(6000, 1.4),
+                "download": transfer(1200),
+                "tunnel": transfer(900),
+                "upload": {"error": "upload: status 502"},
+                "idle": {"held": 1000, "kib_per_conn": 3.0},
+                "slow_reader": {"growth_mib": 0.2, "bytes": 5_000_000},
+            },
+            "squid": {
+                "ka": load_result(20000, 0.5),
+                "close": load_result(7500, 1.4),
+                "download": transfer(400),
+                "tunnel": transfer(1150),
+                "idle": {"held": 1000, "kib_per_conn": 24.0},
+            },
+            "tinyproxy": {"ka": load_result(7000, 1.5, errors=70000)},
+            "proxypy": {"download": transfer(6, runs=1), "idle": {"error": "idle phase: exit"}},
+        }
+        self.names = list(self.results)
+        commands = {"aproxy": "python -m twisted aproxy --port tcp:1:interface=127.0.0.1"}
+        self.lines = self.bench.table_lines(
+            self.names, self.results, self.bench.FULL, {"squid": "Squid 5.7"}, commands
+        )
+        header = row_cells(self.lines[0])
+        self.rows = {
+            row_cells(x)[0]: dict(zip(header, row_cells(x), strict=True)) for x in self.lines[2:]
+        }
+
+    def test_row_per_target(self) -> None:
+        """One header, one separator, then a row per target in order, each full width."""
+        self.assertEqual([row_cells(x)[0] for x in self.lines[2:]], self.names)
+        widths = {len(row_cells(x)) for x in self.lines}
+        self.assertEqual(widths, {len(row_cells(self.lines[0]))})
+
+    def test_ratios_against_squid(self) -> None:
+        """aproxy's cells carry aproxy / squid; the peers' do not."""
+        aproxy = self.rows["aproxy"]
+        self.assertEqual(aproxy["100 B keep-alive: req/s"], "16,000 (0.80x)")
+        self.assertEqual(aproxy["100 B Connection: close: req/s"], "6,000 (0.80x)")
+        self.assertEqual(aproxy["keep-alive CPU s / 10k req"], "0.500 (1.00x)")
+        self.assertEqual(aproxy["100 MiB plain download, MB/s"], "1,200 (3.00x)")
+        self.assertEqual(aproxy["RSS per idle conn, KiB"], "3.00 (0.12x)")
+        self.assertEqual(self.rows["squid"]["100 B keep-alive: req/s"], "20,000")
+
+    def test_failed_and_missing_cells(self) -> None:
+        """A failed scenario says so; one not measured is '-'; errors and single runs show."""
+        self.assertEqual(self.rows["aproxy"]["100 MiB upload (POST body), MB/s"], "failed")
+        self.assertEqual(self.rows["proxypy"]["RSS per idle conn, KiB"], "failed")
+        self.assertEqual(self.rows["proxypy"]["100 MiB plain download, MB/s"], "6 (1 run)")
+        self.assertEqual(self.rows["proxypy"]["100 B keep-alive: req/s"], "-")
+        self.assertEqual(
+            self.rows["tinyproxy"]["100 B keep-alive: req/s"], "7,000 [70,000 sock err]"
+        )
+        self.assertEqual(
+            self.rows["direct"]["100 MiB CONNECT tunnel download, MB/s"], "n/a (no proxy)"
+        )
+        self.assertEqual(self.rows["squid"]["version"], "Squid 5.7")
+
+    def test_no_ratios_without_squid(self) -> None:
+        """Without a squid row aproxy's cells are plain figures."""
+        del self.results["squid"]
+        lines = self.bench.table_lines(
+            ["aproxy"], self.results, self.bench.FULL, {}, {"aproxy": "x"}
+        )
+        self.assertEqual(row_cells(lines[2])[1], "16,000")
+
+    def test_goal_lines(self) -> None:
+        """The project's targets for aproxy rows: met, NOT met, failed; none for peers."""
+        lines = self.bench.goal_lines("aproxy", self.results, self.bench.FULL)
+        text = "\n".join(lines)
+        self.assertIn(
+            "100 B keep-alive >= 15,000 requests/s through one aproxy process: 16,000 (met)", text
+        )
+        self.assertIn("CONNECT tunnel download >= 1,000 MB/s: 900 (NOT met)", text)
+        self.assertIn("upload (plain forwarded POST body) >= 1,000 MB/s: failed (NOT met)", text)
+        self.assertIn("RSS per idle keep-alive connection <= 4 KiB: 3.00 (met)", text)
+        self.assertEqual(self.bench.goal_lines("squid", self.results, self.bench.FULL), [])
