@@ -253,6 +253,9 @@ class ProxyProtocol(ClientConnection):
         elif kind == _CONNECT:
             target = self._target
             where = f"{target.host}:{target.port}" if target else "origin"
+            hop = self._hop
+            if hop is not None and hop.parent is not None:
+                where += f" through parent proxy {hop.parent.name}"
             self._fail(
                 GatewayTimeout(
                     f"connecting to {where} timed out",

@@ -260,6 +260,19 @@ class HttpParentRequestTests(ParentTestCase):
         self.assertTrue(value.startswith(b"HTTP/1.1 504 "))
         self.assertIn(b"parent proxy http://parent.example:3128 timed out", value)
 
+    def test_connect_timeout_names_parent(self) -> None:
+        """A dial through a parent that outlasts the connect timeout is a 504 naming it."""
+        self.proto.dataReceived(b"CONNECT a.example:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        layer, parent = self.connect(self.connector.attempts[0])
+        self.clock.advance(self.factory.config.connect_timeout + 1)
+        value = self.client.value()
+        self.assertTrue(value.startswith(b"HTTP/1.1 504 "), value)
+        self.assertIn(
+            b"connecting to a.example:443 through parent proxy http://parent.example:3128",
+            value,
+        )
+        self.assertTrue(parent.disconnecting)
+
     def test_https_target_tunnels_through_parent(self) -> None:
         """An https:// target goes through a CONNECT to the parent, then TLS."""
         self.proto.dataReceived(b"GET https://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n")
