@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 from aproxy.policy import parse_host_pattern
 
-__all__ = ["Parent", "Router", "parse_parent", "parse_route"]
+__all__ = ["Parent", "Router", "parse_parent", "parse_route", "without_credentials"]
 
 _DEFAULT_PARENT_PORTS = {"http": 80, "https": 443, "socks5": 1080}
 
@@ -52,6 +53,14 @@ class Parent:
             return None
         pair = f"{self.username}:{self.password or ''}".encode()
         return b"Proxy-Authorization: Basic " + base64.b64encode(pair) + b"\r\n"
+
+
+_USERINFO = re.compile(r"(?<=://)[^/@]*@")
+
+
+def without_credentials(text: str) -> str:
+    """A parent URL or a route with any C{user:password@} replaced, for display."""
+    return _USERINFO.sub("***@", text)
 
 
 def parse_parent(url: str) -> Parent:

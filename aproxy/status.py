@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from aproxy.config import ProxyConfig
 from aproxy.records import Exchange
+from aproxy.routes import without_credentials
 
 __all__ = [
     "BUCKETS",
@@ -322,6 +323,10 @@ def _config_value(name: str, value: object) -> str:
     """One configuration value as plain text (escaped by the caller)."""
     if set(name.split("_")) & _SECRET_WORDS:
         return "(hidden)"
+    if name in ("upstream", "routes"):
+        # Parent URLs may carry the parent's user name and password.
+        items = value if isinstance(value, tuple) else (value,) if value else ()
+        return ", ".join(without_credentials(str(item)) for item in items) or "(none)"
     if value is None:
         return "any" if name == "connect_ports" else "(none)"
     if name == "connect_ports" and isinstance(value, tuple):

@@ -459,6 +459,19 @@ class SiteTests(SynchronousTestCase):
         self.assertNotIn("alice-the-user", page)
         self.assertNotIn(digest, page)
 
+    def test_status_hides_parent_credentials(self) -> None:
+        """Parent URLs are shown without the user name and password in them."""
+        config = ProxyConfig(
+            routes=("*.corp.example=http://bob:hunter2@10.1.2.3:3128",),
+            upstream="socks5://eve:swordfish@127.0.0.1:1080",
+        )
+        factory = ProxyFactory(config, self.clock, connector=RecordingConnector())
+        page = fetch(metrics_site(Metrics(factory, self.clock), factory), b"/status")[2].decode()
+        self.assertIn("<td>routes</td><td>*.corp.example=http://***@10.1.2.3:3128</td>", page)
+        self.assertIn("<td>upstream</td><td>socks5://***@127.0.0.1:1080</td>", page)
+        for secret in ("bob", "hunter2", "eve", "swordfish"):
+            self.assertNotIn(secret, page)
+
     def test_unknown_paths_404(self) -> None:
         """The root, unknown paths and paths below the two pages are 404."""
         for path in (b"/", b"/nothing", b"/metrics/extra", b"/status/"):
