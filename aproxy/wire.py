@@ -30,26 +30,50 @@ def bulk_reads(transport: Any, on: bool = True) -> None:
         transport.bufferSize = BULK_BUFFER if on else default
 
 
-# The TCP connection classes whose buffering (FileDescriptor.dataBuffer, _tempDataLen)
-# this relies on. Should a Twisted release rename those attributes, the getattr defaults
-# below make every write a plain transport.write.
-_DIRECT = frozenset({tcp.Server, tcp.Client})
+# --------------------------------------------------------------------------------------------
+# Twisted internals: the only place aproxy relies on them. Used only for exactly the
+# classes in _DIRECT: tcp.Connection's socket attribute and abstract.FileDescriptor's write
+# buffer (dataBuffer, _tempDataLen, _writeDisconnecting, _writeDisconnected). Should a
+# Twisted release rename the buffer attributes, the getattr defaults below make every write
+# a plain transport.write.
+
+_DIRECT: frozenset[Any] = frozenset({tcp.Server, tcp.Client})
+
+
+def _can_send(transport: Any) -> bool:
+    """Whether bytes may go straight to C{transport}'s socket: nothing queued, still open."""
+    return (
+        not getattr(transport, "_tempDataLen", 1)
+        and not getattr(transport, "dataBuffer", 1)
+        and transport.connected
+        and not transport.disconnecting
+        and not getattr(transport, "_writeDisconnecting", True)
+        and not transport._writeDisconnected
+    )
+
+
+def _send(transport: Any, data: Any) -> int:
+    """
+    One C{send} of all of C{data}; 0 when the socket would block or failed.
+
+    Unlike C{writeSomeData} there is no 128 KiB cap (Twisted's C{SEND_LIMIT}, for Windows),
+    so a 256 KiB chunk takes one system call instead of two plus a reactor pass (and a copy
+    of the unsent half). An error is not reported here: the caller queues the bytes, and
+    the transport's own C{doWrite} meets the error again and closes the connection as usual.
+    """
+    try:
+        sent: int = transport.socket.send(data)
+    except OSError:
+        return 0
+    return sent
 
 
 def write_now(transport: Any, data: bytes) -> None:
     """Write C{data} to C{transport}, sending it immediately when nothing is queued."""
-    kind: type = transport.__class__
-    if (
-        kind in _DIRECT
-        and not getattr(transport, "_tempDataLen", 1)
-        and not getattr(transport, "dataBuffer", 1)
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnected
-    ):
-        sent = transport.writeSomeData(data)
-        if isinstance(sent, int):
-            if sent == len(data):
-                return
+    if transport.__class__ in _DIRECT and _can_send(transport):
+        sent = _send(transport, data)
+        if sent == len(data):
+            return
+        if sent:
             data = data[sent:]
     transport.write(data)

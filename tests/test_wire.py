@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from errno import EPIPE
 from typing import Any
 
 from twisted.internet import tcp
@@ -17,19 +18,22 @@ class FakeSocket:
     def __init__(self, accept: int) -> None:
         self.accept = accept
         self.sent: list[bytes] = []
+        self.send_error: int | None = None
 
     def send(self, data: Any) -> int:
         """Take up to C{accept} bytes."""
+        if self.send_error is not None:
+            raise OSError(self.send_error, "send failed")
         taken = bytes(data[: self.accept])
         self.sent.append(taken)
         return len(taken)
 
 
-def tcp_server(accept: int) -> tuple[tcp.Server, FakeSocket]:
-    """A L{tcp.Server} transport around a L{FakeSocket}, without a real file descriptor."""
+def tcp_server(accept: int, kind: type = tcp.Server) -> tuple[Any, FakeSocket]:
+    """A L{tcp.Server} (or C{kind}) transport around a L{FakeSocket}, without a real fd."""
     sock = FakeSocket(accept)
-    transport = object.__new__(tcp.Server)
-    transport.socket = sock  # type: ignore[assignment]
+    transport: Any = object.__new__(kind)
+    transport.socket = sock
     transport.reactor = MemoryReactor()
     transport.connected = 1
     transport.disconnecting = 0
@@ -66,6 +70,30 @@ class WriteNowTests(SynchronousTestCase):
         write_now(transport, b"second")
         self.assertEqual(sock.sent, [])
         self.assertEqual(transport._tempDataBuffer, [b"first", b"second"])
+
+    def test_big_write_is_one_send(self) -> None:
+        """A chunk above Twisted's 128 KiB SEND_LIMIT still goes in one send() call."""
+        transport, sock = tcp_server(accept=1 << 30)
+        data = bytes(range(256)) * (BULK_BUFFER // 256)
+        self.assertGreater(len(data), tcp.Server.SEND_LIMIT)
+        write_now(transport, data)
+        self.assertEqual(sock.sent, [data])
+        self.assertEqual(transport._tempDataBuffer, [])
+
+    def test_send_error_queues_everything(self) -> None:
+        """A failing send() loses nothing here: the bytes are queued, and doWrite reports it."""
+        transport, sock = tcp_server(accept=1000)
+        sock.send_error = EPIPE
+        write_now(transport, b"hello")
+        self.assertEqual(transport._tempDataBuffer, [b"hello"])
+
+    def test_half_closing_transport_queues(self) -> None:
+        """After loseWriteConnection, bytes are queued behind the pending shutdown."""
+        transport, sock = tcp_server(accept=1000)
+        transport._writeDisconnecting = True
+        write_now(transport, b"hello")
+        self.assertEqual(sock.sent, [])
+        self.assertEqual(transport._tempDataBuffer, [b"hello"])
 
     def test_other_transports_use_write(self) -> None:
         """Transports that are not plain TCP connections get an ordinary write."""
