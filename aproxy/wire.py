@@ -53,6 +53,17 @@ def bulk_reads(transport: Any, on: bool = True) -> None:
 # defaults below make every write a plain transport.write (a relay then always queues).
 
 _DIRECT: frozenset[Any] = frozenset({tcp.Server, tcp.Client})
+
+
+def _plain_tcp(transport: Any) -> bool:
+    """
+    Whether C{transport} is a Twisted TCP connection whose socket carries the bytes as they
+    are: not another transport (TLS over TCP is a wrapper, test doubles), and not a TCP
+    connection switched to TLS by C{startTLS}, which keeps its class but sets C{TLS}.
+    """
+    return transport.__class__ in _DIRECT and not getattr(transport, "TLS", True)
+
+
 _WOULD_BLOCK = frozenset({EAGAIN, EWOULDBLOCK})
 
 # One receive buffer for every relay in the process: the reactor is single-threaded, and a
@@ -91,7 +102,7 @@ def _send(transport: Any, data: Any) -> int:
 
 def write_now(transport: Any, data: bytes) -> None:
     """Write C{data} to C{transport}, sending it immediately when nothing is queued."""
-    if transport.__class__ in _DIRECT and _can_send(transport):
+    if _plain_tcp(transport) and _can_send(transport):
         sent = _send(transport, data)
         if sent == len(data):
             return
@@ -119,7 +130,7 @@ def relay_reads(source: Any, sink: Any, count: Callable[[int], None]) -> bool:
     to decrypt what it reads); for any other pair nothing changes and C{False} is returned.
     Undo with L{unrelay_reads}.
     """
-    if source.__class__ not in _DIRECT or sink.__class__ not in _DIRECT:
+    if not (_plain_tcp(source) and _plain_tcp(sink)):
         return False
     recv_into = source.socket.recv_into
     buffer = _RELAY_BUFFER

@@ -121,6 +121,15 @@ class WriteNowTests(SynchronousTestCase):
         self.assertEqual(sock.sent, [])
         self.assertEqual(transport._tempDataBuffer, [b"hello"])
 
+    def test_started_tls_uses_write(self) -> None:
+        """A TCP connection switched to TLS by startTLS gets a write (its TLS layer encrypts)."""
+        transport, sock = tcp_server(accept=1000)
+        transport.TLS = True
+        transport.protocol = tls_layer = StringTransport()  # stands in for TLSMemoryBIOProtocol
+        write_now(transport, b"hello")
+        self.assertEqual(sock.sent, [])
+        self.assertEqual(tls_layer.value(), b"hello")
+
     def test_other_transports_use_write(self) -> None:
         """Transports that are not plain TCP connections get an ordinary write."""
         transport = StringTransport()
@@ -209,6 +218,16 @@ class RelayReadsTests(SynchronousTestCase):
         self.assertFalse(relay_reads(other, source, self.counts.append))
         self.assertNotIn("doRead", vars(source))
         unrelay_reads(other)
+
+    def test_started_tls_untouched(self) -> None:
+        """A TCP connection switched to TLS by startTLS must not be read past its TLS layer."""
+        source, _ = tcp_server(accept=1)
+        sink, _ = tcp_server(accept=1)
+        sink.TLS = True
+        self.assertFalse(relay_reads(source, sink, self.counts.append))
+        self.assertFalse(relay_reads(sink, source, self.counts.append))
+        self.assertNotIn("doRead", vars(source))
+        self.assertNotIn("doRead", vars(sink))
 
 
 class TunnelRelayTests(SynchronousTestCase):
