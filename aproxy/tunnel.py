@@ -3,9 +3,11 @@ Raw byte relays: after a CONNECT's 200 or an Upgrade's 101, the client and upstr
 transports are spliced together.
 
 Each transport is registered as the other's streaming producer, so a side that stops reading
-pauses the other and memory stays bounded. A half-close is passed on (the other side's write
-half is shut down after its buffer drains) and relaying continues the other way; a full close
-or reset of one side closes the other once what it already received has been flushed.
+pauses the other and memory stays bounded. Between two plain TCP transports the bytes skip
+the protocols: L{aproxy.wire.relay_reads} sends each side's reads straight to the other. A
+half-close is passed on (the other side's write half is shut down after its buffer drains)
+and relaying continues the other way; a full close or reset of one side closes the other
+once what it already received has been flushed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from aproxy.upstream import UpstreamProtocol
-from aproxy.wire import bulk_reads, shut_write, write_now
+from aproxy.wire import bulk_reads, relay_reads, shut_write, unrelay_reads, write_now
 
 __all__ = ["Tunnel"]
 
@@ -70,6 +72,8 @@ class Tunnel:
         upstream.on_lost = self.origin_lost
         bulk_reads(self._client)
         bulk_reads(self._origin)
+        relay_reads(self._client, self._origin, self._relayed_to_origin)
+        relay_reads(self._origin, self._client, self._relayed_to_client)
         self._client.registerProducer(self._origin, True)
         self._origin.registerProducer(self._client, True)
         self._timer = self._clock.callLater(
@@ -81,14 +85,20 @@ class Tunnel:
             self.from_client(to_origin)
 
     def from_client(self, data: bytes) -> None:
-        """Relay client bytes to the origin."""
+        """Relay client bytes to the origin (those not relayed by L{relay_reads})."""
         self.to_origin += len(data)
         write_now(self._origin, data)
 
     def from_origin(self, data: bytes) -> None:
-        """Relay origin bytes to the client."""
+        """Relay origin bytes to the client (those not relayed by L{relay_reads})."""
         self.to_client += len(data)
         write_now(self._client, data)
+
+    def _relayed_to_origin(self, size: int) -> None:
+        self.to_origin += size
+
+    def _relayed_to_client(self, size: int) -> None:
+        self.to_client += size
 
     def client_eof(self) -> None:
         """The client shut down its write side: shut down ours towards the origin."""
@@ -122,6 +132,8 @@ class Tunnel:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        unrelay_reads(self._client)
+        unrelay_reads(self._origin)
         self._client.unregisterProducer()
         if not self._upstream.lost:
             self._origin.unregisterProducer()

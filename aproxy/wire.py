@@ -1,5 +1,5 @@
 """
-Writing to a transport without the reactor round trip when nothing is queued.
+Moving bytes between Twisted TCP transports with fewer system calls, copies and reactor passes.
 
 C{transport.write} on a Twisted TCP connection only queues: the bytes go out on the next
 reactor iteration, which costs two C{epoll_ctl} calls (start and stop watching for
@@ -7,21 +7,43 @@ writability) and a pass through the loop for every response. When the transport'
 empty, L{write_now} hands the bytes to the socket at once and queues only what the kernel
 did not take, so ordering and flow control are unchanged. Any other transport (TLS, test
 doubles) gets a plain C{write}.
+
+L{relay_reads} does the same one step earlier for a tunnel's raw relay: it reads each chunk
+into one reused buffer instead of a fresh bytes object and sends it from there.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from errno import EAGAIN, EWOULDBLOCK
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet import main, tcp
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
-__all__ = ["BULK_BUFFER", "bulk_reads", "shut_write", "write_now"]
+__all__ = [
+    "BULK_BUFFER",
+    "RELAY_READ",
+    "bulk_reads",
+    "relay_reads",
+    "shut_write",
+    "unrelay_reads",
+    "write_now",
+]
 
 # Read size for bulk transfers (tunnels, large bodies): Twisted reads 64 KiB per pass by
 # default; four times that means a quarter of the reactor passes per megabyte (measured on
-# loopback: about +15% MB/s for a 100 MiB body, tunnelled or forwarded).
+# loopback: about +15% MB/s for a 100 MiB body, tunnelled or forwarded). It is also the
+# write buffer size above which a transport pauses its producer.
 BULK_BUFFER = 1 << 18
+
+# Read size of a tunnel relay (L{relay_reads}). Bigger reads mean fewer system calls and
+# reactor passes per megabyte; the relay reads into one shared buffer, so unlike a bigger
+# bufferSize this costs neither a fresh allocation per read (at these sizes glibc mmaps,
+# mremaps and munmaps each one) nor a higher pause threshold. Measured on loopback, 100 MiB
+# through a CONNECT tunnel: 512 KiB takes 14-35% less proxy CPU than 256 KiB; 1 MiB saves
+# a little more but would double what a slow side can have queued (see relay_reads).
+RELAY_READ = 1 << 19
 
 
 def bulk_reads(transport: Any, on: bool = True) -> None:
@@ -31,27 +53,69 @@ def bulk_reads(transport: Any, on: bool = True) -> None:
         transport.bufferSize = BULK_BUFFER if on else default
 
 
-# The TCP connection classes whose buffering (FileDescriptor.dataBuffer, _tempDataLen)
-# this relies on. Should a Twisted release rename those attributes, the getattr defaults
-# below make every write a plain transport.write.
-_DIRECT = frozenset({tcp.Server, tcp.Client})
+# --------------------------------------------------------------------------------------------
+# Twisted internals: the only place aproxy relies on them. Used only for exactly the
+# classes in _DIRECT: tcp.Connection's socket attribute and its doRead contract (the reactor
+# calls transport.doRead(), which returns None, CONNECTION_DONE or CONNECTION_LOST), and
+# abstract.FileDescriptor's write buffer (dataBuffer, _tempDataLen, _writeDisconnecting,
+# _writeDisconnected). Should a Twisted release rename the buffer attributes, the getattr
+# defaults below make every write a plain transport.write (a relay then always queues).
+
+_DIRECT: frozenset[Any] = frozenset({tcp.Server, tcp.Client})
+
+
+def _plain_tcp(transport: Any) -> bool:
+    """
+    Whether C{transport} is a Twisted TCP connection whose socket carries the bytes as they
+    are: not another transport (TLS over TCP is a wrapper, test doubles), and not a TCP
+    connection switched to TLS by C{startTLS}, which keeps its class but sets C{TLS}.
+    """
+    return transport.__class__ in _DIRECT and not getattr(transport, "TLS", True)
+
+
+_WOULD_BLOCK = frozenset({EAGAIN, EWOULDBLOCK})
+
+# One receive buffer for every relay in the process: the reactor is single-threaded, and a
+# chunk leaves the buffer (sent, or copied into a write queue) before the next read.
+_RELAY_BUFFER = bytearray(RELAY_READ)
+_RELAY_VIEW = memoryview(_RELAY_BUFFER)
+
+
+def _can_send(transport: Any) -> bool:
+    """Whether bytes may go straight to C{transport}'s socket: nothing queued, still open."""
+    return (
+        not getattr(transport, "_tempDataLen", 1)
+        and not getattr(transport, "dataBuffer", 1)
+        and transport.connected
+        and not transport.disconnecting
+        and not getattr(transport, "_writeDisconnecting", True)
+        and not transport._writeDisconnected
+    )
+
+
+def _send(transport: Any, data: Any) -> int:
+    """
+    One C{send} of all of C{data}; 0 when the socket would block or failed.
+
+    Unlike C{writeSomeData} there is no 128 KiB cap (Twisted's C{SEND_LIMIT}, for Windows),
+    so a 256 KiB chunk takes one system call instead of two plus a reactor pass (and a copy
+    of the unsent half). An error is not reported here: the caller queues the bytes, and
+    the transport's own C{doWrite} meets the error again and closes the connection as usual.
+    """
+    try:
+        sent: int = transport.socket.send(data)
+    except OSError:
+        return 0
+    return sent
 
 
 def write_now(transport: Any, data: bytes) -> None:
     """Write C{data} to C{transport}, sending it immediately when nothing is queued."""
-    kind: type = transport.__class__
-    if (
-        kind in _DIRECT
-        and not getattr(transport, "_tempDataLen", 1)
-        and not getattr(transport, "dataBuffer", 1)
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnected
-    ):
-        sent = transport.writeSomeData(data)
-        if isinstance(sent, int):
-            if sent == len(data):
-                return
+    if _plain_tcp(transport) and _can_send(transport):
+        sent = _send(transport, data)
+        if sent == len(data):
+            return
+        if sent:
             data = data[sent:]
     transport.write(data)
 
@@ -69,3 +133,53 @@ def shut_write(transport: Any) -> None:
         transport.loseConnection()
     else:
         transport.loseWriteConnection()
+
+
+def relay_reads(source: Any, sink: Any, count: Callable[[int], None]) -> bool:
+    """
+    Relay everything C{source} reads straight to C{sink}, bypassing C{source}'s protocol.
+
+    Replaces C{doRead} on this one C{source} object by a C{recv_into} the shared buffer
+    followed, when C{sink} has nothing queued, by a C{send} from that buffer; only what the
+    kernel does not take is copied into C{sink}'s write queue, behind what is already
+    there, so order is kept and C{sink}'s producer handling still pauses C{source} (which
+    must be registered as C{sink}'s streaming producer) when that queue passes
+    C{sink.bufferSize}. While C{sink} has bytes queued, a read takes at most
+    C{sink.bufferSize} more, so the most one direction can have queued stays at about
+    C{max(RELAY_READ, 2 * sink.bufferSize)}, as with Twisted's own reads of C{bufferSize}.
+
+    C{count} is called with the size of each chunk. End of file and errors are returned as
+    Twisted's C{doRead} returns them, so a half-close or a reset reaches C{source}'s
+    protocol as before. Only plain TCP transports on both ends qualify (a TLS transport has
+    to decrypt what it reads); for any other pair nothing changes and C{False} is returned.
+    Undo with L{unrelay_reads}.
+    """
+    if not (_plain_tcp(source) and _plain_tcp(sink)):
+        return False
+    recv_into = source.socket.recv_into
+    buffer = _RELAY_BUFFER
+    view = _RELAY_VIEW
+    full = len(buffer)
+
+    def doRead() -> Any:  # noqa: N802 (called by the reactor under Twisted's name)
+        direct = _can_send(sink)
+        try:
+            size = recv_into(buffer, full if direct else min(full, sink.bufferSize))
+        except OSError as e:
+            return None if e.args[0] in _WOULD_BLOCK else main.CONNECTION_LOST
+        if not size:
+            return main.CONNECTION_DONE
+        count(size)
+        sent = _send(sink, view[:size]) if direct else 0
+        if sent < size:
+            sink.write(bytes(view[sent:size]))
+        return None
+
+    source.doRead = doRead
+    return True
+
+
+def unrelay_reads(source: Any) -> None:
+    """Give C{source} back its class's C{doRead}, undoing L{relay_reads} (else a no-op)."""
+    if source.__class__ in _DIRECT:
+        vars(source).pop("doRead", None)

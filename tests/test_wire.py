@@ -1,35 +1,65 @@
-"""Tests for L{aproxy.wire.write_now}: immediate sends that never reorder or lose bytes."""
+"""
+Tests for L{aproxy.wire}: immediate sends and tunnel relays that never reorder or lose bytes
+and keep flow control.
+"""
 
 from __future__ import annotations
 
+from errno import EAGAIN, ECONNRESET, EPIPE
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet import main, tcp
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from aproxy.wire import BULK_BUFFER, bulk_reads, write_now
+from aproxy.tunnel import Tunnel
+from aproxy.upstream import UpstreamProtocol
+from aproxy.wire import BULK_BUFFER, RELAY_READ, bulk_reads, relay_reads, unrelay_reads, write_now
 
 
 class FakeSocket:
-    """A socket whose send() takes at most C{accept} bytes and records them."""
+    """
+    A socket whose send() takes at most C{accept} bytes and records them, and whose
+    recv_into() hands out the scripted C{incoming} chunks (bytes, or an errno to raise).
+    """
 
     def __init__(self, accept: int) -> None:
         self.accept = accept
         self.sent: list[bytes] = []
+        self.send_error: int | None = None
+        self.incoming: list[bytes | int] = []
+        self.asked: list[int] = []
 
     def send(self, data: Any) -> int:
         """Take up to C{accept} bytes."""
+        if self.send_error is not None:
+            raise OSError(self.send_error, "send failed")
         taken = bytes(data[: self.accept])
         self.sent.append(taken)
         return len(taken)
 
+    def recv_into(self, buffer: bytearray, nbytes: int = 0) -> int:
+        """Copy the next scripted chunk (at most C{nbytes}) into C{buffer}."""
+        nbytes = nbytes or len(buffer)
+        self.asked.append(nbytes)
+        if not self.incoming:
+            raise OSError(EAGAIN, "would block")
+        item = self.incoming.pop(0)
+        if isinstance(item, int):
+            raise OSError(item, "recv failed")
+        chunk, rest = item[:nbytes], item[nbytes:]
+        if rest:
+            self.incoming.insert(0, rest)
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
 
-def tcp_server(accept: int) -> tuple[tcp.Server, FakeSocket]:
-    """A L{tcp.Server} transport around a L{FakeSocket}, without a real file descriptor."""
+
+def tcp_server(accept: int, kind: type = tcp.Server) -> tuple[Any, FakeSocket]:
+    """A L{tcp.Server} (or C{kind}) transport around a L{FakeSocket}, without a real fd."""
     sock = FakeSocket(accept)
-    transport = object.__new__(tcp.Server)
-    transport.socket = sock  # type: ignore[assignment]
+    transport: Any = object.__new__(kind)
+    transport.socket = sock
     transport.reactor = MemoryReactor()
     transport.connected = 1
     transport.disconnecting = 0
@@ -67,11 +97,163 @@ class WriteNowTests(SynchronousTestCase):
         self.assertEqual(sock.sent, [])
         self.assertEqual(transport._tempDataBuffer, [b"first", b"second"])
 
+    def test_big_write_is_one_send(self) -> None:
+        """A chunk above Twisted's 128 KiB SEND_LIMIT still goes in one send() call."""
+        transport, sock = tcp_server(accept=1 << 30)
+        data = bytes(range(256)) * (BULK_BUFFER // 256)
+        self.assertGreater(len(data), tcp.Server.SEND_LIMIT)
+        write_now(transport, data)
+        self.assertEqual(sock.sent, [data])
+        self.assertEqual(transport._tempDataBuffer, [])
+
+    def test_send_error_queues_everything(self) -> None:
+        """A failing send() loses nothing here: the bytes are queued, and doWrite reports it."""
+        transport, sock = tcp_server(accept=1000)
+        sock.send_error = EPIPE
+        write_now(transport, b"hello")
+        self.assertEqual(transport._tempDataBuffer, [b"hello"])
+
+    def test_half_closing_transport_queues(self) -> None:
+        """After loseWriteConnection, bytes are queued behind the pending shutdown."""
+        transport, sock = tcp_server(accept=1000)
+        transport._writeDisconnecting = True
+        write_now(transport, b"hello")
+        self.assertEqual(sock.sent, [])
+        self.assertEqual(transport._tempDataBuffer, [b"hello"])
+
+    def test_started_tls_uses_write(self) -> None:
+        """A TCP connection switched to TLS by startTLS gets a write (its TLS layer encrypts)."""
+        transport, sock = tcp_server(accept=1000)
+        transport.TLS = True
+        transport.protocol = tls_layer = StringTransport()  # stands in for TLSMemoryBIOProtocol
+        write_now(transport, b"hello")
+        self.assertEqual(sock.sent, [])
+        self.assertEqual(tls_layer.value(), b"hello")
+
     def test_other_transports_use_write(self) -> None:
         """Transports that are not plain TCP connections get an ordinary write."""
         transport = StringTransport()
         write_now(transport, b"data")
         self.assertEqual(transport.value(), b"data")
+
+
+class RelayReadsTests(SynchronousTestCase):
+    """relay_reads reads into a shared buffer and sends from it, keeping order and limits."""
+
+    def setUp(self) -> None:
+        self.source, self.source_sock = tcp_server(accept=1000, kind=tcp.Client)
+        self.sink, self.sink_sock = tcp_server(accept=1 << 30)
+        self.counts: list[int] = []
+        self.assertTrue(relay_reads(self.source, self.sink, self.counts.append))
+
+    def test_chunk_sent_from_buffer(self) -> None:
+        """A chunk read goes to the sink's socket in full read size, counted, nothing queued."""
+        self.source_sock.incoming.append(b"hello")
+        self.assertIsNone(self.source.doRead())
+        self.assertEqual(self.source_sock.asked, [RELAY_READ])
+        self.assertEqual(self.sink_sock.sent, [b"hello"])
+        self.assertEqual(self.sink._tempDataBuffer, [])
+        self.assertEqual(self.counts, [5])
+
+    def test_partial_send_remainder_queued_in_order(self) -> None:
+        """What the sink's kernel does not take is queued; later chunks queue behind it."""
+        self.sink_sock.accept = 2
+        self.source_sock.incoming += [b"hello", b"world"]
+        self.source.doRead()
+        self.source.doRead()
+        self.assertEqual(self.sink_sock.sent, [b"he"])
+        self.assertEqual(self.sink._tempDataBuffer, [b"llo", b"world"])
+        self.assertIsInstance(self.sink._tempDataBuffer[0], bytes)
+        self.assertEqual(self.counts, [5, 5])
+        self.assertIn(self.sink, self.sink.reactor.getWriters())
+
+    def test_backlogged_sink_limits_read(self) -> None:
+        """While the sink has bytes queued, a read takes at most the sink's bufferSize."""
+        bulk_reads(self.sink)
+        self.sink.write(b"queued")
+        self.source_sock.incoming.append(b"x" * (RELAY_READ + 10))
+        self.source.doRead()
+        self.assertEqual(self.source_sock.asked, [BULK_BUFFER])
+        self.assertEqual(self.sink._tempDataLen, len(b"queued") + BULK_BUFFER)
+        self.assertEqual(self.sink_sock.sent, [])
+
+    def test_full_sink_pauses_source(self) -> None:
+        """Past the sink's bufferSize the source is paused and no longer read by the reactor."""
+        bulk_reads(self.sink)
+        self.sink_sock.accept = 0
+        self.source.startReading()
+        self.sink.registerProducer(self.source, True)
+        self.source_sock.incoming.append(b"x" * RELAY_READ)
+        self.source.doRead()
+        self.assertEqual(self.sink._tempDataLen, RELAY_READ)
+        self.assertTrue(self.sink.producerPaused)
+        self.assertNotIn(self.source, self.source.reactor.getReaders())
+
+    def test_eof_and_errors_as_twisted_reports_them(self) -> None:
+        """Nothing to read, end of file and a reset give what tcp.Connection.doRead gives."""
+        self.assertIsNone(self.source.doRead())
+        self.source_sock.incoming += [b"", ECONNRESET]
+        self.assertIs(self.source.doRead(), main.CONNECTION_DONE)
+        self.assertIs(self.source.doRead(), main.CONNECTION_LOST)
+        self.assertEqual(self.counts, [])
+
+    def test_sink_send_error_queues(self) -> None:
+        """A failing send() to the sink queues the chunk for the sink's own doWrite."""
+        self.sink_sock.send_error = EPIPE
+        self.source_sock.incoming.append(b"hello")
+        self.source.doRead()
+        self.assertEqual(self.sink._tempDataBuffer, [b"hello"])
+
+    def test_unrelay_restores_do_read(self) -> None:
+        """unrelay_reads gives the transport its class's doRead back."""
+        unrelay_reads(self.source)
+        self.assertNotIn("doRead", vars(self.source))
+        self.assertEqual(self.source.doRead.__func__, tcp.Client.doRead)
+
+    def test_other_transports_untouched(self) -> None:
+        """With a non-TCP transport on either end (TLS, test doubles) nothing is replaced."""
+        other = StringTransport()
+        source, _ = tcp_server(accept=1)
+        self.assertFalse(relay_reads(source, other, self.counts.append))
+        self.assertFalse(relay_reads(other, source, self.counts.append))
+        self.assertNotIn("doRead", vars(source))
+        unrelay_reads(other)
+
+    def test_started_tls_untouched(self) -> None:
+        """A TCP connection switched to TLS by startTLS must not be read past its TLS layer."""
+        source, _ = tcp_server(accept=1)
+        sink, _ = tcp_server(accept=1)
+        sink.TLS = True
+        self.assertFalse(relay_reads(source, sink, self.counts.append))
+        self.assertFalse(relay_reads(sink, source, self.counts.append))
+        self.assertNotIn("doRead", vars(source))
+        self.assertNotIn("doRead", vars(sink))
+
+
+class TunnelRelayTests(SynchronousTestCase):
+    """A tunnel between two TCP transports relays through relay_reads and undoes it."""
+
+    def test_relay_installed_counted_and_removed(self) -> None:
+        """Both directions relay and count; closing the tunnel restores both doReads."""
+        client, client_sock = tcp_server(accept=1 << 30)
+        origin, origin_sock = tcp_server(accept=1 << 30, kind=tcp.Client)
+        upstream = UpstreamProtocol()
+        upstream.transport = origin
+        closed: list[Tunnel] = []
+        tunnel = Tunnel(client, upstream, Clock(), 60.0, closed.append)
+        tunnel.start(b"early", b"")
+        self.assertEqual(origin_sock.sent, [b"early"])
+        client_sock.incoming.append(b"ping")
+        origin_sock.incoming.append(b"pong!")
+        client.doRead()
+        origin.doRead()
+        self.assertEqual(origin_sock.sent, [b"early", b"ping"])
+        self.assertEqual(client_sock.sent, [b"pong!"])
+        self.assertEqual((tunnel.to_origin, tunnel.to_client), (9, 5))
+        tunnel.close()
+        self.assertEqual(closed, [tunnel])
+        self.assertNotIn("doRead", vars(client))
+        self.assertNotIn("doRead", vars(origin))
 
 
 class BulkReadTests(SynchronousTestCase):
