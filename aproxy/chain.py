@@ -364,6 +364,10 @@ class _Handshake(Protocol):
         self._open = False
         self._fail(err)
 
+    def protocol_error(self, reason: str) -> None:
+        """The parent answered something unreadable: a 502 protocol error naming it."""
+        self.refuse(BadGateway(reason, "http_protocol_error", details=f"parent {self.parent.name}"))
+
     def succeed(self, rest: bytes) -> None:
         """The parent opened the way: connect the layer above, hand over C{rest}."""
         self._open = True
@@ -468,13 +472,7 @@ class HttpConnectHandshake(_Handshake):
         )
 
     def _bad(self, what: str) -> None:
-        self.refuse(
-            BadGateway(
-                f"parent proxy {self.parent.name} sent {what} to the CONNECT",
-                "http_protocol_error",
-                details=f"parent {self.parent.name}",
-            )
-        )
+        self.protocol_error(f"parent proxy {self.parent.name} sent {what} to the CONNECT")
 
 
 # RFC 1928 section 6: the reply field.
@@ -598,10 +596,4 @@ class Socks5Handshake(_Handshake):
         )
 
     def _bad(self, what: str) -> None:
-        self.refuse(
-            BadGateway(
-                f"SOCKS5 parent proxy {self.parent.name} sent {what}",
-                "http_protocol_error",
-                details=f"parent {self.parent.name}",
-            )
-        )
+        self.protocol_error(f"SOCKS5 parent proxy {self.parent.name} sent {what}")

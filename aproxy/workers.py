@@ -283,7 +283,31 @@ def _run_worker(argv: list[str]) -> None:
     service = worker_service(rest, fds, snapshot, own)
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.callWhenRunning(_stop_once_on_signals, reactor)
     reactor.run()
+
+
+def _stop_once_on_signals(reactor: Any) -> None:
+    """
+    Stop on the first SIGTERM or SIGINT and ignore repeats. A worker usually gets the
+    signal twice: from the parent, which passes it on, and directly when the whole
+    process group is signalled (Ctrl-C, systemd, a supervisor); Twisted's own handler
+    would try to stop the stopped reactor again and log a ReactorNotRunning traceback.
+    (Installed once running: Twisted installs its handlers as the reactor starts.)
+    """
+    stopping = False
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        log.info("worker stopping ({name})", name=signal.Signals(signum).name)
+        reactor.callFromThread(reactor.stop)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("worker running, pid {pid}", pid=os.getpid())
 
 
 if __name__ == "__main__":

@@ -130,29 +130,25 @@ class TLSProcessTests(SynchronousTestCase):
             self.assertTrue(raw.startswith(b"HTTP/1.1 200 OK\r\n"), raw)
             self.assertIn(b"\r\n\r\nhello /c via=1.1 aproxy (", raw)
 
+    def start_fails(self, *args: str) -> bytes:
+        """Run twistd aproxy with C{args}; it must exit non-zero without a traceback."""
+        proc = start([TWISTD, "-n", "--pidfile=", "aproxy", *args], self.tmp)
+        try:
+            out, _ = proc.communicate(timeout=TIMEOUT)
+        finally:
+            stop(proc)
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertNotIn(b"Traceback", out)
+        return out
+
     def test_missing_key_file(self) -> None:
         """A TLS listener whose key file is missing: one line and a non-zero exit."""
         listen = f"ssl:{free_port()}:privateKey={self.path('nope.pem')}:certKey={self.cert}"
-        proc = start([TWISTD, "-n", "--pidfile=", "aproxy", "--port", listen], self.tmp)
-        try:
-            out, _ = proc.communicate(timeout=TIMEOUT)
-        finally:
-            stop(proc)
-        self.assertNotEqual(proc.returncode, 0)
-        self.assertIn(b"nope.pem", out)
-        self.assertNotIn(b"Traceback", out)
+        self.assertIn(b"nope.pem", self.start_fails("--port", listen))
 
     def test_missing_ca_file(self) -> None:
         """An unreadable --ca-file: one line and a non-zero exit."""
-        args = [TWISTD, "-n", "--pidfile=", "aproxy", "--ca-file", self.path("none.pem")]
-        proc = start(args, self.tmp)
-        try:
-            out, _ = proc.communicate(timeout=TIMEOUT)
-        finally:
-            stop(proc)
-        self.assertNotEqual(proc.returncode, 0)
-        self.assertIn(b"--ca-file", out)
-        self.assertNotIn(b"Traceback", out)
+        self.assertIn(b"--ca-file", self.start_fails("--ca-file", self.path("none.pem")))
 
     def test_chain_with_parent_credentials(self) -> None:
         """

@@ -191,6 +191,33 @@ class WorkerProcessTests(SynchronousTestCase):
                 )
             self.assertEqual(stop(proc, 30), 0)
 
+    def test_group_signal(self) -> None:
+        """
+        SIGTERM to the parent and to each worker at once (as when the process group is
+        signalled) stops everything with status 0 and no traceback: a worker stops on
+        the first signal and ignores the one the parent passes on.
+        """
+        port = free_port()
+        args = ["--port", str(port), "--workers", "2"]
+        with tempfile.TemporaryDirectory() as tmp, twistd(args, tmp) as proc:
+            out = wait_for_line(proc, b"worker running")
+            out += wait_for_line(proc, b"worker running")
+            pids = [
+                int(line.rsplit(b"pid ", 1)[1])
+                for line in out.splitlines()
+                if b"worker running, pid" in line
+            ]
+            self.assertEqual(len(pids), 2)
+            for pid in pids:
+                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.stdout is not None
+            rest, _ = proc.communicate(timeout=30)
+            self.assertEqual(proc.returncode, 0)
+            self.assertNotIn(b"Traceback", rest)
+            self.assertIn(b"worker stopping (SIGTERM)", rest)
+
 
 def get(port: int, path: bytes) -> bytes:
     """GET C{path} from 127.0.0.1:C{port}; the whole response."""
