@@ -100,6 +100,7 @@ class _SpawningReactor(MemoryReactorClock):
     def __init__(self) -> None:
         super().__init__()
         self.spawned: list[tuple[Any, list[str]]] = []
+        self.child_fds: list[dict[int, Any]] = []
 
     def spawnProcess(  # noqa: N802
         self, protocol: Any, executable: str, args: list[str], *a: Any, **kw: Any
@@ -108,6 +109,7 @@ class _SpawningReactor(MemoryReactorClock):
         transport = _FakeProcess(1000 + len(self.spawned))
         protocol.makeConnection(transport)
         self.spawned.append((protocol, args))
+        self.child_fds.append(kw.get("childFDs", {}))
         return transport
 
 
@@ -153,6 +155,53 @@ class WorkerPoolMetricsTests(SynchronousTestCase):
         self.successResultOf(stopped)
         self.assertFalse(directory.exists())
         self.assertEqual(pool.sockets, [])
+
+
+class WorkerSocketTests(SynchronousTestCase):
+    """Each worker gets its own SO_REUSEPORT socket on the shared port."""
+
+    def test_one_socket_per_worker(self) -> None:
+        """
+        Two workers get two different listening sockets bound to the same port (an
+        ephemeral one here), so the kernel spreads connections evenly; stopping closes
+        them.
+        """
+        if not hasattr(socket, "SO_REUSEPORT"):
+            self.skipTest("no SO_REUSEPORT here")
+        reactor = _SpawningReactor()
+        config = ProxyConfig(ports=("tcp:0:interface=127.0.0.1",))
+        pool = WorkerPool(config, [], 2, reactor)
+        pool.startService()
+        fds = [child[3] for child in reactor.child_fds]
+        self.assertEqual(len(set(fds)), 2)
+        by_fd = {sock.fileno(): sock for sock in pool.sockets}
+        names = {by_fd[fd].getsockname() for fd in fds}
+        self.assertEqual(len(names), 1)
+        [(host, port)] = names
+        self.assertEqual(host, "127.0.0.1")
+        self.assertNotEqual(port, 0)
+        for fd in fds:
+            self.assertEqual(by_fd[fd].getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT), 1)
+        stopped = pool.stopService()
+        for worker, _ in reactor.spawned:
+            worker.processEnded(Failure(ProcessDone(0)))
+        self.successResultOf(stopped)
+        self.assertEqual(pool.sockets, [])
+        self.assertTrue(all(sock.fileno() == -1 for sock in by_fd.values()))
+
+    def test_restarted_worker_gets_the_same_socket(self) -> None:
+        """A worker started again after a death adopts the socket its predecessor had."""
+        if not hasattr(socket, "SO_REUSEPORT"):
+            self.skipTest("no SO_REUSEPORT here")
+        reactor = _SpawningReactor()
+        pool = WorkerPool(ProxyConfig(ports=("tcp:0:interface=127.0.0.1",)), [], 2, reactor)
+        pool.startService()
+        for sock in pool.sockets:
+            self.addCleanup(sock.close)
+        first = reactor.spawned[0][0]
+        first.processEnded(Failure(ProcessTerminated(signal=signal.SIGKILL)))
+        reactor.advance(1)
+        self.assertEqual(reactor.child_fds[-1][3], reactor.child_fds[0][3])
 
 
 class WorkerProcessTests(SynchronousTestCase):
