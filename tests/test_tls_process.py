@@ -185,8 +185,9 @@ class TLSProcessTests(SynchronousTestCase):
         self.assertTrue(all('"user":"dana"' in line for line in lines), lines)
 
     def test_insecure_host_warning(self) -> None:
-        """--insecure-host is announced at start as a warning."""
+        """--insecure-host is announced at start as a warning (and the heap is frozen)."""
         args = ["--port", str(free_port()), "--insecure-host", "self-signed.test"]
         with twistd(args, self.tmp) as proc:
             seen = wait_for_line(proc, b"NOT verified")
+            wait_for_line(proc, b"start-up heap frozen")
         self.assertIn(b"self-signed.test", seen)
