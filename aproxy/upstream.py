@@ -42,7 +42,7 @@ __all__ = [
 
 
 class IUpstreamConnector(Interface):
-    """How the proxy opens a connection towards an origin (directly, or later via a parent)."""
+    """How the proxy opens a TCP connection to an origin or a parent (see L{aproxy.chain})."""
 
     def connect(host: str, port: int, factory: Factory) -> Deferred[Protocol]:  # noqa: N805
         """
