@@ -289,6 +289,22 @@ def _own_and_children_cpu() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def settle(root: int, seconds: float = 10.0) -> None:
+    """
+    Wait (bounded) until the process tree's RSS stops changing: a proxy with worker
+    processes answers as soon as one worker runs, while the others may still be starting,
+    and their growth would otherwise be charged to the first scenario measured.
+    """
+    deadline = time.monotonic() + seconds
+    last = rss_kib(root)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = rss_kib(root)
+        if abs(now - last) < 256:
+            return
+        last = now
+
+
 def rss_kib(root: int) -> int:
     """VmRSS of the process tree from /proc/PID/status, in KiB."""
     total = 0
@@ -1351,6 +1367,7 @@ class Bench:
         ready = False
         try:
             self.wait_ready(child, t, 30)
+            settle(child.pid)
             ready = True
             log(f"{name} ({phase}): pid {child.pid}, {LOOPBACK}:{port}")
             yield child, t
