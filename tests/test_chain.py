@@ -12,7 +12,6 @@ from OpenSSL import SSL
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Protocol
-from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -20,39 +19,21 @@ from twisted.trial.unittest import SynchronousTestCase
 from aproxy.accesslog import format_squid
 from aproxy.chain import HttpConnectHandshake, Socks5Handshake
 from aproxy.config import ProxyConfig
-from aproxy.factory import ProxyFactory
-from aproxy.proxy import ProxyProtocol
 from aproxy.records import Exchange
 from aproxy.tls import VerifyNote, tls_failure
 from aproxy.upstream import UpstreamProtocol
-from tests.fakes import Attempt, HalfCloseTransport, RecordingConnector
+from tests.fakes import Attempt, HalfCloseTransport
+from tests.test_proxy import ProxyTestCase
 
 PARENT_AUTH = b"Proxy-Authorization: Basic " + base64.b64encode(b"pu:pp") + b"\r\n"
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 OK_2 = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
-class ParentTestCase(SynchronousTestCase):
+class ParentTestCase(ProxyTestCase):
     """A proxy whose routes send destinations to parents, on fake transports."""
 
-    routes: tuple[str, ...] = ()
-    upstream: str | None = "http://pu:pp@parent.example:3128"
-
-    def setUp(self) -> None:
-        self.clock = MemoryReactorClock()
-        self.connector = RecordingConnector()
-        config = ProxyConfig(
-            routes=self.routes, upstream=self.upstream, connect_ports=None, via=None
-        )
-        self.factory = ProxyFactory(config, self.clock, self.connector)
-        self.client, self.proto = self.connect_client()
-
-    def connect_client(self) -> tuple[HalfCloseTransport, ProxyProtocol]:
-        """A new client connection to the proxy."""
-        proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
-        client = HalfCloseTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
-        proto.makeConnection(client)
-        return client, proto
+    config = ProxyConfig(upstream="http://pu:pp@parent.example:3128", connect_ports=None, via=None)
 
     def connect(self, attempt: Attempt) -> tuple[Protocol, HalfCloseTransport]:
         """Complete a dial on a fake transport; return the outermost layer and transport."""
@@ -62,12 +43,6 @@ class ParentTestCase(SynchronousTestCase):
         layer.makeConnection(transport)
         attempt.deferred.callback(layer)
         return layer, transport
-
-    def take(self, transport: HalfCloseTransport) -> bytes:
-        """Everything written to C{transport} since the last call."""
-        value: bytes = transport.value()
-        transport.clear()
-        return value
 
 
 class HttpParentConnectTests(ParentTestCase):
@@ -289,8 +264,9 @@ class HttpParentRequestTests(ParentTestCase):
 class RouteSelectionTests(ParentTestCase):
     """Routes send some destinations to a parent and the rest directly."""
 
-    routes = ("*.corp.example=http://10.1.2.3:3128", "*=direct")
-    upstream = None
+    config = ProxyConfig(
+        routes=("*.corp.example=http://10.1.2.3:3128", "*=direct"), connect_ports=None
+    )
 
     def test_matching_host_goes_to_parent(self) -> None:
         """A host the first route matches is dialled through that parent."""
@@ -309,7 +285,7 @@ class RouteSelectionTests(ParentTestCase):
 class Socks5ParentTests(ParentTestCase):
     """Connections through a SOCKS5 parent (RFC 1928, RFC 1929 login)."""
 
-    upstream = "socks5://pu:pp@socks.example:1080"
+    config = ProxyConfig(upstream="socks5://pu:pp@socks.example:1080", connect_ports=None, via=None)
 
     def start(self, request: bytes) -> tuple[Protocol, HalfCloseTransport]:
         """Send C{request} and connect to the parent."""
@@ -414,7 +390,7 @@ class Socks5ParentTests(ParentTestCase):
 class Socks5NoCredentialsTests(ParentTestCase):
     """A SOCKS5 parent without credentials in its URL."""
 
-    upstream = "socks5://socks.example:1080"
+    config = ProxyConfig(upstream="socks5://socks.example:1080", connect_ports=None)
 
     def test_offers_no_authentication_only(self) -> None:
         """Only 'no authentication' is offered; a parent that wants a login gets a 502."""

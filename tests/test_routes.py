@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import tempfile
 
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -157,8 +158,8 @@ class RouteConfigTests(SynchronousTestCase):
 
     def test_ca_file_without_certificates(self) -> None:
         """A file that holds no certificate is refused too."""
-        path = self.mktemp()
-        with open(path, "w") as f:
+        with tempfile.NamedTemporaryFile("w", suffix=".pem") as f:
             f.write("not a certificate\n")
-        with self.assertRaisesRegex(usage.UsageError, "--ca-file"):
-            Options().parseOptions(["--ca-file", path])
+            f.flush()
+            with self.assertRaisesRegex(usage.UsageError, "--ca-file"):
+                Options().parseOptions(["--ca-file", f.name])
