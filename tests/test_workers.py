@@ -214,11 +214,7 @@ class WorkerProcessTests(SynchronousTestCase):
         with tempfile.TemporaryDirectory() as tmp, twistd(args, tmp) as proc:
             out = wait_for_line(proc, b"worker 0 started")
             out += wait_for_line(proc, b"worker 1 started")
-            pids = [
-                int(line.rsplit(b"pid ", 1)[1])
-                for line in out.splitlines()
-                if b"started, pid" in line
-            ]
+            pids = pids_in(out, b"started, pid")
             self.assertEqual(len(pids), 2)
             deadline = time.monotonic() + 20
             while True:
@@ -251,11 +247,7 @@ class WorkerProcessTests(SynchronousTestCase):
         with tempfile.TemporaryDirectory() as tmp, twistd(args, tmp) as proc:
             out = wait_for_line(proc, b"worker running")
             out += wait_for_line(proc, b"worker running")
-            pids = [
-                int(line.rsplit(b"pid ", 1)[1])
-                for line in out.splitlines()
-                if b"worker running, pid" in line
-            ]
+            pids = pids_in(out, b"worker running, pid")
             self.assertEqual(len(pids), 2)
             for pid in pids:
                 os.kill(pid, signal.SIGTERM)
@@ -266,6 +258,11 @@ class WorkerProcessTests(SynchronousTestCase):
             self.assertEqual(proc.returncode, 0)
             self.assertNotIn(b"Traceback", rest)
             self.assertIn(b"worker stopping (SIGTERM)", rest)
+
+
+def pids_in(out: bytes, marker: bytes) -> list[int]:
+    """The process ids at the end of the output lines that contain C{marker}."""
+    return [int(line.rsplit(b"pid ", 1)[1]) for line in out.splitlines() if marker in line]
 
 
 def get(port: int, path: bytes) -> bytes:
