@@ -470,7 +470,7 @@ class HtpasswdAuthenticator:
         user, password = parsed
         checker = self._users.get(user)
         if checker is None:
-            return defer.succeed(None)
+            return self._unknown_user(password)
         if not checker.slow:
             return defer.succeed(self._remember(credentials, user, checker.verify(password)))
         generation = self._generation
@@ -486,6 +486,18 @@ class HtpasswdAuthenticator:
             return None
 
         return d.addCallback(checked).addErrback(failed)
+
+    def _unknown_user(self, password: bytes) -> Deferred[str | None]:
+        """
+        Refuse a user name the file doesn't have, taking as long as a wrong password:
+        when the file has slow hashes, one of them is checked against the password (the
+        answer is thrown away), so the response time doesn't tell which names exist.
+        """
+        decoy = next((c for c in self._users.values() if c.slow), None)
+        if decoy is None:
+            return defer.succeed(None)
+        d: Deferred[Any] = self._hash_in_thread(decoy.verify, password)
+        return d.addBoth(lambda _: None)
 
     def _remember(self, credentials: bytes, user: str, valid: bool) -> str | None:
         if not valid:

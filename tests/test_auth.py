@@ -264,6 +264,19 @@ class FormatTests(_Case):
         self.auth(authenticator, basic("s", "frank-secret"))
         self.assertEqual(self.hash_calls, 2)
 
+    def test_unknown_user_costs_a_hash(self) -> None:
+        """
+        An unknown user is refused after the same slow hash a wrong password costs, so
+        timing doesn't reveal which names exist; with only fast hashes there is none.
+        """
+        authenticator = self.make(f"b:{BCRYPT_2Y}\n")
+        self.assertIsNone(self.auth(authenticator, basic("nobody", "alice-secret")))
+        self.assertEqual(self.hash_calls, 1)
+        fast = self.make(f"h:{SHA1}\n")
+        calls = self.hash_calls
+        self.assertIsNone(self.auth(fast, basic("nobody", "x")))
+        self.assertEqual(self.hash_calls, calls)
+
 
 class CredentialsTests(_Case):
     """C{Proxy-Authorization} values are parsed strictly; bad ones yield None."""
