@@ -434,15 +434,20 @@ class _CommandLineService(MultiService):
         logged and the running one kept.
         """
         assert self._options is not None
-        if isinstance(self._inner, WorkerPool):
-            self._inner.signal_workers(signal.SIGHUP)
-            return
         fresh = Options()
         fresh.exit_on_config_error = False
         try:
             fresh.parseOptions(self._options.argv)
         except (usage.UsageError, ValueError) as e:
             self.log.warn("reload failed, keeping the running configuration: {why}", why=e)
+            if isinstance(self._inner, WorkerPool):
+                self._inner.signal_workers(signal.SIGHUP)
+            return
+        if isinstance(self._inner, WorkerPool):
+            # The workers reload themselves; the parent keeps its sockets and metrics
+            # endpoint and only takes the rest (the limits it applies, /status's table).
+            self._inner.reconfigure(fresh["proxy-config"])
+            self._inner.signal_workers(signal.SIGHUP)
             return
         factory = self._inner.factory  # type: ignore[attr-defined]
         config = fresh["proxy-config"]

@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 from collections.abc import Hashable
+from dataclasses import replace
 from typing import Any
 
 from twisted.application.service import Service
@@ -131,6 +132,16 @@ class WorkerPool(Service):
         self._own: list[str] = []
         self._spawned = 0
         self._stopping = False
+
+    def reconfigure(self, config: ProxyConfig) -> None:
+        """
+        Take a reloaded configuration (SIGHUP): the ports and the metrics endpoint stay as
+        they were bound; the rest (the shutdown timeout, what /status shows) is the new one.
+        """
+        config = replace(config, ports=self.config.ports, metrics=self.config.metrics)
+        self.config = config
+        if self.metrics is not None:
+            self.metrics.config = config
 
     def privilegedStartService(self) -> None:
         """

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, cast
 
 from twisted.application.service import IService
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy.configfile import ConfigFileError, load_config_file
 from aproxy.errors import Forbidden
 from aproxy.tap import OPTION_KINDS, Options, _CommandLineService, _exit
 from aproxy.tap import makeService as tap_make_service
+from aproxy.workers import WorkerPool
 
 
 class ConfigFileTests(SynchronousTestCase):
@@ -134,6 +137,31 @@ class ReloadTests(SynchronousTestCase):
         service = cast(_CommandLineService, tap_make_service(options))
         [inner] = list(service)
         return service, inner.factory
+
+    def test_reload_with_workers_updates_the_parent(self) -> None:
+        """
+        With --workers, SIGHUP's reload gives the parent the new configuration (for
+        /status and the shutdown timeout) with its bound ports kept, and is passed on.
+        """
+        self.path.write_text('shutdown-timeout = 5\ndeny-host = ["a.example"]\n')
+        options = Options()
+        options.parseOptions(["--config", str(self.path), "--workers", "2"])
+        pool = WorkerPool(options["proxy-config"], options.argv, 2, MemoryReactorClock())
+        signalled: list[int] = []
+        pool.signal_workers = signalled.append  # type: ignore[method-assign,assignment]
+        service = _CommandLineService(pool, _exit, options)
+        self.path.write_text(
+            'shutdown-timeout = 7\ndeny-host = ["b.example"]\nport = ["tcp:1:interface=127.0.0.2"]\n'
+        )
+        service.reload()
+        self.assertEqual(pool.config.shutdown_timeout, 7)
+        self.assertEqual(pool.config.deny_hosts, ("b.example",))
+        self.assertEqual(pool.config.ports, options["proxy-config"].ports)
+        self.assertEqual(signalled, [signal.SIGHUP])
+        self.path.write_text("shutdown-timeout = -1\n")
+        service.reload()
+        self.assertEqual(pool.config.shutdown_timeout, 7)
+        self.assertEqual(signalled, [signal.SIGHUP, signal.SIGHUP])
 
     def test_reload_applies_new_rules(self) -> None:
         """A changed deny rule applies after reload; the factory and its connections stay."""
