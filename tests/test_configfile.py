@@ -151,7 +151,9 @@ class ReloadTests(SynchronousTestCase):
         pool.signal_workers = signalled.append  # type: ignore[method-assign,assignment]
         service = _CommandLineService(pool, _exit, options)
         self.path.write_text(
-            'shutdown-timeout = 7\ndeny-host = ["b.example"]\nport = ["tcp:1:interface=127.0.0.2"]\n'
+            "shutdown-timeout = 7\n"
+            'deny-host = ["b.example"]\n'
+            'port = ["tcp:1:interface=127.0.0.2"]\n'
         )
         service.reload()
         self.assertEqual(pool.config.shutdown_timeout, 7)
