@@ -171,6 +171,7 @@ class BenchReportTests(SynchronousTestCase):
             "aproxy": {
                 "rss_start_mib": 50.0,
                 "ka": load_result(16000, 0.5),
+                "paced": {**load_result(4000, 0.5), "p50_ms": 1.5, "p99_ms": 3.0},
                 "close": load_result(6000, 1.4),
                 "download": transfer(1200),
                 "tunnel": transfer(900),
@@ -179,7 +180,8 @@ class BenchReportTests(SynchronousTestCase):
                 "slow_reader": {"growth_mib": 0.2, "bytes": 5_000_000},
             },
             "squid": {
-                "ka": load_result(20000, 0.5),
+                "ka": {**load_result(20000, 0.5), "p99_ms": 3.5},
+                "paced": {**load_result(3600, 0.5), "p99_ms": 6.0},
                 "close": load_result(7500, 1.4),
                 "download": transfer(400),
                 "tunnel": transfer(1150),
@@ -213,6 +215,10 @@ class BenchReportTests(SynchronousTestCase):
         self.assertEqual(aproxy["100 MiB plain download, MB/s"], "1,200 (3.00x)")
         self.assertEqual(aproxy["RSS per idle conn, KiB"], "3.00 (0.12x)")
         self.assertEqual(self.rows["squid"]["100 B keep-alive: req/s"], "20,000")
+        paced = "paced keep-alive: req/s, p50 / p99 ms"
+        self.assertEqual(aproxy[paced], "4,000, 1.50 / 3.00 (0.50x)")
+        self.assertEqual(self.rows["squid"][paced], "3,600, 2.50 / 6.00")
+        self.assertEqual(self.rows["direct"][paced], "-")
 
     def test_failed_and_missing_cells(self) -> None:
         """A failed scenario says so; one not measured is '-'; errors and single runs show."""
@@ -246,4 +252,7 @@ class BenchReportTests(SynchronousTestCase):
         self.assertIn("CONNECT tunnel download >= 1,000 MB/s: 900 (NOT met)", text)
         self.assertIn("upload (plain forwarded POST body) >= 1,000 MB/s: failed (NOT met)", text)
         self.assertIn("RSS per idle keep-alive connection <= 4 KiB: 3.00 (met)", text)
+        # p99 against squid's in the same run, unpaced and paced.
+        self.assertIn("keep-alive p99 <= squid's (3.50 ms, same run): 4.00 (NOT met)", text)
+        self.assertIn("paced keep-alive p99 <= squid's (6.00 ms, same run): 3.00 (met)", text)
         self.assertEqual(self.bench.goal_lines("squid", self.results, self.bench.FULL), [])
