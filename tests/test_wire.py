@@ -11,11 +11,20 @@ from typing import Any
 from twisted.internet import main, tcp
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy.tunnel import Tunnel
 from aproxy.upstream import UpstreamProtocol
-from aproxy.wire import BULK_BUFFER, RELAY_READ, bulk_reads, relay_reads, unrelay_reads, write_now
+from aproxy.wire import (
+    BULK_BUFFER,
+    RELAY_READ,
+    bulk_reads,
+    relay_reads,
+    shut_write,
+    unrelay_reads,
+    write_now,
+)
 
 
 class FakeSocket:
@@ -272,3 +281,45 @@ class BulkReadTests(SynchronousTestCase):
         transport = StringTransport()
         bulk_reads(transport)
         self.assertFalse(hasattr(transport, "bufferSize"))
+
+
+class _ShutRecorder:
+    """Records which way a transport was asked to stop writing."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def loseConnection(self) -> None:
+        self.calls.append("loseConnection")
+
+    def loseWriteConnection(self) -> None:
+        self.calls.append("loseWriteConnection")
+
+
+class _TLSShutRecorder(TLSMemoryBIOProtocol, _ShutRecorder):
+    """A TLS transport (by class) that only records; never connected."""
+
+    def __init__(self) -> None:
+        _ShutRecorder.__init__(self)
+
+    def loseConnection(self) -> None:
+        _ShutRecorder.loseConnection(self)
+
+
+class ShutWriteTests(SynchronousTestCase):
+    """A half-close passed on: TCP's write shutdown, or TLS's close_notify."""
+
+    def test_tcp_half_close(self) -> None:
+        """A plain transport gets loseWriteConnection (a FIN; reading goes on)."""
+        transport = _ShutRecorder()
+        shut_write(transport)
+        self.assertEqual(transport.calls, ["loseWriteConnection"])
+
+    def test_tls_close_notify(self) -> None:
+        """
+        A TLS transport gets loseConnection (close_notify): a bare FIN under TLS would look
+        like a truncation to the peer.
+        """
+        transport = _TLSShutRecorder()
+        shut_write(transport)
+        self.assertEqual(transport.calls, ["loseConnection"])
