@@ -74,7 +74,7 @@ from aproxy.tunnel import Tunnel
 from aproxy.upstream import (
     UpstreamProtocol,
 )
-from aproxy.wire import bulk_reads, write_now
+from aproxy.wire import bulk_reads, write_soon
 
 if TYPE_CHECKING:
     from aproxy.factory import ProxyFactory
@@ -502,7 +502,7 @@ class ProxyProtocol(ClientConnection):
         self.transport.registerProducer(upt, True)
         self._linked = True
         self._to_origin += len(self._out_head)
-        write_now(upt, self._out_head)
+        write_soon(upt, self._out_head)
         self._set_deadline(_READ, self.config.read_timeout)
         pending = self._pending
         if pending:
@@ -536,11 +536,11 @@ class ProxyProtocol(ClientConnection):
             if out:
                 data = b"".join(out)
                 self._to_origin += len(data)
-                write_now(upt, data)
+                write_soon(upt, data)
         else:
             for piece in pieces:
                 self._to_origin += len(piece)
-                write_now(upt, piece)
+                write_soon(upt, piece)
         if body.done:
             self._req_body = None
             if rest:
@@ -662,7 +662,7 @@ class ProxyProtocol(ClientConnection):
         self._status = resp.status
         if decoder is None or decoder.done:
             self._to_client += len(head)
-            write_now(self.transport, head)
+            write_soon(self.transport, head)
             self._resp_body = None
             if rest:
                 self._up_reusable = False
@@ -700,11 +700,11 @@ class ProxyProtocol(ClientConnection):
         if len(out) == 1:
             data = out[0]
             self._to_client += len(data)
-            write_now(self.transport, data)
+            write_soon(self.transport, data)
         elif out:
             data = b"".join(out)
             self._to_client += len(data)
-            write_now(self.transport, data)
+            write_soon(self.transport, data)
         if decoder.done:
             self._resp_body = None
             if rest:

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from aproxy.upstream import UpstreamProtocol
-from aproxy.wire import bulk_reads, relay_reads, shut_write, unrelay_reads, write_now
+from aproxy.wire import bulk_reads, relay_reads, shut_write, unrelay_reads, write_soon
 
 __all__ = ["Tunnel"]
 
@@ -87,12 +87,12 @@ class Tunnel:
     def from_client(self, data: bytes) -> None:
         """Relay client bytes to the origin (those not relayed by L{relay_reads})."""
         self.to_origin += len(data)
-        write_now(self._origin, data)
+        write_soon(self._origin, data)
 
     def from_origin(self, data: bytes) -> None:
         """Relay origin bytes to the client (those not relayed by L{relay_reads})."""
         self.to_client += len(data)
-        write_now(self._client, data)
+        write_soon(self._client, data)
 
     def _relayed_to_origin(self, size: int) -> None:
         self.to_origin += size

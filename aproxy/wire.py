@@ -3,10 +3,18 @@ Moving bytes between Twisted TCP transports with fewer system calls, copies and 
 
 C{transport.write} on a Twisted TCP connection only queues: the bytes go out on the next
 reactor iteration, which costs two C{epoll_ctl} calls (start and stop watching for
-writability) and a pass through the loop for every response. When the transport's buffer is
-empty, L{write_now} hands the bytes to the socket at once and queues only what the kernel
-did not take, so ordering and flow control are unchanged. Any other transport (TLS, test
-doubles) gets a plain C{write}.
+writability) and a pass through the loop for every response. L{write_soon} sends instead
+when the reactor iteration that produced the bytes ends: everything written to a connection
+in that iteration goes out in one C{send}, and only what the kernel does not take is left
+to the reactor. Any other transport (TLS, test doubles) gets a plain C{write}.
+
+Why at the end of the iteration and not at once: a request's answer can't be read before
+the next iteration anyway (the reactor handles the events of one poll at a time), so a send
+that waits for the iteration to end costs that request nothing. What it saves is the peer's
+time: sent one by one between parses, 25 requests wake the origin (and the client) up to 25
+times, and a woken peer often takes the proxy's own CPU for a moment; sent back to back,
+they wake it once. Measured with 50 keep-alive connections on 2 cores: about 15% more
+requests/s and a 99th percentile latency about a third lower than sending at once.
 
 L{relay_reads} does the same one step earlier for a tunnel's raw relay: it reads each chunk
 into one reused buffer instead of a fresh bytes object and sends it from there.
@@ -28,7 +36,7 @@ __all__ = [
     "relay_reads",
     "shut_write",
     "unrelay_reads",
-    "write_now",
+    "write_soon",
 ]
 
 # Read size for bulk transfers (tunnels, large bodies): Twisted reads 64 KiB per pass by
@@ -109,15 +117,71 @@ def _send(transport: Any, data: Any) -> int:
     return sent
 
 
-def write_now(transport: Any, data: bytes) -> None:
-    """Write C{data} to C{transport}, sending it immediately when nothing is queued."""
-    if _plain_tcp(transport) and _can_send(transport):
-        sent = _send(transport, data)
-        if sent == len(data):
+# Transports holding bytes for the end of the current reactor iteration, per reactor (one
+# in a process; tests run several): an insertion-ordered set, flushed by one callLater(0).
+_HELD: dict[Any, dict[Any, None]] = {}
+
+
+def write_soon(transport: Any, data: bytes) -> None:
+    """
+    Write C{data} to C{transport}: on a plain TCP connection with nothing queued, in one
+    C{send} when the current reactor iteration ends, together with whatever else is written
+    to it before then (see the module docstring for why).
+
+    The bytes wait in the transport's own write buffer, so every other use of the
+    transport keeps its order and meaning: a later C{write} queues behind them, and a
+    C{loseConnection} or C{loseWriteConnection} leaves them to the reactor, which sends
+    them before it closes. Nothing is sent on a connection that is lost or aborted
+    meanwhile, as with Twisted's own buffer.
+    """
+    if transport.__class__ in _DIRECT and not getattr(transport, "TLS", True):
+        batch = _HELD.get(transport.reactor)
+        if batch is not None and transport in batch:
+            transport._tempDataBuffer.append(data)
+            transport._tempDataLen += len(data)
             return
-        if sent:
-            data = data[sent:]
+        if _can_send(transport):
+            if batch is None:
+                reactor = transport.reactor
+                batch = _HELD[reactor] = {}
+                reactor.callLater(0, _send_held, reactor)
+            batch[transport] = None
+            transport._tempDataBuffer.append(data)
+            transport._tempDataLen += len(data)
+            return
     transport.write(data)
+
+
+def _send_held(reactor: Any) -> None:
+    """Send what L{write_soon} held for each transport, one C{send} per transport."""
+    for transport in _HELD.pop(reactor, ()):
+        if not transport.connected or getattr(transport, "_aborting", False):
+            continue
+        if not _can_send_held(transport):
+            # Closing, half-closing, or queued by the reactor meanwhile: its doWrite sends
+            # the buffer in order and then finishes what was asked.
+            if transport._tempDataLen and not transport._writeDisconnected:
+                transport.startWriting()
+            continue
+        chunks = transport._tempDataBuffer
+        if not chunks:
+            continue
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        transport._tempDataBuffer = []
+        transport._tempDataLen = 0
+        sent = _send(transport, data)
+        if sent < len(data):
+            transport.write(data[sent:] if sent else data)
+
+
+def _can_send_held(transport: Any) -> bool:
+    """Whether held bytes may go straight out: nothing queued before them, not closing."""
+    return (
+        not transport.dataBuffer
+        and not transport.disconnecting
+        and not getattr(transport, "_writeDisconnecting", True)
+        and not transport._writeDisconnected
+    )
 
 
 def shut_write(transport: Any) -> None:

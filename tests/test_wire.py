@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.internet import main, tcp
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -23,7 +23,7 @@ from aproxy.wire import (
     relay_reads,
     shut_write,
     unrelay_reads,
-    write_now,
+    write_soon,
 )
 
 
@@ -64,12 +64,14 @@ class FakeSocket:
         return len(chunk)
 
 
-def tcp_server(accept: int, kind: type = tcp.Server) -> tuple[Any, FakeSocket]:
+def tcp_server(
+    accept: int, kind: type = tcp.Server, reactor: MemoryReactorClock | None = None
+) -> tuple[Any, FakeSocket]:
     """A L{tcp.Server} (or C{kind}) transport around a L{FakeSocket}, without a real fd."""
     sock = FakeSocket(accept)
     transport: Any = object.__new__(kind)
     transport.socket = sock
-    transport.reactor = MemoryReactor()
+    transport.reactor = MemoryReactorClock() if reactor is None else reactor
     transport.connected = 1
     transport.disconnecting = 0
     transport._writeDisconnected = False
@@ -81,28 +83,74 @@ def tcp_server(accept: int, kind: type = tcp.Server) -> tuple[Any, FakeSocket]:
     return transport, sock
 
 
-class WriteNowTests(SynchronousTestCase):
-    """write_now sends at once only when nothing is queued, and queues the rest."""
+class WriteSoonTests(SynchronousTestCase):
+    """
+    write_soon holds bytes for the end of the reactor iteration and then sends them in one
+    send() per connection, only when nothing is queued, queuing what the kernel leaves.
+    """
 
-    def test_empty_buffer_sends_immediately(self) -> None:
-        """With nothing queued, the bytes go to the socket at once and nothing is queued."""
+    def end_iteration(self, transport: Any) -> None:
+        """Run what the reactor runs once the current iteration ends (callLater(0))."""
+        transport.reactor.advance(0)
+
+    def test_sent_when_the_iteration_ends(self) -> None:
+        """With nothing queued, the bytes go to the socket at the end of the iteration."""
         transport, sock = tcp_server(accept=1000)
-        write_now(transport, b"hello")
+        write_soon(transport, b"hello")
+        self.assertEqual(sock.sent, [])
+        self.end_iteration(transport)
         self.assertEqual(sock.sent, [b"hello"])
         self.assertEqual(transport._tempDataBuffer, [])
+        self.assertEqual(transport._tempDataLen, 0)
+        self.assertNotIn(transport, transport.reactor.getWriters())
+
+    def test_writes_of_one_iteration_are_one_send(self) -> None:
+        """Everything written to a connection in one iteration goes out in order, in one send."""
+        transport, sock = tcp_server(accept=1000)
+        write_soon(transport, b"head ")
+        write_soon(transport, b"body")
+        self.end_iteration(transport)
+        self.assertEqual(sock.sent, [b"head body"])
+
+    def test_each_connection_sent_once(self) -> None:
+        """Two connections written in one iteration get one send each, with one flush call."""
+        reactor = MemoryReactorClock()
+        one, sock_one = tcp_server(accept=1000, reactor=reactor)
+        two, sock_two = tcp_server(accept=1000, reactor=reactor)
+        write_soon(one, b"a")
+        write_soon(two, b"b")
+        write_soon(one, b"c")
+        self.assertEqual(len(reactor.getDelayedCalls()), 1)
+        reactor.advance(0)
+        self.assertEqual((sock_one.sent, sock_two.sent), ([b"ac"], [b"b"]))
+        write_soon(one, b"next")
+        self.assertEqual(len(reactor.getDelayedCalls()), 1)
+
+    def test_later_plain_write_keeps_order(self) -> None:
+        """A transport.write after held bytes queues behind them; the flush sends both."""
+        transport, sock = tcp_server(accept=1000)
+        write_soon(transport, b"first ")
+        transport.write(b"second")
+        self.assertEqual(sock.sent, [])
+        self.end_iteration(transport)
+        self.assertEqual(sock.sent, [b"first second"])
 
     def test_partial_send_queues_remainder(self) -> None:
         """What the kernel does not take is queued for the reactor, in order."""
         transport, sock = tcp_server(accept=2)
-        write_now(transport, b"hello")
+        write_soon(transport, b"hel")
+        write_soon(transport, b"lo")
+        self.end_iteration(transport)
         self.assertEqual(sock.sent, [b"he"])
         self.assertEqual(transport._tempDataBuffer, [b"llo"])
+        self.assertIn(transport, transport.reactor.getWriters())
 
     def test_queued_data_keeps_order(self) -> None:
-        """With bytes already queued, new bytes are queued behind them, not sent first."""
+        """With bytes already queued by the reactor, new bytes are queued behind them."""
         transport, sock = tcp_server(accept=1000)
         transport.write(b"first")
-        write_now(transport, b"second")
+        write_soon(transport, b"second")
+        self.end_iteration(transport)
         self.assertEqual(sock.sent, [])
         self.assertEqual(transport._tempDataBuffer, [b"first", b"second"])
 
@@ -111,7 +159,8 @@ class WriteNowTests(SynchronousTestCase):
         transport, sock = tcp_server(accept=1 << 30)
         data = bytes(range(256)) * (BULK_BUFFER // 256)
         self.assertGreater(len(data), tcp.Server.SEND_LIMIT)
-        write_now(transport, data)
+        write_soon(transport, data)
+        self.end_iteration(transport)
         self.assertEqual(sock.sent, [data])
         self.assertEqual(transport._tempDataBuffer, [])
 
@@ -119,30 +168,81 @@ class WriteNowTests(SynchronousTestCase):
         """A failing send() loses nothing here: the bytes are queued, and doWrite reports it."""
         transport, sock = tcp_server(accept=1000)
         sock.send_error = EPIPE
-        write_now(transport, b"hello")
+        write_soon(transport, b"hello")
+        self.end_iteration(transport)
         self.assertEqual(transport._tempDataBuffer, [b"hello"])
+        self.assertIn(transport, transport.reactor.getWriters())
+
+    def test_close_after_write_left_to_the_reactor(self) -> None:
+        """loseConnection after held bytes: the reactor sends them, then closes."""
+        transport, sock = tcp_server(accept=1000)
+        write_soon(transport, b"last words")
+        transport.loseConnection()
+        self.end_iteration(transport)
+        self.assertEqual(sock.sent, [])
+        self.assertEqual(transport._tempDataBuffer, [b"last words"])
+        self.assertIn(transport, transport.reactor.getWriters())
+        self.assertTrue(transport.disconnecting)
+
+    def test_half_close_after_write_left_to_the_reactor(self) -> None:
+        """loseWriteConnection after held bytes: they go out before the shutdown."""
+        transport, sock = tcp_server(accept=1000)
+        write_soon(transport, b"last words")
+        transport.loseWriteConnection()
+        self.end_iteration(transport)
+        self.assertEqual(sock.sent, [])
+        self.assertEqual(transport._tempDataBuffer, [b"last words"])
+        self.assertIn(transport, transport.reactor.getWriters())
 
     def test_half_closing_transport_queues(self) -> None:
         """After loseWriteConnection, bytes are queued behind the pending shutdown."""
         transport, sock = tcp_server(accept=1000)
         transport._writeDisconnecting = True
-        write_now(transport, b"hello")
+        write_soon(transport, b"hello")
+        self.assertEqual(transport.reactor.getDelayedCalls(), [])
         self.assertEqual(sock.sent, [])
         self.assertEqual(transport._tempDataBuffer, [b"hello"])
+
+    def test_lost_connection_sends_nothing(self) -> None:
+        """A connection lost before the iteration ends gets nothing sent, and no error."""
+        transport, sock = tcp_server(accept=1000)
+        write_soon(transport, b"hello")
+        transport.connected = 0
+        self.end_iteration(transport)
+        self.assertEqual(sock.sent, [])
+
+    def test_aborted_connection_sends_nothing(self) -> None:
+        """abortConnection drops what was held, as it drops Twisted's own buffer."""
+        transport, sock = tcp_server(accept=1000)
+        write_soon(transport, b"hello")
+        transport._aborting = True
+        self.end_iteration(transport)
+        self.assertEqual(sock.sent, [])
+
+    def test_reactors_flush_separately(self) -> None:
+        """Bytes held for one reactor never wait on another reactor's iteration."""
+        one, sock_one = tcp_server(accept=1000)
+        two, sock_two = tcp_server(accept=1000)
+        write_soon(one, b"one")
+        write_soon(two, b"two")
+        two.reactor.advance(0)
+        self.assertEqual((sock_one.sent, sock_two.sent), ([], [b"two"]))
+        one.reactor.advance(0)
+        self.assertEqual(sock_one.sent, [b"one"])
 
     def test_started_tls_uses_write(self) -> None:
         """A TCP connection switched to TLS by startTLS gets a write (its TLS layer encrypts)."""
         transport, sock = tcp_server(accept=1000)
         transport.TLS = True
         transport.protocol = tls_layer = StringTransport()  # stands in for TLSMemoryBIOProtocol
-        write_now(transport, b"hello")
+        write_soon(transport, b"hello")
         self.assertEqual(sock.sent, [])
         self.assertEqual(tls_layer.value(), b"hello")
 
     def test_other_transports_use_write(self) -> None:
         """Transports that are not plain TCP connections get an ordinary write."""
         transport = StringTransport()
-        write_now(transport, b"data")
+        write_soon(transport, b"data")
         self.assertEqual(transport.value(), b"data")
 
 
@@ -251,6 +351,7 @@ class TunnelRelayTests(SynchronousTestCase):
         closed: list[Tunnel] = []
         tunnel = Tunnel(client, upstream, Clock(), 60.0, closed.append)
         tunnel.start(b"early", b"")
+        origin.reactor.advance(0)  # early data is sent when the reactor iteration ends
         self.assertEqual(origin_sock.sent, [b"early"])
         client_sock.incoming.append(b"ping")
         origin_sock.incoming.append(b"pong!")
