@@ -155,33 +155,24 @@ def write_soon(transport: Any, data: bytes) -> None:
 def _send_held(reactor: Any) -> None:
     """Send what L{write_soon} held for each transport, one C{send} per transport."""
     for transport in _HELD.pop(reactor, ()):
-        if not transport.connected or getattr(transport, "_aborting", False):
-            continue
-        if not _can_send_held(transport):
-            # Closing, half-closing, or queued by the reactor meanwhile: its doWrite sends
-            # the buffer in order and then finishes what was asked.
-            if transport._tempDataLen and not transport._writeDisconnected:
-                transport.startWriting()
+        if (
+            not transport.connected
+            or transport._writeDisconnected
+            or getattr(transport, "_aborting", False)
+        ):
             continue
         chunks = transport._tempDataBuffer
-        if not chunks:
+        if transport.dataBuffer or not chunks:
+            # The reactor queued bytes before these meanwhile: its doWrite sends in order.
             continue
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         transport._tempDataBuffer = []
         transport._tempDataLen = 0
         sent = _send(transport, data)
         if sent < len(data):
+            # Queued for the reactor, which also finishes a close or half-close asked for
+            # meanwhile (those wait for the buffer to empty).
             transport.write(data[sent:] if sent else data)
-
-
-def _can_send_held(transport: Any) -> bool:
-    """Whether held bytes may go straight out: nothing queued before them, not closing."""
-    return (
-        not transport.dataBuffer
-        and not transport.disconnecting
-        and not getattr(transport, "_writeDisconnecting", True)
-        and not transport._writeDisconnected
-    )
 
 
 def shut_write(transport: Any) -> None:

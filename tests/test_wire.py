@@ -173,26 +173,44 @@ class WriteSoonTests(SynchronousTestCase):
         self.assertEqual(transport._tempDataBuffer, [b"hello"])
         self.assertIn(transport, transport.reactor.getWriters())
 
-    def test_close_after_write_left_to_the_reactor(self) -> None:
-        """loseConnection after held bytes: the reactor sends them, then closes."""
+    def test_close_after_write(self) -> None:
+        """loseConnection after held bytes: they are sent, and the reactor then closes."""
         transport, sock = tcp_server(accept=1000)
         write_soon(transport, b"last words")
         transport.loseConnection()
         self.end_iteration(transport)
-        self.assertEqual(sock.sent, [])
-        self.assertEqual(transport._tempDataBuffer, [b"last words"])
+        self.assertEqual(sock.sent, [b"last words"])
+        self.assertEqual(transport._tempDataBuffer, [])
         self.assertIn(transport, transport.reactor.getWriters())
         self.assertTrue(transport.disconnecting)
 
-    def test_half_close_after_write_left_to_the_reactor(self) -> None:
-        """loseWriteConnection after held bytes: they go out before the shutdown."""
+    def test_close_after_partial_send(self) -> None:
+        """What the kernel leaves of a closing connection's bytes is queued before the close."""
+        transport, sock = tcp_server(accept=4)
+        write_soon(transport, b"last words")
+        transport.loseConnection()
+        self.end_iteration(transport)
+        self.assertEqual(sock.sent, [b"last"])
+        self.assertEqual(transport._tempDataBuffer, [b" words"])
+        self.assertIn(transport, transport.reactor.getWriters())
+
+    def test_half_close_after_write(self) -> None:
+        """loseWriteConnection after held bytes: they go out; the reactor then shuts down."""
         transport, sock = tcp_server(accept=1000)
         write_soon(transport, b"last words")
         transport.loseWriteConnection()
         self.end_iteration(transport)
-        self.assertEqual(sock.sent, [])
-        self.assertEqual(transport._tempDataBuffer, [b"last words"])
+        self.assertEqual(sock.sent, [b"last words"])
         self.assertIn(transport, transport.reactor.getWriters())
+
+    def test_reactor_queue_first(self) -> None:
+        """With bytes in the reactor's own queue, the flush leaves all to its doWrite, in order."""
+        transport, sock = tcp_server(accept=1000)
+        write_soon(transport, b"held")
+        transport.dataBuffer = b"older"
+        self.end_iteration(transport)
+        self.assertEqual(sock.sent, [])
+        self.assertEqual(transport._tempDataBuffer, [b"held"])
 
     def test_half_closing_transport_queues(self) -> None:
         """After loseWriteConnection, bytes are queued behind the pending shutdown."""
@@ -208,6 +226,14 @@ class WriteSoonTests(SynchronousTestCase):
         transport, sock = tcp_server(accept=1000)
         write_soon(transport, b"hello")
         transport.connected = 0
+        self.end_iteration(transport)
+        self.assertEqual(sock.sent, [])
+
+    def test_write_shut_connection_sends_nothing(self) -> None:
+        """Nothing is sent after the write side was shut down."""
+        transport, sock = tcp_server(accept=1000)
+        write_soon(transport, b"hello")
+        transport._writeDisconnected = True
         self.end_iteration(transport)
         self.assertEqual(sock.sent, [])
 
