@@ -342,7 +342,19 @@ def _err(err: type[ProxyError], what: str, reason: str) -> ProxyError:
     return err(reason)
 
 
+# The Connection values nearly every message carries, already split: a head's connection
+# tokens come from here without a split, a regular expression and a set per message.
+_COMMON_TOKENS: Final = {
+    value: frozenset({value.lower()})
+    for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
+}
+
+
 def _tokens(values: list[bytes], err: type[ProxyError], what: str) -> frozenset[bytes]:
+    if len(values) == 1:
+        common = _COMMON_TOKENS.get(values[0])
+        if common is not None:
+            return common
     out = set()
     for value in values:
         for item in value.split(b","):
@@ -392,6 +404,10 @@ def _framing(head: _Head, err: type[ProxyError], what: str, lenient_cl: bool) ->
             raise BadRequest("Transfer-Encoding does not end in chunked")
         head.codings = codings
     elif cl is not None:
+        if len(cl) == 1 and len(cl[0]) <= 18 and cl[0].isdigit():
+            # The usual single plain number (bytes.isdigit is ASCII digits only).
+            head.content_length = int(cl[0])
+            return
         items = [item.strip(b" \t") for value in cl for item in value.split(b",")]
         if len(items) > 1 and not (lenient_cl and len(set(items)) == 1):
             raise _err(err, what, "several Content-Length values")

@@ -752,6 +752,29 @@ class ResponseHeadTests(SynchronousTestCase):
             head = parse_response(self, response(*lines, status_line=status_line))
             self.assertEqual(head.keep_alive, expected, (status_line, lines))
 
+    def test_connection_tokens_any_case(self) -> None:
+        """Connection tokens are compared lowercased, whatever case or list they come in."""
+        cases = [
+            (b"Connection: Close", frozenset({b"close"}), False),
+            (b"Connection: CLOSE", frozenset({b"close"}), False),
+            (b"Connection: Keep-Alive", frozenset({b"keep-alive"}), True),
+            (b"Connection: Upgrade", frozenset({b"upgrade"}), True),
+            (b"Connection: close, X-Custom", frozenset({b"close", b"x-custom"}), False),
+        ]
+        for line, tokens, keep in cases:
+            head = parse_response(self, response(line))
+            self.assertEqual(head.connection, tokens, line)
+            self.assertEqual(head.keep_alive, keep, line)
+
+    def test_content_length_forms(self) -> None:
+        """A plain number (leading zeros too) is the length; signs and spaces inside are not."""
+        head = parse_response(self, response(b"Content-Length: 0100"))
+        self.assertEqual(head.content_length, 100)
+        head = parse_response(self, response(b"Content-Length: " + b"9" * 18))
+        self.assertEqual(head.content_length, 10**18 - 1)
+        for value in (b"+5", b"-5", b"5 5", b"0x10", b"\xd9\xa5", b"9" * 19):
+            self.assert_bad_gateway(response(b"Content-Length: " + value))
+
     def test_identical_content_lengths_accepted(self) -> None:
         """Repeated identical Content-Length values in a response are one length."""
         head = parse_response(self, response(b"Content-Length: 5", b"Content-Length: 5"))
