@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -77,6 +78,11 @@ class BenchSmokeTests(SynchronousTestCase):
                 self.assertNotIn("error", data["results"][name][key], (name, key))
             self.assertGreater(data["results"][name]["ka"]["rps"], 0)
         self.assertGreater(data["results"]["aproxy"]["tunnel"]["mbps"], 0)
+        if shutil.which("wrk"):
+            # The alternating rounds (wrk only): one round each in smoke mode.
+            for name in ("direct", "aproxy"):
+                self.assertEqual(data["results"][name]["rounds"]["rounds"], 1, name)
+                self.assertGreater(data["results"][name]["rounds"]["rps"], 0, name)
         out = result.stdout
         self.assertIn(f"- squid: skipped, not installed: --squid {MISSING}", out)
         rows = {row_cells(x)[0]: row_cells(x) for x in out.splitlines() if x.startswith("| ")}
@@ -172,6 +178,7 @@ class BenchReportTests(SynchronousTestCase):
                 "rss_start_mib": 50.0,
                 "ka": load_result(16000, 0.5),
                 "paced": {**load_result(4000, 0.5), "p50_ms": 1.5, "p99_ms": 3.0},
+                "rounds": {"rounds": 5, "rps": 18000.0, "p50_ms": 2.5, "p99_ms": 5.0},
                 "close": load_result(6000, 1.4),
                 "download": transfer(1200),
                 "tunnel": transfer(900),
@@ -182,12 +189,16 @@ class BenchReportTests(SynchronousTestCase):
             "squid": {
                 "ka": {**load_result(20000, 0.5), "p99_ms": 3.5},
                 "paced": {**load_result(3600, 0.5), "p99_ms": 6.0},
+                "rounds": {"rounds": 5, "rps": 12000.0, "p50_ms": 3.5, "p99_ms": 6.25},
                 "close": load_result(7500, 1.4),
                 "download": transfer(400),
                 "tunnel": transfer(1150),
                 "idle": {"held": 1000, "kib_per_conn": 24.0},
             },
-            "tinyproxy": {"ka": load_result(7000, 1.5, errors=70000)},
+            "tinyproxy": {
+                "ka": load_result(7000, 1.5, errors=70000),
+                "rounds": {"error": "round 2: no request completed"},
+            },
             "proxypy": {"download": transfer(6, runs=1), "idle": {"error": "idle phase: exit"}},
         }
         self.names = list(self.results)
@@ -219,6 +230,11 @@ class BenchReportTests(SynchronousTestCase):
         self.assertEqual(aproxy[paced], "4,000, 1.50 / 3.00 (0.50x)")
         self.assertEqual(self.rows["squid"][paced], "3,600, 2.50 / 6.00")
         self.assertEqual(self.rows["direct"][paced], "-")
+        rounds = "keep-alive, 5 alternating rounds: req/s, p50 / p99 ms (medians)"
+        self.assertEqual(aproxy[rounds], "18,000 (1.50x), 2.50 / 5.00 (0.80x)")
+        self.assertEqual(self.rows["squid"][rounds], "12,000, 3.50 / 6.25")
+        self.assertEqual(self.rows["tinyproxy"][rounds], "failed")
+        self.assertEqual(self.rows["direct"][rounds], "-")
 
     def test_failed_and_missing_cells(self) -> None:
         """A failed scenario says so; one not measured is '-'; errors and single runs show."""
@@ -255,4 +271,15 @@ class BenchReportTests(SynchronousTestCase):
         # p99 against squid's in the same run, unpaced and paced.
         self.assertIn("keep-alive p99 <= squid's (3.50 ms, same run): 4.00 (NOT met)", text)
         self.assertIn("paced keep-alive p99 <= squid's (6.00 ms, same run): 3.00 (met)", text)
+        # The medians of the alternating rounds, against squid's.
+        self.assertIn(
+            "keep-alive requests/s >= squid's, median of 5 alternating rounds (12,000): "
+            "18,000 (met)",
+            text,
+        )
+        self.assertIn(
+            "keep-alive (median of 5 alternating rounds) p99 <= squid's (6.25 ms, same run): "
+            "5.00 (met)",
+            text,
+        )
         self.assertEqual(self.bench.goal_lines("squid", self.results, self.bench.FULL), [])
