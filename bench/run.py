@@ -13,9 +13,10 @@ afresh for each phase, and measures through each:
     50 connections, absolute-form targets through the proxy; a Python load client when wrk
     is missing), and proxy CPU seconds per 10k requests (/proc/PID/stat);
   - the same with C{Connection: close} on every request;
-  - the keep-alive load again in a few rounds with every target running, taking the targets
-    in turn, and per target the medians of its rounds: on a shared machine these are the
-    figures to compare targets by, since a slow spell hits all of them alike;
+  - the keep-alive and Connection: close loads again in a few rounds with every target
+    running, taking the targets in turn, and per target the medians of its rounds: on a
+    shared machine these are the figures to compare targets by, since a slow spell hits
+    all of them alike;
   - MB/s for a 100 MiB plain forwarded download (curl -x, median of 3), the same through a
     CONNECT tunnel (curl -p -x; aproxy runs with --connect-ports set to the origin's port),
     and a 100 MiB plain forwarded upload (POST body, curl --data-binary) to a small Python
@@ -88,8 +89,8 @@ class Settings:
     round_seconds: float
 
 
-FULL = Settings("full", 10, 100 * MIB, 3, 1000, 5, 1_000_000, 1200, 340, 5, 6)
-QUICK = Settings("quick", 3, 100 * MIB, 1, 1000, 3, 1_000_000, 400, 170, 3, 3)
+FULL = Settings("full", 10, 100 * MIB, 3, 1000, 5, 1_000_000, 1200, 360, 5, 5)
+QUICK = Settings("quick", 3, 100 * MIB, 1, 1000, 3, 1_000_000, 400, 180, 3, 3)
 SMOKE = Settings("smoke", 1, 1 * MIB, 1, 20, 1, 1_000_000, 90, 30, 1, 1)
 
 # A load run in which more than this share of all CPUs was busy with work not charged to the
@@ -1691,15 +1692,17 @@ class Bench:
 
     def run_rounds(self) -> None:
         """
-        The keep-alive load once more, in C{s.rounds} rounds that take every target in
-        turn (each round starting one target later), with all proxies running; per target
-        the medians of its rounds. A slow spell of a shared machine then lands on every
-        target alike instead of on whichever one was being measured, so these medians are
-        the figures to compare targets by (the single runs above are each target alone).
+        The keep-alive and the Connection: close loads once more, in C{s.rounds} rounds
+        that take every target in turn (each round starting one target later), with all
+        proxies running; per target the medians of its rounds. A slow spell of a shared
+        machine then lands on every target alike instead of on whichever one was being
+        measured, so these medians are the figures to compare targets by (the single runs
+        above are each target alone).
         """
         s, a = self.s, self.args
         settings = dataclasses.replace(s, wrk_seconds=s.round_seconds)
         origin = self.origin.pid if self.origin else None
+        loads = (("rounds", False, "keep-alive"), ("rounds_close", True, "Connection: close"))
         with contextlib.ExitStack() as stack:
             live: list[tuple[str, Target, int, int | None]] = []
             for name in self.targets:
@@ -1711,34 +1714,36 @@ class Bench:
                 try:
                     child, t = stack.enter_context(self.proxy(name, "rounds"))
                 except Exception as e:  # the others still run
-                    self.results[name]["rounds"] = {"error": f"rounds phase: {e}"}
+                    for key, _, _ in loads:
+                        self.results[name][key] = {"error": f"rounds phase: {e}"}
                     self.fail(name, f"{name} rounds phase: {e}")
                     continue
                 live.append((name, t, child.pid, origin))
-            runs: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in live}
+            runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
             for r in range(s.rounds):
                 k = r % len(live) if live else 0
                 for name, t, pid, o in live[k:] + live[:k]:
-                    log(f"{name}: keep-alive round {r + 1} of {s.rounds} ...")
-                    try:
-                        result = load(t, "/100b", False, pid, settings, a, self.tmp, o)
-                    except Exception as e:  # that target's rounds are incomplete
-                        self.results[name]["rounds"] = {"error": f"round {r + 1}: {e}"}
-                        self.fail(name, f"{name} keep-alive round {r + 1}: {e}")
-                        continue
-                    self.check_health(name, f"round {r + 1}", result)
-                    runs[name].append(result)
-        for name, results in runs.items():
-            if not results or "rounds" in self.results[name]:
-                continue
+                    for key, close, what in loads:
+                        log(f"{name}: {what} round {r + 1} of {s.rounds} ...")
+                        try:
+                            result = load(t, "/100b", close, pid, settings, a, self.tmp, o)
+                        except Exception as e:  # that target's rounds are incomplete
+                            self.results[name][key] = {"error": f"round {r + 1}: {e}"}
+                            self.fail(name, f"{name} {what} round {r + 1}: {e}")
+                            continue
+                        self.check_health(name, f"{what} round {r + 1}", result)
+                        runs.setdefault((name, key), []).append(result)
+        for (name, key), results in runs.items():
+            if key in self.results[name]:
+                continue  # failed in some round
             summary: dict[str, Any] = {"rounds": len(results)}
             for field in ("rps", "p50_ms", "p99_ms", "cpu_per_10k"):
                 each = [float(x[field]) for x in results if x.get(field) is not None]
                 if each:
                     summary[field] = statistics.median(each)
                     summary[f"{field}_each"] = [round(x, 2) for x in each]
-            self.results[name]["rounds"] = summary
-            log(f"{name}: rounds: {_brief(summary)}")
+            self.results[name][key] = summary
+            log(f"{name}: {key}: {_brief(summary)}")
 
     def cleanup(self) -> None:
         """Stop every child and remove the temp dir (unless --keep-tmp)."""
@@ -1772,7 +1777,8 @@ class Bench:
             '"failed": the scenario failed (see Problems); "-": not measured. '
             "In aproxy rows, (N.NNx) is aproxy / squid from this run (for CPU and KiB per "
             "connection lower is better). The alternating rounds come last: every target "
-            f"running at once and measured in turn, {s.rounds} rounds of {s.round_seconds:g} s, "
+            f"running at once and measured in turn, {s.rounds} rounds of {s.round_seconds:g} s "
+            "keep-alive then Connection: close, "
             "each round starting one target later; their medians are the fairest comparison "
             "on a shared machine (a slow spell hits every target alike). "
             "A transfer slower than "
@@ -1945,22 +1951,23 @@ def paced_cell(r: dict[str, Any], vs: dict[str, Any] | None) -> str:
     return text
 
 
-def rounds_cell(r: dict[str, Any], vs: dict[str, Any] | None) -> str:
+def rounds_cell(r: dict[str, Any], key: str, vs: dict[str, Any] | None) -> str:
     """
-    The alternating keep-alive rounds: median requests/s and median C{p50 / p99}, with
-    the ratios to squid's medians (requests/s, then p99).
+    Alternating rounds (C{key}: C{rounds}, keep-alive, or C{rounds_close}): median
+    requests/s and median C{p50 / p99}, with the ratios to squid's medians (requests/s,
+    then p99).
     """
-    if failed(r, "rounds"):
+    if failed(r, key):
         return "failed"
-    rps = value(r, "rounds", "rps")
+    rps = value(r, key, "rps")
     if rps is None:
         return "-"
     text = f"{rps:,.0f}"
-    theirs = value(vs, "rounds", "rps") if vs else None
+    theirs = value(vs, key, "rps") if vs else None
     if theirs:
         text += f" ({rps / theirs:.2f}x)"
-    text += f", {latency_cell(r, 'rounds')}"
-    p99, theirs = value(r, "rounds", "p99_ms"), value(vs, "rounds", "p99_ms") if vs else None
+    text += f", {latency_cell(r, key)}"
+    p99, theirs = value(r, key, "p99_ms"), value(vs, key, "p99_ms") if vs else None
     if p99 is not None and theirs:
         text += f" ({p99 / theirs:.2f}x)"
     return text
@@ -1994,6 +2001,7 @@ def table_lines(
         "keep-alive CPU s / 10k req",
         "paced keep-alive: req/s, p50 / p99 ms",
         f"keep-alive, {s.rounds} alternating rounds: req/s, p50 / p99 ms (medians)",
+        f"Connection: close, {s.rounds} alternating rounds: req/s, p50 / p99 ms (medians)",
         "100 B Connection: close: req/s",
         "close p50 / p99, ms",
         "close CPU s / 10k req",
@@ -2029,7 +2037,8 @@ def table_lines(
             latency_cell(r, "ka"),
             cell(r, "ka", "cpu_per_10k", ".3f", vs),
             paced_cell(r, vs),
-            rounds_cell(r, vs),
+            rounds_cell(r, "rounds", vs),
+            rounds_cell(r, "rounds_close", vs),
             load_cell(r, "close", vs),
             latency_cell(r, "close"),
             cell(r, "close", "cpu_per_10k", ".3f", vs),
@@ -2082,18 +2091,19 @@ def goal_lines(name: str, results: dict[str, dict[str, Any]], s: Settings) -> li
         ),
     ]
     squid = results.get("squid", {})
-    theirs = value(squid, "rounds", "rps")
-    if theirs is not None:
-        goals.append(
-            (
-                f"keep-alive requests/s >= squid's, median of {s.rounds} alternating rounds "
-                f"({theirs:,.0f})",
-                "rounds",
-                "rps",
-                ",.0f",
-                functools.partial(operator.le, theirs),  # theirs <= x
+    for key, what in (("rounds", "keep-alive"), ("rounds_close", "Connection: close")):
+        theirs = value(squid, key, "rps")
+        if theirs is not None:
+            goals.append(
+                (
+                    f"{what} requests/s >= squid's, median of {s.rounds} alternating rounds "
+                    f"({theirs:,.0f})",
+                    key,
+                    "rps",
+                    ",.0f",
+                    functools.partial(operator.le, theirs),  # theirs <= x
+                )
             )
-        )
     for key, what in (
         ("ka", "keep-alive"),
         ("paced", "paced keep-alive"),

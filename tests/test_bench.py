@@ -81,8 +81,9 @@ class BenchSmokeTests(SynchronousTestCase):
         if shutil.which("wrk"):
             # The alternating rounds (wrk only): one round each in smoke mode.
             for name in ("direct", "aproxy"):
-                self.assertEqual(data["results"][name]["rounds"]["rounds"], 1, name)
-                self.assertGreater(data["results"][name]["rounds"]["rps"], 0, name)
+                for key in ("rounds", "rounds_close"):
+                    self.assertEqual(data["results"][name][key]["rounds"], 1, (name, key))
+                    self.assertGreater(data["results"][name][key]["rps"], 0, (name, key))
         out = result.stdout
         self.assertIn(f"- squid: skipped, not installed: --squid {MISSING}", out)
         rows = {row_cells(x)[0]: row_cells(x) for x in out.splitlines() if x.startswith("| ")}
@@ -179,6 +180,7 @@ class BenchReportTests(SynchronousTestCase):
                 "ka": load_result(16000, 0.5),
                 "paced": {**load_result(4000, 0.5), "p50_ms": 1.5, "p99_ms": 3.0},
                 "rounds": {"rounds": 5, "rps": 18000.0, "p50_ms": 2.5, "p99_ms": 5.0},
+                "rounds_close": {"rounds": 5, "rps": 6000.0, "p50_ms": 8.0, "p99_ms": 15.0},
                 "close": load_result(6000, 1.4),
                 "download": transfer(1200),
                 "tunnel": transfer(900),
@@ -190,6 +192,7 @@ class BenchReportTests(SynchronousTestCase):
                 "ka": {**load_result(20000, 0.5), "p99_ms": 3.5},
                 "paced": {**load_result(3600, 0.5), "p99_ms": 6.0},
                 "rounds": {"rounds": 5, "rps": 12000.0, "p50_ms": 3.5, "p99_ms": 6.25},
+                "rounds_close": {"rounds": 5, "rps": 5000.0, "p50_ms": 10.0, "p99_ms": 12.0},
                 "close": load_result(7500, 1.4),
                 "download": transfer(400),
                 "tunnel": transfer(1150),
@@ -235,6 +238,9 @@ class BenchReportTests(SynchronousTestCase):
         self.assertEqual(self.rows["squid"][rounds], "12,000, 3.50 / 6.25")
         self.assertEqual(self.rows["tinyproxy"][rounds], "failed")
         self.assertEqual(self.rows["direct"][rounds], "-")
+        closing = "Connection: close, 5 alternating rounds: req/s, p50 / p99 ms (medians)"
+        self.assertEqual(aproxy[closing], "6,000 (1.20x), 8.00 / 15.00 (1.25x)")
+        self.assertEqual(self.rows["squid"][closing], "5,000, 10.00 / 12.00")
 
     def test_failed_and_missing_cells(self) -> None:
         """A failed scenario says so; one not measured is '-'; errors and single runs show."""
@@ -275,6 +281,11 @@ class BenchReportTests(SynchronousTestCase):
         self.assertIn(
             "keep-alive requests/s >= squid's, median of 5 alternating rounds (12,000): "
             "18,000 (met)",
+            text,
+        )
+        self.assertIn(
+            "Connection: close requests/s >= squid's, median of 5 alternating rounds (5,000): "
+            "6,000 (met)",
             text,
         )
         self.assertIn(
