@@ -97,6 +97,11 @@ class ProxyConfig:
     @ivar auth_file: An Apache htpasswd file; when set, every request (CONNECT included)
         needs valid C{Proxy-Authorization: Basic} credentials, or gets 407.
     @ivar auth_realm: The realm named in the C{Proxy-Authenticate} challenge.
+    @ivar auth_max_failures: Failed logins one client address may make within
+        C{auth_failure_window} seconds; after that it gets 429 until the window closes,
+        without a password check (0: no limit).
+    @ivar auth_failure_window: Seconds from an address's first failed login during which
+        its failures are counted.
     @ivar shutdown_timeout: Seconds requests and tunnels in flight may take to finish
         when the proxy stops, before they are closed.
     @ivar access_log: Where to write one line per request and tunnel (C{"-"} for
@@ -135,6 +140,8 @@ class ProxyConfig:
     max_clients_per_ip: int = 256
     auth_file: str | None = None
     auth_realm: str = "aproxy"
+    auth_max_failures: int = 10
+    auth_failure_window: float = 60.0
     shutdown_timeout: float = 30.0
     access_log: str | None = None
     access_log_format: str = "combined"
@@ -157,6 +164,7 @@ class ProxyConfig:
             "pool_idle_timeout",
             "tunnel_idle_timeout",
             "shutdown_timeout",
+            "auth_failure_window",
         ):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not value > 0:
@@ -168,8 +176,10 @@ class ProxyConfig:
         if not isinstance(self.max_request_line, int) or self.max_request_line < 8000:
             # RFC 9112 section 3: request lines of at least 8000 octets should be accepted.
             raise ValueError("max-request-line must be at least 8000 bytes")
-        if not isinstance(self.pool_size, int) or self.pool_size < 0:
-            raise ValueError("pool-size must be a whole number, 0 or more")
+        for name in ("pool_size", "auth_max_failures"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name.replace('_', '-')} must be a whole number, 0 or more")
         for cidr in self.allow:
             try:
                 ipaddress.ip_network(cidr, strict=False)

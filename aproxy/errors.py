@@ -18,6 +18,7 @@ __all__ = [
     "ProxyError",
     "RequestTimeout",
     "ServiceUnavailable",
+    "TooManyRequests",
     "URITooLong",
     "VersionNotSupported",
 ]
@@ -73,6 +74,19 @@ class ProxyAuthRequired(ProxyError):
     """Missing or wrong proxy credentials (407, with a C{Proxy-Authenticate} challenge)."""
 
     status = 407
+
+
+class TooManyRequests(ProxyError):
+    """
+    Too many failed proxy logins from one address (429, RFC 6585), with a C{Retry-After}
+    of C{retry_after} seconds.
+    """
+
+    status = 429
+
+    def __init__(self, reason: str, retry_after: int) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
 
 
 class URITooLong(ProxyError):

@@ -21,7 +21,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from aproxy.auth import HtpasswdAuthenticator, IAuthenticator
+from aproxy.auth import HtpasswdAuthenticator, IAuthenticator, LoginThrottle
 from aproxy.chain import Dialer
 from aproxy.config import ProxyConfig
 from aproxy.http1 import Target, parse_absolute_target
@@ -82,6 +82,9 @@ class ProxyFactory(Factory):
         if authenticator is None and config.auth_file is not None:
             authenticator = HtpasswdAuthenticator(config.auth_file, config.auth_realm, reactor)
         self.authenticator = authenticator
+        # Failed logins per client address (kept across reloads: a new password file
+        # does not give a guesser a fresh start).
+        self.login_throttle = LoginThrottle(reactor)
         self._own_connector = connector is None
         self.connector: IUpstreamConnector = (
             connector

@@ -15,6 +15,7 @@ the proxy's own responses (responses.py), tunnels (tunnel.py) and records (recor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,7 @@ from aproxy.errors import (
     ProxyAuthRequired,
     ProxyError,
     RequestTimeout,
+    TooManyRequests,
 )
 from aproxy.http1 import (
     BODY_CHUNKED,
@@ -296,16 +298,35 @@ class ProxyProtocol(ClientConnection):
         if auth is not None:
             values = head.noted.get(b"proxy-authorization")
             credentials = values[0] if values is not None and len(values) == 1 else None
+            self._check_login_rate()
             self._state = _CONNECTING
             self._pending = rest
             self._pause(_DIAL)
             d = auth.authenticate(credentials)
-            d.addCallback(self._authenticated, head)
+            d.addCallback(self._authenticated, head, credentials is not None)
             d.addErrback(self._auth_failed)
             return
         self._authorized_request(head, rest)
 
-    def _authenticated(self, user: str | None, head: RequestHead) -> None:
+    def _check_login_rate(self) -> None:
+        """Refuse (429) a client address with too many failed logins in its window."""
+        ip = self._client_ip
+        config = self.config
+        if ip is None or not config.auth_max_failures:
+            return
+        left = self.factory.login_throttle.refused_for(
+            ip, config.auth_max_failures, config.auth_failure_window
+        )
+        if left is not None:
+            wait = math.ceil(left)
+            raise TooManyRequests(
+                f"too many failed proxy logins from {ip}: try again in {wait} s", wait
+            )
+
+    def _authenticated(self, user: str | None, head: RequestHead, tried: bool) -> None:
+        if tried and user is None and self._client_ip is not None:
+            # Counted even if the client left meanwhile: the guess was checked all the same.
+            self.factory.login_throttle.failed(self._client_ip, self.config.auth_failure_window)
         if self._state != _CONNECTING or self._req is not head:
             return
         self._unpause(_DIAL)
@@ -849,6 +870,8 @@ class ProxyProtocol(ClientConnection):
                 + basic_challenge(self.factory.authenticator.realm)
                 + b"\r\n"
             )
+        elif isinstance(err, TooManyRequests):
+            extra = b"Retry-After: %d\r\n" % err.retry_after
         lines = error_response(err, self.factory.name, extra)
         self._to_client += sum(map(len, lines))
         self.transport.writeSequence(lines)

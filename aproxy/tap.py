@@ -169,6 +169,20 @@ class Options(usage.Options):
             256,
             "Client connections from one address at once; more get 503.",
         ],
+        [
+            "auth-max-failures",
+            None,
+            10,
+            "With --auth: failed logins one client address may make within "
+            "--auth-failure-window; then 429 until that window closes, with no password "
+            "checked (0: no limit).",
+        ],
+        [
+            "auth-failure-window",
+            None,
+            60.0,
+            "Seconds from an address's first failed login during which its failures count.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -310,6 +324,8 @@ class Options(usage.Options):
                 max_clients_per_ip=_number(self, "max-clients-per-ip", int),
                 auth_file=self["auth"],
                 auth_realm=self["auth-realm"],
+                auth_max_failures=_number(self, "auth-max-failures", int),
+                auth_failure_window=_number(self, "auth-failure-window", float),
                 shutdown_timeout=_number(self, "shutdown-timeout", float),
                 access_log=self["access-log"],
                 access_log_format=self["access-log-format"],
@@ -365,6 +381,8 @@ OPTION_KINDS: dict[str, str] = {
     "max-clients-per-ip": "int",
     "auth": "str",
     "auth-realm": "str",
+    "auth-max-failures": "int",
+    "auth-failure-window": "float",
     "shutdown-timeout": "float",
     "workers": "workers",
     "access-log": "str",

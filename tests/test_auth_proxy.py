@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
@@ -21,6 +22,7 @@ from zope.interface import implementer
 from aproxy.auth import IAuthenticator
 from aproxy.config import ProxyConfig
 from aproxy.factory import ProxyFactory
+from tests.fakes import HalfCloseTransport
 from tests.test_auth import APR1, BCRYPT_2Y, SHA1, SHA256, SHA512
 from tests.test_proxy import GET_A, OK_5, ProxyTestCase
 
@@ -39,9 +41,11 @@ class FakeAuthenticator:
     def __init__(self, hold: bool = False) -> None:
         self.hold = hold
         self.pending: list[tuple[Deferred[str | None], bytes | None]] = []
+        self.checked = 0
 
     def authenticate(self, credentials: bytes | None) -> Deferred[str | None]:
         """Accept C{basic("u", "p")} only."""
+        self.checked += 1
         user = "u" if credentials == basic("u", "p") else None
         if not self.hold:
             return succeed(user)
@@ -129,6 +133,109 @@ class AuthProtocolTests(ProxyTestCase):
         self.assertEqual(self.connector.attempts, [])
 
 
+class LoginThrottleProtocolTests(ProxyTestCase):
+    """Too many failed logins from one address get 429 without a password check."""
+
+    config = ProxyConfig(auth_max_failures=3, auth_failure_window=60.0)
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.auth = FakeAuthenticator()
+        self.factory.authenticator = self.auth
+
+    def attempt(self, credentials: bytes | None, peer: str = "127.0.0.1") -> bytes:
+        """One request on a new connection from C{peer}; what the proxy answered."""
+        proto = self.factory.buildProtocol(IPv4Address("TCP", peer, 5000))
+        client = HalfCloseTransport(peerAddress=IPv4Address("TCP", peer, 5000))
+        proto.makeConnection(client)
+        request = GET_A if credentials is None else with_auth(GET_A, credentials)
+        proto.dataReceived(request)
+        value: bytes = client.value()
+        return value
+
+    def test_refused_after_the_limit(self) -> None:
+        """The attempt after 3 failures gets 429 with Retry-After, and no check runs."""
+        for _ in range(3):
+            self.assertTrue(self.attempt(basic("u", "x")).startswith(b"HTTP/1.1 407 "))
+        self.clock.advance(10)
+        checked = self.auth.checked
+        answer = self.attempt(basic("u", "p"))
+        self.assertTrue(answer.startswith(b"HTTP/1.1 429 Too Many Requests\r\n"), answer)
+        self.assertIn(b"\r\nRetry-After: 50\r\n", answer)
+        self.assertIn(b"too many failed proxy logins from 127.0.0.1", answer)
+        self.assertEqual(self.auth.checked, checked)
+        self.assertEqual(self.connector.attempts, [])
+
+    def test_other_addresses_unaffected(self) -> None:
+        """Another client address still gets its credentials checked."""
+        for _ in range(3):
+            self.attempt(basic("u", "x"))
+        answer = self.attempt(basic("u", "p"), peer="127.0.0.2")
+        self.assertFalse(answer.startswith(b"HTTP/1.1 429 "), answer)
+        self.assertEqual(len(self.connector.attempts), 1)
+
+    def test_window_closes(self) -> None:
+        """Once the window has passed, the address may log in again."""
+        for _ in range(3):
+            self.attempt(basic("u", "x"))
+        self.clock.advance(60)
+        self.attempt(basic("u", "p"))
+        self.assertEqual(len(self.connector.attempts), 1)
+
+    def test_challenge_step_not_counted(self) -> None:
+        """Requests without credentials (the first step of every login) are not failures."""
+        for _ in range(10):
+            self.assertTrue(self.attempt(None).startswith(b"HTTP/1.1 407 "))
+        self.attempt(basic("u", "p"))
+        self.assertEqual(len(self.connector.attempts), 1)
+
+    def test_valid_login_does_not_reset(self) -> None:
+        """A valid login in between does not give a guesser a fresh count."""
+        for _ in range(2):
+            self.attempt(basic("u", "x"))
+        self.attempt(basic("u", "p"))
+        self.attempt(basic("u", "x"))
+        self.assertTrue(self.attempt(basic("u", "p")).startswith(b"HTTP/1.1 429 "))
+
+    def test_counted_when_client_left_during_check(self) -> None:
+        """A guess whose client left before the answer still counts."""
+        self.auth.hold = True
+        for _ in range(3):
+            proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+            proto.makeConnection(
+                HalfCloseTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
+            )
+            proto.dataReceived(with_auth(GET_A, basic("u", "x")))
+            proto.connectionLost()
+        for d, _ in self.auth.pending:
+            d.callback(None)
+        self.auth.hold = False
+        self.assertTrue(self.attempt(basic("u", "p")).startswith(b"HTTP/1.1 429 "))
+
+
+class NoLoginThrottleTests(LoginThrottleProtocolTests):
+    """With auth_max_failures=0 nothing is refused."""
+
+    config = ProxyConfig(auth_max_failures=0)
+
+    def test_refused_after_the_limit(self) -> None:
+        """Any number of failures, and the next valid login still goes through."""
+        for _ in range(20):
+            self.attempt(basic("u", "x"))
+        self.attempt(basic("u", "p"))
+        self.assertEqual(len(self.connector.attempts), 1)
+
+    def test_valid_login_does_not_reset(self) -> None:
+        """Nothing to reset: never refused."""
+        for _ in range(5):
+            self.attempt(basic("u", "x"))
+        self.assertFalse(self.attempt(basic("u", "p")).startswith(b"HTTP/1.1 429 "))
+
+    def test_counted_when_client_left_during_check(self) -> None:
+        """Not counted against anything: the next valid login works."""
+        self.test_valid_login_does_not_reset()
+
+
 class _Origin(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")  # type: ignore[union-attr]
@@ -183,3 +290,28 @@ class AuthIntegrationTests(TestCase):
             self.assertEqual(bad, b"HTTP/1.1 407 Proxy Authentication Required", user)
         none = yield deferToThread(fetch, pport, oport, None)
         self.assertEqual(none, b"HTTP/1.1 407 Proxy Authentication Required")
+
+    @inlineCallbacks
+    def test_guessing_refused(self) -> Generator[Any, Any, None]:
+        """A real proxy: after 2 wrong passwords the third attempt gets 429."""
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        path = Path(tmp) / "htpasswd"
+        path.write_text(f"erin:{SHA1}\n")
+        origin = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+            Factory.forProtocol(_Origin)
+        )
+        self.addCleanup(origin.stopListening)
+        config = ProxyConfig(auth_file=str(path), auth_max_failures=2)
+        factory = ProxyFactory(config, reactor)
+        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        self.addCleanup(factory.pool.close)
+        pport, oport = port.getHost().port, origin.getHost().port
+        ok = yield deferToThread(fetch, pport, oport, basic("erin", "erin-secret"))
+        self.assertEqual(ok, b"HTTP/1.1 200 OK")
+        for _ in range(2):
+            bad = yield deferToThread(fetch, pport, oport, basic("erin", "guess"))
+            self.assertEqual(bad, b"HTTP/1.1 407 Proxy Authentication Required")
+        refused = yield deferToThread(fetch, pport, oport, basic("erin", "erin-secret"))
+        self.assertEqual(refused, b"HTTP/1.1 429 Too Many Requests")

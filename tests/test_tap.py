@@ -197,6 +197,8 @@ class ConfigTests(SynchronousTestCase):
             {"ports": ()},
             {"via": "bad via"},
             {"pool_size": -1},
+            {"auth_max_failures": -1},
+            {"auth_failure_window": 0},
         ):
             self.assertRaises(ValueError, ProxyConfig, **kwargs)
 
