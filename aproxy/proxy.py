@@ -94,7 +94,8 @@ __all__ = ["ProxyProtocol", "loop_error"]
 _READING, _CONNECTING, _FORWARDING, _TUNNEL, _CLOSING = range(5)
 # Bytes of pipelined requests held while one is in flight before the client is paused.
 _HOLD_LIMIT = 65536
-# Response bodies at least this large are read in bigger pieces (see wire.bulk_reads).
+# Bodies (responses, and requests from clients) at least this large, and chunked ones, are
+# read in bigger pieces (see wire.bulk_reads).
 _BULK = 1 << 20
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
@@ -385,9 +386,12 @@ class ProxyProtocol(ClientConnection):
             self._req_body = ChunkedDecoder(True)
             self._req_chunked = True
             self._req_had_body = True
+            bulk_reads(self.transport)
         elif head.content_length:
             self._req_body = LengthDecoder(head.content_length)
             self._req_had_body = True
+            if head.content_length >= _BULK:
+                bulk_reads(self.transport)
         xff = self.config.x_forwarded_for
         if xff == "strip":
             drop += (b"x-forwarded-for",)
@@ -564,6 +568,7 @@ class ProxyProtocol(ClientConnection):
                 write_soon(upt, piece)
         if body.done:
             self._req_body = None
+            bulk_reads(self.transport, False)
             if rest:
                 self._hold(rest)
             if self._resp is not None and self._resp_body is None:

@@ -304,6 +304,30 @@ class BodyTests(ProxyTestCase):
         self.assertEqual(len(self.factory.pool), 1)
         self.assertEqual(upstream.bufferSize, 1 << 16)
 
+    def test_large_request_body_read_in_bulk(self) -> None:
+        """A large or chunked request body is read in bulk; the next head is not."""
+        _, upstream = self.forward(
+            b"POST http://a.example/ HTTP/1.1\r\nHost: a\r\nContent-Length: 2000000\r\n\r\n"
+        )
+        self.assertEqual(self.client.bufferSize, 1 << 18)
+        self.proto.dataReceived(b"x" * 1999999)
+        self.assertEqual(self.client.bufferSize, 1 << 18)
+        self.proto.dataReceived(b"x")
+        self.assertEqual(self.client.bufferSize, 1 << 16)
+        client, proto = self.connect_client()
+        proto.dataReceived(
+            b"POST http://a.example/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        self.assertEqual(client.bufferSize, 1 << 18)
+        self.connector.attempts[-1].succeed()
+        proto.dataReceived(b"2\r\nhi\r\n0\r\n\r\n")
+        self.assertEqual(client.bufferSize, 1 << 16)
+        client, proto = self.connect_client()
+        proto.dataReceived(
+            b"POST http://a.example/ HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n"
+        )
+        self.assertEqual(client.bufferSize, 1 << 16)
+
     def test_head_response_has_no_body(self) -> None:
         """A HEAD response keeps its Content-Length but carries no body."""
         attempt, _ = self.forward(b"HEAD http://a.example/ HTTP/1.1\r\nHost: a\r\n\r\n")
