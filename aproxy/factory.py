@@ -21,7 +21,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from aproxy.auth import HtpasswdAuthenticator, IAuthenticator, LoginThrottle
+from aproxy.auth import HtpasswdAuthenticator, IAuthenticator
 from aproxy.chain import Dialer
 from aproxy.config import ProxyConfig
 from aproxy.http1 import Target, parse_absolute_target
@@ -29,6 +29,7 @@ from aproxy.policy import AccessPolicy, IPolicy, normalize_address
 from aproxy.proxy import ProxyProtocol, loop_error
 from aproxy.records import ExchangeObserver
 from aproxy.routes import Router
+from aproxy.throttle import LoginThrottle
 from aproxy.tls import ClientTLS
 from aproxy.upstream import EndpointConnector, IUpstreamConnector, UpstreamFactory, UpstreamPool
 
