@@ -32,7 +32,7 @@ from collections.abc import Callable
 from errno import EAGAIN, EWOULDBLOCK
 from typing import Any
 
-from twisted.internet import main, tcp
+from twisted.internet import abstract, main, tcp
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 __all__ = [
@@ -69,13 +69,19 @@ def bulk_reads(transport: Any, on: bool = True) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Twisted internals: the only place aproxy relies on them. Used only for exactly the
-# classes in _DIRECT: tcp.Connection's socket attribute and its doRead contract (the reactor
-# calls transport.doRead(), which returns None, CONNECTION_DONE or CONNECTION_LOST), and
-# abstract.FileDescriptor's write buffer (dataBuffer, _tempDataLen, _writeDisconnecting,
-# _writeDisconnected). Should a Twisted release rename the buffer attributes, the getattr
-# defaults below make every write a plain transport.write (a relay then always queues).
+# classes in _DIRECT: tcp.Connection's socket, reactor and _aborting attributes and its
+# doRead contract (the reactor calls transport.doRead(), which returns None, CONNECTION_DONE
+# or CONNECTION_LOST), and abstract.FileDescriptor's write buffer (dataBuffer, and the list
+# _tempDataBuffer with its byte count _tempDataLen, which write() appends to and doWrite()
+# drains; _writeDisconnecting, _writeDisconnected). Should a Twisted release rename the
+# buffer attributes, the getattr defaults in _can_send make every write a plain
+# transport.write (a relay then always queues); _BUFFER_KNOWN below checks the one that is
+# appended to directly.
 
 _DIRECT: frozenset[Any] = frozenset({tcp.Server, tcp.Client})
+# FileDescriptor.__init__ creates _tempDataBuffer; without it (a renamed attribute in some
+# Twisted release) write_soon holds nothing and writes plainly.
+_BUFFER_KNOWN = "_tempDataBuffer" in abstract.FileDescriptor.__init__.__code__.co_names
 
 
 def _plain_tcp(transport: Any) -> bool:
@@ -140,7 +146,7 @@ def write_soon(transport: Any, data: bytes) -> None:
     them before it closes. Nothing is sent on a connection that is lost or aborted
     meanwhile, as with Twisted's own buffer.
     """
-    if transport.__class__ in _DIRECT and not getattr(transport, "TLS", True):
+    if _BUFFER_KNOWN and transport.__class__ in _DIRECT and not getattr(transport, "TLS", True):
         batch = _HELD.get(transport.reactor)
         if batch is not None and transport in batch:
             transport._tempDataBuffer.append(data)

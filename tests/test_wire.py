@@ -14,6 +14,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.trial.unittest import SynchronousTestCase
 
+from aproxy import wire
 from aproxy.tunnel import Tunnel
 from aproxy.upstream import UpstreamProtocol
 from aproxy.wire import (
@@ -255,6 +256,19 @@ class WriteSoonTests(SynchronousTestCase):
         self.assertEqual((sock_one.sent, sock_two.sent), ([], [b"two"]))
         one.reactor.advance(0)
         self.assertEqual(sock_one.sent, [b"one"])
+
+    def test_twisted_buffer_known(self) -> None:
+        """This Twisted has the write buffer write_soon appends to (else CI should say so)."""
+        self.assertTrue(wire._BUFFER_KNOWN)
+
+    def test_unknown_buffer_writes_plainly(self) -> None:
+        """Without the expected buffer attribute nothing is held: an ordinary write."""
+        self.patch(wire, "_BUFFER_KNOWN", False)
+        transport, sock = tcp_server(accept=1000)
+        write_soon(transport, b"hello")
+        self.assertEqual(transport.reactor.getDelayedCalls(), [])
+        self.assertEqual(transport._tempDataBuffer, [b"hello"])
+        self.assertIn(transport, transport.reactor.getWriters())
 
     def test_started_tls_uses_write(self) -> None:
         """A TCP connection switched to TLS by startTLS gets a write (its TLS layer encrypts)."""
