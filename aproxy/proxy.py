@@ -15,7 +15,6 @@ the proxy's own responses (responses.py), tunnels (tunnel.py) and records (recor
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
@@ -299,7 +298,11 @@ class ProxyProtocol(ClientConnection):
         if auth is not None:
             values = head.noted.get(b"proxy-authorization")
             credentials = values[0] if values is not None and len(values) == 1 else None
-            self._check_login_rate()
+            if self._client_ip is not None:
+                config = self.config
+                self.factory.login_throttle.check(
+                    self._client_ip, config.auth_max_failures, config.auth_failure_window
+                )
             self._state = _CONNECTING
             self._pending = rest
             self._pause(_DIAL)
@@ -308,21 +311,6 @@ class ProxyProtocol(ClientConnection):
             d.addErrback(self._auth_failed)
             return
         self._authorized_request(head, rest)
-
-    def _check_login_rate(self) -> None:
-        """Refuse (429) a client address with too many failed logins in its window."""
-        ip = self._client_ip
-        config = self.config
-        if ip is None or not config.auth_max_failures:
-            return
-        left = self.factory.login_throttle.refused_for(
-            ip, config.auth_max_failures, config.auth_failure_window
-        )
-        if left is not None:
-            wait = math.ceil(left)
-            raise TooManyRequests(
-                f"too many failed proxy logins from {ip}: try again in {wait} s", wait
-            )
 
     def _authenticated(self, user: str | None, head: RequestHead, tried: bool) -> None:
         if tried and user is None and self._client_ip is not None:

@@ -6,7 +6,11 @@ it can send.
 
 from __future__ import annotations
 
+import math
+
 from twisted.internet.interfaces import IReactorTime
+
+from aproxy.errors import TooManyRequests
 
 __all__ = ["LoginThrottle"]
 
@@ -50,6 +54,20 @@ class LoginThrottle:
             del self._windows[address]
             return None
         return left if entry[1] >= limit else None
+
+    def check(self, address: str, limit: int, window: float) -> None:
+        """
+        Let C{address} try to log in, or refuse it.
+
+        @raise TooManyRequests: When it has C{limit} failures in its open window; the
+            C{Retry-After} is the window's rest in whole seconds.
+        """
+        left = self.refused_for(address, limit, window)
+        if left is not None:
+            wait = math.ceil(left)
+            raise TooManyRequests(
+                f"too many failed proxy logins from {address}: try again in {wait} s", wait
+            )
 
     def failed(self, address: str, window: float) -> None:
         """Count one failed login from C{address}."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from aproxy.errors import TooManyRequests
 from aproxy.throttle import LoginThrottle
 
 
@@ -72,3 +73,14 @@ class LoginThrottleTests(SynchronousTestCase):
         self.assertIsNotNone(self.throttle.refused_for("192.0.2.5", 3, 10.0))
         self.assertIsNotNone(self.throttle.refused_for("192.0.2.6", 3, 10.0))
         self.assertLessEqual(len(self.throttle._windows), 4)
+
+    def test_check_raises_429_with_whole_seconds(self) -> None:
+        """check() lets an address under the limit through and refuses one at it (429)."""
+        self.fail_logins("192.0.2.1", 2)
+        self.throttle.check("192.0.2.1", 3, 60.0)
+        self.clock.advance(0.4)
+        self.fail_logins("192.0.2.1", 1)
+        error = self.assertRaises(TooManyRequests, self.throttle.check, "192.0.2.1", 3, 60.0)
+        self.assertEqual((error.status, error.retry_after), (429, 60))
+        self.assertIn("192.0.2.1", error.reason)
+        self.throttle.check("192.0.2.1", 0, 60.0)  # no limit

@@ -222,29 +222,21 @@ class WriteSoonTests(SynchronousTestCase):
         self.assertEqual(sock.sent, [])
         self.assertEqual(transport._tempDataBuffer, [b"hello"])
 
-    def test_lost_connection_sends_nothing(self) -> None:
-        """A connection lost before the iteration ends gets nothing sent, and no error."""
-        transport, sock = tcp_server(accept=1000)
-        write_soon(transport, b"hello")
-        transport.connected = 0
-        self.end_iteration(transport)
-        self.assertEqual(sock.sent, [])
-
-    def test_write_shut_connection_sends_nothing(self) -> None:
-        """Nothing is sent after the write side was shut down."""
-        transport, sock = tcp_server(accept=1000)
-        write_soon(transport, b"hello")
-        transport._writeDisconnected = True
-        self.end_iteration(transport)
-        self.assertEqual(sock.sent, [])
-
-    def test_aborted_connection_sends_nothing(self) -> None:
-        """abortConnection drops what was held, as it drops Twisted's own buffer."""
-        transport, sock = tcp_server(accept=1000)
-        write_soon(transport, b"hello")
-        transport._aborting = True
-        self.end_iteration(transport)
-        self.assertEqual(sock.sent, [])
+    def test_gone_connection_sends_nothing(self) -> None:
+        """
+        Lost before the iteration ends, write side shut down, or aborted: nothing held is
+        sent, and no error (abortConnection drops it as it drops Twisted's own buffer).
+        """
+        for attribute, value in (
+            ("connected", 0),
+            ("_writeDisconnected", True),
+            ("_aborting", True),
+        ):
+            transport, sock = tcp_server(accept=1000)
+            write_soon(transport, b"hello")
+            setattr(transport, attribute, value)
+            self.end_iteration(transport)
+            self.assertEqual(sock.sent, [], attribute)
 
     def test_reactors_flush_separately(self) -> None:
         """Bytes held for one reactor never wait on another reactor's iteration."""
