@@ -6,6 +6,7 @@ transport for several independent reasons. L{aproxy.proxy.ProxyProtocol} builds 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer
@@ -18,7 +19,7 @@ from aproxy.errors import Forbidden, ProxyError, ServiceUnavailable
 if TYPE_CHECKING:
     from aproxy.factory import ProxyFactory
 
-__all__ = ["ClientConnection"]
+__all__ = ["ClientConnection", "OutputGate"]
 
 # What the single per-connection timer is waiting for.
 _NO_DEADLINE, _HEAD, _IDLE, _CONNECT, _READ = range(5)
@@ -48,6 +49,49 @@ class _ClientPauser:
 
     def stopProducing(self) -> None:
         """The upstream connection ended; L{ClientConnection} handles that itself."""
+
+
+@implementer(IPushProducer)
+class OutputGate:
+    """
+    The client transport's streaming producer for the connection's whole life.
+
+    The client transport pauses it when more than its buffer size of responses waits to
+    be written to the client, and resumes it once everything was written. The gate passes
+    both on to the upstream transport in flight (C{source}), so a slow reader pauses the
+    origin, and remembers the state, so that no next pipelined request is started while
+    the client is not reading its answers (issue #12, item 1: a client that pipelines and
+    never reads then costs a bounded amount of memory, whatever it sends).
+    """
+
+    __slots__ = ("_on_drained", "paused", "source")
+
+    def __init__(self, on_drained: Callable[[], None]) -> None:
+        self._on_drained = on_drained
+        self.paused = False
+        self.source: Any = None
+
+    def pauseProducing(self) -> None:
+        """The client's write buffer is full: stop the origin in flight too."""
+        self.paused = True
+        if self.source is not None:
+            self.source.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """Everything was written to the client: go on with the origin, or the next request."""
+        self.paused = False
+        if self.source is not None:
+            self.source.resumeProducing()
+        self._on_drained()
+
+    def stopProducing(self) -> None:
+        """The client connection ended; L{ClientConnection.connectionLost} handles that."""
+
+    def attach(self, source: Any) -> None:
+        """Make C{source} (an upstream transport) follow the client's pace from now on."""
+        self.source = source
+        if self.paused:
+            source.pauseProducing()
 
 
 class ClientConnection(Protocol):

@@ -40,6 +40,7 @@ from aproxy.connection import (
     _READ,
     _UPSTREAM,
     ClientConnection,
+    OutputGate,
     _ClientPauser,
 )
 from aproxy.errors import (
@@ -89,8 +90,9 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["ProxyProtocol", "loop_error"]
 
-# Connection states.
-_READING, _CONNECTING, _FORWARDING, _TUNNEL, _CLOSING = range(5)
+# Connection states. _WAITING: a response is complete, but the client has not read enough
+# of the answers so far to start the next request (see OutputGate).
+_READING, _CONNECTING, _FORWARDING, _TUNNEL, _CLOSING, _WAITING = range(6)
 # Bytes of pipelined requests held while one is in flight before the client is paused.
 _HOLD_LIMIT = 65536
 # Bodies (responses, and requests from clients) at least this large, and chunked ones, are
@@ -122,6 +124,8 @@ class ProxyProtocol(ClientConnection):
         self._eof = False
         self.user: str | None = None
         self._tunnel: Tunnel | None = None
+        self._output = OutputGate(self._output_drained)
+        self._gated = False
         self._reset_request()
 
     def _reset_request(self) -> None:
@@ -159,6 +163,8 @@ class ProxyProtocol(ClientConnection):
         timer: a new client must send a request head promptly.
         """
         self.factory.connections.add(self)
+        self.transport.registerProducer(self._output, True)
+        self._gated = True
         self._set_deadline(_HEAD, self.config.header_timeout)
         if HAProxyProtocolWrapper is not None and isinstance(
             self.transport, HAProxyProtocolWrapper
@@ -195,7 +201,7 @@ class ProxyProtocol(ClientConnection):
             self._read_head(data)
         elif state == _FORWARDING:
             self._request_data(data)
-        elif state == _CONNECTING:
+        elif state == _CONNECTING or state == _WAITING:
             self._hold(data)
 
     def readConnectionLost(self) -> None:
@@ -241,7 +247,7 @@ class ProxyProtocol(ClientConnection):
         self._up = None
         if self._linked:
             self._linked = False
-            self.transport.unregisterProducer()
+            self._output.source = None
             if up is not None and not up.lost:
                 up.transport.unregisterProducer()
         return up
@@ -430,6 +436,8 @@ class ProxyProtocol(ClientConnection):
             self._tunnel_closed,
         )
         self._tunnel = tunnel
+        # The tunnel registers the two transports as each other's producers.
+        self._ungate()
         self.dataReceived = tunnel.from_client  # type: ignore[method-assign]
         if self._paused:
             self._paused = 0
@@ -512,7 +520,7 @@ class ProxyProtocol(ClientConnection):
         if pauser is None:
             pauser = self._pauser = _ClientPauser(self)
         upt.registerProducer(pauser, True)
-        self.transport.registerProducer(upt, True)
+        self._output.attach(upt)
         self._linked = True
         self._to_origin += len(self._out_head)
         write_soon(upt, self._out_head)
@@ -774,6 +782,15 @@ class ProxyProtocol(ClientConnection):
         if self._last:
             self._close()
             return
+        if self._output.paused:
+            # The client is not reading its answers: start nothing new (and read no more)
+            # until what waits for it was written, so that a client that pipelines and
+            # never reads costs a bounded amount of memory. The idle timeout applies.
+            self._state = _WAITING
+            self._pending = pending
+            self._pause(_HOLD)
+            self._set_deadline(_IDLE, self.config.idle_timeout)
+            return
         self._state = _READING
         self._pending = b""
         self._unpause(_HOLD)
@@ -794,6 +811,12 @@ class ProxyProtocol(ClientConnection):
                     pending, self._pending = self._pending, b""
         finally:
             self._draining = False
+
+    def _output_drained(self) -> None:
+        """Everything was written to the client: a request waiting for that may start."""
+        if self._state == _WAITING:
+            pending, self._pending = self._pending, b""
+            self._next_request(pending)
 
     def _upstream_lost(self, up: UpstreamProtocol, reason: Failure) -> None:
         if up is not self._up:
@@ -887,7 +910,16 @@ class ProxyProtocol(ClientConnection):
         self._state = _CLOSING
         self._stop_upstream(abort=False)
         self._paused = 0
+        # A streaming producer still registered (and paused) when the buffer empties
+        # would be resumed instead of the connection closed: unregister first.
+        self._ungate()
         self.transport.loseConnection()
+
+    def _ungate(self) -> None:
+        if self._gated:
+            self._gated = False
+            self._output.source = None
+            self.transport.unregisterProducer()
 
 
 def loop_error() -> Forbidden:

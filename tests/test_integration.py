@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
@@ -111,6 +112,14 @@ class RawClient:
     def __init__(self, port: int, host: str = LOCAL) -> None:
         self.sock = socket.create_connection((host, port), timeout=CLIENT_TIMEOUT)
         self.buf = b""
+
+    @classmethod
+    def wrap(cls, sock: socket.socket) -> RawClient:
+        """A client on an already connected socket (one with its own options)."""
+        client = cls.__new__(cls)
+        client.sock = sock
+        client.buf = b""
+        return client
 
     def __enter__(self) -> RawClient:
         return self
@@ -448,7 +457,54 @@ class IntegrationTests(ConnectionTracking, TestCase):
         self.assertEqual(b.requests[0].body, b"hello")
         self.assertEqual(third.body, b"A GET /p3")
 
-    # -- large bodies -----------------------------------------------------------------------
+    @inlineCallbacks
+    def test_pipelining_client_that_does_not_read_is_not_served_ahead(
+        self,
+    ) -> Generator[Any, Any, None]:
+        """
+        A client that pipelines 20,000 requests for 4 KiB each and reads nothing gets only
+        as many answers fetched as the socket buffers hold (so the proxy's memory stays
+        bounded), and the next ones, in order, as it reads. Each answer completes in one
+        read from the origin, the case where the next request used to start at once.
+        """
+        origin, oport = yield self.start_origin()
+        _, pport = yield self.start_proxy()
+        count, read = 20000, 2000
+        size = 4096
+        request = get(f"http://127.0.0.1:{oport}/p?size={size}")
+
+        def client() -> tuple[int, list[Response]]:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(CLIENT_TIMEOUT)
+            sock.connect((LOCAL, pport))
+            with RawClient.wrap(sock) as c:
+                payload = memoryview(request * count)
+                sent = 0
+                sock.setblocking(False)
+                # Send what the proxy takes; stop once the origin sees no new requests.
+                seen, still = -1, 0
+                deadline = time.monotonic() + 15
+                while still < 10 and time.monotonic() < deadline:
+                    try:
+                        sent += sock.send(payload[sent : sent + 65536])
+                    except BlockingIOError:
+                        pass
+                    time.sleep(0.05)
+                    now = len(origin.requests)
+                    still = still + 1 if now == seen else 0
+                    seen = now
+                sock.settimeout(CLIENT_TIMEOUT)
+                return seen, [c.read_response() for _ in range(read)]
+
+        fetched, responses = yield deferToThread(client)
+        # The kernel's socket buffers hold a few MiB: some hundreds of 4 KiB answers.
+        self.assertLess(fetched, read)
+        self.assertEqual([r.status for r in responses], [200] * read)
+        self.assertEqual([len(r.body) for r in responses], [size] * read)
+        self.assertGreaterEqual(len(origin.requests), read)
+
+        # -- large bodies -----------------------------------------------------------------------
 
     @inlineCallbacks
     def _upload(self, chunked: bool) -> Generator[Any, Any, None]:

@@ -16,7 +16,7 @@ from aproxy.config import ProxyConfig
 from aproxy.factory import ProxyFactory
 from aproxy.proxy import ProxyProtocol
 from aproxy.upstream import UpstreamProtocol
-from tests.fakes import Attempt, HalfCloseTransport, RecordingConnector
+from tests.fakes import Attempt, BufferingTransport, HalfCloseTransport, RecordingConnector
 
 GET_A = b"GET http://a.example/x?y=%20 HTTP/1.1\r\nHost: a.example\r\nUser-Agent: t\r\n\r\n"
 GET_B = b"GET http://b.example:8080/ HTTP/1.1\r\nHost: b.example\r\n\r\n"
@@ -95,18 +95,28 @@ class ForwardingTests(ProxyTestCase):
         self.assertEqual(self.client.producerState, "producing")
 
     def test_transports_are_each_others_producers(self) -> None:
-        """While a request is in flight each transport is the other's streaming producer."""
+        """
+        While a request is in flight each transport pauses the other: the upstream one
+        through the client's output gate, which stays registered between requests.
+        """
         attempt, upstream = self.forward()
-        self.assertIs(self.client.producer, upstream)
+        gate = self.client.producer
+        assert gate is not None
         self.assertTrue(self.client.streaming)
+        gate.pauseProducing()
+        self.assertEqual(upstream.producerState, "paused")
+        gate.resumeProducing()
+        self.assertEqual(upstream.producerState, "producing")
         assert upstream.producer is not None
         upstream.producer.pauseProducing()
         self.assertEqual(self.client.producerState, "paused")
         upstream.producer.resumeProducing()
         self.assertEqual(self.client.producerState, "producing")
         attempt.respond(OK_5)
-        self.assertIsNone(self.client.producer)
+        self.assertIs(self.client.producer, gate)
         self.assertIsNone(upstream.producer)
+        gate.pauseProducing()
+        self.assertEqual(upstream.producerState, "producing")
 
     def test_connection_reused_for_same_origin(self) -> None:
         """After a complete response the upstream connection serves the next request."""
@@ -573,6 +583,84 @@ class ErrorTests(ProxyTestCase):
         self.proto.dataReceived(GET_A)
         self.proto.connectionLost(Failure(error.ConnectionDone()))
         self.assertTrue(self.connector.attempts[0].deferred.called)
+
+
+class SlowReaderTests(ProxyTestCase):
+    """
+    A client that pipelines requests and doesn't read the answers costs a bounded amount
+    of memory: no next request starts while its answers back up (issue #12, item 1).
+    """
+
+    def connect_client(self) -> tuple[HalfCloseTransport, ProxyProtocol]:
+        """A client connection whose transport buffers like TCP, pausing at 4 KiB."""
+        proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+        client = BufferingTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
+        client.bufferSize = 4096
+        proto.makeConnection(client)
+        return client, proto
+
+    def test_next_request_waits_until_answers_are_read(self) -> None:
+        """
+        A pipelined request is not sent upstream while the client's write buffer is over
+        its size, and is sent once the client read what waited.
+        """
+        client = self.client
+        assert isinstance(client, BufferingTransport)
+        attempt, upstream = self.forward(GET_A + GET_A)
+        big = b"HTTP/1.1 200 OK\r\nContent-Length: 8000\r\n\r\n" + b"x" * 8000
+        attempt.respond(big)
+        self.assertTrue(client.paused_producer)
+        self.assertEqual(upstream.value().count(b"GET /x"), 1)
+        self.assertEqual(client.producerState, "paused")
+        client.drain()
+        self.assertEqual(upstream.value().count(b"GET /x"), 2)
+        self.assertEqual(client.producerState, "producing")
+        attempt.respond(OK_5)
+        self.assertTrue(client.value().endswith(b"hello"))
+        self.assertFalse(client.disconnecting)
+
+    def test_origin_paused_while_client_does_not_read(self) -> None:
+        """The origin in flight is paused while the client's write buffer is full."""
+        client = self.client
+        assert isinstance(client, BufferingTransport)
+        attempt, upstream = self.forward()
+        attempt.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 20000\r\n\r\n" + b"x" * 5000)
+        self.assertEqual(upstream.producerState, "paused")
+        client.drain()
+        self.assertEqual(upstream.producerState, "producing")
+
+    def test_local_answers_stop_when_client_does_not_read(self) -> None:
+        """
+        Locally answered pipelined requests stop being answered (and the client stops
+        being read) once the answers back up; all are answered as the client reads.
+        """
+        client = self.client
+        assert isinstance(client, BufferingTransport)
+        request = b"OPTIONS http://a.example/ HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\n\r\n"
+        self.proto.dataReceived(request * 500)
+        written = client.value()
+        answer = written[: written.index(b"\r\n\r\n") + 4]
+        self.assertLessEqual(len(written), client.bufferSize + len(answer))
+        self.assertLess(written.count(b"HTTP/1.1 200 OK"), 500)
+        self.assertEqual(client.producerState, "paused")
+        answered = 0
+        for _ in range(500):
+            answered += client.drain().count(b"HTTP/1.1 200 OK")
+            if answered == 500:
+                break
+        self.assertEqual(answered, 500)
+        self.assertEqual(client.producerState, "producing")
+
+    def test_waiting_client_closed_after_idle_timeout(self) -> None:
+        """A client that reads none of its answers is closed after the idle timeout."""
+        attempt, upstream = self.forward(GET_A + GET_A)
+        attempt.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 8000\r\n\r\n" + b"x" * 8000)
+        self.clock.advance(self.config.idle_timeout)
+        self.assertTrue(self.client.disconnecting)
+        self.assertIsNone(self.client.producer)
+        # The second request was never started, so it has no answer (no 504).
+        self.assertEqual(upstream.value().count(b"GET /x"), 1)
+        self.assertNotIn(b" 504 ", self.client.value())
 
 
 class MaxForwardsTests(ProxyTestCase):
