@@ -98,6 +98,9 @@ _HOLD_LIMIT = 65536
 # Bodies (responses, and requests from clients) at least this large, and chunked ones, are
 # read in bigger pieces (see wire.bulk_reads).
 _BULK = 1 << 20
+# Interim (1xx) responses relayed per request: a 100 Continue and a few 103 Early Hints are
+# normal; hundreds are an origin gone wrong (or hostile).
+_MAX_INTERIM = 32
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
@@ -143,6 +146,7 @@ class ProxyProtocol(ClientConnection):
         self._resp: ResponseHead | None = None
         self._resp_body: Any = None
         self._resp_started = False
+        self._interims = 0
         self._out_chunked = False
         self._keep_client = False
         self._up_reusable = False
@@ -589,26 +593,43 @@ class ProxyProtocol(ClientConnection):
         if self._resp is not None:
             self._response_data(data, None)
             return
-        try:
-            reader = self._up.reader  # type: ignore[union-attr]
-            raw = reader.feed(data)
-            if raw is None:
+        reader = self._up.reader  # type: ignore[union-attr]
+        # Interim (1xx) heads and the final head may arrive in one read: take them in a
+        # loop, never by recursion (an origin can send hundreds at once).
+        while True:
+            try:
+                raw = reader.feed(data)
+                if raw is None:
+                    return
+                data = reader.rest
+                reader.rest = b""
+                resp = parse_response_head(raw)
+            except ProxyError as e:
+                self._fail(e)
                 return
-            rest = reader.rest
-            reader.rest = b""
-            resp = parse_response_head(raw)
-        except ProxyError as e:
-            self._fail(e)
-            return
-        if resp.status < 200:
-            self._interim(resp, rest)
-            return
-        self._begin_response(resp, rest)
+            if resp.status >= 200:
+                self._begin_response(resp, data)
+                return
+            if resp.status == 101:
+                self._switch_protocols(resp, data)
+                return
+            if not self._interim(resp) or not data:
+                return
 
-    def _interim(self, resp: ResponseHead, rest: bytes) -> None:
-        if resp.status == 101:
-            self._switch_protocols(resp, rest)
-            return
+    def _interim(self, resp: ResponseHead) -> bool:
+        """Relay a 1xx response (up to a bound per request); whether to go on reading."""
+        self._interims += 1
+        if self._interims > _MAX_INTERIM:
+            self.log.info(
+                "origin sent more than {limit} interim responses: 502", limit=_MAX_INTERIM
+            )
+            self._fail(
+                BadGateway(
+                    f"the origin sent more than {_MAX_INTERIM} interim (1xx) responses",
+                    "http_protocol_error",
+                )
+            )
+            return False
         req = self._req
         assert req is not None
         if req.minor:
@@ -616,8 +637,7 @@ class ProxyProtocol(ClientConnection):
             interim = serialize_response_head(resp, b"", self._via, None)
             self._to_client += len(interim)
             self.transport.write(interim)
-        if rest:
-            self._upstream_data(rest)
+        return True
 
     def _switch_protocols(self, resp: ResponseHead, rest: bytes) -> None:
         up = self._up

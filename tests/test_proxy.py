@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -375,6 +376,38 @@ class BodyTests(ProxyTestCase):
         c.succeed()
         c.respond(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + OK_5)
         self.assertTrue(client.value().startswith(b"HTTP/1.1 200 OK"))
+
+    def test_interim_burst_in_one_read(self) -> None:
+        """
+        Thirty 103s and a 200 in one read are all relayed in order (a loop, not a
+        recursion per head).
+        """
+        attempt, _ = self.forward()
+        attempt.respond(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 30 + OK_5)
+        value = self.client.value()
+        self.assertEqual(value.count(b"HTTP/1.1 103 Early Hints\r\n"), 30)
+        self.assertTrue(value.endswith(b"hello"))
+        self.assertFalse(self.client.disconnecting)
+
+    def test_too_many_interim_responses_502(self) -> None:
+        """
+        600 interim responses in one read: the client gets 32 of them, then a 502 and a
+        close, with one log line and no exception.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        attempt, upstream = self.forward(
+            b"POST http://a.example/ HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 2\r\n\r\n"
+        )
+        attempt.respond(b"HTTP/1.1 100 Continue\r\n\r\n" * 600 + OK_5)
+        value = self.client.value()
+        self.assertEqual(value.count(b"HTTP/1.1 100 Continue\r\n"), 32)
+        self.assertIn(b"HTTP/1.1 502 ", value)
+        self.assertIn(b"interim", value)
+        self.assertTrue(self.client.disconnecting)
+        self.assertTrue(upstream.disconnecting)
+        self.assertEqual(len(events), 1)
+        self.assertNotIn("log_failure", events[0])
 
     def test_early_response_closes_client(self) -> None:
         """A final response before the request body is complete closes the connection."""
