@@ -22,6 +22,7 @@ from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import (
     IAddress,
+    IDelayedCall,
     IHalfCloseableProtocol,
 )
 from twisted.logger import Logger
@@ -129,6 +130,7 @@ class ProxyProtocol(ClientConnection):
         self._tunnel: Tunnel | None = None
         self._output = OutputGate(self._output_drained)
         self._gated = False
+        self._linger: IDelayedCall | None = None
         self._reset_request()
 
     def _reset_request(self) -> None:
@@ -229,6 +231,9 @@ class ProxyProtocol(ClientConnection):
     def connectionLost(self, reason: Failure = Failure(ierror.ConnectionDone())) -> None:  # noqa: B008
         """Stop everything this connection started: timer, dial, upstream connection."""
         self._release_slot()
+        linger, self._linger = self._linger, None
+        if linger is not None and linger.active():
+            linger.cancel()
         if self._req is not None and self._tunnel is None:
             # The client left with a request unfinished (its own end is not an error of
             # the proxy's, so no Proxy-Status type).
@@ -929,11 +934,24 @@ class ProxyProtocol(ClientConnection):
             return
         self._state = _CLOSING
         self._stop_upstream(abort=False)
-        self._paused = 0
+        if self._paused:
+            self._paused = 0
+            # Read again, so that the client's own close is seen: a TLS transport closes
+            # only once the peer answered its close_notify (or left), and one paused while
+            # dialing would wait for that forever, keeping the connection and its slot.
+            self.transport.resumeProducing()
+        # Whatever the client does, the connection goes within the idle timeout: a peer
+        # that neither reads what is left nor closes can't keep it (and its slot).
+        self._linger = self.clock.callLater(self.config.idle_timeout, self._abort)
         # A streaming producer still registered (and paused) when the buffer empties
         # would be resumed instead of the connection closed: unregister first.
         self._ungate()
         self.transport.loseConnection()
+
+    def _abort(self) -> None:
+        self._linger = None
+        self.log.info("client {client} did not close in time: aborted", client=self._client_ip)
+        self.transport.abortConnection()
 
     def _ungate(self) -> None:
         if self._gated:

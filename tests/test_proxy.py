@@ -618,6 +618,44 @@ class ErrorTests(ProxyTestCase):
         self.assertTrue(self.connector.attempts[0].deferred.called)
 
 
+class ClosingTests(ProxyTestCase):
+    """A connection the proxy closes goes for good (issue #12, item 4)."""
+
+    def test_close_after_dial_failure_reads_again(self) -> None:
+        """
+        A 502 for a refused origin, sent while the client was paused for the dial,
+        resumes reading before closing: a TLS transport must read the client's
+        close_notify (or close) to finish closing.
+        """
+        self.proto.dataReceived(GET_A)
+        self.assertEqual(self.client.producerState, "paused")
+        self.connector.attempts[0].deferred.errback(Failure(error.ConnectionRefusedError()))
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 502 "))
+        self.assertTrue(self.client.disconnecting)
+        self.assertEqual(self.client.producerState, "producing")
+        self.assertIsNone(self.client.producer)
+
+    def test_client_that_never_closes_is_aborted(self) -> None:
+        """
+        A closed connection whose client neither reads the rest nor closes is aborted
+        after the idle timeout, and the timer goes with the connection.
+        """
+        self.proto.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+        self.assertTrue(self.client.disconnecting)
+        self.clock.advance(self.config.idle_timeout - 1)
+        self.assertFalse(self.client.disconnected)
+        self.clock.advance(1)
+        self.assertTrue(self.client.disconnected)
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_linger_timer_cancelled_when_client_closes(self) -> None:
+        """A client that closes in time leaves no timer behind."""
+        self.proto.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
 class SlowReaderTests(ProxyTestCase):
     """
     A client that pipelines requests and doesn't read the answers costs a bounded amount
