@@ -13,6 +13,7 @@ __all__ = [
     "Forbidden",
     "GatewayTimeout",
     "HeaderTooLarge",
+    "InternalError",
     "NotImplementedByProxy",
     "ProxyAuthRequired",
     "ProxyError",
@@ -105,6 +106,16 @@ class NotImplementedByProxy(ProxyError):
     """A feature the proxy does not implement, e.g. an unknown transfer coding (501)."""
 
     status = 501
+
+
+class InternalError(ProxyError):
+    """
+    A bug in the proxy met while handling a request (500): answered, logged once with
+    its traceback, and confined to that one connection.
+    """
+
+    status = 500
+    error_type = "proxy_internal_error"
 
 
 class BadGateway(ProxyError):

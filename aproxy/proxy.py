@@ -15,8 +15,9 @@ the proxy's own responses (responses.py), tunnels (tunnel.py) and records (recor
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-from typing import TYPE_CHECKING, Any
+import functools
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec
 
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred
@@ -49,6 +50,7 @@ from aproxy.errors import (
     BadRequest,
     Forbidden,
     GatewayTimeout,
+    InternalError,
     ProxyAuthRequired,
     ProxyError,
     RequestTimeout,
@@ -99,6 +101,28 @@ _HOLD_LIMIT = 65536
 # Bodies (responses, and requests from clients) at least this large, and chunked ones, are
 # read in bigger pieces (see wire.bulk_reads).
 _BULK = 1 << 20
+_P = ParamSpec("_P")
+
+
+def _guarded(
+    method: Callable[Concatenate[ProxyProtocol, _P], None],
+) -> Callable[Concatenate[ProxyProtocol, _P], None]:
+    """
+    The last line of defence, on every way into a L{ProxyProtocol} (reactor callbacks,
+    timers, Deferred callbacks): an unexpected exception is a bug, and costs the request
+    it happened in, not the proxy. See L{ProxyProtocol._internal_error}.
+    """
+
+    def guarded(self: ProxyProtocol, /, *args: _P.args, **kwargs: _P.kwargs) -> None:
+        try:
+            method(self, *args, **kwargs)
+        except Exception:
+            self._internal_error(Failure())
+
+    functools.update_wrapper(guarded, method)
+    return guarded
+
+
 # Interim (1xx) responses relayed per request: a 100 Continue and a few 103 Early Hints are
 # normal; hundreds are an origin gone wrong (or hostile).
 _MAX_INTERIM = 32
@@ -183,6 +207,7 @@ class ProxyProtocol(ClientConnection):
         if refusal is not None:
             self._fail(refusal)
 
+    @_guarded
     def _admit_then_receive(self, data: bytes) -> None:
         del self.dataReceived
         refusal = self._admit()
@@ -200,6 +225,7 @@ class ProxyProtocol(ClientConnection):
         if self._state == _READING and not self._reader.pending:
             self._close()
 
+    @_guarded
     def dataReceived(self, data: bytes) -> None:
         """Route client bytes by state: a request head, request body or held bytes."""
         state = self._state
@@ -210,6 +236,7 @@ class ProxyProtocol(ClientConnection):
         elif state == _CONNECTING or state == _WAITING:
             self._hold(data)
 
+    @_guarded
     def readConnectionLost(self) -> None:
         """
         The client half-closed. In a tunnel that is passed on to the origin; otherwise a
@@ -228,6 +255,7 @@ class ProxyProtocol(ClientConnection):
     def writeConnectionLost(self) -> None:
         """Our write side towards the client was shut down (a tunnel's half-close)."""
 
+    @_guarded
     def connectionLost(self, reason: Failure = Failure(ierror.ConnectionDone())) -> None:  # noqa: B008
         """Stop everything this connection started: timer, dial, upstream connection."""
         self._release_slot()
@@ -261,6 +289,7 @@ class ProxyProtocol(ClientConnection):
                 up.transport.unregisterProducer()
         return up
 
+    @_guarded
     def _deadline_passed(self, kind: int) -> None:
         """The timer ran out while waiting for C{kind}: close or answer accordingly."""
         if kind == _IDLE or (kind == _HEAD and not self._reader.pending):
@@ -327,6 +356,7 @@ class ProxyProtocol(ClientConnection):
             return
         self._authorized_request(head, rest)
 
+    @_guarded
     def _authenticated(self, user: str | None, head: RequestHead, tried: bool) -> None:
         if tried and user is None and self._client_ip is not None:
             # Counted even if the client left meanwhile: the guess was checked all the same.
@@ -343,6 +373,7 @@ class ProxyProtocol(ClientConnection):
         except ProxyError as e:
             self._fail(e)
 
+    @_guarded
     def _auth_failed(self, failure: Failure) -> None:
         self.log.failure("checking proxy credentials failed", failure)
         self._fail(ProxyAuthRequired("proxy authentication failed"))
@@ -455,6 +486,7 @@ class ProxyProtocol(ClientConnection):
         if self._eof:
             tunnel.client_eof()
 
+    @_guarded
     def _tunnel_closed(self, tunnel: Tunnel) -> None:
         self._state = _CLOSING
         self._emit(self._status, None)
@@ -472,6 +504,7 @@ class ProxyProtocol(ClientConnection):
         self._connecting = d
         d.addCallbacks(self._connected, self._connect_failed, callbackArgs=(hop.key,))
 
+    @_guarded
     def _connected(self, up: UpstreamProtocol, key: Hashable) -> None:
         self._connecting = None
         observers = self.factory.connect_observers
@@ -496,6 +529,7 @@ class ProxyProtocol(ClientConnection):
         self._unpause(_DIAL)
         self._attach(up, False)
 
+    @_guarded
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
         if failure.check(CancelledError) or self._state != _CONNECTING:
@@ -593,6 +627,7 @@ class ProxyProtocol(ClientConnection):
 
     # -- responses --------------------------------------------------------------------
 
+    @_guarded
     def _upstream_data(self, data: bytes) -> None:
         self._deadline = self.clock.seconds() + self.config.read_timeout
         if self._resp is not None:
@@ -837,12 +872,14 @@ class ProxyProtocol(ClientConnection):
         finally:
             self._draining = False
 
+    @_guarded
     def _output_drained(self) -> None:
         """Everything was written to the client: a request waiting for that may start."""
         if self._state == _WAITING:
             pending, self._pending = self._pending, b""
             self._next_request(pending)
 
+    @_guarded
     def _upstream_lost(self, up: UpstreamProtocol, reason: Failure) -> None:
         if up is not self._up:
             return
@@ -888,6 +925,11 @@ class ProxyProtocol(ClientConnection):
                     "the origin closed the connection mid-response", "http_response_incomplete"
                 )
             )
+            return
+        # The whole response came before the whole request body (e.g. a 413), and the
+        # origin is gone: nothing more can be sent, so the exchange is over. The response
+        # said Connection: close (see _begin_response).
+        self._response_complete()
 
     # -- errors and closing -----------------------------------------------------------
 
@@ -918,6 +960,32 @@ class ProxyProtocol(ClientConnection):
         self.transport.writeSequence(lines)
         self._emit(err.status, err.error_type)
         self._close()
+
+    def _internal_error(self, failure: Failure) -> None:
+        """
+        A bug met while handling this connection: log it once with its traceback, answer
+        500 with C{Proxy-Status: aproxy; error=proxy_internal_error} (or just close, once
+        a response started) and close this connection only.
+        """
+        req = self._req
+        self.log.failure(
+            "internal error handling {request} from {client}; that connection is closed",
+            failure,
+            request=req.method.decode("ascii", "replace")
+            + " "
+            + req.target[:200].decode("ascii", "replace")
+            if req is not None
+            else "a connection",
+            client=self._client_ip,
+        )
+        try:
+            if self._state == _CLOSING:
+                self.transport.loseConnection()
+            else:
+                self._fail(InternalError("internal error in the proxy (it was logged)"))
+        except Exception:
+            # The connection's state is beyond repair: drop it without a word.
+            self.transport.abortConnection()
 
     def _stop_upstream(self, abort: bool) -> None:
         """Cancel the timer and any dial; close the upstream connection in flight."""

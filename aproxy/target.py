@@ -75,6 +75,7 @@ def parse_authority(authority: bytes, default_port: int | None = None) -> tuple[
         if not name or _REG_NAME.fullmatch(name) is None:
             raise BadRequest("malformed host in the request target")
         host = name.decode("ascii").lower()
+        _check_name(host)
         port_text = port_part if sep else None
     if not port_text:
         if default_port is None:
@@ -86,6 +87,21 @@ def parse_authority(authority: bytes, default_port: int | None = None) -> tuple[
     if not 0 < port < 65536:
         raise BadRequest("bad port in the request target")
     return host, port
+
+
+def _check_name(host: str) -> None:
+    """
+    Refuse a host name that DNS can't carry (RFC 1035 section 2.3.4: labels of 1 to 63
+    octets, 253 in all), before it reaches a resolver or an IDNA encoder that would fail
+    on it later.
+    """
+    labels = host[:-1].split(".") if host.endswith(".") and len(host) > 1 else host.split(".")
+    if len(host) > 254 or any(not 0 < len(label) < 64 for label in labels):
+        shown = host if len(host) <= 80 else host[:77] + "..."
+        raise BadRequest(
+            f"bad host name in the request target: {shown} "
+            "(a label is empty or longer than 63 characters, or the name is too long)"
+        )
 
 
 def parse_absolute_target(target: bytes, method: bytes) -> Target:

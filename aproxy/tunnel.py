@@ -102,6 +102,11 @@ class Tunnel:
 
     def client_eof(self) -> None:
         """The client shut down its write side: shut down ours towards the origin."""
+        if self.closed:
+            # The origin's end closed the tunnel already (in the same reactor pass): its
+            # transport is gone, and shutting down its write side would touch a closed
+            # socket.
+            return
         self._client_eof = True
         if self._origin_eof:
             self.close()
@@ -110,6 +115,8 @@ class Tunnel:
 
     def origin_eof(self) -> None:
         """The origin shut down its write side: shut down ours towards the client."""
+        if self.closed:
+            return
         self._origin_eof = True
         if self._client_eof:
             self.close()

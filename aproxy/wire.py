@@ -198,7 +198,9 @@ def shut_write(transport: Any) -> None:
     """
     if isinstance(transport, TLSMemoryBIOProtocol):
         transport.loseConnection()
-    else:
+    elif getattr(transport, "connected", True) and not getattr(transport, "disconnecting", False):
+        # A TCP transport that is closed or closing has no write side left to shut down
+        # (asking would watch its closed descriptor, -1, for writability).
         transport.loseWriteConnection()
 
 

@@ -50,6 +50,14 @@ class ProxyTestCase(SynchronousTestCase):
         attempt = self.connector.attempts[-1]
         return attempt, attempt.succeed()
 
+    def capture_log(self) -> EventLoggingObserver:
+        """Collect the log events of this test (registered by hand: createWithCleanup is
+        annotated for the asynchronous TestCase only)."""
+        events = EventLoggingObserver()
+        globalLogPublisher.addObserver(events)
+        self.addCleanup(globalLogPublisher.removeObserver, events)
+        return events
+
     def take(self, transport: StringTransport) -> bytes:
         """Everything written to C{transport} since the last call."""
         value: bytes = transport.value()
@@ -394,7 +402,7 @@ class BodyTests(ProxyTestCase):
         600 interim responses in one read: the client gets 32 of them, then a 502 and a
         close, with one log line and no exception.
         """
-        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        events = self.capture_log()
         attempt, upstream = self.forward(
             b"POST http://a.example/ HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
             b"Content-Length: 2\r\n\r\n"
