@@ -145,9 +145,24 @@ class ChunkedDecoder:
     @ivar trailers: The trailer field lines (each ending in CRLF) once L{done}.
     """
 
-    __slots__ = ("_error", "_line", "_remaining", "_state", "_trailer_size", "done", "trailers")
+    __slots__ = (
+        "_drop",
+        "_error",
+        "_line",
+        "_remaining",
+        "_state",
+        "_trailer_size",
+        "done",
+        "trailers",
+    )
 
-    def __init__(self, is_request: bool = True) -> None:
+    def __init__(self, is_request: bool = True, drop: frozenset[bytes] = frozenset()) -> None:
+        """
+        @param is_request: Errors are the client's (400) rather than the origin's (502).
+        @param drop: Further lowercase field names to leave out of the trailers (e.g. the
+            X-Forwarded-For fields that C{--x-forwarded-for strip} removes from heads).
+        """
+        self._drop = _NOT_IN_TRAILERS | drop if drop else _NOT_IN_TRAILERS
         self._error: type[ProxyError] = BadRequest if is_request else BadGateway
         self._state = _SIZE
         self._remaining = 0
@@ -229,7 +244,7 @@ class ChunkedDecoder:
                 self._trailer_size += len(line)
                 if self._trailer_size > _MAX_TRAILERS:
                     raise self._fail("trailer section too large")
-                if line.partition(b":")[0].lower() not in _NOT_IN_TRAILERS:
+                if line.partition(b":")[0].lower() not in self._drop:
                     self.trailers.append(line + b"\r\n")
             else:
                 return pieces, data[pos:]

@@ -503,8 +503,8 @@ def _forwarded_block(head: _Head, drop: tuple[bytes, ...]) -> bytes:
     framing fields (the proxy writes its own) and C{drop}; other lines stay as received.
     """
     conn = head.connection
-    if conn and not conn <= _NOTED_NAMES | {b"close"}:
-        # Connection names a field the parser did not note: filter line by line.
+    if (conn and not conn <= _NOTED_NAMES | {b"close"}) or not _NOTED_NAMES.issuperset(drop):
+        # Connection (or drop) names a field the parser did not note: filter line by line.
         gone = _HOP_BY_HOP | conn | frozenset(drop)
         return b"".join(
             line + b"\r\n"

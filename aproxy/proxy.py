@@ -126,6 +126,11 @@ def _guarded(
 # Interim (1xx) responses relayed per request: a 100 Continue and a few 103 Early Hints are
 # normal; hundreds are an origin gone wrong (or hostile).
 _MAX_INTERIM = 32
+# X-Forwarded-For and the spellings CGI and WSGI read as the same variable
+# (HTTP_X_FORWARDED_FOR): what --x-forwarded-for strip removes, from heads and trailers.
+_XFF_NAMES = frozenset(
+    {b"x-forwarded-for", b"x-forwarded_for", b"x_forwarded-for", b"x_forwarded_for"}
+)
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
@@ -416,8 +421,9 @@ class ProxyProtocol(ClientConnection):
             # The one case Connection and Upgrade are forwarded (RFC 9110 section 7.8).
             self._upgrade = b", ".join(upgrade)
             extra += b"Connection: Upgrade\r\nUpgrade: " + self._upgrade + b"\r\n"
+        xff = self.config.x_forwarded_for
         if head.codings is not None:
-            self._req_body = ChunkedDecoder(True)
+            self._req_body = ChunkedDecoder(True, _XFF_NAMES if xff == "strip" else frozenset())
             self._req_chunked = True
             self._req_had_body = True
             bulk_reads(self.transport)
@@ -426,9 +432,8 @@ class ProxyProtocol(ClientConnection):
             self._req_had_body = True
             if head.content_length >= _BULK:
                 bulk_reads(self.transport)
-        xff = self.config.x_forwarded_for
         if xff == "strip":
-            drop += (b"x-forwarded-for",)
+            drop += tuple(_XFF_NAMES)
         elif xff == "add" and self._client_ip is not None:
             extra += b"X-Forwarded-For: " + self._client_ip.encode("ascii") + b"\r\n"
         if hop.absolute:

@@ -21,7 +21,7 @@ class Target:
     """
     An absolute-form request target split for forwarding.
 
-    @ivar scheme: C{b"http"} or C{b"https"}, lowercased.
+    @ivar scheme: C{b"http"} or C{b"https"}, lowercased (C{ws} and C{wss} become these).
     @ivar host: The host to connect to: a lowercased name, an IPv4 address or an IPv6
         address without brackets.
     @ivar port: The port, the scheme's default when the target has none.
@@ -39,7 +39,10 @@ class Target:
         self.path = path
 
 
-_DEFAULT_PORTS: Final = {b"http": 80, b"https": 443}
+_DEFAULT_PORTS: Final = {b"http": 80, b"https": 443, b"ws": 80, b"wss": 443}
+# WebSocket URIs (RFC 6455 section 3) are reached as their HTTP counterparts: aiohttp, for
+# one, sends "GET ws://host/path" with the Upgrade fields to a proxy.
+_AS_HTTP: Final = {b"ws": b"http", b"wss": b"https"}
 
 
 def parse_authority(authority: bytes, default_port: int | None = None) -> tuple[str, int]:
@@ -124,6 +127,7 @@ def parse_absolute_target(target: bytes, method: bytes) -> Target:
     default = _DEFAULT_PORTS.get(scheme)
     if default is None:
         raise BadRequest("unsupported scheme in the request target")
+    scheme = _AS_HTTP.get(scheme, scheme)
     host, port = parse_authority(authority, default)
     if not path:
         path = b"*" if method == b"OPTIONS" else b"/"

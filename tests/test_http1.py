@@ -1003,6 +1003,12 @@ class TargetTests(SynchronousTestCase):
         self.assert_target(b"HTTP://a/", (b"http", "a", 80, b"a", b"/"))
         self.assert_target(b"HtTpS://a/", (b"https", "a", 443, b"a", b"/"))
 
+    def test_websocket_schemes(self) -> None:
+        """ws:// and wss:// targets are reached as http:// and https:// (RFC 6455 section 3)."""
+        self.assert_target(b"ws://a/chat", (b"http", "a", 80, b"a", b"/chat"))
+        self.assert_target(b"WSS://a/chat", (b"https", "a", 443, b"a", b"/chat"))
+        self.assert_target(b"wss://a:8443", (b"https", "a", 8443, b"a:8443", b"/"))
+
     def test_empty_path(self) -> None:
         """An empty path becomes C{/}."""
         self.assert_target(
@@ -1071,7 +1077,7 @@ class TargetTests(SynchronousTestCase):
         self.assert_target(b"http://a:65535/", (b"http", "a", 65535, b"a:65535", b"/"))
 
     def test_unknown_scheme(self) -> None:
-        """A scheme other than http or https is 400."""
+        """A scheme other than http, https, ws or wss is 400."""
         self.assert_bad(b"ftp://example.com/")
 
     def test_missing_slashes(self) -> None:

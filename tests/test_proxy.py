@@ -626,6 +626,66 @@ class ErrorTests(ProxyTestCase):
         self.assertTrue(self.connector.attempts[0].deferred.called)
 
 
+class ForwardedForTests(ProxyTestCase):
+    """--x-forwarded-for strip removes every spelling, in the head and in trailers."""
+
+    config = ProxyConfig(x_forwarded_for="strip")
+
+    def test_underscore_spellings_stripped(self) -> None:
+        """X-Forwarded_For and friends (the same CGI/WSGI variable) are removed too."""
+        _, upstream = self.forward(
+            b"GET http://a.example/ HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.1.1.1\r\n"
+            b"X-Forwarded_For: 2.2.2.2\r\nX_Forwarded_For: 3.3.3.3\r\n"
+            b"x_forwarded-for: 4.4.4.4\r\nX-Kept: 5\r\n\r\n"
+        )
+        value = upstream.value()
+        for address in (b"1.1.1.1", b"2.2.2.2", b"3.3.3.3", b"4.4.4.4"):
+            self.assertNotIn(address, value)
+        self.assertIn(b"X-Kept: 5\r\n", value)
+
+    def test_trailer_stripped(self) -> None:
+        """An X-Forwarded-For sent as a chunked trailer is removed; other trailers stay."""
+        _, upstream = self.forward(
+            b"POST http://a.example/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nhi\r\n0\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded_For: 2.2.2.2\r\n"
+            b"X-Sum: 7\r\n\r\n"
+        )
+        value = upstream.value()
+        self.assertNotIn(b"1.1.1.1", value)
+        self.assertNotIn(b"2.2.2.2", value)
+        self.assertTrue(value.endswith(b"2\r\nhi\r\n0\r\nX-Sum: 7\r\n\r\n"), value)
+
+    def test_trailer_kept_without_strip(self) -> None:
+        """Without strip, a trailer X-Forwarded-For is passed on as received."""
+        self.factory = ProxyFactory(ProxyConfig(), self.clock, self.connector)
+        self.client, self.proto = self.connect_client()
+        _, upstream = self.forward(
+            b"POST http://a.example/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"0\r\nX-Forwarded-For: 1.1.1.1\r\n\r\n"
+        )
+        self.assertIn(b"X-Forwarded-For: 1.1.1.1\r\n", upstream.value())
+
+
+class WebSocketSchemeTests(ProxyTestCase):
+    """aiohttp's ws:// request to a proxy is served as http:// with its Upgrade."""
+
+    def test_ws_target_upgraded(self) -> None:
+        """GET ws://host/path with Upgrade: websocket reaches host:80 and may switch."""
+        attempt, upstream = self.forward(
+            b"GET ws://a.example/chat HTTP/1.1\r\nHost: a.example\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\n\r\n"
+        )
+        self.assertEqual((attempt.host, attempt.port), ("a.example", 80))
+        value = upstream.value()
+        self.assertTrue(value.startswith(b"GET /chat HTTP/1.1\r\n"), value)
+        self.assertIn(b"Upgrade: websocket\r\n", value)
+        attempt.respond(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 101 "))
+        self.assertTrue(self.proto.is_tunnel)
+
+
 class ClosingTests(ProxyTestCase):
     """A connection the proxy closes goes for good (issue #12, item 4)."""
 

@@ -887,6 +887,17 @@ class WebSocketTests(TunnelIntegrationTestCase):
 
     def test_upgrade_absolute_form(self) -> Deferred[None]:
         """An absolute-form Upgrade: websocket gets the origin's 101, then frames echo both ways."""
+        return self.upgrade(b"http")
+
+    def test_upgrade_ws_scheme(self) -> Deferred[None]:
+        """
+        The same with a ws:// target, as aiohttp sends it to a proxy (RFC 6455 section 3:
+        reached as its http:// counterpart).
+        """
+        return self.upgrade(b"ws")
+
+    def upgrade(self, scheme: bytes) -> Deferred[None]:
+        """An absolute-form Upgrade to an echo server with a C{scheme}:// target."""
         ws_port = self.start_ws_origin()
         proxy_port = self.start_proxy()
         key = base64.b64encode(os.urandom(16))
@@ -895,12 +906,12 @@ class WebSocketTests(TunnelIntegrationTestCase):
         def run() -> tuple[bytes, list[tuple[bool, int, bool, bytes]], bytes]:
             with dial(proxy_port) as sock:
                 sock.sendall(
-                    b"GET http://127.0.0.1:%d/chat HTTP/1.1\r\n"
+                    b"GET %s://127.0.0.1:%d/chat HTTP/1.1\r\n"
                     b"Host: 127.0.0.1:%d\r\n"
                     b"Connection: Upgrade\r\n"
                     b"Upgrade: websocket\r\n"
                     b"Sec-WebSocket-Key: %s\r\n"
-                    b"Sec-WebSocket-Version: 13\r\n\r\n" % (ws_port, ws_port, key)
+                    b"Sec-WebSocket-Version: 13\r\n\r\n" % (scheme, ws_port, ws_port, key)
                 )
                 reader = SockReader(sock)
                 head = reader.read_until(b"\r\n\r\n")
