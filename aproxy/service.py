@@ -81,6 +81,10 @@ class ProxyHeaderFactory(Factory):
         proto.expect_proxy_header()
         return proto
 
+    def logPrefix(self) -> str:  # noqa: N802 (Twisted's name)
+        """How the log names this listener ("ProxyFactory (PROXY protocol) starting on")."""
+        return "ProxyFactory (PROXY protocol)"
+
     def startFactory(self) -> None:
         """Start the proxy's factory with the listener."""
         self.factory.doStart()

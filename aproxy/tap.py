@@ -282,6 +282,19 @@ class Options(usage.Options):
 
     opt_p = opt_port
 
+    def opt_version(self) -> None:
+        """Print aproxy's, Twisted's and Python's versions and exit."""
+        import platform
+
+        from aproxy import __version__
+        from twisted import __version__ as twisted_version
+
+        sys.stdout.write(
+            f"aproxy {__version__}\nTwisted {twisted_version}\nPython {platform.python_version()}\n"
+        )
+        sys.stdout.flush()
+        raise SystemExit(0)
+
     def postOptions(self) -> None:
         """Build the validated L{ProxyConfig}; a bad value is one usage error line."""
         if self["config"] is not None:
