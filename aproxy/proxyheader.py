@@ -70,6 +70,8 @@ class ProxyHeaderReader:
         @raise ProxyHeaderError: As soon as the bytes can't be an accepted header.
         """
         buffer = self._buffer = self._buffer + data
+        if not buffer:
+            return None
         if buffer[:1] == _V1_PREFIX[:1]:
             return self._feed_v1(buffer)
         if buffer[:1] == _V2_SIGNATURE[:1]:

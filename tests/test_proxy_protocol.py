@@ -9,6 +9,7 @@ reach the port would otherwise claim any address and pass C{--allow}.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import subprocess
@@ -17,6 +18,8 @@ import time
 from collections.abc import Generator
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import inlineCallbacks
@@ -218,6 +221,57 @@ class ReaderTests(SynchronousTestCase):
         reader = ProxyHeaderReader()
         self.assertIsNone(reader.feed(data[:-1]))
         self.assertIsNotNone(reader.feed(data[-1:]))
+
+
+_HEADER_LIKE = st.one_of(
+    st.binary(max_size=300),
+    st.builds(lambda tail: b"PROXY " + tail, st.binary(max_size=120)),
+    st.builds(
+        lambda head, tail: SIGNATURE + head + tail,
+        st.binary(min_size=4, max_size=4),
+        st.binary(max_size=300),
+    ),
+    st.sampled_from([V1_TCP4, V2_LOCAL, V2_UNIX, V2_UNSPEC]).flatmap(
+        lambda header: st.builds(
+            lambda cut, junk: header[:cut] + junk,
+            st.integers(0, len(header)),
+            st.binary(max_size=40),
+        )
+    ),
+)
+
+
+class ReaderPropertyTests(SynchronousTestCase):
+    """Arbitrary bytes never make the reader fail other than with L{ProxyHeaderError}."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(_HEADER_LIKE, st.lists(st.integers(0, 300), max_size=5))
+    def test_junk_gives_header_need_more_or_refusal(self, data: bytes, cuts: list[int]) -> None:
+        """
+        Fed whole or cut anywhere, bytes give a header (the same either way), "need
+        more" or L{ProxyHeaderError}, never another exception; a header's client is an
+        IP address, never empty.
+        """
+        try:
+            whole: ProxyHeader | str | None = ProxyHeaderReader().feed(data)
+        except ProxyHeaderError:
+            whole = "refused"
+        reader = ProxyHeaderReader()
+        bounds = [0, *sorted(c for c in cuts if c < len(data)), len(data)]
+        split: ProxyHeader | str | None = None
+        try:
+            for start, end in itertools.pairwise(bounds):
+                split = reader.feed(data[start:end])
+                if split is not None:
+                    break
+        except ProxyHeaderError:
+            split = "refused"
+        if isinstance(whole, ProxyHeader):
+            self.assertEqual(split, whole)
+            if whole.source is not None:
+                self.assertTrue(whole.source[0])
+        elif whole is None:
+            self.assertIsNone(split)
 
 
 def _factory(**settings: Any) -> tuple[ProxyFactory, RecordingConnector]:
