@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aproxy.policy import parse_host_pattern
 from aproxy.routes import Router, parse_parent
 
-__all__ = ["DEFAULT_PORT", "ProxyConfig", "listen_description", "parse_port_list"]
+__all__ = [
+    "DEFAULT_PORT",
+    "ProxyConfig",
+    "check_proxy_protocol",
+    "listen_description",
+    "parse_port_list",
+    "proxy_protocol_inner",
+]
 
 DEFAULT_PORT = "tcp:8080:interface=127.0.0.1"
 _VIA_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z:\[\]]+")
@@ -66,6 +74,45 @@ def listen_description(text: str) -> str:
     return text
 
 
+def proxy_protocol_inner(description: str) -> str | None:
+    """
+    The listener under a C{haproxy:} (PROXY protocol) endpoint description, e.g.
+    C{tcp:3128} for C{haproxy:tcp:3128}, or L{None} for another kind of description.
+    """
+    kind, sep, inner = description.partition(":")
+    return inner if sep and kind.lower() == "haproxy" else None
+
+
+def check_proxy_protocol(ports: Sequence[str], trusted: Sequence[str]) -> None:
+    """
+    Check the PROXY protocol settings: every C{haproxy:} listener is plain TCP, and
+    C{trusted} (C{--proxy-protocol-from}) names valid networks, at least one if there is
+    such a listener.
+
+    @raise ValueError: Naming the option that is wrong.
+    """
+    for cidr in trusted:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ValueError(
+                f"--proxy-protocol-from: {cidr!r} is not an address or CIDR network"
+            ) from None
+    for description in ports:
+        inner = proxy_protocol_inner(description)
+        if inner is None:
+            continue
+        if inner.partition(":")[0].lower() not in ("tcp", "tcp6"):
+            # The PROXY header comes before TLS, and a unix socket's peers have no
+            # address to check: only plain TCP listeners can take one safely.
+            raise ValueError(f"--port {description}: haproxy: works over tcp: or tcp6: only")
+        if not trusted:
+            raise ValueError(
+                f"--port {description} needs --proxy-protocol-from CIDR: the load "
+                "balancers' addresses, the only peers trusted to send a PROXY header"
+            )
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
     """
@@ -86,6 +133,8 @@ class ProxyConfig:
         L{None} allows any port.
     @ivar tunnel_idle_timeout: Seconds a CONNECT or Upgrade tunnel may stay silent.
     @ivar allow: Client networks (CIDR) that may use the proxy; loopback by default.
+    @ivar proxy_protocol_from: The networks (CIDR) of the load balancers that may send a
+        PROXY header on a C{haproxy:} listener; required with one.
     @ivar deny_hosts: Destination patterns refused (see L{aproxy.policy.parse_host_pattern}).
     @ivar allow_hosts: If any, only destinations matching one of these are allowed.
     @ivar block_private: Refuse destinations whose addresses are loopback, private,
@@ -132,6 +181,7 @@ class ProxyConfig:
     connect_ports: tuple[tuple[int, int], ...] | None = ((443, 443),)
     tunnel_idle_timeout: float = 600.0
     allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    proxy_protocol_from: tuple[str, ...] = ()
     deny_hosts: tuple[str, ...] = ()
     allow_hosts: tuple[str, ...] = ()
     block_private: bool = False
@@ -185,6 +235,7 @@ class ProxyConfig:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError:
                 raise ValueError(f"allow: {cidr!r} is not an address or CIDR network") from None
+        check_proxy_protocol(self.ports, self.proxy_protocol_from)
         for option, patterns in (("deny-host", self.deny_hosts), ("allow-host", self.allow_hosts)):
             for pattern in patterns:
                 try:

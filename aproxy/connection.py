@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from aproxy.errors import Forbidden, ProxyError, ServiceUnavailable
+from aproxy.proxyheader import ProxyHeaderError, ProxyHeaderReader
 
 if TYPE_CHECKING:
     from aproxy.factory import ProxyFactory
@@ -117,6 +118,7 @@ class ClientConnection(Protocol):
         self._counted = False
         self._slot_taken = False
         self._client_ip: str | None = None
+        self._proxy_header: ProxyHeaderReader | None = None
 
     # -- hooks ------------------------------------------------------------------------
 
@@ -132,19 +134,65 @@ class ClientConnection(Protocol):
         """Answer C{err} and close."""
         raise NotImplementedError
 
+    def _close(self) -> None:
+        """Close without an answer."""
+        raise NotImplementedError
+
     # -- admission --------------------------------------------------------------------
 
-    def _admit(self) -> ProxyError | None:
+    def expect_proxy_header(self) -> None:
+        """
+        Read a PROXY protocol header first (the peer is a trusted load balancer; see
+        L{aproxy.service.ProxyHeaderFactory}) and admit the client it names. Call before
+        the connection is made.
+        """
+        self._proxy_header = ProxyHeaderReader()
+
+    def _read_proxy_header(self, data: bytes) -> bytes | None:
+        """
+        Feed bytes to the PROXY header reader; once the header is complete, admit the
+        client it names (a C{LOCAL} header: the load balancer itself). A connection
+        whose first bytes are not an accepted header is logged and closed.
+
+        @return: The bytes after the header once the client is admitted; L{None} while
+            the header is incomplete, and when the connection was refused.
+        """
+        reader = self._proxy_header
+        assert reader is not None
+        peer = getattr(self.transport.getPeer(), "host", None)
+        try:
+            header = reader.feed(data)
+        except ProxyHeaderError as e:
+            self._proxy_header = None
+            self.log.info(
+                "connection from load balancer {peer} closed: {why}", peer=peer, why=str(e)
+            )
+            self._close()
+            return None
+        if header is None:
+            return None
+        self._proxy_header = None
+        refusal = self._admit(header.source[0] if header.source is not None else peer)
+        if refusal is not None:
+            self._fail(refusal)
+            return None
+        return reader.rest
+
+    def _admit(self, proxied: str | None = None) -> ProxyError | None:
         """
         Count this connection and check the client's address and the limits.
 
+        @param proxied: The client's address from a PROXY header; by default, the peer's.
         @return: The refusal to answer with, or L{None} to serve the client.
         """
         factory = self.factory
         config = self.config
         factory.open_connections += 1
         self._slot_taken = True
-        self._client_ip = client_ip = getattr(self.transport.getPeer(), "host", None)
+        client_ip = (
+            proxied if proxied is not None else getattr(self.transport.getPeer(), "host", None)
+        )
+        self._client_ip = client_ip
         factory.note_local_address(self.transport.getHost())
         if client_ip is not None:
             if not factory.policy.client_allowed(client_ip):

@@ -291,6 +291,13 @@ class _QuietSite(Site):
 
     noisy = False
 
+    def logPrefix(self) -> str:  # noqa: N802 (Twisted's name)
+        """
+        What the start-up log calls this listener ("metrics and status starting on
+        9108"), rather than this class's name, which means nothing to a user.
+        """
+        return "metrics and status"
+
     def log(self, request: http.Request) -> None:
         """Log nothing."""
 

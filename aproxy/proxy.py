@@ -84,13 +84,6 @@ from aproxy.wire import bulk_reads, write_soon
 if TYPE_CHECKING:
     from aproxy.factory import ProxyFactory
 
-try:
-    # Not exported by twisted.protocols.haproxy; without it, PROXY listeners still work
-    # but clients are admitted by the load balancer's address.
-    from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
-except ImportError:  # pragma: no cover
-    HAProxyProtocolWrapper = None  # type: ignore[assignment,misc]
-
 __all__ = ["ProxyProtocol", "loop_error"]
 
 # Connection states. _WAITING: a response is complete, but the client has not read enough
@@ -201,11 +194,9 @@ class ProxyProtocol(ClientConnection):
         self.transport.registerProducer(self._output, True)
         self._gated = True
         self._set_deadline(_HEAD, self.config.header_timeout)
-        if HAProxyProtocolWrapper is not None and isinstance(
-            self.transport, HAProxyProtocolWrapper
-        ):
-            # Behind a PROXY protocol listener the real client address is known only once
-            # the PROXY header has been read, just before the first bytes reach us.
+        if self._proxy_header is not None:
+            # Behind a PROXY protocol listener the client's address is known only once
+            # the load balancer's header has been read.
             self.dataReceived = self._admit_then_receive  # type: ignore[method-assign]
             return
         refusal = self._admit()
@@ -214,12 +205,14 @@ class ProxyProtocol(ClientConnection):
 
     @_guarded
     def _admit_then_receive(self, data: bytes) -> None:
-        del self.dataReceived
-        refusal = self._admit()
-        if refusal is not None:
-            self._fail(refusal)
+        if self._state == _CLOSING:
             return
-        self.dataReceived(data)
+        rest = self._read_proxy_header(data)
+        if rest is None:
+            return
+        del self.dataReceived
+        if rest:
+            self.dataReceived(rest)
 
     def drain(self) -> None:
         """

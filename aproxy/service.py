@@ -20,19 +20,78 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IStreamServerEndpoint,
 )
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from aproxy.accesslog import AccessLog
-from aproxy.config import ProxyConfig
+from aproxy.config import ProxyConfig, proxy_protocol_inner
 from aproxy.factory import ProxyFactory
 from aproxy.metrics import Metrics, metrics_site
+from aproxy.policy import normalize_address
+from aproxy.proxy import ProxyProtocol
 from aproxy.routes import parse_route
 from aproxy.workermetrics import SnapshotFactory
 
-__all__ = ["adopted_service", "makeService", "public_listeners"]
+__all__ = ["ProxyHeaderFactory", "adopted_service", "makeService", "public_listeners"]
 
 log = Logger()
+
+
+class ProxyHeaderFactory(Factory):
+    """
+    Serves a PROXY protocol (C{haproxy:}) listener for a L{ProxyFactory}.
+
+    Only a peer in C{config.proxy_protocol_from} (a load balancer) gets a protocol, which
+    reads the PROXY header before anything else and admits the client it names; any other
+    peer is logged and closed before a byte is read, so nobody else can claim an address.
+    The trusted networks are read from the factory's configuration at every connection,
+    so a reload applies to new connections.
+    """
+
+    noisy = False
+
+    def __init__(self, factory: ProxyFactory) -> None:
+        self.factory = factory
+        self._trusted_from: tuple[str, ...] | None = None
+        self._networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+
+    def trusted(self, host: str) -> bool:
+        """Whether a peer at C{host} may send a PROXY header."""
+        cidrs = self.factory.config.proxy_protocol_from
+        if cidrs != self._trusted_from:
+            self._networks = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+            self._trusted_from = cidrs
+        address = normalize_address(host)
+        if address is None:
+            return False
+        return any(address in net for net in self._networks if net.version == address.version)
+
+    def buildProtocol(self, addr: IAddress | None) -> ProxyProtocol | None:
+        """A protocol that reads a PROXY header first, or L{None} (close) if untrusted."""
+        host = getattr(addr, "host", None)
+        if host is None or not self.trusted(host):
+            log.info(
+                "connection from {peer} closed: not in --proxy-protocol-from, so not "
+                "trusted to send a PROXY header",
+                peer=host,
+            )
+            return None
+        proto = self.factory.buildProtocol(addr)
+        proto.expect_proxy_header()
+        return proto
+
+    def logPrefix(self) -> str:  # noqa: N802 (Twisted's name)
+        """How the log names this listener ("ProxyFactory (PROXY protocol) starting on")."""
+        return "ProxyFactory (PROXY protocol)"
+
+    def startFactory(self) -> None:
+        """Start the proxy's factory with the listener."""
+        self.factory.doStart()
+
+    def stopFactory(self) -> None:
+        """Stop the proxy's factory with the listener."""
+        self.factory.doStop()
 
 
 class _ListeningService(Service):
@@ -113,17 +172,25 @@ class _ProxyService(MultiService):
 class _AdoptedService(Service):
     """Serves on a listening socket inherited from the parent (a C{--workers} worker)."""
 
-    def __init__(self, fd: int, family: int, factory: ProxyFactory, reactor: Any) -> None:
+    def __init__(
+        self,
+        fd: int,
+        family: int,
+        factory: ProxyFactory,
+        reactor: Any,
+        serve: IProtocolFactory | None = None,
+    ) -> None:
         self.fd = fd
         self.family = family
         self.factory = factory
+        self._serve = serve if serve is not None else factory
         self.reactor = reactor
         self.port: IListeningPort | None = None
 
     def startService(self) -> None:
         """Adopt the socket."""
         super().startService()
-        self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.factory)
+        self.port = self.reactor.adoptStreamPort(self.fd, self.family, self._serve)
         self.factory.note_listening(self.port.getHost())
 
     def stopService(self) -> Deferred[None] | None:
@@ -144,7 +211,8 @@ def adopted_service(
 ) -> IService:
     """
     The proxy service of one C{--workers} worker: like L{makeService}, but serving on
-    inherited listening sockets, given as (file descriptor, address family) pairs.
+    inherited listening sockets, given as (file descriptor, address family) pairs in the
+    order of C{config.ports} (so that a C{haproxy:} port's socket takes PROXY headers).
 
     @param snapshot: With C{config.metrics}: the unix socket path where the worker
         serves its figures to the parent (L{aproxy.workermetrics}), which serves the
@@ -160,8 +228,11 @@ def adopted_service(
     for address in own:
         factory.note_listening(address)
     top = _ProxyService(factory)
-    for fd, family in fds:
-        _AdoptedService(fd, family, factory, reactor).setServiceParent(top)
+    for index, (fd, family) in enumerate(fds):
+        serve = None
+        if index < len(config.ports) and proxy_protocol_inner(config.ports[index]) is not None:
+            serve = ProxyHeaderFactory(factory)
+        _AdoptedService(fd, family, factory, reactor, serve).setServiceParent(top)
     if config.metrics is not None and snapshot is not None:
         metrics = Metrics(factory, reactor)
         factory.observers.append(metrics)
@@ -226,8 +297,13 @@ def makeService(config: ProxyConfig, reactor: Any = None) -> IService:
     factory = ProxyFactory(config, reactor)
     top = _ProxyService(factory)
     for description in config.ports:
-        endpoint = serverFromString(reactor, description)
-        service = _ListeningService(endpoint, factory)
+        inner = proxy_protocol_inner(description)
+        if inner is None:
+            service = _ListeningService(serverFromString(reactor, description), factory)
+        else:
+            # Not Twisted's haproxy: wrapper, which believes any peer's header.
+            endpoint = serverFromString(reactor, inner)
+            service = _ListeningService(endpoint, factory, ProxyHeaderFactory(factory))
         service.setName(description)
         service.setServiceParent(top)
     if config.access_log is not None:

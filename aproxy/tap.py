@@ -21,7 +21,13 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from aproxy.auth import HtpasswdAuthenticator
-from aproxy.config import DEFAULT_PORT, ProxyConfig, listen_description, parse_port_list
+from aproxy.config import (
+    DEFAULT_PORT,
+    ProxyConfig,
+    check_proxy_protocol,
+    listen_description,
+    parse_port_list,
+)
 from aproxy.configfile import ConfigFileError, load_config_file
 from aproxy.service import adopted_service
 from aproxy.service import makeService as _makeService
@@ -189,6 +195,7 @@ class Options(usage.Options):
         super().__init__()
         self["port"] = []
         self["allow"] = []
+        self["proxy-protocol-from"] = []
         self["deny-host"] = []
         self["allow-host"] = []
         self["route"] = []
@@ -223,6 +230,14 @@ class Options(usage.Options):
         127.0.0.0/8 and ::1/128 only; other clients get 403.
         """
         self["allow"].append(cidr)
+
+    def opt_proxy_protocol_from(self, cidr: str) -> None:
+        """
+        A load balancer network (address or CIDR) trusted to send a PROXY header
+        (repeatable; required with a --port haproxy:tcp:... listener, where any other
+        peer, and a trusted one's connection without a header, is closed).
+        """
+        self["proxy-protocol-from"].append(cidr)
 
     def opt_deny_host(self, pattern: str) -> None:
         """
@@ -267,6 +282,19 @@ class Options(usage.Options):
 
     opt_p = opt_port
 
+    def opt_version(self) -> None:
+        """Print aproxy's, Twisted's and Python's versions and exit."""
+        import platform
+
+        from aproxy import __version__
+        from twisted import __version__ as twisted_version
+
+        sys.stdout.write(
+            f"aproxy {__version__}\nTwisted {twisted_version}\nPython {platform.python_version()}\n"
+        )
+        sys.stdout.flush()
+        raise SystemExit(0)
+
     def postOptions(self) -> None:
         """Build the validated L{ProxyConfig}; a bad value is one usage error line."""
         if self["config"] is not None:
@@ -298,6 +326,13 @@ class Options(usage.Options):
             except Exception as e:
                 raise usage.UsageError(f"--port {description}: {e}") from None
         try:
+            check_proxy_protocol(ports, self["proxy-protocol-from"])
+        except ValueError as e:
+            if not self.exit_on_config_error:
+                raise usage.UsageError(str(e)) from None
+            sys.stderr.write(f"aproxy: {e}\n")
+            raise SystemExit(2) from None
+        try:
             self["worker-count"] = worker_count(str(self["workers"]))
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
@@ -316,6 +351,7 @@ class Options(usage.Options):
                 connect_ports=parse_port_list(self["connect-ports"]),
                 tunnel_idle_timeout=_number(self, "tunnel-idle-timeout", float),
                 allow=tuple(self["allow"]) or ProxyConfig.allow,
+                proxy_protocol_from=tuple(self["proxy-protocol-from"]),
                 deny_hosts=tuple(self["deny-host"]),
                 allow_hosts=tuple(self["allow-host"]),
                 block_private=bool(self["block-private"]),
@@ -361,6 +397,7 @@ for _name in dir(Options):
 OPTION_KINDS: dict[str, str] = {
     "port": "list",
     "allow": "list",
+    "proxy-protocol-from": "list",
     "deny-host": "list",
     "allow-host": "list",
     "no-via": "flag",

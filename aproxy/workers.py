@@ -36,7 +36,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from aproxy.config import ProxyConfig
+from aproxy.config import ProxyConfig, proxy_protocol_inner
 from aproxy.workermetrics import WorkerTotals
 
 __all__ = ["WorkerPool", "listening_socket", "parse_worker_args", "worker_count"]
@@ -158,6 +158,8 @@ class WorkerPool(Service):
 
     def _sockets_for(self, description: str) -> list[socket.socket]:
         """One socket per worker with SO_REUSEPORT, else one socket for all."""
+        # A haproxy: port's socket is a plain TCP one; the workers read the PROXY headers.
+        description = proxy_protocol_inner(description) or description
         if not hasattr(socket, "SO_REUSEPORT") or self.count == 1:
             sock = listening_socket(description)
             return [sock] * self.count

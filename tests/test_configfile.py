@@ -44,6 +44,7 @@ class ConfigFileTests(SynchronousTestCase):
         options = Options()
         names = {p[0] for p in options.optParameters} | {f[0] for f in options.optFlags}
         names |= {"port", "allow", "deny-host", "allow-host", "route", "insecure-host"}
+        names.add("proxy-protocol-from")
         self.assertEqual(names - {"config"}, set(OPTION_KINDS))
 
     def test_values_from_file(self) -> None:

@@ -877,13 +877,19 @@ class IntegrationTests(ConnectionTracking, TestCase):
     def test_haproxy_listener_uses_real_client_address(self) -> Generator[Any, Any, None]:
         """Behind a PROXY protocol listener, --allow and X-Forwarded-For see the real client."""
         origin, oport = yield self.start_origin()
-        factory = ProxyFactory(ProxyConfig(allow=("10.0.0.0/8",), x_forwarded_for="add"), reactor)
-        self.track(factory)
-        self.track(factory.upstream_factory)
-        endpoint = serverFromString(reactor, "haproxy:tcp:0:interface=127.0.0.1")
-        port = yield endpoint.listen(factory)
-        self.addCleanup(port.stopListening)
-        pport = port.getHost().port
+        config = ProxyConfig(
+            ports=("haproxy:tcp:0:interface=127.0.0.1",),
+            allow=("10.0.0.0/8",),
+            proxy_protocol_from=("127.0.0.1",),
+            x_forwarded_for="add",
+        )
+        service = makeService(config)
+        self.track(service.factory)  # type: ignore[attr-defined]
+        self.track(service.factory.upstream_factory)  # type: ignore[attr-defined]
+        service.startService()
+        self.addCleanup(lambda: service.stopService() if service.running else None)
+        [child] = list(service)  # type: ignore[call-overload]
+        pport = child.port.getHost().port
         request = get(f"http://127.0.0.1:{oport}/ha", extra=b"Connection: close\r\n")
         v2_header = (
             b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c"
