@@ -8,6 +8,7 @@ L{aproxy.service.makeService} and L{aproxy.proxy.ProxyFactory} only ever see one
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from dataclasses import dataclass
 
@@ -82,6 +83,8 @@ class ProxyConfig:
     @ivar max_request_line: The longest request line accepted, in bytes (414).
     @ivar pool_size: Idle upstream connections kept per origin for reuse (0: no reuse).
     @ivar pool_idle_timeout: Seconds an idle pooled upstream connection is kept.
+    @ivar pool_max_age: Seconds after which a pooled upstream connection is not reused,
+        however busy (its address is checked again on a new connection).
     @ivar connect_ports: The ports CONNECT may reach, as inclusive (low, high) ranges;
         L{None} allows any port.
     @ivar tunnel_idle_timeout: Seconds a CONNECT or Upgrade tunnel may stay silent.
@@ -129,6 +132,7 @@ class ProxyConfig:
     max_request_line: int = 16384
     pool_size: int = 100
     pool_idle_timeout: float = 30.0
+    pool_max_age: float = 120.0
     connect_ports: tuple[tuple[int, int], ...] | None = ((443, 443),)
     tunnel_idle_timeout: float = 600.0
     allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
@@ -162,13 +166,18 @@ class ProxyConfig:
             "idle_timeout",
             "header_timeout",
             "pool_idle_timeout",
+            "pool_max_age",
             "tunnel_idle_timeout",
             "shutdown_timeout",
             "auth_failure_window",
         ):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"{name.replace('_', '-')} must be a positive number of seconds")
+            # Not infinite either: every timeout must end (nan fails "> 0" already).
+            if not isinstance(value, int | float) or not 0 < value < math.inf:
+                raise ValueError(
+                    f"{name.replace('_', '-')} must be a positive, finite number of seconds, "
+                    f"not {value!r}"
+                )
         if self.via is not None and not _VIA_NAME.fullmatch(self.via):
             raise ValueError("via must be a token such as 'aproxy' or 'proxy.example:3128'")
         if not isinstance(self.max_head_size, int) or self.max_head_size < 1024:

@@ -85,6 +85,13 @@ class Options(usage.Options):
             "Seconds an idle pooled upstream connection is kept.",
         ],
         [
+            "pool-max-age",
+            None,
+            120.0,
+            "Seconds after which a pooled upstream connection is no longer reused, however "
+            "busy (a new one is made, and its address checked again).",
+        ],
+        [
             "connect-ports",
             None,
             "443",
@@ -313,6 +320,7 @@ class Options(usage.Options):
                 max_request_line=_number(self, "max-request-line", int),
                 pool_size=_number(self, "pool-size", int),
                 pool_idle_timeout=_number(self, "pool-idle-timeout", float),
+                pool_max_age=_number(self, "pool-max-age", float),
                 connect_ports=parse_port_list(self["connect-ports"]),
                 tunnel_idle_timeout=_number(self, "tunnel-idle-timeout", float),
                 allow=tuple(self["allow"]) or ProxyConfig.allow,
@@ -374,6 +382,7 @@ OPTION_KINDS: dict[str, str] = {
     "max-request-line": "int",
     "pool-size": "int",
     "pool-idle-timeout": "float",
+    "pool-max-age": "float",
     "connect-ports": "ports",
     "tunnel-idle-timeout": "float",
     "x-forwarded-for": "str",
