@@ -64,7 +64,25 @@ def listen_description(text: str) -> str:
         if port > 65535:
             raise ValueError(f"port {port} is out of range")
         return f"tcp:{port}:interface=127.0.0.1"
+    _check_port_number(text)
     return text
+
+
+def _check_port_number(description: str) -> None:
+    """
+    Refuse a TCP or TLS description whose port number is out of range: Twisted parses
+    C{tcp:99999} without complaint and fails only when it listens, with a traceback.
+    """
+    parts = description.replace("\\:", "\x00").split(":")
+    if parts[0].lower() == "haproxy":
+        parts = parts[1:]
+    if not parts or parts[0].lower() not in ("tcp", "tcp6", "ssl"):
+        return
+    for index, part in enumerate(parts[1:]):
+        key, sep, value = part.partition("=")
+        port = value if sep and key == "port" else part if index == 0 and not sep else None
+        if port is not None and port.strip().isdigit() and int(port) > 65535:
+            raise ValueError(f"port {int(port)} is out of range in {description!r}")
 
 
 @dataclass(frozen=True)
@@ -157,7 +175,10 @@ class ProxyConfig:
 
     def __post_init__(self) -> None:
         """Validate every field so that a bad value fails at start, not per request."""
-        object.__setattr__(self, "ports", tuple(listen_description(p) for p in self.ports))
+        try:
+            object.__setattr__(self, "ports", tuple(listen_description(p) for p in self.ports))
+        except ValueError as e:
+            raise ValueError(f"port: {e}") from None
         if not self.ports:
             raise ValueError("at least one --port is needed")
         for name in (
@@ -205,7 +226,10 @@ class ProxyConfig:
         if self.access_log_format not in ("combined", "squid", "json"):
             raise ValueError("access-log-format must be combined, squid or json")
         if self.metrics is not None:
-            object.__setattr__(self, "metrics", listen_description(self.metrics))
+            try:
+                object.__setattr__(self, "metrics", listen_description(self.metrics))
+            except ValueError as e:
+                raise ValueError(f"metrics: {e}") from None
         if self.x_forwarded_for not in ("add", "strip", "keep"):
             raise ValueError("x-forwarded-for must be add, strip or keep")
         for name in ("max_connections", "max_clients_per_ip"):

@@ -9,7 +9,6 @@ import gc
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any, cast
 
 from twisted.application.service import IService, MultiService
@@ -23,7 +22,7 @@ from twisted.python import usage
 from aproxy.auth import HtpasswdAuthenticator
 from aproxy.config import DEFAULT_PORT, ProxyConfig, listen_description, parse_port_list
 from aproxy.configfile import ConfigFileError, load_config_file
-from aproxy.service import adopted_service
+from aproxy.service import _ProxyService, adopted_service, restart_settings
 from aproxy.service import makeService as _makeService
 from aproxy.tls import ClientTLS
 from aproxy.workers import WorkerPool, worker_count
@@ -422,13 +421,18 @@ class _CommandLineService(MultiService):
     log = Logger()
 
     def __init__(
-        self, inner: IService, exit: Callable[[str], None], options: Options | None = None
+        self,
+        inner: IService,
+        exit: Callable[[str], None],
+        options: Options | None = None,
+        worker: bool = False,
     ) -> None:
         super().__init__()
         inner.setServiceParent(self)
         self._inner = inner
         self._exit = exit
         self._options = options
+        self._worker = worker
 
     def startService(self) -> None:
         """Start, re-read the configuration on SIGHUP, and freeze the start-up heap."""
@@ -470,23 +474,37 @@ class _CommandLineService(MultiService):
             if isinstance(self._inner, WorkerPool):
                 self._inner.signal_workers(signal.SIGHUP)
             return
+        config = fresh["proxy-config"]
         if isinstance(self._inner, WorkerPool):
             # The workers reload themselves; the parent keeps its sockets and metrics
             # endpoint and only takes the rest (the limits it applies, /status's table).
-            self._inner.reconfigure(fresh["proxy-config"])
+            self._warn_restart(self._inner.config, fresh)
+            self._inner.reconfigure(config)
             self._inner.signal_workers(signal.SIGHUP)
             return
-        factory = self._inner.factory  # type: ignore[attr-defined]
-        config = fresh["proxy-config"]
-        if config.ports != factory.config.ports:
-            self.log.warn("listening ports don't change on reload; restart to change them")
-            config = replace(config, ports=factory.config.ports)
+        inner = cast(_ProxyService, self._inner)
+        running = inner.factory.config
         try:
-            factory.reconfigure(config)
+            inner.reconfigure(config)
         except ValueError as e:
             self.log.warn("reload failed, keeping the running configuration: {why}", why=e)
             return
+        if not self._worker:
+            # (A worker's parent says it once for all.)
+            self._warn_restart(running, fresh)
         self.log.info("configuration reloaded")
+
+    def _warn_restart(self, running: ProxyConfig, fresh: Options) -> None:
+        """Log, in one line, each changed setting that a reload can't apply."""
+        assert self._options is not None
+        names = restart_settings(running, fresh["proxy-config"])
+        if fresh["worker-count"] != self._options["worker-count"]:
+            names.append("workers")
+        if names:
+            self.log.warn(
+                "changed settings that need a restart, kept as they run: {names}",
+                names=", ".join(names),
+            )
 
     def privilegedStartService(self) -> None:
         """Bind the ports, reporting one that can't be bound in a single line."""
@@ -571,4 +589,4 @@ def worker_service(
     options = Options()
     options.parseOptions(argv)
     inner = adopted_service(options["proxy-config"], fds, snapshot=snapshot, own=own)
-    return _CommandLineService(inner, _exit, options)
+    return _CommandLineService(inner, _exit, options, worker=True)

@@ -63,6 +63,35 @@ class ReloadSignalTests(SynchronousTestCase):
                 wait_for_line(proc, b"configuration reloaded")
                 self.assertEqual(status_of(port, target), b"HTTP/1.1 403 Forbidden")
 
+    def test_sighup_applies_access_log_and_names_restart_settings(self) -> None:
+        """
+        A SIGHUP that changes the access log path and format writes the next lines to the
+        new file in the new format, and names a changed metrics endpoint in one line as
+        needing a restart.
+        """
+        port = free_port()
+        with tempfile.TemporaryDirectory() as tmp:
+            config = Path(tmp) / "aproxy.toml"
+            old, new = Path(tmp) / "old.log", Path(tmp) / "new.log"
+            base = f'port = ["{port}"]\ndeny-host = ["blocked.invalid"]\n'
+            config.write_text(base + f'access-log = "{old}"\n')
+            with twistd(["--config", str(config)], tmp) as proc:
+                # (Logged once running, after the signal handlers were installed.)
+                wait_for_line(proc, b"heap frozen")
+                config.write_text(
+                    base + f'access-log = "{new}"\naccess-log-format = "json"\n'
+                    f'metrics = "{free_port()}"\n'
+                )
+                proc.send_signal(signal.SIGHUP)
+                seen = wait_for_line(proc, b"configuration reloaded")
+                self.assertIn(b"need a restart, kept as they run: metrics\n", seen)
+                target = b"http://blocked.invalid/after"
+                self.assertEqual(status_of(port, target), b"HTTP/1.1 403 Forbidden")
+                self.assertEqual(stop(proc), 0)
+            self.assertEqual(old.read_text(), "")
+            [line] = new.read_text().splitlines()
+        self.assertEqual(json.loads(line)["target"], "http://blocked.invalid/after")
+
 
 class AccessLogSignalTests(SynchronousTestCase):
     """The access log of a real twistd process: JSON lines, reopened on SIGUSR1."""
