@@ -19,6 +19,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.python import usage
 
+from aproxy.accesslog import AccessLogError
 from aproxy.auth import HtpasswdAuthenticator
 from aproxy.config import DEFAULT_PORT, ProxyConfig, listen_description, parse_port_list
 from aproxy.configfile import ConfigFileError, load_config_file
@@ -200,9 +201,13 @@ class Options(usage.Options):
         self["route"] = []
         self["insecure-host"] = []
         self.argv: list[str] = []
-        self.exit_on_config_error = True
+        # On a bad setting: print one line and exit 2 (True), raise (False, for reload),
+        # or exit only when run by twistd, which would print the whole usage (None).
+        self.exit_on_config_error: bool | None = None
         # Which options the command line gave, so that they override the config file.
         self.given: set[str] = set()
+        # Which options took their value from the config file, to name it in errors.
+        self.from_file: set[str] = set()
         for name, handler in list(self._dispatch.items()):
             self._dispatch[name] = self._recording(name, handler)
 
@@ -219,9 +224,46 @@ class Options(usage.Options):
         return record
 
     def parseOptions(self, options: list[str] | None = None) -> None:
-        """Parse, remembering the arguments so that SIGHUP can parse them again."""
+        """
+        Parse, remembering the arguments so that SIGHUP can parse them again.
+
+        Every bad setting, from the command line or the config file, is one line naming
+        the option (and the file for a file's value). Run by twistd, that line goes to
+        standard error with "see --help" and the exit status is 2, instead of twistd's
+        whole usage text and status 1; otherwise (a reload, an embedder) it is raised.
+
+        @raise usage.UsageError: For a bad option or value (not run by twistd).
+        @raise ConfigFileError: For a config file that can't be read or has a syntax
+            or type error (not run by twistd).
+        """
         self.argv = list(sys.argv[1:] if options is None else options)
-        super().parseOptions(options)
+        try:
+            super().parseOptions(options)
+        except (usage.UsageError, ConfigFileError) as e:
+            message = self._name_source(str(e))
+            exits = self.exit_on_config_error
+            if exits is None:
+                # twistd parses its subcommand's options with .parent set to its own.
+                exits = getattr(self, "parent", None) is not None
+            if not exits:
+                raise type(e)(message) from None
+            if not message.startswith(("-", self["config"] or "-")) and message.startswith(
+                tuple(OPTION_KINDS)
+            ):
+                message = "--" + message
+            sys.stderr.write(f"aproxy: {message} (see --help)\n")
+            sys.stderr.flush()
+            raise SystemExit(2) from None
+
+    def _name_source(self, message: str) -> str:
+        """Put the config file's path before an error about a value that came from it."""
+        path = self["config"]
+        if path is None or message.startswith(path):
+            return message
+        name = message.lstrip("-").split(":")[0].split(" ")[0]
+        if name in self.from_file:
+            return f"{path}: {message.lstrip('-')}"
+        return message
 
     def opt_allow(self, cidr: str) -> None:
         """
@@ -276,16 +318,11 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         """Build the validated L{ProxyConfig}; a bad value is one usage error line."""
         if self["config"] is not None:
-            try:
-                values = load_config_file(self["config"], OPTION_KINDS)
-            except ConfigFileError as e:
-                if not self.exit_on_config_error:
-                    raise
-                sys.stderr.write(f"aproxy: {e}\n")
-                raise SystemExit(2) from None
+            values = load_config_file(self["config"], OPTION_KINDS)
             for key, value in values.items():
                 if key in self.given:
                     continue
+                self.from_file.add(key)
                 if key == "port":
                     try:
                         value = [listen_description(v) for v in value]
@@ -303,6 +340,11 @@ class Options(usage.Options):
                 serverFromString(None, description)
             except Exception as e:
                 raise usage.UsageError(f"--port {description}: {e}") from None
+        if self["metrics"] is not None:
+            try:
+                serverFromString(None, listen_description(self["metrics"]))
+            except Exception as e:
+                raise usage.UsageError(f"--metrics {self['metrics']}: {e}") from None
         try:
             self["worker-count"] = worker_count(str(self["workers"]))
         except ValueError as e:
@@ -566,6 +608,10 @@ def makeService(options: Options) -> IService:
         return _CommandLineService(pool, _exit, options)
     try:
         inner = _makeService(config)
+    except AccessLogError as e:
+        # A bad setting like any other: one line, status 2 (see Options.parseOptions).
+        sys.stderr.write(f"aproxy: --access-log: {e} (see --help)\n")
+        raise SystemExit(2) from None
     except ValueError as e:
         _exit(f"aproxy: {e}")
         raise  # unreachable: _exit raises
@@ -587,6 +633,9 @@ def worker_service(
     @param own: The parent's addresses (its metrics endpoint), refused as loops.
     """
     options = Options()
+    # A config file changed into a bad one before a worker restarts: one line, not a
+    # traceback.
+    options.exit_on_config_error = True
     options.parseOptions(argv)
     inner = adopted_service(options["proxy-config"], fds, snapshot=snapshot, own=own)
     return _CommandLineService(inner, _exit, options, worker=True)

@@ -256,3 +256,14 @@ class CommandLineReloadTests(SynchronousTestCase):
         self.assertEqual(inner.access_log.fmt, "squid")
         self.assertIn(inner.access_log, factory.observers)
         self.assertTrue(log.exists())
+
+    def test_failed_reload_names_file_and_key(self) -> None:
+        """A bad value in the reloaded file is logged in one line naming file and key."""
+        service, factory = self.service('port = ["tcp:0:interface=127.0.0.1"]\n')
+        self.path.write_text('port = ["tcp:0:interface=127.0.0.1"]\nread-timeout = -1\n')
+        events = capture_logs(self)
+        service.reload()
+        [failed] = [m for m in messages(events) if "reload failed" in m]
+        self.assertIn(f"configuration: {self.path}: read-timeout must be", failed)
+        self.assertNotIn("\n", failed)
+        self.assertEqual(factory.config.read_timeout, 60)
