@@ -182,12 +182,18 @@ class ProxyFactory(Factory):
         """
         An idle pooled connection for C{hop}, if there is one, checked against the
         address rules in force: they were applied when it was made, but a reload may have
-        tightened them since, and each use keeps the connection alive.
+        tightened them since, and each use keeps the connection alive. A TLS connection
+        verified under TLS settings a reload replaced is closed instead of reused.
 
         @raise Forbidden: If the address the connection goes to is refused now; the
             connection is closed.
         """
         up = self.pool.acquire(hop.key)
+        while up is not None and up.verified_by not in (None, self.dialer.tls):
+            # Verified under TLS settings (trust store, --insecure-host) that a reload has
+            # replaced since: make a new connection, verified under the ones in force.
+            up.transport.loseConnection()
+            up = self.pool.acquire(hop.key)
         if up is None or hop.parent is not None or not self.policy.needs_address_check():
             # Parents are configured, not requested: the address rules don't apply.
             return up

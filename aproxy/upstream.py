@@ -179,6 +179,10 @@ class UpstreamProtocol(Protocol):
     # When the connection was made (on the clock of the factory that built it), for the
     # pool's maximum age; L{None} until known.
     created: float | None = None
+    # The TLS settings (an L{aproxy.tls.ClientTLS}) that verified the origin or parent
+    # on this connection, or L{None} without TLS: a reload replaces them, and a pooled
+    # connection verified under the old ones is not reused.
+    verified_by: object | None = None
     wait_handshake = False
     on_ready: Callable[[], None] | None = None
 
