@@ -247,22 +247,25 @@ class Options(usage.Options):
                 exits = getattr(self, "parent", None) is not None
             if not exits:
                 raise type(e)(message) from None
-            if not message.startswith(("-", self["config"] or "-")) and message.startswith(
-                tuple(OPTION_KINDS)
-            ):
+            if message.startswith(tuple(OPTION_KINDS)) and not self._from_file(message):
+                # A command-line value: name the option as it is written there.
                 message = "--" + message
             sys.stderr.write(f"aproxy: {message} (see --help)\n")
             sys.stderr.flush()
             raise SystemExit(2) from None
 
+    def _from_file(self, message: str) -> bool:
+        """Whether C{message} already starts with the config file's path."""
+        path = self["config"]
+        return path is not None and message.startswith(f"{path}: ")
+
     def _name_source(self, message: str) -> str:
         """Put the config file's path before an error about a value that came from it."""
-        path = self["config"]
-        if path is None or message.startswith(path):
+        if self["config"] is None or self._from_file(message):
             return message
         name = message.lstrip("-").split(":")[0].split(" ")[0]
         if name in self.from_file:
-            return f"{path}: {message.lstrip('-')}"
+            return f"{self['config']}: {message.lstrip('-')}"
         return message
 
     def opt_allow(self, cidr: str) -> None:

@@ -106,6 +106,15 @@ class TwistdParsingTests(SynchronousTestCase):
         self.assert_one_line(report, "--idle-timeout")
         self.assertNotIn(str(path), report)
 
+    def test_short_file_name(self) -> None:
+        """A file whose name starts an option's name is still named (C{c}: connect-ports)."""
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(self.dir)
+        Path("c").write_text('connect-ports = "443,abc"\n')
+        report = self.twistd("--config", "c")
+        self.assert_one_line(report, "connect-ports")
+        self.assertTrue(report.startswith("aproxy: c: connect-ports: "), report)
+
     def test_good_options_parse(self) -> None:
         """Good options still parse under twistd (nothing written, no exit)."""
         options = ServerOptions()
