@@ -201,6 +201,8 @@ class _Attempt:
         dialer = self._dialer
         up = dialer.upstream_factory.buildProtocol(addr)
         self._up = up
+        if hop.tls or (parent is not None and parent.scheme == "https"):
+            up.verified_by = dialer.tls
         up.on_lost = self._lost_early
         up.on_ready = self._ready
         layer: Protocol = up

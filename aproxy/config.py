@@ -8,6 +8,7 @@ L{aproxy.service.makeService} and L{aproxy.proxy.ProxyFactory} only ever see one
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ def listen_description(text: str) -> str:
         if port > 65535:
             raise ValueError(f"port {port} is out of range")
         return f"tcp:{port}:interface=127.0.0.1"
+    _check_port_number(text)
     return text
 
 
@@ -113,6 +115,23 @@ def check_proxy_protocol(ports: Sequence[str], trusted: Sequence[str]) -> None:
             )
 
 
+def _check_port_number(description: str) -> None:
+    """
+    Refuse a TCP or TLS description whose port number is out of range: Twisted parses
+    C{tcp:99999} without complaint and fails only when it listens, with a traceback.
+    """
+    parts = description.replace("\\:", "\x00").split(":")
+    if parts[0].lower() == "haproxy":
+        parts = parts[1:]
+    if not parts or parts[0].lower() not in ("tcp", "tcp6", "ssl"):
+        return
+    for index, part in enumerate(parts[1:]):
+        key, sep, value = part.partition("=")
+        port = value if sep and key == "port" else part if index == 0 and not sep else None
+        if port is not None and port.strip().isdigit() and int(port) > 65535:
+            raise ValueError(f"port {int(port)} is out of range in {description!r}")
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
     """
@@ -129,6 +148,8 @@ class ProxyConfig:
     @ivar max_request_line: The longest request line accepted, in bytes (414).
     @ivar pool_size: Idle upstream connections kept per origin for reuse (0: no reuse).
     @ivar pool_idle_timeout: Seconds an idle pooled upstream connection is kept.
+    @ivar pool_max_age: Seconds after which a pooled upstream connection is not reused,
+        however busy (its address is checked again on a new connection).
     @ivar connect_ports: The ports CONNECT may reach, as inclusive (low, high) ranges;
         L{None} allows any port.
     @ivar tunnel_idle_timeout: Seconds a CONNECT or Upgrade tunnel may stay silent.
@@ -178,6 +199,7 @@ class ProxyConfig:
     max_request_line: int = 16384
     pool_size: int = 100
     pool_idle_timeout: float = 30.0
+    pool_max_age: float = 120.0
     connect_ports: tuple[tuple[int, int], ...] | None = ((443, 443),)
     tunnel_idle_timeout: float = 600.0
     allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
@@ -203,7 +225,10 @@ class ProxyConfig:
 
     def __post_init__(self) -> None:
         """Validate every field so that a bad value fails at start, not per request."""
-        object.__setattr__(self, "ports", tuple(listen_description(p) for p in self.ports))
+        try:
+            object.__setattr__(self, "ports", tuple(listen_description(p) for p in self.ports))
+        except ValueError as e:
+            raise ValueError(f"port: {e}") from None
         if not self.ports:
             raise ValueError("at least one --port is needed")
         for name in (
@@ -212,13 +237,18 @@ class ProxyConfig:
             "idle_timeout",
             "header_timeout",
             "pool_idle_timeout",
+            "pool_max_age",
             "tunnel_idle_timeout",
             "shutdown_timeout",
             "auth_failure_window",
         ):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"{name.replace('_', '-')} must be a positive number of seconds")
+            # Not infinite either: every timeout must end (nan fails "> 0" already).
+            if not isinstance(value, int | float) or not 0 < value < math.inf:
+                raise ValueError(
+                    f"{name.replace('_', '-')} must be a positive, finite number of seconds, "
+                    f"not {value!r}"
+                )
         if self.via is not None and not _VIA_NAME.fullmatch(self.via):
             raise ValueError("via must be a token such as 'aproxy' or 'proxy.example:3128'")
         if not isinstance(self.max_head_size, int) or self.max_head_size < 1024:
@@ -247,7 +277,10 @@ class ProxyConfig:
         if self.access_log_format not in ("combined", "squid", "json"):
             raise ValueError("access-log-format must be combined, squid or json")
         if self.metrics is not None:
-            object.__setattr__(self, "metrics", listen_description(self.metrics))
+            try:
+                object.__setattr__(self, "metrics", listen_description(self.metrics))
+            except ValueError as e:
+                raise ValueError(f"metrics: {e}") from None
         if self.x_forwarded_for not in ("add", "strip", "keep"):
             raise ValueError("x-forwarded-for must be add, strip or keep")
         for name in ("max_connections", "max_clients_per_ip"):

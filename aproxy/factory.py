@@ -22,8 +22,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from aproxy.auth import HtpasswdAuthenticator, IAuthenticator
-from aproxy.chain import Dialer
+from aproxy.chain import Dialer, Hop
 from aproxy.config import ProxyConfig
+from aproxy.errors import Forbidden
 from aproxy.http1 import Target, parse_absolute_target
 from aproxy.policy import AccessPolicy, IPolicy, normalize_address
 from aproxy.proxy import ProxyProtocol, loop_error
@@ -31,7 +32,13 @@ from aproxy.records import ExchangeObserver
 from aproxy.routes import Router
 from aproxy.throttle import LoginThrottle
 from aproxy.tls import ClientTLS
-from aproxy.upstream import EndpointConnector, IUpstreamConnector, UpstreamFactory, UpstreamPool
+from aproxy.upstream import (
+    EndpointConnector,
+    IUpstreamConnector,
+    UpstreamFactory,
+    UpstreamPool,
+    UpstreamProtocol,
+)
 
 __all__ = ["ProxyFactory"]
 
@@ -96,9 +103,14 @@ class ProxyFactory(Factory):
                 self._check_address if self.policy.needs_address_check() else None,
             )
         )
-        self.upstream_factory = UpstreamFactory(config.max_head_size)
+        self.upstream_factory = UpstreamFactory(config.max_head_size, reactor)
         self.dialer = self._make_dialer(config)
-        self.pool = UpstreamPool(reactor, max(config.pool_size, 1), config.pool_idle_timeout)
+        self.pool = UpstreamPool(
+            reactor, max(config.pool_size, 1), config.pool_idle_timeout, config.pool_max_age
+        )
+        # (destination host, peer address) pairs of pooled connections that passed the
+        # address rules in force (cleared on reload, bounded).
+        self._allowed_peers: set[tuple[str, str]] = set()
         # A random marker in this instance's Via comment: a request that comes back
         # carrying it has looped, while another aproxy instance has a marker of its own.
         self.via_marker = b"aproxy-" + secrets.token_hex(8).encode("ascii")
@@ -128,6 +140,10 @@ class ProxyFactory(Factory):
         (re-reading its file) and the limits; connections in flight keep their settings
         and nothing is dropped. The listening ports are not changed here.
 
+        The pool takes its new size and times at once, new upstream connections the new
+        response head limit, and an idle pooled connection is checked against the new
+        address rules before its next use (see L{reuse}).
+
         @raise ValueError: If the new authenticator's file or CA file can't be used;
             nothing changes.
         """
@@ -156,6 +172,45 @@ class ProxyFactory(Factory):
         self.name = (config.via or "aproxy").encode("ascii")
         self._allowed.clear()
         self._targets.clear()
+        self._allowed_peers.clear()
+        self.upstream_factory.max_head_size = config.max_head_size
+        self.pool.reconfigure(
+            max(config.pool_size, 1), config.pool_idle_timeout, config.pool_max_age
+        )
+
+    def reuse(self, hop: Hop) -> UpstreamProtocol | None:
+        """
+        An idle pooled connection for C{hop}, if there is one, checked against the
+        address rules in force: they were applied when it was made, but a reload may have
+        tightened them since, and each use keeps the connection alive. A TLS connection
+        verified under TLS settings a reload replaced is closed instead of reused.
+
+        @raise Forbidden: If the address the connection goes to is refused now; the
+            connection is closed.
+        """
+        up = self.pool.acquire(hop.key)
+        while up is not None and up.verified_by not in (None, self.dialer.tls):
+            # Verified under TLS settings (trust store, --insecure-host) that a reload has
+            # replaced since: make a new connection, verified under the ones in force.
+            up.transport.loseConnection()
+            up = self.pool.acquire(hop.key)
+        if up is None or hop.parent is not None or not self.policy.needs_address_check():
+            # Parents are configured, not requested: the address rules don't apply.
+            return up
+        address = getattr(up.transport.getPeer(), "host", None)
+        if address is None:
+            return up
+        key = (hop.host, address)
+        if key not in self._allowed_peers:
+            try:
+                self.policy.check_address(hop.host, address)
+            except Forbidden:
+                up.transport.loseConnection()
+                raise
+            if len(self._allowed_peers) >= _CACHE_SIZE:
+                self._allowed_peers.clear()
+            self._allowed_peers.add(key)
+        return up
 
     @property
     def upstream_factory(self) -> UpstreamFactory:

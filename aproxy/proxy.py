@@ -436,7 +436,7 @@ class ProxyProtocol(ClientConnection):
         self._out_head = serialize_request_head(head, target, self._via, extra, drop, hop.absolute)
         self._pending = rest
         self._state = _CONNECTING
-        up = self.factory.pool.acquire(hop.key)
+        up = self.factory.reuse(hop)
         if up is not None:
             self._attach(up, True)
         else:

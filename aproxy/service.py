@@ -9,6 +9,7 @@ import contextlib
 import ipaddress
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
@@ -33,7 +34,13 @@ from aproxy.proxy import ProxyProtocol
 from aproxy.routes import parse_route
 from aproxy.workermetrics import SnapshotFactory
 
-__all__ = ["ProxyHeaderFactory", "adopted_service", "makeService", "public_listeners"]
+__all__ = [
+    "ProxyHeaderFactory",
+    "adopted_service",
+    "makeService",
+    "public_listeners",
+    "restart_settings",
+]
 
 log = Logger()
 
@@ -157,6 +164,50 @@ class _ProxyService(MultiService):
         self.factory = factory
         self.access_log: AccessLog | None = None
 
+    def reconfigure(self, config: ProxyConfig) -> ProxyConfig:
+        """
+        Apply a reloaded configuration (SIGHUP): the factory takes it for new requests
+        (see L{ProxyFactory.reconfigure}) and a changed access log path or format opens
+        the new log in place of the old one. The settings fixed at start (see
+        L{restart_settings}) keep their running values.
+
+        @return: The configuration now in force.
+        @raise ValueError: If the new access log, password file or CA file can't be
+            used; then nothing changes.
+        """
+        running = self.factory.config
+        config = replace(config, ports=running.ports, metrics=running.metrics)
+        old_log = new_log = self.access_log
+        if (config.access_log, config.access_log_format) != (
+            running.access_log,
+            running.access_log_format,
+        ):
+            new_log = (
+                AccessLog(config.access_log, config.access_log_format, self.factory.clock)
+                if config.access_log is not None
+                else None
+            )
+        try:
+            self.factory.reconfigure(config)
+        except ValueError:
+            if new_log is not None and new_log is not old_log:
+                new_log.close()
+            raise
+        if new_log is not old_log:
+            observers = self.factory.observers
+            if old_log is not None and old_log in observers:
+                index = observers.index(old_log)
+                if new_log is None:
+                    del observers[index]
+                else:
+                    observers[index] = new_log
+            elif new_log is not None:
+                observers.insert(0, new_log)
+            self.access_log = new_log
+            if old_log is not None:
+                old_log.close()
+        return config
+
     def stopService(self) -> Deferred[None]:
         """Stop listening, then wait for the connections in flight to finish."""
         d: Deferred[Any] = Deferred.fromCoroutine(self._stop())
@@ -248,6 +299,22 @@ def adopted_service(
         top.access_log = AccessLog(config.access_log, config.access_log_format, reactor)
         factory.observers.append(top.access_log)
     return top
+
+
+def restart_settings(running: ProxyConfig, new: ProxyConfig) -> list[str]:
+    """
+    The settings that differ between C{running} and C{new} but take effect only at a
+    restart: the listening ports and the metrics endpoint (bound at start). C{--workers}
+    is not in L{ProxyConfig}; the command line checks it.
+
+    @return: Their option names, in a stable order.
+    """
+    names = []
+    if new.ports != running.ports:
+        names.append("port")
+    if new.metrics != running.metrics:
+        names.append("metrics")
+    return names
 
 
 def public_listeners(config: ProxyConfig) -> list[str]:

@@ -9,7 +9,6 @@ import gc
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any, cast
 
 from twisted.application.service import IService, MultiService
@@ -20,6 +19,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.python import usage
 
+from aproxy.accesslog import AccessLogError
 from aproxy.auth import HtpasswdAuthenticator
 from aproxy.config import (
     DEFAULT_PORT,
@@ -29,7 +29,7 @@ from aproxy.config import (
     parse_port_list,
 )
 from aproxy.configfile import ConfigFileError, load_config_file
-from aproxy.service import adopted_service
+from aproxy.service import _ProxyService, adopted_service, restart_settings
 from aproxy.service import makeService as _makeService
 from aproxy.tls import ClientTLS
 from aproxy.workers import WorkerPool, worker_count
@@ -89,6 +89,13 @@ class Options(usage.Options):
             None,
             30.0,
             "Seconds an idle pooled upstream connection is kept.",
+        ],
+        [
+            "pool-max-age",
+            None,
+            120.0,
+            "Seconds after which a pooled upstream connection is no longer reused, however "
+            "busy (a new one is made, and its address checked again).",
         ],
         [
             "connect-ports",
@@ -201,9 +208,13 @@ class Options(usage.Options):
         self["route"] = []
         self["insecure-host"] = []
         self.argv: list[str] = []
-        self.exit_on_config_error = True
+        # On a bad setting: print one line and exit 2 (True), raise (False, for reload),
+        # or exit only when run by twistd, which would print the whole usage (None).
+        self.exit_on_config_error: bool | None = None
         # Which options the command line gave, so that they override the config file.
         self.given: set[str] = set()
+        # Which options took their value from the config file, to name it in errors.
+        self.from_file: set[str] = set()
         for name, handler in list(self._dispatch.items()):
             self._dispatch[name] = self._recording(name, handler)
 
@@ -220,9 +231,49 @@ class Options(usage.Options):
         return record
 
     def parseOptions(self, options: list[str] | None = None) -> None:
-        """Parse, remembering the arguments so that SIGHUP can parse them again."""
+        """
+        Parse, remembering the arguments so that SIGHUP can parse them again.
+
+        Every bad setting, from the command line or the config file, is one line naming
+        the option (and the file for a file's value). Run by twistd, that line goes to
+        standard error with "see --help" and the exit status is 2, instead of twistd's
+        whole usage text and status 1; otherwise (a reload, an embedder) it is raised.
+
+        @raise usage.UsageError: For a bad option or value (not run by twistd).
+        @raise ConfigFileError: For a config file that can't be read or has a syntax
+            or type error (not run by twistd).
+        """
         self.argv = list(sys.argv[1:] if options is None else options)
-        super().parseOptions(options)
+        try:
+            super().parseOptions(options)
+        except (usage.UsageError, ConfigFileError) as e:
+            message = self._name_source(str(e))
+            exits = self.exit_on_config_error
+            if exits is None:
+                # twistd parses its subcommand's options with .parent set to its own.
+                exits = getattr(self, "parent", None) is not None
+            if not exits:
+                raise type(e)(message) from None
+            if message.startswith(tuple(OPTION_KINDS)) and not self._from_file(message):
+                # A command-line value: name the option as it is written there.
+                message = "--" + message
+            sys.stderr.write(f"aproxy: {message} (see --help)\n")
+            sys.stderr.flush()
+            raise SystemExit(2) from None
+
+    def _from_file(self, message: str) -> bool:
+        """Whether C{message} already starts with the config file's path."""
+        path = self["config"]
+        return path is not None and message.startswith(f"{path}: ")
+
+    def _name_source(self, message: str) -> str:
+        """Put the config file's path before an error about a value that came from it."""
+        if self["config"] is None or self._from_file(message):
+            return message
+        name = message.lstrip("-").split(":")[0].split(" ")[0]
+        if name in self.from_file:
+            return f"{self['config']}: {message.lstrip('-')}"
+        return message
 
     def opt_allow(self, cidr: str) -> None:
         """
@@ -298,16 +349,11 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         """Build the validated L{ProxyConfig}; a bad value is one usage error line."""
         if self["config"] is not None:
-            try:
-                values = load_config_file(self["config"], OPTION_KINDS)
-            except ConfigFileError as e:
-                if not self.exit_on_config_error:
-                    raise
-                sys.stderr.write(f"aproxy: {e}\n")
-                raise SystemExit(2) from None
+            values = load_config_file(self["config"], OPTION_KINDS)
             for key, value in values.items():
                 if key in self.given:
                     continue
+                self.from_file.add(key)
                 if key == "port":
                     try:
                         value = [listen_description(v) for v in value]
@@ -325,6 +371,11 @@ class Options(usage.Options):
                 serverFromString(None, description)
             except Exception as e:
                 raise usage.UsageError(f"--port {description}: {e}") from None
+        if self["metrics"] is not None:
+            try:
+                serverFromString(None, listen_description(self["metrics"]))
+            except Exception as e:
+                raise usage.UsageError(f"--metrics {self['metrics']}: {e}") from None
         try:
             check_proxy_protocol(ports, self["proxy-protocol-from"])
         except ValueError as e:
@@ -348,6 +399,7 @@ class Options(usage.Options):
                 max_request_line=_number(self, "max-request-line", int),
                 pool_size=_number(self, "pool-size", int),
                 pool_idle_timeout=_number(self, "pool-idle-timeout", float),
+                pool_max_age=_number(self, "pool-max-age", float),
                 connect_ports=parse_port_list(self["connect-ports"]),
                 tunnel_idle_timeout=_number(self, "tunnel-idle-timeout", float),
                 allow=tuple(self["allow"]) or ProxyConfig.allow,
@@ -411,6 +463,7 @@ OPTION_KINDS: dict[str, str] = {
     "max-request-line": "int",
     "pool-size": "int",
     "pool-idle-timeout": "float",
+    "pool-max-age": "float",
     "connect-ports": "ports",
     "tunnel-idle-timeout": "float",
     "x-forwarded-for": "str",
@@ -450,13 +503,18 @@ class _CommandLineService(MultiService):
     log = Logger()
 
     def __init__(
-        self, inner: IService, exit: Callable[[str], None], options: Options | None = None
+        self,
+        inner: IService,
+        exit: Callable[[str], None],
+        options: Options | None = None,
+        worker: bool = False,
     ) -> None:
         super().__init__()
         inner.setServiceParent(self)
         self._inner = inner
         self._exit = exit
         self._options = options
+        self._worker = worker
 
     def startService(self) -> None:
         """Start, re-read the configuration on SIGHUP, and freeze the start-up heap."""
@@ -498,23 +556,37 @@ class _CommandLineService(MultiService):
             if isinstance(self._inner, WorkerPool):
                 self._inner.signal_workers(signal.SIGHUP)
             return
+        config = fresh["proxy-config"]
         if isinstance(self._inner, WorkerPool):
             # The workers reload themselves; the parent keeps its sockets and metrics
             # endpoint and only takes the rest (the limits it applies, /status's table).
-            self._inner.reconfigure(fresh["proxy-config"])
+            self._warn_restart(self._inner.config, fresh)
+            self._inner.reconfigure(config)
             self._inner.signal_workers(signal.SIGHUP)
             return
-        factory = self._inner.factory  # type: ignore[attr-defined]
-        config = fresh["proxy-config"]
-        if config.ports != factory.config.ports:
-            self.log.warn("listening ports don't change on reload; restart to change them")
-            config = replace(config, ports=factory.config.ports)
+        inner = cast(_ProxyService, self._inner)
+        running = inner.factory.config
         try:
-            factory.reconfigure(config)
+            inner.reconfigure(config)
         except ValueError as e:
             self.log.warn("reload failed, keeping the running configuration: {why}", why=e)
             return
+        if not self._worker:
+            # (A worker's parent says it once for all.)
+            self._warn_restart(running, fresh)
         self.log.info("configuration reloaded")
+
+    def _warn_restart(self, running: ProxyConfig, fresh: Options) -> None:
+        """Log, in one line, each changed setting that a reload can't apply."""
+        assert self._options is not None
+        names = restart_settings(running, fresh["proxy-config"])
+        if fresh["worker-count"] != self._options["worker-count"]:
+            names.append("workers")
+        if names:
+            self.log.warn(
+                "changed settings that need a restart, kept as they run: {names}",
+                names=", ".join(names),
+            )
 
     def privilegedStartService(self) -> None:
         """Bind the ports, reporting one that can't be bound in a single line."""
@@ -576,6 +648,10 @@ def makeService(options: Options) -> IService:
         return _CommandLineService(pool, _exit, options)
     try:
         inner = _makeService(config)
+    except AccessLogError as e:
+        # A bad setting like any other: one line, status 2 (see Options.parseOptions).
+        sys.stderr.write(f"aproxy: --access-log: {e} (see --help)\n")
+        raise SystemExit(2) from None
     except ValueError as e:
         _exit(f"aproxy: {e}")
         raise  # unreachable: _exit raises
@@ -597,6 +673,9 @@ def worker_service(
     @param own: The parent's addresses (its metrics endpoint), refused as loops.
     """
     options = Options()
+    # A config file changed into a bad one before a worker restarts: one line, not a
+    # traceback.
+    options.exit_on_config_error = True
     options.parseOptions(argv)
     inner = adopted_service(options["proxy-config"], fds, snapshot=snapshot, own=own)
-    return _CommandLineService(inner, _exit, options)
+    return _CommandLineService(inner, _exit, options, worker=True)

@@ -109,9 +109,11 @@ class ConfigFileTests(SynchronousTestCase):
 
     def test_bad_file_exits_2(self) -> None:
         """Under twistd a bad config file is one line on stderr and exit status 2."""
+        from twisted.application.app import ServerOptions
+
         path = self.write("bogus = 1\n")
         with self.assertRaises(SystemExit) as caught:
-            Options().parseOptions(["--config", path])
+            ServerOptions().parseOptions(["aproxy", "--config", path])
         self.assertEqual(caught.exception.code, 2)
 
     def test_invalid_value_is_usage_error(self) -> None:

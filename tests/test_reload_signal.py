@@ -11,6 +11,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.processes import free_port, status_of, stop, twistd, wait_for_line
+from tests.test_tls_process import origin
 
 
 class ReloadSignalTests(SynchronousTestCase):
@@ -40,6 +41,56 @@ class ReloadSignalTests(SynchronousTestCase):
                 self.assertEqual(
                     status_of(port, b"http://other.invalid/"), b"HTTP/1.1 403 Forbidden"
                 )
+
+    def test_sighup_tightened_rules_reach_pooled_connections(self) -> None:
+        """
+        After a SIGHUP adds C{block-private} and C{deny-host 127.0.0.0/8}, a request to a
+        loopback origin gets 403 although an idle pooled connection to it is open.
+        """
+        port = free_port()
+        with tempfile.TemporaryDirectory() as tmp, origin() as origin_port:
+            config = Path(tmp) / "aproxy.toml"
+            config.write_text(f'port = ["{port}"]\npool-idle-timeout = 5\n')
+            target = f"http://localhost:{origin_port}/".encode()
+            with twistd(["--config", str(config)], tmp) as proc:
+                wait_for_line(proc, b"starting on")
+                self.assertEqual(status_of(port, target), b"HTTP/1.1 200 OK")
+                config.write_text(
+                    f'port = ["{port}"]\npool-idle-timeout = 5\n'
+                    'block-private = true\ndeny-host = ["127.0.0.0/8"]\n'
+                )
+                proc.send_signal(signal.SIGHUP)
+                wait_for_line(proc, b"configuration reloaded")
+                self.assertEqual(status_of(port, target), b"HTTP/1.1 403 Forbidden")
+
+    def test_sighup_applies_access_log_and_names_restart_settings(self) -> None:
+        """
+        A SIGHUP that changes the access log path and format writes the next lines to the
+        new file in the new format, and names a changed metrics endpoint in one line as
+        needing a restart.
+        """
+        port = free_port()
+        with tempfile.TemporaryDirectory() as tmp:
+            config = Path(tmp) / "aproxy.toml"
+            old, new = Path(tmp) / "old.log", Path(tmp) / "new.log"
+            base = f'port = ["{port}"]\ndeny-host = ["blocked.invalid"]\n'
+            config.write_text(base + f'access-log = "{old}"\n')
+            with twistd(["--config", str(config)], tmp) as proc:
+                # (Logged once running, after the signal handlers were installed.)
+                wait_for_line(proc, b"heap frozen")
+                config.write_text(
+                    base + f'access-log = "{new}"\naccess-log-format = "json"\n'
+                    f'metrics = "{free_port()}"\n'
+                )
+                proc.send_signal(signal.SIGHUP)
+                seen = wait_for_line(proc, b"configuration reloaded")
+                self.assertIn(b"need a restart, kept as they run: metrics\n", seen)
+                target = b"http://blocked.invalid/after"
+                self.assertEqual(status_of(port, target), b"HTTP/1.1 403 Forbidden")
+                self.assertEqual(stop(proc), 0)
+            self.assertEqual(old.read_text(), "")
+            [line] = new.read_text().splitlines()
+        self.assertEqual(json.loads(line)["target"], "http://blocked.invalid/after")
 
 
 class AccessLogSignalTests(SynchronousTestCase):
