@@ -203,11 +203,16 @@ class ProxyProtocol(ClientConnection):
 
     def readConnectionLost(self) -> None:
         """
-        The client half-closed. In a tunnel that is passed on to the origin; otherwise a
-        request in flight is still answered, and the connection is closed after it.
+        The client half-closed. In a tunnel that is passed on to the origin; while its
+        credentials wait to be checked it is taken as gone; otherwise a request in flight
+        is still answered, and the connection is closed after it.
         """
         if self._tunnel is not None:
             self._tunnel.client_eof()
+        elif self._checking is not None:
+            # Closed while its credentials wait to be checked: taken as gone (as Squid's
+            # half_closed_clients off and nginx do), so the check is dropped, not run.
+            self._close()
         elif self._state in (_CONNECTING, _FORWARDING) and self._req_body is None:
             self._keep_client = False
             self._eof = True
@@ -312,7 +317,8 @@ class ProxyProtocol(ClientConnection):
                     throttle.begin(ip, key)
             self._state = _CONNECTING
             self._pending = rest
-            self._pause(_DIAL)
+            # Not paused while the check waits: bytes are held (bounded, see _hold), and
+            # a client that hangs up is noticed, so its queued hash is dropped.
             d = as_client(ip, auth.authenticate, credentials)
             self._checking = d
             d.addCallback(self._authenticated, head, key)
@@ -332,7 +338,6 @@ class ProxyProtocol(ClientConnection):
         self._count_guess(key, user is None)
         if self._state != _CONNECTING or self._req is not head:
             return
-        self._unpause(_DIAL)
         rest, self._pending = self._pending, b""
         try:
             if user is None:

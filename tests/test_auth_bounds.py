@@ -250,6 +250,20 @@ class ThrottleAtStartTests(ProxyTestCase):
         left = self.factory.login_throttle.refused_for("127.0.0.66", 8, 60.0)
         self.assertIsNotNone(left)
 
+    def test_clients_closing_drop_their_waiting_hashes(self) -> None:
+        """
+        Clients that close (a FIN: the proxy sees a half-close) while their checks wait
+        for a thread cost no hash, and their guesses still count.
+        """
+        self.factory.authenticator.hashing = FairQueue(4, 500, 2, 500)  # type: ignore[union-attr]
+        protos = [self.send(basic("alice", f"guess-{i}")) for i in range(8)]
+        self.assertEqual(self.hasher.calls, 2)
+        for proto in protos:
+            proto.readConnectionLost()
+        self.hasher.run_all()
+        self.assertEqual(self.hasher.calls, 2)
+        self.assertIsNotNone(self.factory.login_throttle.refused_for("127.0.0.66", 8, 60.0))
+
     def test_valid_login_does_not_reset(self) -> None:
         """A valid login between wrong guesses leaves the failures counted."""
         for i in range(9):
