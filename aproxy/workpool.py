@@ -245,7 +245,10 @@ class FairQueue:
             self._uncount(self._name_running, job.name)
             self._uncount(self._name_jobs, job.name)
         if not job.result.called:
-            job.result.callback(result)
+            if isinstance(result, Failure):
+                job.result.errback(result)
+            else:
+                job.result.callback(result)
         # Otherwise the caller gave up: the result (or failure) is dropped here.
         self._dispatch()
 

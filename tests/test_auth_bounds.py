@@ -287,3 +287,23 @@ class ThrottleAtStartTests(ProxyTestCase):
             self.send(basic("alice", f"guess-{i}"))
         self.assertEqual(self.statuses(), [b"", b"", b"429"])
         self.assertIn(b"too many password checks pending for 127.0.0.66", self.clients[2].value())
+
+
+class SharedAcrossReloadTests(_FileCase):
+    """A reload keeps the bounds: new authenticator and connector use the same queues."""
+
+    def test_reconfigure_keeps_queues(self) -> None:
+        """After SIGHUP's reconfigure, password checks and lookups count in the same queues."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from aproxy.factory import ProxyFactory
+        from aproxy.upstream import EndpointConnector
+
+        path = self.password_file(f"alice:{BCRYPT_2Y}\n")
+        factory = ProxyFactory(ProxyConfig(auth_file=path), MemoryReactorClock())
+        hashing, lookups = factory.hashing, factory.lookups
+        factory.reconfigure(ProxyConfig(auth_file=path, block_private=True))
+        assert isinstance(factory.authenticator, HtpasswdAuthenticator)
+        assert isinstance(factory.connector, EndpointConnector)
+        self.assertIs(factory.authenticator.hashing, hashing)
+        self.assertIs(factory.connector.lookups, lookups)
