@@ -24,8 +24,9 @@ import hashlib
 import hmac
 import os
 import re
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, ClassVar, cast
 
 import bcrypt
 from twisted.internet import defer
@@ -35,11 +36,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
+from aproxy.errors import ServiceUnavailable, TooManyRequests
+from aproxy.workpool import FairQueue, WorkRefused, current_client, shared_runner
+
 __all__ = [
     "AuthFileError",
     "HtpasswdAuthenticator",
     "IAuthenticator",
     "basic_challenge",
+    "credential_key",
     "parse_basic_credentials",
 ]
 
@@ -97,6 +102,15 @@ def parse_basic_credentials(credentials: bytes | None) -> tuple[str, bytes] | No
     if not colon:
         return None
     return _decode_name(user_id), password
+
+
+def credential_key(credentials: bytes) -> Hashable:
+    """
+    What identifies a guess: the decoded C{(user, password)} of C{Basic} credentials, so
+    that C{basic}, C{BASIC} or extra spaces are the same guess; the raw value otherwise.
+    """
+    parsed = parse_basic_credentials(credentials)
+    return parsed if parsed is not None else credentials
 
 
 def basic_challenge(realm: str) -> bytes:
@@ -243,6 +257,10 @@ class _PasswordHash:
     def verify(self, password: bytes) -> bool:
         raise NotImplementedError
 
+    def kind(self) -> Hashable:
+        """What decides the cost of a check: the algorithm and its work factor."""
+        return type(self).__name__
+
 
 class _BcryptHash(_PasswordHash):
     slow = True
@@ -251,6 +269,10 @@ class _BcryptHash(_PasswordHash):
         # Apache writes $2y$; it is the same algorithm as $2b$ (both fixed the bug $2a$
         # had in some implementations), and the bcrypt package reads either.
         self._stored = b"$2b$" + stored[4:] if stored.startswith(b"$2y$") else stored
+
+    def kind(self) -> Hashable:
+        """bcrypt and its cost (the log2 of the rounds, in C{$2y$NN$})."""
+        return ("bcrypt", self._stored[4:6])
 
     def verify(self, password: bytes) -> bool:
         # bcrypt only ever uses the first 72 bytes; the package refuses longer input
@@ -262,6 +284,10 @@ class _BcryptHash(_PasswordHash):
 
 
 class _MD5CryptHash(_PasswordHash):
+    # 1,000 MD5 rounds in Python: about a millisecond, too long for the reactor thread
+    # when a client can send thousands of spellings (issue #12, item 5).
+    slow = True
+
     def __init__(self, magic: bytes, salt: bytes, checksum: bytes) -> None:
         self._magic = magic
         self._salt = salt
@@ -288,6 +314,10 @@ class _SHACryptHash(_PasswordHash):
         self._rounds = rounds
         self._salt = salt
         self._checksum = checksum
+
+    def kind(self) -> Hashable:
+        """SHA-256 or SHA-512 crypt and its rounds."""
+        return ("sha-crypt", self._bits, self._rounds)
 
     def verify(self, password: bytes) -> bool:
         computed = _sha_crypt(password, self._salt, self._rounds, self._bits)
@@ -378,6 +408,57 @@ def _read_file(path: str) -> tuple[_Signature, dict[str, _PasswordHash]]:
     return (info.st_mtime_ns, info.st_size), _parse_file(path, data)
 
 
+def _decoy_for(users: dict[str, _PasswordHash]) -> _PasswordHash | None:
+    """
+    The hash an unknown user name is checked against: one of the kind (algorithm and
+    work factor) most users of the file have, so that refusing a name the file doesn't
+    have costs what a wrong password for a name it has costs.
+    """
+    if not users:
+        return None
+    kinds = Counter(checker.kind() for checker in users.values())
+    common = kinds.most_common(1)[0][0]
+    return next(c for c in users.values() if c.kind() == common)
+
+
+_Key = tuple[str, bytes]
+
+
+class _Check:
+    """
+    One slow hash in flight for a (user, password), shared by every request that asks
+    for it meanwhile. Each request waits on a L{Deferred} of its own; when the last one
+    gives up (its client left), the hash is dropped if it has not started yet.
+    """
+
+    def __init__(self) -> None:
+        self.waiters: list[Deferred[str | None]] = []
+        self.job: Deferred[Any] | None = None
+
+    def join(self) -> Deferred[str | None]:
+        """A L{Deferred} for one more request waiting on this check."""
+        d: Deferred[str | None] = Deferred(self._leave)
+        self.waiters.append(d)
+        return d
+
+    def _leave(self, d: Deferred[str | None]) -> None:
+        if d in self.waiters:
+            self.waiters.remove(d)
+        if not self.waiters and self.job is not None:
+            job, self.job = self.job, None
+            job.cancel()
+
+    def settle(self, result: str | Failure | None) -> None:
+        """Give every waiting request the answer (a copy of a failure for each)."""
+        waiters, self.waiters = self.waiters, []
+        self.job = None
+        for d in waiters:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+
 @implementer(IAuthenticator)
 class HtpasswdAuthenticator:
     """
@@ -388,20 +469,31 @@ class HtpasswdAuthenticator:
     If a new version can't be used, the last good one stays in force and the reason is
     logged once; fixing the file brings it back.
 
-    Valid credentials are remembered (up to L{cache_size} distinct field values, forgotten
-    when the file is re-read), so a slow hash such as bcrypt runs once per client rather
-    than once per request. Slow hashes (bcrypt, SHA-crypt) are checked off the reactor
-    thread.
+    Valid credentials are remembered by their decoded user and password (up to
+    L{cache_size} of them, forgotten when the file is re-read), so a slow hash runs once
+    per credential, however the header spells it. Slow hashes (bcrypt, MD5-crypt and
+    C{$apr1$}, SHA-crypt) run off the reactor thread, through a L{FairQueue} that bounds
+    the checks running and waiting per client address; a request that asks for a check
+    already running joins it instead of starting another, and a check nobody waits for
+    any more is dropped before it starts. A user name the file doesn't have is checked
+    against a decoy hash of the file's most common kind, so it costs the same.
 
     @ivar realm: The protection space sent in the challenge.
     """
 
     log = Logger()
 
-    #: How many valid credential field values are remembered.
+    #: How many valid credentials are remembered.
     cache_size: ClassVar[int] = 1024
     #: How often, in seconds, the file's modification time and size are looked at.
     check_interval: ClassVar[float] = 1.0
+    #: Hashes that run at once (threads in the hashing pool).
+    HASH_THREADS: ClassVar[int] = 4
+    #: Hashes that may wait for a thread, in all.
+    HASH_QUEUE: ClassVar[int] = 128
+    #: Hashes one client address may have running at once, and running or waiting.
+    HASH_CLIENT_RUNNING: ClassVar[int] = 2
+    HASH_CLIENT_JOBS: ClassVar[int] = 16
 
     def __init__(
         self,
@@ -409,13 +501,18 @@ class HtpasswdAuthenticator:
         realm: str = "aproxy",
         clock: IReactorTime | None = None,
         hash_in_thread: Callable[..., Deferred[Any]] | None = None,
+        hashing: FairQueue | None = None,
     ) -> None:
         """
         @param path: The htpasswd file.
         @param realm: The protection space named in L{challenge}.
         @param clock: Time source for the reload check; the global reactor if L{None}.
         @param hash_in_thread: Runs C{f(*args)} off the reactor thread and returns a
-            L{Deferred} of its result; L{twisted.internet.threads.deferToThread} if L{None}.
+            L{Deferred} of its result; a dedicated pool of L{HASH_THREADS} threads (not
+            the reactor's, which name lookups used to share) if L{None}.
+        @param hashing: Bounds the slow hashes per client address (see L{FairQueue});
+            one from L{default_hashing} if L{None}. Pass the same one to every
+            authenticator that replaces another (a reload), so the bounds hold across.
         @raise AuthFileError: If the file is unreadable or has a line in an unsupported
             format.
         @raise ValueError: If C{realm} holds a control character.
@@ -426,20 +523,32 @@ class HtpasswdAuthenticator:
 
             clock = IReactorTime(reactor)
         if hash_in_thread is None:
-            from twisted.internet.threads import deferToThread
-
-            hash_in_thread = deferToThread
+            hash_in_thread = shared_runner(clock, "aproxy-hash", self.HASH_THREADS).run
         self.realm = realm
         self._path = path
         self._clock = clock
         self._hash_in_thread = hash_in_thread
+        self.hashing = hashing if hashing is not None else self.default_hashing()
         self._signature, self._users = _read_file(path)
+        self._decoy = _decoy_for(self._users)
         self._last_check = clock.seconds()
         # What the last failed reload saw, so each bad version is reported once.
         self._failed: _Signature | str | None = None
-        self._cache: dict[bytes, str] = {}
+        self._cache: dict[_Key, str] = {}
+        self._checks: dict[_Key, _Check] = {}
         # Bumped on every reload; a check that started before one must not fill the cache.
         self._generation = 0
+
+    @classmethod
+    def default_hashing(cls) -> FairQueue:
+        """A L{FairQueue} for password hashes with the C{HASH_*} bounds."""
+        return FairQueue(
+            cls.HASH_THREADS,
+            cls.HASH_QUEUE,
+            cls.HASH_CLIENT_RUNNING,
+            cls.HASH_CLIENT_JOBS,
+            what="password checks",
+        )
 
     @property
     def path(self) -> str:
@@ -457,55 +566,84 @@ class HtpasswdAuthenticator:
     def authenticate(self, credentials: bytes | None) -> Deferred[str | None]:
         """
         Check a C{Proxy-Authorization} field value; see L{IAuthenticator.authenticate}.
+
+        A slow hash is counted against the client in L{current_client}; when a bound is
+        reached the result fails with L{TooManyRequests} (this client) or
+        L{ServiceUnavailable} (every client), and no hash runs.
         """
         self._maybe_reload()
-        if credentials is None:
-            return defer.succeed(None)
-        cached = self._cache.get(credentials)
-        if cached is not None:
-            return defer.succeed(cached)
         parsed = parse_basic_credentials(credentials)
         if parsed is None:
             return defer.succeed(None)
+        cached = self._cache.get(parsed)
+        if cached is not None:
+            return defer.succeed(cached)
         user, password = parsed
         checker = self._users.get(user)
+        known = checker is not None
         if checker is None:
-            return self._unknown_user(password)
+            # Not in the file: check the decoy all the same (and refuse whatever it says).
+            checker = self._decoy
+            if checker is None:
+                return defer.succeed(None)
         if not checker.slow:
-            return defer.succeed(self._remember(credentials, user, checker.verify(password)))
+            valid = checker.verify(password) and known
+            return defer.succeed(self._remember(parsed, user, valid))
+        check = self._checks.get(parsed)
+        if check is not None:
+            return check.join()
+        check = self._checks[parsed] = _Check()
+        # Joined first: the hash may answer at once (a test's synchronous hasher).
+        d = check.join()
+        self._start(check, parsed, checker, known)
+        return d
+
+    def _start(self, check: _Check, key: _Key, checker: _PasswordHash, known: bool) -> None:
+        """Queue the slow hash for C{key}; every request for it meanwhile joins C{check}."""
+        user, password = key
         generation = self._generation
-        d: Deferred[Any] = self._hash_in_thread(checker.verify, password)
+        client = current_client.get()
+        job: Deferred[Any] = self.hashing.submit(
+            lambda: self._hash_in_thread(checker.verify, password), client
+        )
+        check.job = job
 
         def checked(valid: bool) -> str | None:
+            valid = valid and known
             if generation != self._generation:
                 return user if valid else None
-            return self._remember(credentials, user, valid)
+            return self._remember(key, user, valid)
 
-        def failed(failure: Failure) -> None:
+        def failed(failure: Failure) -> str | Failure | None:
+            if failure.check(defer.CancelledError):
+                return failure
+            if failure.check(WorkRefused):
+                refusal = cast("WorkRefused", failure.value)
+                self.log.info(
+                    "password check refused: {reason}", reason=refusal.reason, client=client
+                )
+                if refusal.scope == "client":
+                    return Failure(TooManyRequests(refusal.reason, 1))
+                return Failure(ServiceUnavailable(refusal.reason, "proxy_internal_response"))
             self.log.failure("checking the password of {user!r} failed", failure, user=user)
             return None
 
-        return d.addCallback(checked).addErrback(failed)
+        def settle(result: str | Failure | None) -> None:
+            if self._checks.get(key) is check:
+                del self._checks[key]
+            if isinstance(result, Failure) and result.check(defer.CancelledError):
+                return  # nobody waits any more
+            check.settle(result)
 
-    def _unknown_user(self, password: bytes) -> Deferred[str | None]:
-        """
-        Refuse a user name the file doesn't have, taking as long as a wrong password:
-        when the file has slow hashes, one of them is checked against the password (the
-        answer is thrown away), so the response time doesn't tell which names exist.
-        """
-        decoy = next((c for c in self._users.values() if c.slow), None)
-        if decoy is None:
-            return defer.succeed(None)
-        d: Deferred[Any] = self._hash_in_thread(decoy.verify, password)
-        return d.addBoth(lambda _: None)
+        job.addCallbacks(checked, failed).addBoth(settle)
 
-    def _remember(self, credentials: bytes, user: str, valid: bool) -> str | None:
+    def _remember(self, key: _Key, user: str, valid: bool) -> str | None:
         if not valid:
             return None
         if len(self._cache) >= self.cache_size:
             # Forget the oldest entry (dicts keep insertion order).
             del self._cache[next(iter(self._cache))]
-        self._cache[credentials] = user
+        self._cache[key] = user
         return user
 
     def _maybe_reload(self) -> None:
@@ -531,8 +669,11 @@ class HtpasswdAuthenticator:
             self._reload_failed(signature, str(e))
             return
         self._signature, self._users = signature, users
+        self._decoy = _decoy_for(users)
         self._failed = None
         self._cache.clear()
+        # Checks in flight answer their waiters but no new request joins them.
+        self._checks.clear()
         self._generation += 1
         self.log.info("reloaded {path}: {count} users", path=self._path, count=len(users))
 

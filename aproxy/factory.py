@@ -87,8 +87,14 @@ class ProxyFactory(Factory):
                 config.allow, config.deny_hosts, config.allow_hosts, config.block_private
             )
         )
+        # Bounded, fairly shared password hashes and name lookups (kept across reloads, so
+        # their bounds count the work still running).
+        self.hashing = HtpasswdAuthenticator.default_hashing()
+        self.lookups = EndpointConnector.default_lookups()
         if authenticator is None and config.auth_file is not None:
-            authenticator = HtpasswdAuthenticator(config.auth_file, config.auth_realm, reactor)
+            authenticator = HtpasswdAuthenticator(
+                config.auth_file, config.auth_realm, reactor, hashing=self.hashing
+            )
         self.authenticator = authenticator
         # Failed logins per client address (kept across reloads: a new password file
         # does not give a guesser a fresh start).
@@ -101,6 +107,7 @@ class ProxyFactory(Factory):
                 reactor,
                 config.connect_timeout,
                 self._check_address if self.policy.needs_address_check() else None,
+                lookups=self.lookups,
             )
         )
         self.upstream_factory = UpstreamFactory(config.max_head_size, reactor)
@@ -149,7 +156,9 @@ class ProxyFactory(Factory):
         """
         tls = ClientTLS(config.ca_file, config.insecure_hosts)
         authenticator = (
-            HtpasswdAuthenticator(config.auth_file, config.auth_realm, self.clock)
+            HtpasswdAuthenticator(
+                config.auth_file, config.auth_realm, self.clock, hashing=self.hashing
+            )
             if config.auth_file is not None
             else None
         )
@@ -164,6 +173,7 @@ class ProxyFactory(Factory):
                 self.clock,
                 config.connect_timeout,
                 self._check_address if policy.needs_address_check() else None,
+                lookups=self.lookups,
             )
         self.dialer = self._make_dialer(config, tls)
         self.via = (
@@ -229,7 +239,7 @@ class ProxyFactory(Factory):
         # Parents are configured, not requested: the destination address rules don't
         # apply to them (a parent on a private network is normal).
         parent_connector = (
-            EndpointConnector(self.clock, config.connect_timeout)
+            EndpointConnector(self.clock, config.connect_timeout, lookups=self.lookups)
             if self._own_connector
             else self.connector
         )

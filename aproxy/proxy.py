@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from aproxy.auth import basic_challenge
+from aproxy.auth import basic_challenge, credential_key
 from aproxy.body import ChunkedDecoder, LengthDecoder, UntilCloseDecoder, chunk
 from aproxy.chain import Hop
 from aproxy.connection import (
@@ -80,6 +80,7 @@ from aproxy.upstream import (
     UpstreamProtocol,
 )
 from aproxy.wire import bulk_reads, write_soon
+from aproxy.workpool import as_client
 
 if TYPE_CHECKING:
     from aproxy.factory import ProxyFactory
@@ -167,6 +168,8 @@ class ProxyProtocol(ClientConnection):
         self._reused = False
         self._retried = False
         self._connecting: Deferred[Any] | None = None
+        # The credential check in progress (cancelled if the client leaves).
+        self._checking: Deferred[str | None] | None = None
         self._resp: ResponseHead | None = None
         self._resp_body: Any = None
         self._resp_started = False
@@ -237,11 +240,16 @@ class ProxyProtocol(ClientConnection):
     @_guarded
     def readConnectionLost(self) -> None:
         """
-        The client half-closed. In a tunnel that is passed on to the origin; otherwise a
-        request in flight is still answered, and the connection is closed after it.
+        The client half-closed. In a tunnel that is passed on to the origin; while its
+        credentials wait to be checked it is taken as gone; otherwise a request in flight
+        is still answered, and the connection is closed after it.
         """
         if self._tunnel is not None:
             self._tunnel.client_eof()
+        elif self._checking is not None:
+            # Closed while its credentials wait to be checked: taken as gone (as Squid's
+            # half_closed_clients off and nginx do), so the check is dropped, not run.
+            self._close()
         elif self._state in (_CONNECTING, _FORWARDING) and self._req_body is None:
             self._keep_client = False
             self._eof = True
@@ -340,28 +348,39 @@ class ProxyProtocol(ClientConnection):
         if auth is not None:
             values = head.noted.get(b"proxy-authorization")
             credentials = values[0] if values is not None and len(values) == 1 else None
-            if self._client_ip is not None:
+            ip = self._client_ip
+            # The guess counts from now, not when its hash ends (issue #12, item 5).
+            key = credential_key(credentials) if credentials is not None else None
+            if ip is not None:
                 config = self.config
-                self.factory.login_throttle.check(
-                    self._client_ip, config.auth_max_failures, config.auth_failure_window
-                )
+                throttle = self.factory.login_throttle
+                throttle.check(ip, config.auth_max_failures, config.auth_failure_window, key)
+                if key is not None:
+                    throttle.begin(ip, key)
             self._state = _CONNECTING
             self._pending = rest
-            self._pause(_DIAL)
-            d = auth.authenticate(credentials)
-            d.addCallback(self._authenticated, head, credentials is not None)
-            d.addErrback(self._auth_failed)
+            # Not paused while the check waits: bytes are held (bounded, see _hold), and
+            # a client that hangs up is noticed, so its queued hash is dropped.
+            d = as_client(ip, auth.authenticate, credentials)
+            self._checking = d
+            d.addCallback(self._authenticated, head, key)
+            d.addErrback(self._auth_failed, key)
             return
         self._authorized_request(head, rest)
 
+    def _count_guess(self, key: Hashable | None, failed: bool | None) -> None:
+        """Tell the throttle how the check of this request's credentials ended."""
+        if key is not None and self._client_ip is not None:
+            self.factory.login_throttle.end(
+                self._client_ip, key, failed, self.config.auth_failure_window
+            )
+
     @_guarded
-    def _authenticated(self, user: str | None, head: RequestHead, tried: bool) -> None:
-        if tried and user is None and self._client_ip is not None:
-            # Counted even if the client left meanwhile: the guess was checked all the same.
-            self.factory.login_throttle.failed(self._client_ip, self.config.auth_failure_window)
+    def _authenticated(self, user: str | None, head: RequestHead, key: Hashable | None) -> None:
+        self._checking = None
+        self._count_guess(key, user is None)
         if self._state != _CONNECTING or self._req is not head:
             return
-        self._unpause(_DIAL)
         rest, self._pending = self._pending, b""
         try:
             if user is None:
@@ -372,7 +391,18 @@ class ProxyProtocol(ClientConnection):
             self._fail(e)
 
     @_guarded
-    def _auth_failed(self, failure: Failure) -> None:
+    def _auth_failed(self, failure: Failure, key: Hashable | None) -> None:
+        self._checking = None
+        if failure.check(CancelledError):
+            # The client left while its check waited or ran.
+            self._count_guess(key, None)
+            return
+        if isinstance(failure.value, ProxyError):
+            # A bound on password checks was reached (429/503): nothing was checked.
+            self._count_guess(key, False)
+            self._fail(failure.value)
+            return
+        self._count_guess(key, True)
         self.log.failure("checking proxy credentials failed", failure)
         self._fail(ProxyAuthRequired("proxy authentication failed"))
 
@@ -498,7 +528,8 @@ class ProxyProtocol(ClientConnection):
         self._dial_started = self.clock.seconds()
         self._pause(_DIAL)
         self._set_deadline(_CONNECT, self.config.connect_timeout)
-        d = self.factory.dialer.open(hop)
+        # The client's address bounds its share of the name lookups this may start.
+        d = as_client(self._client_ip, self.factory.dialer.open, hop)
         self._connecting = d
         d.addCallbacks(self._connected, self._connect_failed, callbackArgs=(hop.key,))
 
@@ -986,8 +1017,14 @@ class ProxyProtocol(ClientConnection):
             self.transport.abortConnection()
 
     def _stop_upstream(self, abort: bool) -> None:
-        """Cancel the timer and any dial; close the upstream connection in flight."""
+        """
+        Cancel the timer, any credential check and any dial (a queued hash or lookup is
+        dropped); close the upstream connection in flight.
+        """
         self._cancel_timer()
+        if self._checking is not None:
+            checking, self._checking = self._checking, None
+            checking.cancel()
         if self._connecting is not None:
             d, self._connecting = self._connecting, None
             d.cancel()

@@ -7,6 +7,7 @@ it can send.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -26,9 +27,18 @@ class LoginThrottle:
     each costing a slow hash). A valid login does not reset the count: with one account of
     their own a client could otherwise interleave logins to keep guessing another's.
 
+    A guess counts from the moment its check starts (L{begin}), not when its hash ends:
+    while checks run, each distinct credential being checked for an address counts
+    against its limit as if it had failed, so a burst of simultaneous guesses gets at
+    most C{limit} checks, not one per request. A request with the same credential as a
+    check already running for that address joins it and adds nothing (a browser opening
+    ten connections with one password is one guess). When the check ends (L{end}), a
+    valid credential stops counting and a wrong one becomes a failure.
+
     At most C{max_tracked} addresses are remembered; past that, closed windows are dropped
     and then the oldest ones, so a flood from many addresses can't grow memory without
-    bound (it can only make the throttle forget sooner).
+    bound (it can only make the throttle forget sooner). Checks in progress are bounded
+    by the connections, one per request.
     """
 
     def __init__(self, clock: IReactorTime, max_tracked: int = 65536) -> None:
@@ -40,34 +50,77 @@ class LoginThrottle:
         self.max_tracked = max_tracked
         # address -> [window start, failures in the window]; in order of window start.
         self._windows: dict[str, list[float]] = {}
+        # address -> credential key -> requests waiting on its check.
+        self._pending: dict[str, dict[Hashable, int]] = {}
 
-    def refused_for(self, address: str, limit: int, window: float) -> float | None:
+    def refused_for(
+        self, address: str, limit: int, window: float, key: Hashable | None = None
+    ) -> float | None:
         """
-        Whether C{address} is refused now: the seconds until its window closes, or
-        L{None} when it may try (always, when C{limit} is 0).
+        Whether C{address} is refused now: the seconds until its window closes (or 1
+        while only checks in progress fill the limit), or L{None} when it may try (always,
+        when C{limit} is 0, and for a C{key} whose check is already running: it joins).
         """
+        if not limit:
+            return None
+        pending = self._pending.get(address)
+        if pending is not None and key is not None and key in pending:
+            return None
+        counted = len(pending) if pending is not None else 0
         entry = self._windows.get(address)
-        if entry is None or not limit:
+        left = 0.0
+        if entry is not None:
+            left = entry[0] + window - self._clock.seconds()
+            if left <= 0:
+                del self._windows[address]
+                entry = None
+            else:
+                counted += int(entry[1])
+        if counted < limit:
             return None
-        left = entry[0] + window - self._clock.seconds()
-        if left <= 0:
-            del self._windows[address]
-            return None
-        return left if entry[1] >= limit else None
+        return left if entry is not None and entry[1] >= limit else max(left, 1.0)
 
-    def check(self, address: str, limit: int, window: float) -> None:
+    def check(self, address: str, limit: int, window: float, key: Hashable | None = None) -> None:
         """
-        Let C{address} try to log in, or refuse it.
+        Let C{address} try to log in (with credentials C{key}), or refuse it.
 
-        @raise TooManyRequests: When it has C{limit} failures in its open window; the
-            C{Retry-After} is the window's rest in whole seconds.
+        @raise TooManyRequests: When its failures in the open window and its checks in
+            progress reach C{limit}; the C{Retry-After} is the window's rest in whole
+            seconds (at least 1).
         """
-        left = self.refused_for(address, limit, window)
+        left = self.refused_for(address, limit, window, key)
         if left is not None:
-            wait = math.ceil(left)
+            wait = max(math.ceil(left), 1)
             raise TooManyRequests(
                 f"too many failed proxy logins from {address}: try again in {wait} s", wait
             )
+
+    def begin(self, address: str, key: Hashable) -> None:
+        """A request from C{address} waits for the check of credential C{key}."""
+        pending = self._pending.setdefault(address, {})
+        pending[key] = pending.get(key, 0) + 1
+
+    def end(self, address: str, key: Hashable, failed: bool | None, window: float) -> None:
+        """
+        A request that L{begin} counted has its answer.
+
+        @param failed: C{True} for a wrong credential (one failure for the check, however
+            many requests joined it), C{False} for a valid one or a check that never ran
+            (refused by a bound), L{None} when this request gave up (its client left):
+            the guess then counts as failed once nobody waits for it any more.
+        """
+        pending = self._pending.get(address)
+        waiting = pending.get(key) if pending is not None else None
+        if pending is None or waiting is None:
+            return  # already settled by a request that joined the same check
+        if failed is None and waiting > 1:
+            pending[key] = waiting - 1
+            return
+        del pending[key]
+        if not pending:
+            del self._pending[address]
+        if failed is not False:
+            self.failed(address, window)
 
     def failed(self, address: str, window: float) -> None:
         """Count one failed login from C{address}."""

@@ -106,11 +106,14 @@ class AuthProtocolTests(ProxyTestCase):
         )
         self.assertEqual(len(self.connector.attempts), 1)
 
-    def test_slow_check_pauses_client_and_holds_bytes(self) -> None:
-        """While credentials are checked off-thread the client is paused and its bytes held."""
+    def test_slow_check_holds_bytes(self) -> None:
+        """
+        While credentials are checked off-thread the client's next bytes are held, not
+        acted on, and the client is still read (so a client that leaves is noticed).
+        """
         self.auth.hold = True
         self.proto.dataReceived(with_auth(GET_A, basic("u", "p")))
-        self.assertEqual(self.client.producerState, "paused")
+        self.assertEqual(self.client.producerState, "producing")
         self.proto.dataReceived(GET_A)
         self.assertEqual(self.connector.attempts, [])
         [(d, _)] = self.auth.pending
@@ -122,6 +125,27 @@ class AuthProtocolTests(ProxyTestCase):
         # The held pipelined request is read next; it has no credentials.
         [_, (d2, credentials)] = self.auth.pending
         self.assertIsNone(credentials)
+
+    def test_held_bytes_bounded_during_check(self) -> None:
+        """Past the hold bound the client is paused until the check is answered."""
+        self.auth.hold = True
+        self.proto.dataReceived(with_auth(GET_A, basic("u", "p")))
+        self.proto.dataReceived(b"x" * 70000)
+        self.assertEqual(self.client.producerState, "paused")
+
+    def test_half_close_during_check_drops_it(self) -> None:
+        """
+        A client that closes while its credentials wait to be checked is taken as gone:
+        the check is cancelled (a queued hash never runs) and the connection closed.
+        """
+        self.auth.hold = True
+        self.proto.dataReceived(with_auth(GET_A, basic("u", "p")))
+        [(d, _)] = self.auth.pending
+        self.proto.readConnectionLost()
+        # Cancelled: fired (with CancelledError, which the proxy consumed).
+        self.assertTrue(d.called)
+        self.assertTrue(self.client.disconnecting)
+        self.assertEqual(self.client.value(), b"")
 
     def test_client_gone_during_check(self) -> None:
         """A client that leaves while its credentials are checked is simply forgotten."""

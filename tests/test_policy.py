@@ -10,17 +10,14 @@ Everything is synchronous: no DNS, no sockets, time on a L{MemoryReactorClock}.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError, DNSLookupError
-from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from aproxy import upstream
 from aproxy.config import ProxyConfig
 from aproxy.errors import Forbidden
 from aproxy.factory import ProxyFactory
@@ -441,23 +438,23 @@ class CheckedConnectorTests(SynchronousTestCase):
         self.failureResultOf(d)
         self.assertEqual(len(self.reactor.tcpClients), 1)
 
-    def test_without_check_a_name_uses_hostname_endpoint(self) -> None:
-        """Without check_address a name goes to a HostnameEndpoint; resolve is never called."""
-        made: list[tuple[Any, ...]] = []
-
-        class FakeHostnameEndpoint:
-            def __init__(self, reactor: Any, host: bytes, port: int, timeout: float) -> None:
-                made.append((reactor, host, port, timeout))
-
-            def connect(self, factory: Factory[Protocol]) -> Deferred[Protocol]:
-                return Deferred()
-
-        self.patch(upstream, "HostnameEndpoint", FakeHostnameEndpoint)
+    def test_without_check_a_name_is_looked_up_then_raced(self) -> None:
+        """
+        Without check_address a name is looked up through the connector's bounded lookups
+        too (never by the endpoint on the reactor's thread pool), and a HostnameEndpoint
+        then races the addresses found (Happy Eyeballs): the next one is tried after a
+        short delay while the first is still connecting.
+        """
         connector = EndpointConnector(self.reactor, 7.0, None, self.resolver)
-        connector.connect("example.com", 80, self.factory)
-        self.assertEqual(made, [(self.reactor, b"example.com", 80, 7.0)])
-        self.assertEqual(self.resolver.calls, [])
-        self.assertEqual(self.reactor.tcpClients, [])
+        d = connector.connect("public.example", 80, self.factory)
+        self.assertEqual(self.resolver.calls, [("public.example", 80)])
+        self.reactor.advance(0)
+        self.assertEqual(self.dialed(), [("93.184.216.34", 80)])
+        self.reactor.advance(1)
+        self.assertEqual(self.dialed(), [("93.184.216.34", 80), ("2606:2800:220:1::1", 80)])
+        self.complete(1)
+        self.assertIsInstance(self.successResultOf(d), UpstreamProtocol)
+        self.assertEqual(connector.lookups.running, 0)
 
     def test_factory_uses_checked_connector_only_when_needed(self) -> None:
         """ProxyFactory passes an address check to its connector only if a rule needs it."""
