@@ -89,7 +89,8 @@ class ProxyConfig:
     @ivar deny_hosts: Destination patterns refused (see L{aproxy.policy.parse_host_pattern}).
     @ivar allow_hosts: If any, only destinations matching one of these are allowed.
     @ivar block_private: Refuse destinations whose addresses are loopback, private,
-        link-local, CGNAT, unique-local, multicast or unspecified.
+        link-local, CGNAT, unique-local, site-local, multicast, reserved or unspecified
+        (IPv6 forms of IPv4 addresses judged by the IPv4 address inside).
     @ivar x_forwarded_for: C{"add"} the client address, C{"strip"} incoming ones, or
         C{"keep"} them as they came.
     @ivar max_connections: Client connections served at once; more get 503.

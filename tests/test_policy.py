@@ -24,7 +24,7 @@ from aproxy import upstream
 from aproxy.config import ProxyConfig
 from aproxy.errors import Forbidden
 from aproxy.factory import ProxyFactory
-from aproxy.policy import AccessPolicy, is_private, parse_host_pattern
+from aproxy.policy import AccessPolicy, embedded_ipv4, is_private, parse_host_pattern
 from aproxy.proxy import ProxyProtocol
 from aproxy.upstream import EndpointConnector, UpstreamFactory, UpstreamProtocol
 from tests.fakes import Attempt, HalfCloseTransport, RecordingConnector
@@ -168,6 +168,90 @@ class IsPrivateTests(SynchronousTestCase):
         for text in ("8.8.8.8", "1.1.1.1", "172.32.0.1", "100.128.0.1", "2001:4860:4860::8888"):
             with self.subTest(address=text):
                 self.assertFalse(is_private(ipaddress.ip_address(text)))
+
+
+# Issue 12 item 9: IPv6 spellings of private IPv4 addresses and IPv6 ranges that
+# --block-private let through. (address, private?, why)
+EMBEDDED_AND_IPV6_CASES = (
+    ("::127.0.0.1", True, "IPv4-compatible loopback"),
+    ("::10.1.2.3", True, "IPv4-compatible RFC 1918"),
+    ("::169.254.169.254", True, "IPv4-compatible metadata address"),
+    ("::8.8.8.8", False, "IPv4-compatible public address"),
+    ("::ffff:127.0.0.1", True, "IPv4-mapped loopback"),
+    ("::ffff:8.8.8.8", False, "IPv4-mapped public address"),
+    ("::ffff:0:127.0.0.1", True, "SIIT loopback"),
+    ("::ffff:0:192.168.1.1", True, "SIIT RFC 1918"),
+    ("::ffff:0:8.8.8.8", False, "SIIT public address"),
+    ("64:ff9b::127.0.0.1", True, "well-known NAT64 loopback"),
+    ("64:ff9b::10.0.0.1", True, "well-known NAT64 RFC 1918"),
+    ("64:ff9b::100.64.0.1", True, "well-known NAT64 CGNAT"),
+    ("64:ff9b::8.8.8.8", False, "well-known NAT64 public address"),
+    ("64:ff9b:1::1", True, "RFC 8215 local-use NAT64"),
+    ("64:ff9b:1:ffff::a00:1", True, "RFC 8215 local-use NAT64, end of range"),
+    ("2002:7f00:1::1", True, "6to4 of loopback"),
+    ("2002:808:808::1", False, "6to4 of a public address"),
+    ("fec0::1", True, "site-local"),
+    ("feff:ffff::1", True, "site-local, end of range"),
+    ("::1:2:3:4", True, "reserved ::/8 outside the embedding prefixes"),
+    ("4000::1", True, "reserved, outside global unicast 2000::/3"),
+    ("2001:4860:4860::8888", False, "global unicast"),
+)
+
+
+class EmbeddedIPv4Tests(SynchronousTestCase):
+    """C{--block-private} judges IPv6 forms of IPv4 addresses by the address inside."""
+
+    def test_table(self) -> None:
+        """Each address of the table is private or public as the table says."""
+        for text, private, why in EMBEDDED_AND_IPV6_CASES:
+            with self.subTest(address=text, why=why):
+                self.assertEqual(is_private(ipaddress.ip_address(text)), private)
+
+    def test_literal_targets_refused(self) -> None:
+        """The bracketed literals a client writes in a URL are refused before dialing."""
+        policy = AccessPolicy(block_private=True)
+        for text, private, why in EMBEDDED_AND_IPV6_CASES:
+            with self.subTest(address=text, why=why):
+                if private:
+                    err = self.assertRaises(Forbidden, policy.check_name, text)
+                    self.assertEqual(err.details, "block-private")
+                else:
+                    policy.check_name(text)
+
+    def test_resolved_addresses_refused(self) -> None:
+        """A name resolving to such an address (AAAA record) is refused too."""
+        policy = AccessPolicy(block_private=True)
+        for text, private, why in EMBEDDED_AND_IPV6_CASES:
+            with self.subTest(address=text, why=why):
+                if private:
+                    self.assertRaises(Forbidden, policy.check_address, "aaaa.example", text)
+                else:
+                    policy.check_address("aaaa.example", text)
+
+    def test_embedded_ipv4(self) -> None:
+        """L{embedded_ipv4} finds the IPv4 address in each embedding form, and only there."""
+        for text, inner in (
+            ("::127.0.0.1", "127.0.0.1"),
+            ("::ffff:10.0.0.1", "10.0.0.1"),
+            ("::ffff:0:10.0.0.1", "10.0.0.1"),
+            ("64:ff9b::10.0.0.1", "10.0.0.1"),
+            ("2002:a00:1::", "10.0.0.1"),
+            ("64:ff9b:1::a00:1", None),
+            ("2001:db8::a00:1", None),
+            ("10.0.0.1", None),
+        ):
+            with self.subTest(address=text):
+                found = embedded_ipv4(ipaddress.ip_address(text))
+                self.assertEqual(found, None if inner is None else ipaddress.ip_address(inner))
+
+    def test_deny_rule_covers_ipv6_forms(self) -> None:
+        """A C{--deny-host} IPv4 network also refuses the IPv6 forms that carry its addresses."""
+        policy = AccessPolicy(deny_hosts=("10.0.0.0/8",))
+        for text in ("::10.1.2.3", "::ffff:0:10.1.2.3", "64:ff9b::10.1.2.3", "2002:a01:203::1"):
+            with self.subTest(address=text):
+                err = self.assertRaises(Forbidden, policy.check_name, text)
+                self.assertEqual(err.details, "deny-host 10.0.0.0/8")
+        policy.check_name("::ffff:0:11.1.2.3")
 
 
 # -- AccessPolicy ----------------------------------------------------------------------------
@@ -634,6 +718,30 @@ class DestinationTests(PolicyProxyTestCase):
             get(b"http://169.254.169.254/latest/meta-data/"), ProxyConfig(block_private=True)
         )
         self.assert_refused(client, 403, b"destination_ip_prohibited")
+
+    def test_block_private_ipv6_forms_of_loopback(self) -> None:
+        """
+        With --block-private, IPv6 literals that carry a loopback IPv4 address (compatible,
+        SIIT, NAT64) or lie in local NAT64 or site-local ranges are refused, for plain
+        requests and CONNECT alike, without a dial.
+        """
+        config = ProxyConfig(block_private=True, connect_ports=None)
+        for literal in (
+            b"[::127.0.0.1]",
+            b"[::ffff:0:127.0.0.1]",
+            b"[64:ff9b::127.0.0.1]",
+            b"[64:ff9b:1::7f00:1]",
+            b"[fec0::1]",
+        ):
+            with self.subTest(literal=literal):
+                client, _ = self.request(get(b"http://" + literal + b":8080/"), config)
+                self.assert_refused(client, 403, b"destination_ip_prohibited")
+                authority = literal + b":22"
+                client, _ = self.request(
+                    b"CONNECT " + authority + b" HTTP/1.1\r\nHost: " + authority + b"\r\n\r\n",
+                    config,
+                )
+                self.assert_refused(client, 403, b"destination_ip_prohibited")
 
     def test_refusal_from_connector(self) -> None:
         """A Forbidden raised by the connector (an address check) becomes its 403."""
