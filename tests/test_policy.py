@@ -758,6 +758,94 @@ class DestinationTests(PolicyProxyTestCase):
         self.assertEqual(proxy_status(client.value()), b"aproxy; error=destination_ip_prohibited")
 
 
+class HttpPortsTests(PolicyProxyTestCase):
+    """
+    C{--http-ports} limits the ports absolute-form requests reach (issue 12 item 10): a
+    plain C{POST http://host:25/} must not deliver SMTP commands line by line.
+    """
+
+    def assert_port_refused(self, client: StringTransport, port: int) -> None:
+        """403 http_request_denied naming the port and the option; nothing dialed."""
+        status, body = self.assert_refused(client, 403, b"http_request_denied")
+        self.assertEqual(status, b'aproxy; error=http_request_denied; details="port %d"' % port)
+        self.assertIn(b"--http-ports", body)
+
+    def test_default_refuses_privileged_ports(self) -> None:
+        """By default, ports below 1025 other than 80 and 443 are refused, http and https."""
+        for url, port in (
+            (b"http://mail.example:25/", 25),
+            (b"http://mail.example:465/", 465),
+            (b"https://mail.example:587/", 587),
+            (b"http://ssh.example:22/", 22),
+            (b"http://mail.example:1024/", 1024),
+        ):
+            with self.subTest(url=url):
+                client, _ = self.request(get(url), ProxyConfig())
+                self.assert_port_refused(client, port)
+
+    def test_smtp_post_not_delivered(self) -> None:
+        """The body of a POST to port 25 is never sent anywhere: the client is closed."""
+        body = b"HELO x\r\nMAIL FROM:<a@b>\r\n"
+        client, _ = self.request(
+            b"POST http://mail.example:25/ HTTP/1.1\r\nHost: mail.example:25\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body),
+            ProxyConfig(),
+        )
+        self.assert_port_refused(client, 25)
+
+    def test_default_allows_web_and_unprivileged_ports(self) -> None:
+        """80, 443 (the default ports of http and https too) and 1025-65535 are allowed."""
+        self.make_factory(ProxyConfig())
+        for url, port in (
+            (b"http://a.example/", 80),
+            (b"https://a.example/", 443),
+            (b"http://a.example:443/", 443),
+            (b"http://a.example:1025/", 1025),
+            (b"http://a.example:8080/", 8080),
+            (b"https://a.example:65535/", 65535),
+        ):
+            with self.subTest(url=url):
+                client, proto = self.connect_client()
+                proto.dataReceived(get(url))
+                self.assertEqual(client.value(), b"")
+                self.assertEqual(self.connector.attempts[-1].port, port)
+
+    def test_refused_through_a_parent(self) -> None:
+        """A request routed to a parent proxy is refused the same: the parent would reach it."""
+        config = ProxyConfig(upstream="http://parent.example:3128")
+        client, _ = self.request(get(b"http://mail.example:25/"), config)
+        self.assert_port_refused(client, 25)
+        ok, proto = self.connect_client()
+        proto.dataReceived(get(b"http://a.example:8080/"))
+        [attempt] = self.connector.attempts
+        self.assertEqual((attempt.host, attempt.port), ("parent.example", 3128))
+
+    def test_custom_list_and_any(self) -> None:
+        """A custom list replaces the default; None (C{*}) allows every port."""
+        config = ProxyConfig(http_ports=((80, 80), (8000, 8010)))
+        client, _ = self.request(get(b"http://a.example:8443/"), config)
+        self.assert_port_refused(client, 8443)
+        client, _ = self.request(get(b"http://a.example:25/"), ProxyConfig(http_ports=None))
+        self.assertEqual(client.value(), b"")
+        self.assertEqual(self.connector.attempts[-1].port, 25)
+
+    def test_connect_not_affected(self) -> None:
+        """CONNECT is governed by --connect-ports alone."""
+        config = ProxyConfig(http_ports=((80, 80),), connect_ports=((8443, 8443),))
+        client, _ = self.request(
+            b"CONNECT a.example:8443 HTTP/1.1\r\nHost: a.example:8443\r\n\r\n", config
+        )
+        self.assertEqual(client.value(), b"")
+        self.assertEqual(self.connector.attempts[-1].port, 8443)
+
+    def test_config_validation(self) -> None:
+        """Port ranges outside 1..65535 or reversed are refused, naming http-ports."""
+        for ranges in (((0, 80),), ((80, 65536),), ((90, 80),)):
+            with self.subTest(ranges=ranges):
+                err = self.assertRaises(ValueError, ProxyConfig, http_ports=ranges)
+                self.assertIn("http-ports", str(err))
+
+
 class LoopTests(PolicyProxyTestCase):
     """Requests that would come back to this proxy are refused with proxy_loop_detected."""
 
