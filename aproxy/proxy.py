@@ -439,6 +439,7 @@ class ProxyProtocol(ClientConnection):
             self._tunnel_closed,
         )
         self._tunnel = tunnel
+        self.factory.tunnels += 1
         self.dataReceived = tunnel.from_client  # type: ignore[method-assign]
         if self._paused:
             self._paused = 0
@@ -448,6 +449,8 @@ class ProxyProtocol(ClientConnection):
             tunnel.client_eof()
 
     def _tunnel_closed(self, tunnel: Tunnel) -> None:
+        # Called once per tunnel (Tunnel.close runs once), however it ends.
+        self.factory.tunnels -= 1
         self._state = _CLOSING
         self._emit(self._status, None)
 
