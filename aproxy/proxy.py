@@ -759,6 +759,8 @@ class ProxyProtocol(ClientConnection):
             now - self._started,
             self._hop.label if self._hop is not None else "direct",
             error,
+            "HTTP/1.1" if req.minor else "HTTP/1.0",
+            fields=req.block,
         )
         for observer in observers:
             observer(record)
