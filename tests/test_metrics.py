@@ -544,6 +544,7 @@ class SiteTests(SynchronousTestCase):
         page = body.decode("utf-8")
         self.assertIn("<td>connect_timeout</td><td>10.0</td>", page)
         self.assertIn("<td>connect_ports</td><td>443</td>", page)
+        self.assertIn("<td>http_ports</td><td>80, 443, 1025-65535</td>", page)
 
     def test_status_shows_auth_file_path_not_contents(self) -> None:
         """The password file's path is shown; nothing from inside it is."""
