@@ -6,6 +6,7 @@ import calendar
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -28,7 +29,7 @@ from aproxy.accesslog import (
     format_squid,
 )
 from aproxy.records import Exchange
-from tests.processes import free_port, stop, twistd, wait_for_line
+from tests.processes import stop, twistd, wait_for_line
 
 # 2026-11-26 17:44:19.123 UTC
 T = calendar.timegm((2026, 11, 26, 17, 44, 19, 0, 0, 0)) + 0.123
@@ -561,13 +562,16 @@ class CombinedProcessTests(SynchronousTestCase):
 
     def test_http10_client_fields_logged(self) -> None:
         """Version, Referer and User-Agent go from the socket to the file as sent."""
-        port = free_port()
         with tempfile.TemporaryDirectory() as tmp:
             log = Path(tmp) / "access.log"
-            args = ["--port", str(port), "--deny-host", "blocked.invalid"]
+            # Port 0: the kernel picks a free one, which the start-up line names.
+            args = ["--port", "0", "--deny-host", "blocked.invalid"]
             args += ["--access-log", str(log)]
             with twistd(args, tmp) as proc:
-                wait_for_line(proc, b"starting on")
+                started = wait_for_line(proc, b"starting on")
+                found = re.search(rb"ProxyFactory starting on (\d+)", started)
+                assert found is not None, started
+                port = int(found.group(1))
                 with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
                     conn.sendall(
                         b"GET http://blocked.invalid/a HTTP/1.0\r\nHost: blocked.invalid\r\n"
