@@ -67,8 +67,19 @@ class AccessLogError(ValueError):
 
 
 def _hex_escape(match: re.Match[str]) -> str:
-    """Escape a matched character as C{\\xHH} for each of its UTF-8 bytes (Apache's way)."""
-    return "".join(f"\\x{b:02x}" for b in match.group().encode("utf-8"))
+    """
+    Escape a matched character as C{\\xHH} for each of its UTF-8 bytes (Apache's way); a
+    byte that was not UTF-8 (kept as a lone surrogate, see L{Exchange.referer}) is
+    escaped as itself.
+    """
+    return "".join(f"\\x{b:02x}" for b in match.group().encode("utf-8", "surrogateescape"))
+
+
+def _quoted(text: str | None) -> str:
+    """A request field for a quoted place: C{-} if missing, else escaped as Apache does."""
+    if text is None:
+        return "-"
+    return _UNSAFE_QUOTED.sub(_hex_escape, text)
 
 
 def _percent_escape(match: re.Match[str]) -> str:
@@ -94,22 +105,25 @@ def format_combined(record: Exchange) -> str:
 
     The line starts exactly like Apache's C{combined} format::
 
-        CLIENT - USER [DD/Mon/YYYY:HH:MM:SS +0000] "METHOD TARGET HTTP/1.1" STATUS BYTES "-" "-"
+        CLIENT - USER [DD/Mon/YYYY:HH:MM:SS +0000] "METHOD TARGET VERSION" STATUS BYTES \\
+            "REFERER" "USER-AGENT"
 
-    so combined-format parsers read it, and ends with C{key=value} fields that such
-    parsers ignore or capture as trailing text::
+    (on one line), so combined-format parsers read it, and ends with C{key=value} fields
+    that such parsers ignore or capture as trailing text::
 
         bytes_to_origin=N duration_ms=N upstream=UPSTREAM error=ERROR
 
     The time is when the request head was complete, in UTC, to the second (as Apache's
     C{%t}). C{BYTES} counts everything written to the client, heads included (Apache's
     C{%O}), and is C{0} rather than C{-} when nothing was sent. A status of C{0} means
-    the client left before a response. The records carry no HTTP version, so the
-    request line always says C{HTTP/1.1}; referer and user agent are not recorded and
-    always C{"-"}. C{duration_ms} is rounded to whole milliseconds and C{error} is the
+    the client left before a response. C{VERSION} is the client's (C{HTTP/1.0} or
+    C{HTTP/1.1}); C{REFERER} and C{USER-AGENT} are the request's fields as sent (C{-}
+    without one, several joined with C{", "}, at most
+    L{aproxy.records.MAX_LOGGED_FIELD} bytes each), which log analysers such as GoAccess
+    and AWStats read. C{duration_ms} is rounded to whole milliseconds and C{error} is the
     RFC 9209 error type or C{-}. Quotes, backslashes, control and non-ASCII characters
-    in the target are escaped as C{\\xHH} (of their UTF-8 bytes), as Apache does; the
-    user and the extras get spaces escaped too.
+    in the target, referer and user agent are escaped as C{\\xHH} (of their bytes), as
+    Apache does; the user and the extras get spaces escaped too.
 
     @param record: The finished exchange.
     @return: One line, ending in C{"\\n"}.
@@ -123,8 +137,8 @@ def format_combined(record: Exchange) -> str:
     target = _UNSAFE_QUOTED.sub(_hex_escape, record.target)
     return (
         f"{_bare(record.client)} - {_bare(record.user)} [{stamp}]"
-        f' "{_bare(record.method)} {target} HTTP/1.1" {record.status}'
-        f' {record.bytes_to_client} "-" "-"'
+        f' "{_bare(record.method)} {target} {_bare(record.version)}" {record.status}'
+        f' {record.bytes_to_client} "{_quoted(record.referer)}" "{_quoted(record.user_agent)}"'
         f" bytes_to_origin={record.bytes_to_origin}"
         f" duration_ms={_milliseconds(record.duration)}"
         f" upstream={_bare(record.upstream)} error={_bare(record.error)}\n"

@@ -17,6 +17,7 @@ from aproxy.policy import parse_host_pattern
 from aproxy.routes import Router, parse_parent
 
 __all__ = [
+    "DEFAULT_HTTP_PORTS",
     "DEFAULT_PORT",
     "ProxyConfig",
     "check_proxy_protocol",
@@ -26,30 +27,34 @@ __all__ = [
 ]
 
 DEFAULT_PORT = "tcp:8080:interface=127.0.0.1"
+# Squid's Safe_ports without the legacy protocols (ftp, gopher, wais, ...): the web
+# ports and the unprivileged ones, where no system service such as SMTP listens.
+DEFAULT_HTTP_PORTS = ((80, 80), (443, 443), (1025, 65535))
 _VIA_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z:\[\]]+")
 
 
-def parse_port_list(text: str) -> tuple[tuple[int, int], ...] | None:
+def parse_port_list(text: str, option: str = "connect-ports") -> tuple[tuple[int, int], ...] | None:
     """
-    Parse a C{--connect-ports} value: comma-separated ports and C{low-high} ranges, or
-    C{*} for any port.
+    Parse a C{--connect-ports} or C{--http-ports} value: comma-separated ports and
+    C{low-high} ranges, or C{*} for any port.
 
+    @param option: The option's name, for the error messages.
     @raise ValueError: For anything else, or a port outside 1..65535.
     """
     items = [item.strip() for item in text.split(",") if item.strip()]
     if items == ["*"]:
         return None
     if not items:
-        raise ValueError("connect-ports: empty list")
+        raise ValueError(f"{option}: empty list")
     ranges = []
     for item in items:
         low, sep, high = item.partition("-")
         if not low.isdigit() or (sep and not high.isdigit()):
-            raise ValueError(f"connect-ports: {item!r} is not a port or a range")
+            raise ValueError(f"{option}: {item!r} is not a port or a range")
         first = int(low)
         last = int(high) if sep else first
         if not 0 < first <= last < 65536:
-            raise ValueError(f"connect-ports: bad port range {item!r}")
+            raise ValueError(f"{option}: bad port range {item!r}")
         ranges.append((first, last))
     return tuple(ranges)
 
@@ -152,6 +157,9 @@ class ProxyConfig:
         however busy (its address is checked again on a new connection).
     @ivar connect_ports: The ports CONNECT may reach, as inclusive (low, high) ranges;
         L{None} allows any port.
+    @ivar http_ports: The ports absolute-form requests (C{http}, C{https}, C{ws},
+        C{wss} targets) may reach, directly or through a parent, as inclusive (low,
+        high) ranges; L{None} allows any port.
     @ivar tunnel_idle_timeout: Seconds a CONNECT or Upgrade tunnel may stay silent.
     @ivar allow: Client networks (CIDR) that may use the proxy; loopback by default.
     @ivar proxy_protocol_from: The networks (CIDR) of the load balancers that may send a
@@ -159,7 +167,8 @@ class ProxyConfig:
     @ivar deny_hosts: Destination patterns refused (see L{aproxy.policy.parse_host_pattern}).
     @ivar allow_hosts: If any, only destinations matching one of these are allowed.
     @ivar block_private: Refuse destinations whose addresses are loopback, private,
-        link-local, CGNAT, unique-local, multicast or unspecified.
+        link-local, CGNAT, unique-local, site-local, multicast, reserved or unspecified
+        (IPv6 forms of IPv4 addresses judged by the IPv4 address inside).
     @ivar x_forwarded_for: C{"add"} the client address, C{"strip"} incoming ones, or
         C{"keep"} them as they came.
     @ivar max_connections: Client connections served at once; more get 503.
@@ -201,6 +210,7 @@ class ProxyConfig:
     pool_idle_timeout: float = 30.0
     pool_max_age: float = 120.0
     connect_ports: tuple[tuple[int, int], ...] | None = ((443, 443),)
+    http_ports: tuple[tuple[int, int], ...] | None = DEFAULT_HTTP_PORTS
     tunnel_idle_timeout: float = 600.0
     allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     proxy_protocol_from: tuple[str, ...] = ()
@@ -303,6 +313,10 @@ class ProxyConfig:
             for low, high in self.connect_ports:
                 if not 0 < low <= high < 65536:
                     raise ValueError(f"connect-ports: bad port range {low}-{high}")
+        if self.http_ports is not None:
+            for low, high in self.http_ports:
+                if not 0 < low <= high < 65536:
+                    raise ValueError(f"http-ports: bad port range {low}-{high}")
 
     @property
     def all_routes(self) -> tuple[str, ...]:
@@ -314,6 +328,13 @@ class ProxyConfig:
     def connect_allowed(self, port: int) -> bool:
         """Whether a CONNECT tunnel may go to C{port}."""
         ranges = self.connect_ports
+        if ranges is None:
+            return True
+        return any(low <= port <= high for low, high in ranges)
+
+    def http_port_allowed(self, port: int) -> bool:
+        """Whether an absolute-form request (not a CONNECT) may go to C{port}."""
+        ranges = self.http_ports
         if ranges is None:
             return True
         return any(low <= port <= high for low, high in ranges)

@@ -133,6 +133,9 @@ class ProxyFactory(Factory):
         self.own_ports: set[int] = set()
         self._targets: dict[bytes, Target] = {}
         self.connections: set[ProxyProtocol] = set()
+        # Open tunnels (CONNECT and Upgrade), counted as they open and close, so the
+        # metrics read a number instead of walking every connection per request.
+        self.tunnels = 0
         # Called with an Exchange for every finished request and tunnel (access logs,
         # metrics); empty by default, so nothing is built per request.
         self.observers: list[ExchangeObserver] = []

@@ -22,6 +22,7 @@ __all__ = [
     "IPAddress",
     "IPolicy",
     "Network",
+    "embedded_ipv4",
     "is_private",
     "normalize_address",
     "parse_host_pattern",
@@ -37,8 +38,24 @@ _EXTRA_BLOCKED = (ipaddress.ip_network("100.64.0.0/10"),)
 
 
 _NAME = re.compile(r"[a-z0-9\-_~]+(?:\.[a-z0-9\-_~]+)*")
-# IPv6 forms that carry an IPv4 address inside: NAT64 (RFC 6052) and 6to4 (RFC 3056).
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+# IPv6 prefixes whose last 32 bits are an IPv4 address that a packet to them reaches or
+# stands for: IPv4-compatible (RFC 4291 section 2.5.5.1, deprecated, but still routed
+# over an automatic tunnel where the sit driver is loaded), IPv4-mapped (section 2.5.5.2),
+# SIIT's IPv4-translated addresses (RFC 2765 section 2.1) and the well-known NAT64 prefix
+# (RFC 6052 section 2.1). 6to4 (RFC 3056) carries its IPv4 address in bits 16-47 instead.
+_EMBEDDED_IPV4 = tuple(
+    ipaddress.ip_network(prefix)
+    for prefix in ("::/96", "::ffff:0:0/96", "::ffff:0:0:0/96", "64:ff9b::/96")
+)
+# IPv6 ranges --block-private refuses that ipaddress does not call non-global on every
+# Python version: RFC 8215's local-use NAT64 prefix (whose translators reach whatever
+# IPv4 networks the site chooses, private ones included) and the deprecated site-local
+# unicast prefix (RFC 3879), which some networks still route internally.
+_EXTRA_BLOCKED_V6 = (
+    ipaddress.ip_network("64:ff9b:1::/48"),
+    ipaddress.ip_network("fec0::/10"),
+)
 
 
 def _address(text: str) -> IPAddress:
@@ -57,17 +74,36 @@ def normalize_address(text: str) -> IPAddress | None:
         return None
 
 
+def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """
+    The IPv4 address an IPv6 address carries, or L{None}: for IPv4-compatible
+    (C{::a.b.c.d}), IPv4-mapped (C{::ffff:a.b.c.d}), SIIT (C{::ffff:0:a.b.c.d}),
+    well-known NAT64 (C{64:ff9b::a.b.c.d}) and 6to4 (C{2002:AABB:CCDD::/48}) addresses.
+    """
+    if isinstance(address, ipaddress.IPv4Address):
+        return None
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if any(address in prefix for prefix in _EMBEDDED_IPV4):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
 def is_private(address: IPAddress) -> bool:
     """
     Whether C{address} is one C{--block-private} refuses: loopback, private, link-local
     (169.254.169.254, the cloud metadata address, included), CGNAT, unique-local,
-    multicast, reserved or unspecified.
+    site-local, multicast, reserved or unspecified; an IPv6 address that carries an
+    IPv4 address (see L{embedded_ipv4}) is judged by that IPv4 address, and RFC 8215's
+    local-use NAT64 prefix (C{64:ff9b:1::/48}) is refused whole.
     """
     if isinstance(address, ipaddress.IPv6Address):
-        embedded = address.ipv4_mapped or address.sixtofour
-        if embedded is None and address in _NAT64:
-            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-        if embedded is not None and is_private(embedded):
+        if address.is_loopback or address.is_unspecified:
+            return True
+        embedded = embedded_ipv4(address)
+        if embedded is not None:
+            return is_private(embedded)
+        if address.is_reserved or any(address in net for net in _EXTRA_BLOCKED_V6):
             return True
     if address.is_multicast or address.is_unspecified or address.is_loopback:
         return True
@@ -201,8 +237,10 @@ class AccessPolicy:
         self._check(host.lower().rstrip("."), _address(address))
 
     def _check(self, name: str, address: IPAddress) -> None:
+        # A deny rule for an IPv4 network also refuses the IPv6 forms that reach it.
+        inner = embedded_ipv4(address)
         for text, kind, value in self._deny:
-            if kind == "address" and address in value:
+            if kind == "address" and (address in value or (inner is not None and inner in value)):
                 raise Forbidden(
                     f"destination {name} ({address}) is denied by --deny-host {text}",
                     "destination_ip_prohibited",

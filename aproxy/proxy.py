@@ -417,6 +417,13 @@ class ProxyProtocol(ClientConnection):
             return
         target = self.factory.parse_target(head.target, head.method)
         self._target = target
+        if not self.config.http_port_allowed(target.port):
+            # Whatever the route: through a parent the port is reached all the same.
+            raise Forbidden(
+                f"requests to port {target.port} are not allowed (see the --http-ports option)",
+                "http_request_denied",
+                details=f"port {target.port}",
+            )
         factory.check_destination(target.host, target.port)
         hop = factory.dialer.plan(target.scheme, target.host, target.port, False)
         self._hop = hop
@@ -479,9 +486,11 @@ class ProxyProtocol(ClientConnection):
         self._target = Target(b"", host, port, head.target, b"")
         self.factory.check_destination(host, port)
         if not self.config.connect_allowed(port):
+            # A port rule, not an address one: http_request_denied (RFC 9209 section 2.3.10).
             raise Forbidden(
-                f"CONNECT to port {port} is not allowed (see the --connect-ports option)",
-                "destination_ip_prohibited",
+                f"CONNECT to port {port} is not allowed (see the --connect-ports option;"
+                " clients that tunnel http:// and ws:// requests need --connect-ports 80,443)",
+                "http_request_denied",
                 details=f"port {port}",
             )
         self._is_connect = True
@@ -504,6 +513,7 @@ class ProxyProtocol(ClientConnection):
             self._tunnel_closed,
         )
         self._tunnel = tunnel
+        self.factory.tunnels += 1
         # The tunnel registers the two transports as each other's producers.
         self._ungate()
         self.dataReceived = tunnel.from_client  # type: ignore[method-assign]
@@ -516,6 +526,8 @@ class ProxyProtocol(ClientConnection):
 
     @_guarded
     def _tunnel_closed(self, tunnel: Tunnel) -> None:
+        # Called once per tunnel (Tunnel.close runs once), however it ends.
+        self.factory.tunnels -= 1
         self._state = _CLOSING
         self._emit(self._status, None)
 
@@ -844,6 +856,8 @@ class ProxyProtocol(ClientConnection):
             now - self._started,
             self._hop.label if self._hop is not None else "direct",
             error,
+            "HTTP/1.1" if req.minor else "HTTP/1.0",
+            fields=req.block,
         )
         for observer in observers:
             observer(record)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-__all__ = ["Exchange", "ExchangeObserver"]
+__all__ = ["MAX_LOGGED_FIELD", "Exchange", "ExchangeObserver"]
+
+MAX_LOGGED_FIELD = 2048
+"""The most bytes of a C{Referer} or C{User-Agent} value a record carries (the rest is cut)."""
 
 
 class Exchange:
@@ -27,9 +30,13 @@ class Exchange:
     @ivar upstream: How the origin was reached: C{"direct"}, or the parent proxy's URL
         without credentials (e.g. C{"http://10.1.2.3:3128"}).
     @ivar error: The RFC 9209 C{Proxy-Status} error type, or L{None}.
+    @ivar version: The request's HTTP version as the client sent it, e.g. C{"HTTP/1.0"}.
     """
 
     __slots__ = (
+        "_fields",
+        "_referer",
+        "_user_agent",
         "bytes_to_client",
         "bytes_to_origin",
         "client",
@@ -41,6 +48,7 @@ class Exchange:
         "time",
         "upstream",
         "user",
+        "version",
     )
 
     def __init__(
@@ -56,7 +64,18 @@ class Exchange:
         duration: float,
         upstream: str,
         error: str | None,
+        version: str = "HTTP/1.1",
+        referer: str | None = None,
+        user_agent: str | None = None,
+        fields: bytes | None = None,
     ) -> None:
+        """
+        @param referer: The C{Referer} value, if not to be read from C{fields}.
+        @param user_agent: The C{User-Agent} value, if not to be read from C{fields}.
+        @param fields: The request's field lines as received (each ending in CRLF):
+            C{referer} and C{user_agent} are read from them when first asked for, so a
+            record that no observer formats costs nothing more.
+        """
         self.time = time
         self.client = client
         self.user = user
@@ -68,12 +87,58 @@ class Exchange:
         self.duration = duration
         self.upstream = upstream
         self.error = error
+        self.version = version
+        self._referer = referer
+        self._user_agent = user_agent
+        self._fields = fields
+
+    @property
+    def referer(self) -> str | None:
+        """
+        The request's C{Referer} as sent, or L{None} without one (several fields are
+        joined with C{", "}, as Apache logs them). Bytes that are not UTF-8 are kept as
+        lone surrogates (C{surrogateescape}), so C{.encode("utf-8", "surrogateescape")}
+        gives back what the client sent; at most L{MAX_LOGGED_FIELD} bytes.
+        """
+        if self._fields is not None:
+            self._read_fields()
+        return self._referer
+
+    @property
+    def user_agent(self) -> str | None:
+        """The request's C{User-Agent} as sent, or L{None}; see L{referer}."""
+        if self._fields is not None:
+            self._read_fields()
+        return self._user_agent
+
+    def _read_fields(self) -> None:
+        """Take C{referer} and C{user_agent} (those not given) from the field lines."""
+        block, self._fields = self._fields, None
+        assert block is not None
+        found: dict[bytes, list[bytes]] = {}
+        for line in block.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            lname = name.lower()
+            if lname in (b"referer", b"user-agent"):
+                found.setdefault(lname, []).append(value.strip(b" \t"))
+        if self._referer is None:
+            self._referer = _text(found.get(b"referer"))
+        if self._user_agent is None:
+            self._user_agent = _text(found.get(b"user-agent"))
 
     def __repr__(self) -> str:
         return (
             f"<Exchange {self.method} {self.target} {self.status} from {self.client}"
             f" {self.bytes_to_client}/{self.bytes_to_origin} bytes>"
         )
+
+
+def _text(values: list[bytes] | None) -> str | None:
+    """Field values joined, bounded and decoded losslessly, or L{None} for none."""
+    if values is None:
+        return None
+    joined = b", ".join(values)[:MAX_LOGGED_FIELD]
+    return joined.decode("utf-8", "surrogateescape")
 
 
 ExchangeObserver = Callable[[Exchange], None]

@@ -328,8 +328,8 @@ def _config_value(name: str, value: object) -> str:
         items = value if isinstance(value, tuple) else (value,) if value else ()
         return ", ".join(without_credentials(str(item)) for item in items) or "(none)"
     if value is None:
-        return "any" if name == "connect_ports" else "(none)"
-    if name == "connect_ports" and isinstance(value, tuple):
+        return "any" if name in ("connect_ports", "http_ports") else "(none)"
+    if name in ("connect_ports", "http_ports") and isinstance(value, tuple):
         return ", ".join(f"{low}" if low == high else f"{low}-{high}" for low, high in value)
     if isinstance(value, tuple):
         return ", ".join(str(item) for item in value) or "(none)"

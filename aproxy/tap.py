@@ -104,6 +104,13 @@ class Options(usage.Options):
             "Ports CONNECT may reach: comma-separated ports and ranges (8000-8100), or * for any.",
         ],
         [
+            "http-ports",
+            None,
+            "80,443,1025-65535",
+            "Ports plain http://, https://, ws:// and wss:// requests may reach (not CONNECT): "
+            "comma-separated ports and ranges, or * for any.",
+        ],
+        [
             "tunnel-idle-timeout",
             None,
             600.0,
@@ -401,6 +408,7 @@ class Options(usage.Options):
                 pool_idle_timeout=_number(self, "pool-idle-timeout", float),
                 pool_max_age=_number(self, "pool-max-age", float),
                 connect_ports=parse_port_list(self["connect-ports"]),
+                http_ports=parse_port_list(self["http-ports"], "http-ports"),
                 tunnel_idle_timeout=_number(self, "tunnel-idle-timeout", float),
                 allow=tuple(self["allow"]) or ProxyConfig.allow,
                 proxy_protocol_from=tuple(self["proxy-protocol-from"]),
@@ -465,6 +473,7 @@ OPTION_KINDS: dict[str, str] = {
     "pool-idle-timeout": "float",
     "pool-max-age": "float",
     "connect-ports": "ports",
+    "http-ports": "ports",
     "tunnel-idle-timeout": "float",
     "x-forwarded-for": "str",
     "max-connections": "int",

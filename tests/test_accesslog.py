@@ -6,9 +6,12 @@ import calendar
 import io
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
+from pathlib import Path
 from typing import IO, Any
 
 from twisted.internet.task import Clock
@@ -26,6 +29,7 @@ from aproxy.accesslog import (
     format_squid,
 )
 from aproxy.records import Exchange
+from tests.processes import stop, twistd, wait_for_line
 
 # 2026-11-26 17:44:19.123 UTC
 T = calendar.timegm((2026, 11, 26, 17, 44, 19, 0, 0, 0)) + 0.123
@@ -127,6 +131,47 @@ class CombinedTests(SynchronousTestCase):
         """The timestamp is the request's second in UTC, whatever the local zone."""
         line = format_combined(make(time=T + 0.8))
         self.assertIn("[26/Nov/2026:17:44:19 +0000]", line)
+
+
+class CombinedRequestFieldsTests(SynchronousTestCase):
+    """
+    The combined format writes the client's HTTP version, Referer and User-Agent
+    (issue 12 item 18), which GoAccess and AWStats read, escaped as Apache does.
+    """
+
+    def test_fields_written(self) -> None:
+        """Version, referer and user agent appear where Apache's combined format has them."""
+        line = format_combined(
+            make(
+                version="HTTP/1.0",
+                fields=b"Referer: http://r.example/p?q=1\r\nUser-Agent: Mozilla/5.0 (X11)\r\n",
+            )
+        )
+        self.assertEqual(
+            line,
+            '127.0.0.1 - - [26/Nov/2026:17:44:19 +0000] "GET http://a.example/x?y=%20 HTTP/1.0"'
+            ' 200 1234 "http://r.example/p?q=1" "Mozilla/5.0 (X11)"'
+            " bytes_to_origin=87 duration_ms=250 upstream=direct error=-\n",
+        )
+
+    def test_missing_and_empty(self) -> None:
+        """A missing field is C{"-"}, an empty one C{""} (as Apache writes them)."""
+        line = format_combined(make(fields=b"User-Agent:\r\n"))
+        self.assertIn(' 1234 "-" "" ', line)
+
+    def test_escaped(self) -> None:
+        """Quotes, backslashes, control and non-ASCII bytes are \\xHH, the line stays one line."""
+        line = format_combined(
+            make(fields=b'User-Agent: a"b\\c\td caf\xc3\xa9 \xff\r\nReferer: "-" x\r\n')
+        )
+        self.assertIn(r' "\x22-\x22 x" "a\x22b\x5cc\x09d caf\xc3\xa9 \xff" ', line)
+        self.assertEqual(line.count("\n"), 1)
+        self.assertEqual(line.count('"'), 6)
+
+    def test_given_values(self) -> None:
+        """Records built with explicit values (embedders, tests) are written the same way."""
+        line = format_combined(make(referer="https://r/", user_agent="ua 1"))
+        self.assertIn(' "https://r/" "ua 1" ', line)
 
 
 class SquidTests(SynchronousTestCase):
@@ -510,3 +555,36 @@ class AccessLogTests(SynchronousTestCase):
         log(REFUSED)
         log.close()
         self.assertEqual(self.read(path), format_combined(REFUSED))
+
+
+class CombinedProcessTests(SynchronousTestCase):
+    """The combined log of a real twistd process carries what an HTTP/1.0 client sent."""
+
+    def test_http10_client_fields_logged(self) -> None:
+        """Version, Referer and User-Agent go from the socket to the file as sent."""
+        with tempfile.TemporaryDirectory() as tmp:
+            log = Path(tmp) / "access.log"
+            # Port 0: the kernel picks a free one, which the start-up line names.
+            args = ["--port", "0", "--deny-host", "blocked.invalid"]
+            args += ["--access-log", str(log)]
+            with twistd(args, tmp) as proc:
+                started = wait_for_line(proc, b"starting on")
+                found = re.search(rb"ProxyFactory starting on (\d+)", started)
+                assert found is not None, started
+                port = int(found.group(1))
+                with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
+                    conn.sendall(
+                        b"GET http://blocked.invalid/a HTTP/1.0\r\nHost: blocked.invalid\r\n"
+                        b"Referer: http://ref.example/p\r\nUser-Agent: Wget/1.21.4\r\n\r\n"
+                    )
+                    answer = b""
+                    while chunk := conn.recv(65536):
+                        answer += chunk
+                self.assertTrue(answer.startswith(b"HTTP/1.1 403 "), answer)
+                self.assertEqual(stop(proc), 0)
+            [line] = log.read_text().splitlines()
+        self.assertIn(
+            f'"GET http://blocked.invalid/a HTTP/1.0" 403 {len(answer)}'
+            ' "http://ref.example/p" "Wget/1.21.4" ',
+            line,
+        )

@@ -180,9 +180,9 @@ class HttpParentRequestTests(ParentTestCase):
         layer, parent = self.connect(self.connector.attempts[0])
         layer.dataReceived(OK_2)
         self.take(parent)
-        self.proto.dataReceived(b"GET http://b.example:81/ HTTP/1.1\r\nHost: b.example\r\n\r\n")
+        self.proto.dataReceived(b"GET http://b.example:8081/ HTTP/1.1\r\nHost: b.example\r\n\r\n")
         self.assertEqual(len(self.connector.attempts), 1)
-        self.assertTrue(parent.value().startswith(b"GET http://b.example:81/ HTTP/1.1\r\n"))
+        self.assertTrue(parent.value().startswith(b"GET http://b.example:8081/ HTTP/1.1\r\n"))
 
     def test_parent_407_is_502(self) -> None:
         """The parent's 407 becomes a 502: the client can't answer the parent's challenge."""

@@ -52,6 +52,7 @@ class ConfigFileTests(SynchronousTestCase):
         path = self.write(
             'port = ["tcp:9001:interface=127.0.0.1", 9002]\n'
             'connect-ports = [443, 8443, "9000-9010"]\n'
+            'http-ports = [80, "8000-8100"]\n'
             'allow = ["10.0.0.0/8"]\n'
             "read-timeout = 5\n"
             "max-head-size = 4096\n"
@@ -63,6 +64,7 @@ class ConfigFileTests(SynchronousTestCase):
             config.ports, ("tcp:9001:interface=127.0.0.1", "tcp:9002:interface=127.0.0.1")
         )
         self.assertEqual(config.connect_ports, ((443, 443), (8443, 8443), (9000, 9010)))
+        self.assertEqual(config.http_ports, ((80, 80), (8000, 8100)))
         self.assertEqual(config.allow, ("10.0.0.0/8",))
         self.assertEqual((config.read_timeout, config.max_head_size), (5, 4096))
         self.assertTrue(config.block_private)

@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from aproxy.config import ProxyConfig
 from aproxy.errors import Forbidden
 from aproxy.factory import ProxyFactory
-from aproxy.policy import AccessPolicy, is_private, parse_host_pattern
+from aproxy.policy import AccessPolicy, embedded_ipv4, is_private, parse_host_pattern
 from aproxy.proxy import ProxyProtocol
 from aproxy.upstream import EndpointConnector, UpstreamFactory, UpstreamProtocol
 from tests.fakes import Attempt, HalfCloseTransport, RecordingConnector
@@ -165,6 +165,90 @@ class IsPrivateTests(SynchronousTestCase):
         for text in ("8.8.8.8", "1.1.1.1", "172.32.0.1", "100.128.0.1", "2001:4860:4860::8888"):
             with self.subTest(address=text):
                 self.assertFalse(is_private(ipaddress.ip_address(text)))
+
+
+# Issue 12 item 9: IPv6 spellings of private IPv4 addresses and IPv6 ranges that
+# --block-private let through. (address, private?, why)
+EMBEDDED_AND_IPV6_CASES = (
+    ("::127.0.0.1", True, "IPv4-compatible loopback"),
+    ("::10.1.2.3", True, "IPv4-compatible RFC 1918"),
+    ("::169.254.169.254", True, "IPv4-compatible metadata address"),
+    ("::8.8.8.8", False, "IPv4-compatible public address"),
+    ("::ffff:127.0.0.1", True, "IPv4-mapped loopback"),
+    ("::ffff:8.8.8.8", False, "IPv4-mapped public address"),
+    ("::ffff:0:127.0.0.1", True, "SIIT loopback"),
+    ("::ffff:0:192.168.1.1", True, "SIIT RFC 1918"),
+    ("::ffff:0:8.8.8.8", False, "SIIT public address"),
+    ("64:ff9b::127.0.0.1", True, "well-known NAT64 loopback"),
+    ("64:ff9b::10.0.0.1", True, "well-known NAT64 RFC 1918"),
+    ("64:ff9b::100.64.0.1", True, "well-known NAT64 CGNAT"),
+    ("64:ff9b::8.8.8.8", False, "well-known NAT64 public address"),
+    ("64:ff9b:1::1", True, "RFC 8215 local-use NAT64"),
+    ("64:ff9b:1:ffff::a00:1", True, "RFC 8215 local-use NAT64, end of range"),
+    ("2002:7f00:1::1", True, "6to4 of loopback"),
+    ("2002:808:808::1", False, "6to4 of a public address"),
+    ("fec0::1", True, "site-local"),
+    ("feff:ffff::1", True, "site-local, end of range"),
+    ("::1:2:3:4", True, "reserved ::/8 outside the embedding prefixes"),
+    ("4000::1", True, "reserved, outside global unicast 2000::/3"),
+    ("2001:4860:4860::8888", False, "global unicast"),
+)
+
+
+class EmbeddedIPv4Tests(SynchronousTestCase):
+    """C{--block-private} judges IPv6 forms of IPv4 addresses by the address inside."""
+
+    def test_table(self) -> None:
+        """Each address of the table is private or public as the table says."""
+        for text, private, why in EMBEDDED_AND_IPV6_CASES:
+            with self.subTest(address=text, why=why):
+                self.assertEqual(is_private(ipaddress.ip_address(text)), private)
+
+    def test_literal_targets_refused(self) -> None:
+        """The bracketed literals a client writes in a URL are refused before dialing."""
+        policy = AccessPolicy(block_private=True)
+        for text, private, why in EMBEDDED_AND_IPV6_CASES:
+            with self.subTest(address=text, why=why):
+                if private:
+                    err = self.assertRaises(Forbidden, policy.check_name, text)
+                    self.assertEqual(err.details, "block-private")
+                else:
+                    policy.check_name(text)
+
+    def test_resolved_addresses_refused(self) -> None:
+        """A name resolving to such an address (AAAA record) is refused too."""
+        policy = AccessPolicy(block_private=True)
+        for text, private, why in EMBEDDED_AND_IPV6_CASES:
+            with self.subTest(address=text, why=why):
+                if private:
+                    self.assertRaises(Forbidden, policy.check_address, "aaaa.example", text)
+                else:
+                    policy.check_address("aaaa.example", text)
+
+    def test_embedded_ipv4(self) -> None:
+        """L{embedded_ipv4} finds the IPv4 address in each embedding form, and only there."""
+        for text, inner in (
+            ("::127.0.0.1", "127.0.0.1"),
+            ("::ffff:10.0.0.1", "10.0.0.1"),
+            ("::ffff:0:10.0.0.1", "10.0.0.1"),
+            ("64:ff9b::10.0.0.1", "10.0.0.1"),
+            ("2002:a00:1::", "10.0.0.1"),
+            ("64:ff9b:1::a00:1", None),
+            ("2001:db8::a00:1", None),
+            ("10.0.0.1", None),
+        ):
+            with self.subTest(address=text):
+                found = embedded_ipv4(ipaddress.ip_address(text))
+                self.assertEqual(found, None if inner is None else ipaddress.ip_address(inner))
+
+    def test_deny_rule_covers_ipv6_forms(self) -> None:
+        """A C{--deny-host} IPv4 network also refuses the IPv6 forms that carry its addresses."""
+        policy = AccessPolicy(deny_hosts=("10.0.0.0/8",))
+        for text in ("::10.1.2.3", "::ffff:0:10.1.2.3", "64:ff9b::10.1.2.3", "2002:a01:203::1"):
+            with self.subTest(address=text):
+                err = self.assertRaises(Forbidden, policy.check_name, text)
+                self.assertEqual(err.details, "deny-host 10.0.0.0/8")
+        policy.check_name("::ffff:0:11.1.2.3")
 
 
 # -- AccessPolicy ----------------------------------------------------------------------------
@@ -632,6 +716,30 @@ class DestinationTests(PolicyProxyTestCase):
         )
         self.assert_refused(client, 403, b"destination_ip_prohibited")
 
+    def test_block_private_ipv6_forms_of_loopback(self) -> None:
+        """
+        With --block-private, IPv6 literals that carry a loopback IPv4 address (compatible,
+        SIIT, NAT64) or lie in local NAT64 or site-local ranges are refused, for plain
+        requests and CONNECT alike, without a dial.
+        """
+        config = ProxyConfig(block_private=True, connect_ports=None)
+        for literal in (
+            b"[::127.0.0.1]",
+            b"[::ffff:0:127.0.0.1]",
+            b"[64:ff9b::127.0.0.1]",
+            b"[64:ff9b:1::7f00:1]",
+            b"[fec0::1]",
+        ):
+            with self.subTest(literal=literal):
+                client, _ = self.request(get(b"http://" + literal + b":8080/"), config)
+                self.assert_refused(client, 403, b"destination_ip_prohibited")
+                authority = literal + b":22"
+                client, _ = self.request(
+                    b"CONNECT " + authority + b" HTTP/1.1\r\nHost: " + authority + b"\r\n\r\n",
+                    config,
+                )
+                self.assert_refused(client, 403, b"destination_ip_prohibited")
+
     def test_refusal_from_connector(self) -> None:
         """A Forbidden raised by the connector (an address check) becomes its 403."""
         self.make_factory(ProxyConfig(block_private=True))
@@ -645,6 +753,94 @@ class DestinationTests(PolicyProxyTestCase):
         )
         self.assertEqual(status_of(client.value()), 403)
         self.assertEqual(proxy_status(client.value()), b"aproxy; error=destination_ip_prohibited")
+
+
+class HttpPortsTests(PolicyProxyTestCase):
+    """
+    C{--http-ports} limits the ports absolute-form requests reach (issue 12 item 10): a
+    plain C{POST http://host:25/} must not deliver SMTP commands line by line.
+    """
+
+    def assert_port_refused(self, client: StringTransport, port: int) -> None:
+        """403 http_request_denied naming the port and the option; nothing dialed."""
+        status, body = self.assert_refused(client, 403, b"http_request_denied")
+        self.assertEqual(status, b'aproxy; error=http_request_denied; details="port %d"' % port)
+        self.assertIn(b"--http-ports", body)
+
+    def test_default_refuses_privileged_ports(self) -> None:
+        """By default, ports below 1025 other than 80 and 443 are refused, http and https."""
+        for url, port in (
+            (b"http://mail.example:25/", 25),
+            (b"http://mail.example:465/", 465),
+            (b"https://mail.example:587/", 587),
+            (b"http://ssh.example:22/", 22),
+            (b"http://mail.example:1024/", 1024),
+        ):
+            with self.subTest(url=url):
+                client, _ = self.request(get(url), ProxyConfig())
+                self.assert_port_refused(client, port)
+
+    def test_smtp_post_not_delivered(self) -> None:
+        """The body of a POST to port 25 is never sent anywhere: the client is closed."""
+        body = b"HELO x\r\nMAIL FROM:<a@b>\r\n"
+        client, _ = self.request(
+            b"POST http://mail.example:25/ HTTP/1.1\r\nHost: mail.example:25\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body),
+            ProxyConfig(),
+        )
+        self.assert_port_refused(client, 25)
+
+    def test_default_allows_web_and_unprivileged_ports(self) -> None:
+        """80, 443 (the default ports of http and https too) and 1025-65535 are allowed."""
+        self.make_factory(ProxyConfig())
+        for url, port in (
+            (b"http://a.example/", 80),
+            (b"https://a.example/", 443),
+            (b"http://a.example:443/", 443),
+            (b"http://a.example:1025/", 1025),
+            (b"http://a.example:8080/", 8080),
+            (b"https://a.example:65535/", 65535),
+        ):
+            with self.subTest(url=url):
+                client, proto = self.connect_client()
+                proto.dataReceived(get(url))
+                self.assertEqual(client.value(), b"")
+                self.assertEqual(self.connector.attempts[-1].port, port)
+
+    def test_refused_through_a_parent(self) -> None:
+        """A request routed to a parent proxy is refused the same: the parent would reach it."""
+        config = ProxyConfig(upstream="http://parent.example:3128")
+        client, _ = self.request(get(b"http://mail.example:25/"), config)
+        self.assert_port_refused(client, 25)
+        ok, proto = self.connect_client()
+        proto.dataReceived(get(b"http://a.example:8080/"))
+        [attempt] = self.connector.attempts
+        self.assertEqual((attempt.host, attempt.port), ("parent.example", 3128))
+
+    def test_custom_list_and_any(self) -> None:
+        """A custom list replaces the default; None (C{*}) allows every port."""
+        config = ProxyConfig(http_ports=((80, 80), (8000, 8010)))
+        client, _ = self.request(get(b"http://a.example:8443/"), config)
+        self.assert_port_refused(client, 8443)
+        client, _ = self.request(get(b"http://a.example:25/"), ProxyConfig(http_ports=None))
+        self.assertEqual(client.value(), b"")
+        self.assertEqual(self.connector.attempts[-1].port, 25)
+
+    def test_connect_not_affected(self) -> None:
+        """CONNECT is governed by --connect-ports alone."""
+        config = ProxyConfig(http_ports=((80, 80),), connect_ports=((8443, 8443),))
+        client, _ = self.request(
+            b"CONNECT a.example:8443 HTTP/1.1\r\nHost: a.example:8443\r\n\r\n", config
+        )
+        self.assertEqual(client.value(), b"")
+        self.assertEqual(self.connector.attempts[-1].port, 8443)
+
+    def test_config_validation(self) -> None:
+        """Port ranges outside 1..65535 or reversed are refused, naming http-ports."""
+        for ranges in (((0, 80),), ((80, 65536),), ((90, 80),)):
+            with self.subTest(ranges=ranges):
+                err = self.assertRaises(ValueError, ProxyConfig, http_ports=ranges)
+                self.assertIn("http-ports", str(err))
 
 
 class LoopTests(PolicyProxyTestCase):

@@ -119,6 +119,29 @@ class PolicyIntegrationTests(ConnectionTracking, TestCase):
         self.assertEqual(origin.protocols, [])
         self.assertEqual(proxy.upstreams, [])
 
+    @inlineCallbacks
+    def test_http_port_not_allowed(self) -> Generator[Any, Any, None]:
+        """
+        A POST to a port outside --http-ports gets 403 http_request_denied naming the
+        option, and nothing reaches the service listening there; an allowed port works.
+        """
+        origin, oport = yield self.start_origin()
+        proxy, pport = yield self.start_proxy(ProxyConfig(http_ports=((80, 80),)))
+        body = b"HELO x\r\nQUIT\r\n"
+        post = (
+            f"POST http://127.0.0.1:{oport}/ HTTP/1.1\r\nHost: 127.0.0.1:{oport}\r\n".encode()
+            + b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        resp, rest = yield deferToThread(exchange, pport, post)
+        self.assert_refused(resp, 403, b"http_request_denied")
+        self.assertIn(b"--http-ports", resp.body)
+        self.assertEqual(rest, b"")
+        self.assertEqual(origin.protocols, [])
+        self.assertEqual(proxy.upstreams, [])
+        proxy, pport = yield self.start_proxy(ProxyConfig())
+        resp, _ = yield deferToThread(exchange, pport, get(f"http://127.0.0.1:{oport}/"))
+        self.assertEqual(resp.status, 200)
+
     # -- loops ------------------------------------------------------------------------------
 
     @inlineCallbacks

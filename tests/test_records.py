@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet import error
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 
-from aproxy.records import Exchange
+from aproxy.records import MAX_LOGGED_FIELD, Exchange
 from tests.test_proxy import GET_A, OK_5, ProxyTestCase
 
 
@@ -86,3 +89,92 @@ class RecordTests(ProxyTestCase):
         attempt, _ = self.forward()
         attempt.respond(OK_5)
         self.assertEqual(self.records, [])
+
+
+class RequestFieldsTests(ProxyTestCase):
+    """
+    Records carry the client's HTTP version, Referer and User-Agent (issue 12 item 18),
+    read from the request's field lines only when an observer asks for them.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.records: list[Exchange] = []
+        self.factory.observers.append(self.records.append)
+
+    def test_http10_with_referer_and_user_agent(self) -> None:
+        """An HTTP/1.0 request's version, Referer and User-Agent are recorded as sent."""
+        attempt, _ = self.forward(
+            b"GET http://a.example/p HTTP/1.0\r\nHost: a.example\r\n"
+            b"Referer: http://b.example/from?q=1\r\nuser-AGENT:  Wget/1.21.4  \r\n\r\n"
+        )
+        attempt.respond(OK_5)
+        attempt.close()
+        [record] = self.records
+        self.assertEqual(record.version, "HTTP/1.0")
+        self.assertEqual(record.referer, "http://b.example/from?q=1")
+        self.assertEqual(record.user_agent, "Wget/1.21.4")
+
+    def test_http11_without_fields(self) -> None:
+        """Without the fields they are None; the version is the client's HTTP/1.1."""
+        attempt, _ = self.forward(b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        attempt.respond(OK_5)
+        [record] = self.records
+        self.assertEqual(
+            (record.version, record.referer, record.user_agent), ("HTTP/1.1", None, None)
+        )
+
+    def test_connect(self) -> None:
+        """A CONNECT's User-Agent is recorded too (curl and browsers send one)."""
+        attempt, _ = self.forward(
+            b"CONNECT example.com:443 HTTP/1.1\r\nHost: x\r\nUser-Agent: curl/8.5.0\r\n\r\n"
+        )
+        attempt.close()
+        [record] = self.records
+        self.assertEqual((record.method, record.user_agent), ("CONNECT", "curl/8.5.0"))
+
+    def test_refused_request(self) -> None:
+        """A request the proxy refuses itself is recorded with its fields."""
+        self.proto.dataReceived(
+            b"GET http://a.example:25/ HTTP/1.0\r\nHost: a.example\r\nUser-Agent: x\r\n\r\n"
+        )
+        [record] = self.records
+        self.assertEqual((record.status, record.version, record.user_agent), (403, "HTTP/1.0", "x"))
+
+
+class ExchangeFieldsTests(SynchronousTestCase):
+    """L{Exchange.referer} and L{Exchange.user_agent} from field lines or given values."""
+
+    def make(self, **kwargs: Any) -> Exchange:
+        """A record with the given extra arguments."""
+        return Exchange(
+            0.0, "127.0.0.1", None, "GET", "http://a/", 200, 1, 1, 0.0, "direct", None, **kwargs
+        )
+
+    def test_several_fields_joined(self) -> None:
+        """Repeated fields are joined with ", " in order, as Apache logs them."""
+        record = self.make(fields=b"Referer: a\r\nX: y\r\nREFERER: b\r\n")
+        self.assertEqual(record.referer, "a, b")
+
+    def test_empty_value(self) -> None:
+        """An empty field is an empty string, not a missing one."""
+        self.assertEqual(self.make(fields=b"User-Agent:\r\n").user_agent, "")
+
+    def test_bounded(self) -> None:
+        """A huge value is cut to MAX_LOGGED_FIELD bytes."""
+        record = self.make(fields=b"User-Agent: " + b"u" * 70000 + b"\r\n")
+        self.assertEqual(record.user_agent, "u" * MAX_LOGGED_FIELD)
+
+    def test_bytes_kept(self) -> None:
+        """UTF-8 is decoded; other bytes survive as surrogates and encode back unchanged."""
+        record = self.make(fields=b"Referer: caf\xc3\xa9 \xff\r\n")
+        self.assertEqual(record.referer, "caf\u00e9 \udcff")
+        assert record.referer is not None
+        self.assertEqual(record.referer.encode("utf-8", "surrogateescape"), b"caf\xc3\xa9 \xff")
+
+    def test_given_values_win(self) -> None:
+        """Values passed in are kept; fields fill in only what was not given."""
+        record = self.make(referer="r", fields=b"Referer: other\r\nUser-Agent: ua\r\n")
+        self.assertEqual((record.referer, record.user_agent), ("r", "ua"))
+        self.assertEqual(self.make().referer, None)
+        self.assertEqual(self.make().version, "HTTP/1.1")

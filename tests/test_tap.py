@@ -124,6 +124,18 @@ class OptionsTests(SynchronousTestCase):
         """--connect-ports * allows CONNECT to any port."""
         self.assertIsNone(parse("--connect-ports", "*")["proxy-config"].connect_ports)
 
+    def test_http_ports(self) -> None:
+        """
+        --http-ports defaults to 80, 443 and the unprivileged ports, takes a list of ports
+        and ranges, and * for any port.
+        """
+        self.assertEqual(parse()["proxy-config"].http_ports, ((80, 80), (443, 443), (1025, 65535)))
+        self.assertEqual(
+            parse("--http-ports", "80,8000-8100")["proxy-config"].http_ports,
+            ((80, 80), (8000, 8100)),
+        )
+        self.assertIsNone(parse("--http-ports", "*")["proxy-config"].http_ports)
+
     def test_no_via(self) -> None:
         """--no-via turns the Via field off."""
         self.assertIsNone(parse("--no-via")["proxy-config"].via)
@@ -138,6 +150,9 @@ class OptionsTests(SynchronousTestCase):
             (["--via", "a b"], "via"),
             (["--connect-ports", "443,x"], "connect-ports"),
             (["--connect-ports", "0"], "connect-ports"),
+            (["--http-ports", "80,smtp"], "http-ports: 'smtp'"),
+            (["--http-ports", "80-70000"], "http-ports"),
+            (["--http-ports", ""], "http-ports: empty list"),
             (["--port", "tcp:abc"], "--port tcp:abc"),
             (["--port", "70000"], "--port"),
             (["--port", "ssl:0:privateKey=/nonexistent/key.pem"], "--port ssl:0"),

@@ -650,7 +650,7 @@ class HttpParentTests(TLSTestCase):
             self.assertIn(f"parent proxy http://127.0.0.1:{dead}", body.decode())
             self.assertIn("error=connection_refused", fields["proxy-status"])
 
-        return deferToThread(fetch, child, "http://localhost:1/").addCallback(check)
+        return deferToThread(fetch, child, "http://localhost:1025/").addCallback(check)
 
 
 def _connect_status(proxy_port: int, authority: str) -> bytes:
@@ -700,7 +700,7 @@ class Socks5ParentTests(TLSTestCase):
             self.assertEqual(status, 502)
             self.assertIn("refused the user name and password", body.decode())
 
-        return deferToThread(fetch, proxy, "http://localhost:1/").addCallback(check)
+        return deferToThread(fetch, proxy, "http://localhost:1025/").addCallback(check)
 
     def test_half_close_through_socks(self) -> Deferred[None]:
         """A client's half-close crosses the SOCKS hop; the origin's reply still arrives."""

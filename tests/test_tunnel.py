@@ -64,12 +64,17 @@ class ConnectTests(ProxyTestCase):
         self.assertEqual(len(self.connector.attempts), 1)
 
     def test_port_not_allowed_gets_403(self) -> None:
-        """A CONNECT to a port outside --connect-ports gets 403 naming the option."""
-        self.proto.dataReceived(b"CONNECT example.com:22 HTTP/1.1\r\nHost: x\r\n\r\n")
+        """
+        A CONNECT to a port outside --connect-ports gets 403 http_request_denied (a port
+        rule, not an address problem) with a body naming the option and the setting that
+        clients tunnelling plain http:// (undici, websockets) need.
+        """
+        self.proto.dataReceived(b"CONNECT example.com:80 HTTP/1.1\r\nHost: x\r\n\r\n")
         value = self.client.value()
         self.assertTrue(value.startswith(b"HTTP/1.1 403 Forbidden\r\n"))
-        self.assertIn(b"Proxy-Status: aproxy; error=destination_ip_prohibited", value)
+        self.assertIn(b'Proxy-Status: aproxy; error=http_request_denied; details="port 80"', value)
         self.assertIn(b"--connect-ports", value)
+        self.assertIn(b"--connect-ports 80,443", value)
         self.assertTrue(self.client.disconnecting)
         self.assertEqual(self.connector.attempts, [])
 

@@ -852,7 +852,7 @@ class ConnectRefusalTests(TunnelIntegrationTestCase):
             status, fields, body = parse_response(raw)
             self.assertEqual(status, 403)
             self.assertTrue(
-                fields["proxy-status"].startswith("aproxy; error=destination_ip_prohibited"),
+                fields["proxy-status"].startswith("aproxy; error=http_request_denied"),
                 fields,
             )
             self.assertIn(b"--connect-ports", body)

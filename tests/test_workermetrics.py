@@ -68,6 +68,8 @@ class _Worker:
         self.factory.connections.clear()
         for i in range(plain + tunnels):
             self.factory.connections.add(_Connection(i < tunnels))  # type: ignore[arg-type]
+        # The factory counts tunnels as they open and close (no walk per request).
+        self.factory.tunnels = tunnels
 
     def snapshot(self) -> Snapshot:
         """A snapshot, through its wire form."""
