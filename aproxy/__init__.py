@@ -5,10 +5,11 @@ to embed with L{makeService} or L{ProxyFactory}.
 
 from __future__ import annotations
 
+from aproxy.client.factory import ProxyFactory
 from aproxy.config import ProxyConfig
-from aproxy.factory import ProxyFactory
-from aproxy.service import makeService
+from aproxy.run.service import makeService
+from aproxy.version import VERSION
 
 __all__ = ["ProxyConfig", "ProxyFactory", "__version__", "makeService"]
 
-__version__ = "0.1.0"
+__version__ = VERSION

@@ -1,8 +1,8 @@
 """
 L{ProxyConfig}: the one validated, frozen description of how a proxy behaves.
 
-The command line (L{aproxy.tap}) and embedders both produce a L{ProxyConfig};
-L{aproxy.service.makeService} and L{aproxy.proxy.ProxyFactory} only ever see one.
+The command line (L{aproxy.run.tap}) and embedders both produce a L{ProxyConfig};
+L{aproxy.run.service.makeService} and L{aproxy.client.protocol.ProxyFactory} only ever see one.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from aproxy.policy import parse_host_pattern
-from aproxy.routes import Router, parse_parent
+from aproxy.access.policy import parse_host_pattern
+from aproxy.upstream.routes import Router, parse_parent
 
 __all__ = [
     "DEFAULT_HTTP_PORTS",
@@ -164,7 +164,7 @@ class ProxyConfig:
     @ivar allow: Client networks (CIDR) that may use the proxy; loopback by default.
     @ivar proxy_protocol_from: The networks (CIDR) of the load balancers that may send a
         PROXY header on a C{haproxy:} listener; required with one.
-    @ivar deny_hosts: Destination patterns refused (see L{aproxy.policy.parse_host_pattern}).
+    @ivar deny_hosts: Destination patterns refused (see L{aproxy.access.policy.parse_host_pattern}).
     @ivar allow_hosts: If any, only destinations matching one of these are allowed.
     @ivar block_private: Refuse destinations whose addresses are loopback, private,
         link-local, CGNAT, unique-local, site-local, multicast, reserved or unspecified
@@ -189,7 +189,7 @@ class ProxyConfig:
     @ivar metrics: A server endpoint description for C{/metrics} and C{/status}, or
         L{None} for none.
     @ivar routes: C{PATTERN=TARGET} rules choosing a parent proxy (or C{direct}) per
-        destination host, first match wins (see L{aproxy.routes.parse_route}).
+        destination host, first match wins (see L{aproxy.upstream.routes.parse_route}).
     @ivar upstream: A parent proxy URL for everything no route matched (the same as a
         last route C{*=URL}), or L{None}.
     @ivar ca_file: A PEM file of certificate authorities trusted for TLS to origins and

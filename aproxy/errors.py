@@ -1,7 +1,7 @@
 """
 The one family of "this request cannot be served" errors.
 
-Parsing, policy and routing raise a L{ProxyError}; L{aproxy.proxy.ProxyProtocol} turns it
+Parsing, policy and routing raise a L{ProxyError}; L{aproxy.client.protocol.ProxyProtocol} turns it
 into a short C{text/plain} response carrying an RFC 9209 C{Proxy-Status} field, in one place.
 """
 

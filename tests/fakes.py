@@ -9,7 +9,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from aproxy.upstream import IUpstreamConnector, UpstreamProtocol
+from aproxy.upstream.protocol import IUpstreamConnector, UpstreamProtocol
 
 
 class HalfCloseTransport(StringTransport):

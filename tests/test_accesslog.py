@@ -19,8 +19,8 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from aproxy import accesslog
-from aproxy.accesslog import (
+from aproxy.observe import accesslog
+from aproxy.observe.accesslog import (
     FORMATS,
     AccessLog,
     AccessLogError,
@@ -28,7 +28,7 @@ from aproxy.accesslog import (
     format_json,
     format_squid,
 )
-from aproxy.records import Exchange
+from aproxy.observe.records import Exchange
 from tests.processes import stop, twistd, wait_for_line
 
 # 2026-11-26 17:44:19.123 UTC

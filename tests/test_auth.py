@@ -1,5 +1,5 @@
 """
-Tests for L{aproxy.auth}: htpasswd parsing, every supported hash format, C{Basic}
+Tests for L{aproxy.access.auth}: htpasswd parsing, every supported hash format, C{Basic}
 credential parsing, the cache of verified users and reloading the file.
 
 The hashes below are fixed strings made when the tests were written, so running them needs
@@ -25,7 +25,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from aproxy.auth import (
+from aproxy.access.auth import (
     AuthFileError,
     HtpasswdAuthenticator,
     IAuthenticator,

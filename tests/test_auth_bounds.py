@@ -16,7 +16,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from aproxy.auth import HtpasswdAuthenticator, _decoy_for, _MD5CryptHash, _parse_file
+from aproxy.access.auth import HtpasswdAuthenticator, _decoy_for, _MD5CryptHash, _parse_file
 from aproxy.config import ProxyConfig
 from aproxy.errors import ServiceUnavailable, TooManyRequests
 from aproxy.workpool import FairQueue, as_client
@@ -296,8 +296,8 @@ class SharedAcrossReloadTests(_FileCase):
         """After SIGHUP's reconfigure, password checks and lookups count in the same queues."""
         from twisted.internet.testing import MemoryReactorClock
 
-        from aproxy.factory import ProxyFactory
-        from aproxy.upstream import EndpointConnector
+        from aproxy.client.factory import ProxyFactory
+        from aproxy.upstream.protocol import EndpointConnector
 
         path = self.password_file(f"alice:{BCRYPT_2Y}\n")
         factory = ProxyFactory(ProxyConfig(auth_file=path), MemoryReactorClock())

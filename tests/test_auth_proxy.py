@@ -19,9 +19,9 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from aproxy.auth import IAuthenticator
+from aproxy.access.auth import IAuthenticator
+from aproxy.client.factory import ProxyFactory
 from aproxy.config import ProxyConfig
-from aproxy.factory import ProxyFactory
 from tests.fakes import HalfCloseTransport
 from tests.test_auth import APR1, BCRYPT_2Y, SHA1, SHA256, SHA512
 from tests.test_proxy import GET_A, OK_5, ProxyTestCase

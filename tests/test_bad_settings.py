@@ -20,8 +20,8 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy.config import ProxyConfig
-from aproxy.configfile import ConfigFileError
-from aproxy.tap import Options
+from aproxy.run.configfile import ConfigFileError
+from aproxy.run.tap import Options
 from tests.processes import ROOT, TWISTD
 
 # Command-line mistakes and a text each one-line report must contain.

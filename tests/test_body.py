@@ -1,5 +1,5 @@
 """
-Tests for L{aproxy.body}: body framing decoders and the chunk writer.
+Tests for L{aproxy.http.body}: body framing decoders and the chunk writer.
 
 Every decoded body is fed whole, one byte at a time (not done until the last byte) and
 followed by trailing bytes (handed back untouched). Every rejection has its own test and
@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from aproxy.body import ChunkedDecoder, LengthDecoder, UntilCloseDecoder, chunk
 from aproxy.errors import BadGateway, BadRequest, ProxyError
+from aproxy.http.body import ChunkedDecoder, LengthDecoder, UntilCloseDecoder, chunk
 
 # What may follow a body: the next message. The decoders must not look at it.
 TRAILING = b"GET http://x.example/ HTTP/1.1\r\n\n\r\x00\r\n\r\n"

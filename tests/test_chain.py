@@ -16,12 +16,12 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from aproxy.accesslog import format_squid
-from aproxy.chain import HttpConnectHandshake, Socks5Handshake
 from aproxy.config import ProxyConfig
-from aproxy.records import Exchange
-from aproxy.tls import VerifyNote, tls_failure
-from aproxy.upstream import UpstreamProtocol
+from aproxy.observe.accesslog import format_squid
+from aproxy.observe.records import Exchange
+from aproxy.upstream.dialer import HttpConnectHandshake, Socks5Handshake
+from aproxy.upstream.protocol import UpstreamProtocol
+from aproxy.upstream.tls import VerifyNote, tls_failure
 from tests.fakes import Attempt, HalfCloseTransport
 from tests.test_proxy import ProxyTestCase
 

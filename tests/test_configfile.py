@@ -1,4 +1,4 @@
-"""The --config TOML file and SIGHUP reloads (L{aproxy.configfile}, L{aproxy.tap})."""
+"""The --config TOML file and SIGHUP reloads (L{aproxy.run.configfile}, L{aproxy.run.tap})."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from twisted.application.service import IService
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from aproxy.configfile import ConfigFileError, load_config_file
 from aproxy.errors import Forbidden
-from aproxy.tap import OPTION_KINDS, Options, _CommandLineService, _exit
-from aproxy.tap import makeService as tap_make_service
-from aproxy.workers import WorkerPool
+from aproxy.run.configfile import ConfigFileError, load_config_file
+from aproxy.run.tap import OPTION_KINDS, Options, _CommandLineService, _exit
+from aproxy.run.tap import makeService as tap_make_service
+from aproxy.run.workers import WorkerPool
 
 
 class ConfigFileTests(SynchronousTestCase):

@@ -11,7 +11,7 @@ from pathlib import Path
 from twisted.application.service import IService
 from twisted.trial.unittest import SynchronousTestCase
 
-from aproxy.tap import Options
+from aproxy.run.tap import Options
 from tests.processes import TWISTD, start, stop
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,5 +1,5 @@
 """
-Tests for L{aproxy.http1}: reading, validating and re-serialising HTTP/1.1 message heads.
+Tests for L{aproxy.http.head}: reading, validating and re-serialising HTTP/1.1 message heads.
 
 Every accepted message is read three ways, as h11's tests do: fed whole, fed one byte at a
 time (L{None} until the last byte) and fed with trailing bytes (handed back untouched).
@@ -24,7 +24,7 @@ from aproxy.errors import (
     URITooLong,
     VersionNotSupported,
 )
-from aproxy.http1 import (
+from aproxy.http.head import (
     BODY_CHUNKED,
     BODY_CLOSE,
     BODY_LENGTH,

@@ -27,10 +27,10 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from aproxy.client.factory import ProxyFactory
 from aproxy.config import ProxyConfig
 from aproxy.errors import ServiceUnavailable
-from aproxy.factory import ProxyFactory
-from aproxy.upstream import EndpointConnector, UpstreamFactory
+from aproxy.upstream.protocol import EndpointConnector, UpstreamFactory
 from aproxy.workpool import FairQueue, as_client
 from tests.fakes import HalfCloseTransport
 from tests.tracking import ConnectionTracking

@@ -1,5 +1,5 @@
 """
-Tests for L{aproxy.metrics} and L{aproxy.status}: Prometheus metrics after known
+Tests for L{aproxy.observe.metrics} and L{aproxy.observe.status}: Prometheus metrics after known
 traffic, the 15-minute history, and the C{/metrics} and C{/status} site, all on a fake
 clock and in-memory transports.
 """
@@ -26,11 +26,11 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
+from aproxy.client.factory import ProxyFactory
 from aproxy.config import ProxyConfig
-from aproxy.factory import ProxyFactory
-from aproxy.metrics import Metrics, metrics_site, pages_site
-from aproxy.records import Exchange
-from aproxy.status import BUCKET_SECONDS, BUCKETS, History, destination_host, render_status
+from aproxy.observe.metrics import Metrics, metrics_site, pages_site
+from aproxy.observe.records import Exchange
+from aproxy.observe.status import BUCKET_SECONDS, BUCKETS, History, destination_host, render_status
 from tests.fakes import RecordingConnector
 from tests.test_proxy import GET_A, OK_5, ProxyTestCase
 

@@ -1,8 +1,9 @@
 """
-Unit tests for access control: L{aproxy.policy} (host patterns, private addresses,
-L{AccessPolicy}), the checked name resolution of L{aproxy.upstream.EndpointConnector}, and
-how L{aproxy.proxy.ProxyProtocol} and L{aproxy.factory.ProxyFactory} apply client admission,
-connection limits, destination rules, loop detection and C{X-Forwarded-For}.
+Unit tests for access control: L{aproxy.access.policy} (host patterns, private addresses,
+L{AccessPolicy}), the checked name resolution of
+L{aproxy.upstream.protocol.EndpointConnector}, and how
+L{aproxy.client.protocol.ProxyProtocol} and L{aproxy.client.factory.ProxyFactory} apply
+client admission, connection limits, destination rules, loop detection and C{X-Forwarded-For}.
 
 Everything is synchronous: no DNS, no sockets, time on a L{MemoryReactorClock}.
 """
@@ -18,12 +19,12 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from aproxy.access.policy import AccessPolicy, embedded_ipv4, is_private, parse_host_pattern
+from aproxy.client.factory import ProxyFactory
+from aproxy.client.protocol import ProxyProtocol
 from aproxy.config import ProxyConfig
 from aproxy.errors import Forbidden
-from aproxy.factory import ProxyFactory
-from aproxy.policy import AccessPolicy, embedded_ipv4, is_private, parse_host_pattern
-from aproxy.proxy import ProxyProtocol
-from aproxy.upstream import EndpointConnector, UpstreamFactory, UpstreamProtocol
+from aproxy.upstream.protocol import EndpointConnector, UpstreamFactory, UpstreamProtocol
 from tests.fakes import Attempt, HalfCloseTransport, RecordingConnector
 
 LOCAL_CLIENT = IPv4Address("TCP", "127.0.0.1", 5000)

@@ -1,5 +1,5 @@
 """
-The upstream connection pool (L{aproxy.upstream.UpstreamPool}) on a fake clock: the
+The upstream connection pool (L{aproxy.upstream.protocol.UpstreamPool}) on a fake clock: the
 maximum age of a pooled connection, new limits on reload, and a reload that tightens the
 address rules reaching connections already in the pool.
 """
@@ -11,9 +11,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from aproxy.client.factory import ProxyFactory
 from aproxy.config import ProxyConfig
-from aproxy.factory import ProxyFactory
-from aproxy.upstream import UpstreamFactory, UpstreamPool, UpstreamProtocol
+from aproxy.upstream.protocol import UpstreamFactory, UpstreamPool, UpstreamProtocol
 from tests.fakes import HalfCloseTransport, RecordingConnector
 
 GET_LOCAL = b"GET http://localhost:8000/ HTTP/1.1\r\nHost: localhost:8000\r\n\r\n"
@@ -217,7 +217,7 @@ class MaxAgeOptionTests(SynchronousTestCase):
 
     def test_option_sets_pool_max_age(self) -> None:
         """The option becomes C{ProxyConfig.pool_max_age}; the default is 120 s."""
-        from aproxy.tap import Options
+        from aproxy.run.tap import Options
 
         options = Options()
         options.parseOptions(["--pool-max-age", "30"])

@@ -1,5 +1,5 @@
 """
-Protocol tests for L{aproxy.proxy}: a L{ProxyProtocol} on a L{StringTransport}, origins
+Protocol tests for L{aproxy.client.protocol}: a L{ProxyProtocol} on a L{StringTransport}, origins
 completed by hand through a recording connector, and time on a L{MemoryReactorClock}.
 """
 
@@ -13,10 +13,10 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from aproxy.client.factory import ProxyFactory
+from aproxy.client.protocol import ProxyProtocol
 from aproxy.config import ProxyConfig
-from aproxy.factory import ProxyFactory
-from aproxy.proxy import ProxyProtocol
-from aproxy.upstream import UpstreamProtocol
+from aproxy.upstream.protocol import UpstreamProtocol
 from tests.fakes import Attempt, BufferingTransport, HalfCloseTransport, RecordingConnector
 
 GET_A = b"GET http://a.example/x?y=%20 HTTP/1.1\r\nHost: a.example\r\nUser-Agent: t\r\n\r\n"

@@ -28,13 +28,13 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from aproxy.client.factory import ProxyFactory
+from aproxy.client.protocol import ProxyProtocol
 from aproxy.config import ProxyConfig, check_proxy_protocol, proxy_protocol_inner
-from aproxy.factory import ProxyFactory
-from aproxy.proxy import ProxyProtocol
-from aproxy.proxyheader import ProxyHeader, ProxyHeaderError, ProxyHeaderReader
-from aproxy.service import ProxyHeaderFactory, adopted_service, makeService
-from aproxy.tap import Options
-from aproxy.workers import WorkerPool
+from aproxy.http.proxyheader import ProxyHeader, ProxyHeaderError, ProxyHeaderReader
+from aproxy.run.service import ProxyHeaderFactory, adopted_service, makeService
+from aproxy.run.tap import Options
+from aproxy.run.workers import WorkerPool
 from tests.fakes import HalfCloseTransport, RecordingConnector
 from tests.processes import ROOT, TWISTD, free_port, stop, twistd, wait_for_line
 from tests.test_workers import _SpawningReactor

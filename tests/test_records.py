@@ -8,7 +8,7 @@ from twisted.internet import error
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from aproxy.records import MAX_LOGGED_FIELD, Exchange
+from aproxy.observe.records import MAX_LOGGED_FIELD, Exchange
 from tests.test_proxy import GET_A, OK_5, ProxyTestCase
 
 

@@ -18,11 +18,11 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from aproxy.client.factory import ProxyFactory
 from aproxy.config import ProxyConfig
-from aproxy.factory import ProxyFactory
-from aproxy.service import _ProxyService, makeService, restart_settings
-from aproxy.tap import Options, _CommandLineService
-from aproxy.tap import makeService as tap_make_service
+from aproxy.run.service import _ProxyService, makeService, restart_settings
+from aproxy.run.tap import Options, _CommandLineService
+from aproxy.run.tap import makeService as tap_make_service
 from tests.fakes import HalfCloseTransport, RecordingConnector
 
 DENIED = b"GET http://denied.example/ HTTP/1.1\r\nHost: denied.example\r\n\r\n"

@@ -9,8 +9,8 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy.config import ProxyConfig
-from aproxy.routes import Parent, Router, parse_parent, parse_route
-from aproxy.tap import Options
+from aproxy.run.tap import Options
+from aproxy.upstream.routes import Parent, Router, parse_parent, parse_route
 
 
 class ParseParentTests(SynchronousTestCase):

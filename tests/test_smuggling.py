@@ -22,9 +22,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from aproxy.body import ChunkedDecoder, LengthDecoder, chunk
 from aproxy.errors import BadGateway, BadRequest, ProxyError
-from aproxy.http1 import (
+from aproxy.http.body import ChunkedDecoder, LengthDecoder, chunk
+from aproxy.http.head import (
     HeadReader,
     RequestHead,
     parse_absolute_target,

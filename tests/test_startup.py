@@ -23,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 import aproxy
 import twisted
 from aproxy import ProxyConfig, makeService
-from aproxy.tap import Options
+from aproxy.run.tap import Options
 from tests.processes import ROOT, TWISTD
 from tests.tracking import ConnectionTracking
 

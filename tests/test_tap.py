@@ -1,4 +1,4 @@
-"""Tests for the command line (L{aproxy.tap}), the configuration and the twistd plugin."""
+"""Tests for the command line (L{aproxy.run.tap}), the configuration and the twistd plugin."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy import ProxyConfig, makeService
 from aproxy.config import listen_description
-from aproxy.service import public_listeners
-from aproxy.tap import Options, freeze_startup_heap
-from aproxy.tap import makeService as tap_make_service
+from aproxy.run.service import public_listeners
+from aproxy.run.tap import Options, freeze_startup_heap
+from aproxy.run.tap import makeService as tap_make_service
 
 
 def capture_logs(test: SynchronousTestCase) -> list[Any]:
@@ -301,7 +301,7 @@ class ServiceTests(SynchronousTestCase):
             messages.append(message)
             raise SystemExit(1)
 
-        from aproxy.tap import _CommandLineService
+        from aproxy.run.tap import _CommandLineService
 
         inner = makeService(ProxyConfig(ports=(str(port),)), reactor)
         service = _CommandLineService(inner, record)

@@ -1,12 +1,12 @@
-"""Tests for L{aproxy.throttle}: failed logins counted per address, in a window."""
+"""Tests for L{aproxy.access.throttle}: failed logins counted per address, in a window."""
 
 from __future__ import annotations
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from aproxy.access.throttle import LoginThrottle
 from aproxy.errors import TooManyRequests
-from aproxy.throttle import LoginThrottle
 
 
 class LoginThrottleTests(SynchronousTestCase):

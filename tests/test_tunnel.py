@@ -1,4 +1,7 @@
-"""Tests for CONNECT tunnels and Upgrade pass-through (L{aproxy.tunnel}, L{aproxy.proxy})."""
+"""
+Tests for CONNECT tunnels and Upgrade pass-through (L{aproxy.client.tunnel},
+L{aproxy.client.protocol}).
+"""
 
 from __future__ import annotations
 

@@ -41,11 +41,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from aproxy.client.factory import ProxyFactory
+from aproxy.client.protocol import ProxyProtocol
 from aproxy.config import ProxyConfig
-from aproxy.factory import ProxyFactory
-from aproxy.http1 import HeadReader
-from aproxy.proxy import ProxyProtocol
-from aproxy.upstream import UpstreamFactory, UpstreamProtocol
+from aproxy.http.head import HeadReader
+from aproxy.upstream.protocol import UpstreamFactory, UpstreamProtocol
 
 try:
     from websockets.sync.client import connect as ws_connect

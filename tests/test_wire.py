@@ -1,5 +1,5 @@
 """
-Tests for L{aproxy.wire}: immediate sends and tunnel relays that never reorder or lose bytes
+Tests for L{aproxy.client.wire}: immediate sends and tunnel relays that never reorder or lose bytes
 and keep flow control.
 """
 
@@ -14,10 +14,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.trial.unittest import SynchronousTestCase
 
-from aproxy import wire
-from aproxy.tunnel import Tunnel
-from aproxy.upstream import UpstreamProtocol
-from aproxy.wire import (
+from aproxy.client import wire
+from aproxy.client.tunnel import Tunnel
+from aproxy.client.wire import (
     BULK_BUFFER,
     RELAY_READ,
     bulk_reads,
@@ -26,6 +25,7 @@ from aproxy.wire import (
     unrelay_reads,
     write_soon,
 )
+from aproxy.upstream.protocol import UpstreamProtocol
 
 
 class FakeSocket:

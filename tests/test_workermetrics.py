@@ -1,5 +1,5 @@
 """
-Tests for L{aproxy.workermetrics}: summing the workers' snapshots (on a fake clock, no
+Tests for L{aproxy.observe.cluster}: summing the workers' snapshots (on a fake clock, no
 processes), and the snapshot socket between a worker and the parent (real unix sockets).
 """
 
@@ -22,10 +22,9 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from aproxy.client.factory import ProxyFactory
 from aproxy.config import ProxyConfig
-from aproxy.factory import ProxyFactory
-from aproxy.metrics import Metrics
-from aproxy.workermetrics import (
+from aproxy.observe.cluster import (
     Family,
     NoFigures,
     Snapshot,
@@ -36,6 +35,7 @@ from aproxy.workermetrics import (
     encode_snapshot,
     fetch_snapshot,
 )
+from aproxy.observe.metrics import Metrics
 from tests.fakes import RecordingConnector
 from tests.test_metrics import exchange
 

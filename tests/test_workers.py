@@ -19,9 +19,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy.config import ProxyConfig
-from aproxy.tap import Options
-from aproxy.workermetrics import Family, Snapshot
-from aproxy.workers import WorkerPool, listening_socket, parse_worker_args, worker_count
+from aproxy.observe.cluster import Family, Snapshot
+from aproxy.run.tap import Options
+from aproxy.run.workers import WorkerPool, listening_socket, parse_worker_args, worker_count
 from tests.processes import free_port, status_of, stop, twistd, wait_for_line
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +73,7 @@ class WorkerArgsTests(SynchronousTestCase):
 
     def test_own_address_is_a_loop(self) -> None:
         """A worker told about the parent's metrics address refuses it as its own."""
-        from aproxy.service import adopted_service
+        from aproxy.run.service import adopted_service
 
         _, _, own = parse_worker_args(["own=127.0.0.1:9108"])
         service = adopted_service(ProxyConfig(), [], Clock(), own=own)

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 
-from aproxy.records import Exchange
+from aproxy.observe.records import Exchange
 
 __all__ = [
     "FORMATS",
@@ -119,7 +119,7 @@ def format_combined(record: Exchange) -> str:
     the client left before a response. C{VERSION} is the client's (C{HTTP/1.0} or
     C{HTTP/1.1}); C{REFERER} and C{USER-AGENT} are the request's fields as sent (C{-}
     without one, several joined with C{", "}, at most
-    L{aproxy.records.MAX_LOGGED_FIELD} bytes each), which log analysers such as GoAccess
+    L{aproxy.observe.records.MAX_LOGGED_FIELD} bytes each), which log analysers such as GoAccess
     and AWStats read. C{duration_ms} is rounded to whole milliseconds and C{error} is the
     RFC 9209 error type or C{-}. Quotes, backslashes, control and non-ASCII characters
     in the target, referer and user agent are escaped as C{\\xHH} (of their bytes), as

@@ -22,7 +22,7 @@ from aproxy.errors import (
     URITooLong,
     VersionNotSupported,
 )
-from aproxy.target import Target, parse_absolute_target, parse_authority
+from aproxy.http.target import Target, parse_absolute_target, parse_authority
 
 __all__ = [
     "BODY_CHUNKED",

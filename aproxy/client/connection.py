@@ -1,7 +1,7 @@
 """
 What every client connection needs before HTTP: admission (allowed networks and connection
 limits), one lazily rescheduled timer for whichever deadline applies, and pausing the client
-transport for several independent reasons. L{aproxy.proxy.ProxyProtocol} builds on it.
+transport for several independent reasons. L{aproxy.client.protocol.ProxyProtocol} builds on it.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from aproxy.errors import Forbidden, ProxyError, ServiceUnavailable
-from aproxy.proxyheader import ProxyHeaderError, ProxyHeaderReader
+from aproxy.http.proxyheader import ProxyHeaderError, ProxyHeaderReader
 
 if TYPE_CHECKING:
-    from aproxy.factory import ProxyFactory
+    from aproxy.client.factory import ProxyFactory
 
 __all__ = ["ClientConnection", "OutputGate"]
 
@@ -143,7 +143,7 @@ class ClientConnection(Protocol):
     def expect_proxy_header(self) -> None:
         """
         Read a PROXY protocol header first (the peer is a trusted load balancer; see
-        L{aproxy.service.ProxyHeaderFactory}) and admit the client it names. Call before
+        L{aproxy.run.service.ProxyHeaderFactory}) and admit the client it names. Call before
         the connection is made.
         """
         self._proxy_header = ProxyHeaderReader()

@@ -30,10 +30,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from aproxy.auth import basic_challenge, credential_key
-from aproxy.body import ChunkedDecoder, LengthDecoder, UntilCloseDecoder, chunk
-from aproxy.chain import Hop
-from aproxy.connection import (
+from aproxy.access.auth import basic_challenge, credential_key
+from aproxy.client.connection import (
     _CONNECT,
     _DIAL,
     _HEAD,
@@ -45,6 +43,8 @@ from aproxy.connection import (
     OutputGate,
     _ClientPauser,
 )
+from aproxy.client.tunnel import Tunnel
+from aproxy.client.wire import bulk_reads, write_soon
 from aproxy.errors import (
     BadGateway,
     BadRequest,
@@ -56,7 +56,9 @@ from aproxy.errors import (
     RequestTimeout,
     TooManyRequests,
 )
-from aproxy.http1 import (
+from aproxy.http.answers import connect_error, error_response, local_answer
+from aproxy.http.body import ChunkedDecoder, LengthDecoder, UntilCloseDecoder, chunk
+from aproxy.http.head import (
     BODY_CHUNKED,
     BODY_CLOSE,
     BODY_LENGTH,
@@ -73,17 +75,15 @@ from aproxy.http1 import (
     serialize_request_head,
     serialize_response_head,
 )
-from aproxy.records import Exchange
-from aproxy.responses import connect_error, error_response, local_answer
-from aproxy.tunnel import Tunnel
-from aproxy.upstream import (
+from aproxy.observe.records import Exchange
+from aproxy.upstream.dialer import Hop
+from aproxy.upstream.protocol import (
     UpstreamProtocol,
 )
-from aproxy.wire import bulk_reads, write_soon
 from aproxy.workpool import as_client
 
 if TYPE_CHECKING:
-    from aproxy.factory import ProxyFactory
+    from aproxy.client.factory import ProxyFactory
 
 __all__ = ["ProxyProtocol", "loop_error"]
 
@@ -1098,12 +1098,3 @@ def _forget(proto: UpstreamProtocol, reason: Failure) -> None:
 
 def _drop(data: bytes) -> None:
     """Bytes from an upstream connection nobody reads any more."""
-
-
-def __getattr__(name: str) -> Any:
-    """Keep C{aproxy.proxy.ProxyFactory} working: the factory now lives in its own module."""
-    if name == "ProxyFactory":
-        from aproxy.factory import ProxyFactory
-
-        return ProxyFactory
-    raise AttributeError(name)

@@ -8,10 +8,10 @@ takes the connection, and a burst of long keep-alive connections can all land on
 worker while the other idles (measured: all 50 of a benchmark's connections, half the
 throughput, in two runs of four). The parent restarts a worker that dies and passes SIGTERM,
 SIGHUP and SIGUSR1 on. Each worker is a complete aproxy with its own reactor, factory and
-connection pool, started as C{python -m aproxy.workers FD:FAMILY ... -- ARGS}.
+connection pool, started as C{python -m aproxy.run.workers FD:FAMILY ... -- ARGS}.
 
 With C{--metrics}, the parent serves the endpoint itself, with the totals over the workers
-(L{aproxy.workermetrics}): each worker is also given C{snapshot=PATH}, the unix socket
+(L{aproxy.observe.cluster}): each worker is also given C{snapshot=PATH}, the unix socket
 where it serves its own figures to the parent, and C{own=HOST:PORT}, the metrics address,
 which it refuses as a destination like its own ports (a loop).
 """
@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from aproxy.config import ProxyConfig, proxy_protocol_inner
-from aproxy.workermetrics import WorkerTotals
+from aproxy.observe.cluster import WorkerTotals
 
 __all__ = ["WorkerPool", "listening_socket", "parse_worker_args", "worker_count"]
 
@@ -224,7 +224,7 @@ class WorkerPool(Service):
             worker.snapshot_path = self.metrics.socket_path(f"worker{number}-{self._spawned}")
             specs.append(f"snapshot={worker.snapshot_path}")
         specs.extend(f"own={address}" for address in self._own)
-        args = [sys.executable, "-m", "aproxy.workers", *specs, "--", *self.argv]
+        args = [sys.executable, "-m", "aproxy.run.workers", *specs, "--", *self.argv]
         worker.started = self.reactor.seconds()
         transport = self.reactor.spawnProcess(
             worker, sys.executable, args, os.environ, childFDs=fds
@@ -323,7 +323,7 @@ def _run_worker(argv: list[str]) -> None:
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    from aproxy.tap import worker_service
+    from aproxy.run.tap import worker_service
 
     split = argv.index("--")
     specs, rest = argv[:split], argv[split + 1 :]

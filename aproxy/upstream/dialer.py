@@ -31,10 +31,10 @@ from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 
 from aproxy.errors import BadGateway, GatewayTimeout, ProxyError
-from aproxy.http1 import HeadReader, parse_response_head
-from aproxy.routes import Parent, Router
-from aproxy.tls import ClientTLS, VerifyNote, tls_failure
-from aproxy.upstream import IUpstreamConnector, UpstreamFactory, UpstreamProtocol
+from aproxy.http.head import HeadReader, parse_response_head
+from aproxy.upstream.protocol import IUpstreamConnector, UpstreamFactory, UpstreamProtocol
+from aproxy.upstream.routes import Parent, Router
+from aproxy.upstream.tls import ClientTLS, VerifyNote, tls_failure
 
 __all__ = ["Dialer", "Hop", "HttpConnectHandshake", "Socks5Handshake"]
 

@@ -41,8 +41,8 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from aproxy.config import ProxyConfig
-from aproxy.metrics import Metrics, pages_site
-from aproxy.status import Bucket, History, render_status
+from aproxy.observe.metrics import Metrics, pages_site
+from aproxy.observe.status import Bucket, History, render_status
 
 __all__ = [
     "SNAPSHOT_TIMEOUT",
@@ -416,13 +416,13 @@ class WorkerTotals:
         return cast("Deferred[bytes]", d)
 
     def render_status(self) -> Deferred[bytes]:
-        """C{/status}: the page of L{aproxy.status}, with the totals."""
+        """C{/status}: the page of L{aproxy.observe.status}, with the totals."""
         d = self.refresh()
         d.addCallback(lambda _: self._status())
         return cast("Deferred[bytes]", d)
 
     def _status(self) -> bytes:
-        from aproxy import __version__
+        from aproxy.version import VERSION
 
         totals = self.totals
         now = self.reactor.seconds()
@@ -434,10 +434,10 @@ class WorkerTotals:
             int(totals.value("aproxy_upstream_pool_connections")),
             int(totals.value("aproxy_upstream_reused_total")),
             self.config,
-            __version__,
+            VERSION,
             workers=len(self._workers()),
         )
 
     def site(self) -> Site:
-        """The HTTP site: C{/metrics} and C{/status} (see L{aproxy.metrics.pages_site})."""
+        """The HTTP site: C{/metrics} and C{/status} (see L{aproxy.observe.metrics.pages_site})."""
         return pages_site(self.render_metrics, self.render_status, self.reactor)

@@ -19,8 +19,8 @@ from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
 
 from aproxy.config import ProxyConfig
-from aproxy.records import Exchange
-from aproxy.routes import without_credentials
+from aproxy.observe.records import Exchange
+from aproxy.upstream.routes import without_credentials
 
 __all__ = [
     "BUCKETS",

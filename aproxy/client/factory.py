@@ -21,24 +21,24 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from aproxy.auth import HtpasswdAuthenticator, IAuthenticator
-from aproxy.chain import Dialer, Hop
+from aproxy.access.auth import HtpasswdAuthenticator, IAuthenticator
+from aproxy.access.policy import AccessPolicy, IPolicy, normalize_address
+from aproxy.access.throttle import LoginThrottle
+from aproxy.client.protocol import ProxyProtocol, loop_error
 from aproxy.config import ProxyConfig
 from aproxy.errors import Forbidden
-from aproxy.http1 import Target, parse_absolute_target
-from aproxy.policy import AccessPolicy, IPolicy, normalize_address
-from aproxy.proxy import ProxyProtocol, loop_error
-from aproxy.records import ExchangeObserver
-from aproxy.routes import Router
-from aproxy.throttle import LoginThrottle
-from aproxy.tls import ClientTLS
-from aproxy.upstream import (
+from aproxy.http.head import Target, parse_absolute_target
+from aproxy.observe.records import ExchangeObserver
+from aproxy.upstream.dialer import Dialer, Hop
+from aproxy.upstream.protocol import (
     EndpointConnector,
     IUpstreamConnector,
     UpstreamFactory,
     UpstreamPool,
     UpstreamProtocol,
 )
+from aproxy.upstream.routes import Router
+from aproxy.upstream.tls import ClientTLS
 
 __all__ = ["ProxyFactory"]
 

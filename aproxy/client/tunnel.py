@@ -4,7 +4,7 @@ transports are spliced together.
 
 Each transport is registered as the other's streaming producer, so a side that stops reading
 pauses the other and memory stays bounded. Between two plain TCP transports the bytes skip
-the protocols: L{aproxy.wire.relay_reads} sends each side's reads straight to the other. A
+the protocols: L{aproxy.client.wire.relay_reads} sends each side's reads straight to the other. A
 half-close is passed on (the other side's write half is shut down after its buffer drains)
 and relaying continues the other way; a full close or reset of one side closes the other
 once what it already received has been flushed.
@@ -18,8 +18,8 @@ from typing import Any
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
-from aproxy.upstream import UpstreamProtocol
-from aproxy.wire import bulk_reads, relay_reads, shut_write, unrelay_reads, write_soon
+from aproxy.client.wire import bulk_reads, relay_reads, shut_write, unrelay_reads, write_soon
+from aproxy.upstream.protocol import UpstreamProtocol
 
 __all__ = ["Tunnel"]
 

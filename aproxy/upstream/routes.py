@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
-from aproxy.policy import parse_host_pattern
+from aproxy.access.policy import parse_host_pattern
 
 __all__ = ["Parent", "Router", "parse_parent", "parse_route", "without_credentials"]
 

@@ -1,6 +1,6 @@
 """
 twistd glue: the C{aproxy} command line (L{Options}) and L{makeService}, which turns the
-parsed options into a L{ProxyConfig} and the service from L{aproxy.service}.
+parsed options into a L{ProxyConfig} and the service from L{aproxy.run.service}.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.python import usage
 
-from aproxy.accesslog import AccessLogError
-from aproxy.auth import HtpasswdAuthenticator
+from aproxy.access.auth import HtpasswdAuthenticator
 from aproxy.config import (
     DEFAULT_PORT,
     ProxyConfig,
@@ -28,11 +27,12 @@ from aproxy.config import (
     listen_description,
     parse_port_list,
 )
-from aproxy.configfile import ConfigFileError, load_config_file
-from aproxy.service import _ProxyService, adopted_service, restart_settings
-from aproxy.service import makeService as _makeService
-from aproxy.tls import ClientTLS
-from aproxy.workers import WorkerPool, worker_count
+from aproxy.observe.accesslog import AccessLogError
+from aproxy.run.configfile import ConfigFileError, load_config_file
+from aproxy.run.service import _ProxyService, adopted_service, restart_settings
+from aproxy.run.service import makeService as _makeService
+from aproxy.run.workers import WorkerPool, worker_count
+from aproxy.upstream.tls import ClientTLS
 
 __all__ = ["Options", "freeze_startup_heap", "makeService"]
 
@@ -344,11 +344,11 @@ class Options(usage.Options):
         """Print aproxy's, Twisted's and Python's versions and exit."""
         import platform
 
-        from aproxy import __version__
+        from aproxy.version import VERSION
         from twisted import __version__ as twisted_version
 
         sys.stdout.write(
-            f"aproxy {__version__}\nTwisted {twisted_version}\nPython {platform.python_version()}\n"
+            f"aproxy {VERSION}\nTwisted {twisted_version}\nPython {platform.python_version()}\n"
         )
         sys.stdout.flush()
         raise SystemExit(0)

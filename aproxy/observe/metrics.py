@@ -4,7 +4,7 @@ Prometheus metrics and a status page for a running proxy.
 L{Metrics} is an L{Exchange} observer (add it to C{ProxyFactory.observers}) that counts
 requests, bytes, errors and durations in its own C{prometheus_client} registry, reads
 the factory's gauges (connections, tunnels, pooled upstream connections) at scrape time,
-and keeps 15 minutes of history for the C{/status} page (L{aproxy.status}).
+and keeps 15 minutes of history for the C{/status} page (L{aproxy.observe.status}).
 L{metrics_site} serves both over HTTP: C{GET /metrics} and C{GET /status}.
 """
 
@@ -23,11 +23,11 @@ from twisted.web import http, pages
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from aproxy.records import Exchange
-from aproxy.status import History, render_status
+from aproxy.observe.records import Exchange
+from aproxy.observe.status import History, render_status
 
 if TYPE_CHECKING:
-    from aproxy.factory import ProxyFactory
+    from aproxy.client.factory import ProxyFactory
 
 __all__ = ["METRICS_CONTENT_TYPE", "Metrics", "Page", "metrics_site", "pages_site"]
 
@@ -210,8 +210,8 @@ class Metrics:
         return generate_latest(self.registry)
 
     def render_status(self) -> bytes:
-        """The C{/status} HTML page (see L{aproxy.status.render_status})."""
-        from aproxy import __version__
+        """The C{/status} HTML page (see L{aproxy.observe.status.render_status})."""
+        from aproxy.version import VERSION
 
         factory = self._factory
         now = self._clock.seconds()
@@ -224,7 +224,7 @@ class Metrics:
             len(factory.pool),
             factory.pool.reused,
             factory.config,
-            __version__,
+            VERSION,
         )
 
 

@@ -25,14 +25,14 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from aproxy.accesslog import AccessLog
+from aproxy.access.policy import normalize_address
+from aproxy.client.factory import ProxyFactory
+from aproxy.client.protocol import ProxyProtocol
 from aproxy.config import ProxyConfig, proxy_protocol_inner
-from aproxy.factory import ProxyFactory
-from aproxy.metrics import Metrics, metrics_site
-from aproxy.policy import normalize_address
-from aproxy.proxy import ProxyProtocol
-from aproxy.routes import parse_route
-from aproxy.workermetrics import SnapshotFactory
+from aproxy.observe.accesslog import AccessLog
+from aproxy.observe.cluster import SnapshotFactory
+from aproxy.observe.metrics import Metrics, metrics_site
+from aproxy.upstream.routes import parse_route
 
 __all__ = [
     "ProxyHeaderFactory",
@@ -266,7 +266,7 @@ def adopted_service(
     order of C{config.ports} (so that a C{haproxy:} port's socket takes PROXY headers).
 
     @param snapshot: With C{config.metrics}: the unix socket path where the worker
-        serves its figures to the parent (L{aproxy.workermetrics}), which serves the
+        serves its figures to the parent (L{aproxy.observe.cluster}), which serves the
         metrics endpoint; the worker does not listen on C{config.metrics} itself.
     @param own: Other addresses of this proxy (the parent's metrics endpoint) that
         requests must not be sent to (loops).

@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from aproxy.errors import ServiceUnavailable
-from aproxy.http1 import HeadReader
+from aproxy.http.head import HeadReader
 from aproxy.workpool import FairQueue, WorkRefused, current_client, shared_runner
 
 __all__ = [
@@ -48,7 +48,10 @@ __all__ = [
 
 
 class IUpstreamConnector(Interface):
-    """How the proxy opens a TCP connection to an origin or a parent (see L{aproxy.chain})."""
+    """
+    How the proxy opens a TCP connection to an origin or a parent (see
+    L{aproxy.upstream.dialer}).
+    """
 
     def connect(host: str, port: int, factory: Factory) -> Deferred[Protocol]:  # noqa: N805
         """
@@ -325,7 +328,7 @@ class UpstreamProtocol(Protocol):
     One connection to an origin: a thin adapter that hands received bytes and the
     connection's end to whoever owns it now (a client's L{ProxyProtocol} or the pool).
 
-    @ivar key: Where the connection goes, for the pool (L{aproxy.chain.Hop.key}).
+    @ivar key: Where the connection goes, for the pool (L{aproxy.upstream.dialer.Hop.key}).
     @ivar reader: Collects the head of each response on this connection.
     @ivar on_data: Called with each received chunk of bytes.
     @ivar on_lost: Called with this protocol and the reason when the connection ends.
@@ -333,7 +336,7 @@ class UpstreamProtocol(Protocol):
         default that ends the connection, which is what HTTP needs. Tunnels relay it.
     @ivar on_ready: Called once when the connection can carry a request: when it is made,
         or with C{wait_handshake} when the TLS handshake beneath it completed (see
-        L{aproxy.chain}); L{None} when nobody waits.
+        L{aproxy.upstream.dialer}); L{None} when nobody waits.
     """
 
     # A TCP or TLS transport: ITransport plus IConsumer, IPushProducer and half-close;
@@ -344,7 +347,7 @@ class UpstreamProtocol(Protocol):
     # When the connection was made (on the clock of the factory that built it), for the
     # pool's maximum age; L{None} until known.
     created: float | None = None
-    # The TLS settings (an L{aproxy.tls.ClientTLS}) that verified the origin or parent
+    # The TLS settings (an L{aproxy.upstream.tls.ClientTLS}) that verified the origin or parent
     # on this connection, or L{None} without TLS: a reload replaces them, and a pooled
     # connection verified under the old ones is not reused.
     verified_by: object | None = None
@@ -431,7 +434,7 @@ class UpstreamFactory(Factory):
 
 class UpstreamPool:
     """
-    Idle upstream connections kept for reuse, per key (see L{aproxy.chain.Hop.key}: the
+    Idle upstream connections kept for reuse, per key (see L{aproxy.upstream.dialer.Hop.key}: the
     origin, or the parent proxy, and whether it speaks TLS).
 
     A connection is put back only after its response was read completely and neither side

@@ -12,7 +12,7 @@ from twisted.internet import error as ierror
 from twisted.python.failure import Failure
 
 from aproxy.errors import BadGateway, GatewayTimeout, ProxyError
-from aproxy.http1 import RequestHead
+from aproxy.http.head import RequestHead
 
 __all__ = ["connect_error", "error_response", "local_answer"]
 
