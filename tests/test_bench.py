@@ -5,6 +5,7 @@ target selection and report table on made-up results.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -13,24 +14,36 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import ModuleType
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "run.py"
+PACKAGE = ROOT / "bench" / "aproxybench"
 MISSING = "/nonexistent/bench-peer"
 
 
-def load_bench() -> ModuleType:
-    """bench/run.py as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("aproxy_bench_run", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+def load_bench() -> SimpleNamespace:
+    """
+    The public names of the benchmark's modules (settings, targets, report, cli) in one
+    namespace. bench/aproxybench is not installed nor on sys.path: it is loaded from its
+    files once, as the package C{aproxybench}.
+    """
+    if "aproxybench" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "aproxybench", PACKAGE / "__init__.py", submodule_search_locations=[str(PACKAGE)]
+        )
+        assert spec is not None and spec.loader is not None
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = package  # its modules import each other through it
+        spec.loader.exec_module(package)
+    names: dict[str, Any] = {}
+    for module in ("settings", "targets", "report", "cli"):
+        loaded = importlib.import_module(f"aproxybench.{module}")
+        names.update((k, v) for k, v in vars(loaded).items() if not k.startswith("_"))
+    return SimpleNamespace(**names)
 
 
 def row_cells(line: str) -> list[str]:
@@ -94,6 +107,26 @@ class BenchSmokeTests(SynchronousTestCase):
         self.assertNotIn("failed", rows["aproxy"])
         self.assertTrue(rows["aproxy"][header.index("command")].startswith("`"))
         self.assertIn("100 B keep-alive >= 15,000 requests/s", out)
+
+
+class BenchTypingTests(SynchronousTestCase):
+    """The benchmark's package and programs stay mypy --strict clean, like aproxy's code."""
+
+    def test_mypy(self) -> None:
+        """mypy --strict finds nothing in bench/aproxybench, bench/run.py and bench/programs."""
+        if not SCRIPT.exists():
+            self.skipTest("not running from a checkout")
+        paths = ["bench/aproxybench", "bench/run.py", "bench/programs"]
+        result = subprocess.run(
+            [sys.executable, "-m", "mypy", "--strict", *paths],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if "No module named mypy" in result.stderr:
+            self.skipTest("mypy is not installed (pip install '.[test]')")
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
 
 
 class BenchTargetTests(SynchronousTestCase):
