@@ -28,12 +28,15 @@ Prints one Markdown report on standard output, a table with a row per target (pr
 to standard error). Only the Python 3.11 standard library is used; wrk, nginx and curl are
 used when present. Every child process runs in its own process group and is killed at the
 end, also on Ctrl-C or errors. A peer's failure is reported but does not fail the run.
+With C{--aproxy-b-checkout DIR} (or C{--aproxy-cmd-b CMD}) a second aproxy build runs as
+target aproxy-b in the same rounds, and the report compares the two builds' medians.
 
 This file is the entry point only: the code is the package C{bench/aproxybench/}, the
 programs it runs as separate processes are in C{bench/programs/}, and the configs it renders
 in C{bench/templates/}.
 
-Usage: python bench/run.py [--quick] [--smoke] [--targets A,B,...] [--aproxy-cmd CMD] ...
+Usage: python bench/run.py [--quick] [--smoke] [--targets A,B,...] [--aproxy-cmd CMD]
+       [--aproxy-b-checkout DIR] [--aproxy-cmd-b CMD] ...
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from .procs import Abort, log, raise_abort
 from .report import render
 from .runner import Bench
 from .settings import FULL, QUICK, SMOKE, Settings
-from .targets import TARGETS, select_targets, target_list
+from .targets import BUILD_B, TARGETS, select_targets, target_list
 
 __all__ = ["main", "parse_args", "settings_for"]
 
@@ -41,6 +41,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "Also used for aproxy-w2 (with --workers 2 appended)",
     )
     ap.add_argument(
+        "--aproxy-cmd-b",
+        metavar="CMD",
+        help=f"a second aproxy build to compare with, as target {BUILD_B} (run after aproxy, "
+        "in the same alternating rounds); like --aproxy-cmd, but PYTHONPATH never includes "
+        "this checkout. Default with --aproxy-b-checkout: sys.executable -m twisted aproxy",
+    )
+    ap.add_argument(
+        "--aproxy-b-checkout",
+        metavar="DIR",
+        help=f"the checkout {BUILD_B} runs: PYTHONPATH=DIR for it (e.g. a git worktree of "
+        "the old commit)",
+    )
+    ap.add_argument(
         "--targets",
         type=target_list,
         help=f"comma-separated, in this order; from {','.join(TARGETS)} (aproxy-w2: aproxy "
@@ -54,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ):
         ap.add_argument(f"--{peer}", metavar="PATH", help=f"{peer} executable (default: {where})")
     ap.add_argument("--duration", type=float, help="seconds per load run (overrides the mode)")
+    ap.add_argument(
+        "--rounds", type=int, help="alternating rounds (overrides the mode: 5, 3 quick, 1 smoke)"
+    )
     ap.add_argument("--connections", type=int, default=50, help="load connections (50)")
     ap.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
     ap.add_argument("--idle-conns", type=int, help="idle connections to hold (mode default)")
@@ -76,6 +92,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-seconds", type=int, help="abort the whole run after this long")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     args = ap.parse_args(argv)
+    if (
+        args.targets
+        and BUILD_B in args.targets
+        and not (args.aproxy_cmd_b or args.aproxy_b_checkout)
+    ):
+        ap.error(f"target {BUILD_B} needs --aproxy-cmd-b or --aproxy-b-checkout")
+    if args.aproxy_b_checkout and not (Path(args.aproxy_b_checkout) / "aproxy").is_dir():
+        ap.error(f"--aproxy-b-checkout {args.aproxy_b_checkout}: no aproxy/ in it")
     args.wrk = None if args.no_wrk else shutil.which("wrk")
     args.curl = None if args.no_curl else shutil.which("curl")
     return args
@@ -90,6 +114,8 @@ def settings_for(args: argparse.Namespace, proxies: int = 1) -> Settings:
     changes: dict[str, Any] = {}
     if args.duration:
         changes["wrk_seconds"] = args.duration
+    if args.rounds:
+        changes["rounds"] = args.rounds
     if args.idle_conns:
         changes["idle_conns"] = args.idle_conns
     if args.max_seconds:

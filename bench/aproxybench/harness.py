@@ -30,7 +30,7 @@ from .settings import (
     SMALL_BODY,
     Settings,
 )
-from .targets import APROXY_TARGETS, PEERS, proxy_argv, render
+from .targets import APROXY_TARGETS, BUILD_B, PEERS, proxy_argv, render
 
 __all__ = ["Harness"]
 
@@ -151,7 +151,10 @@ class Harness:
         work.mkdir(parents=True)
         os.chmod(work, 0o777)  # squid, started as root, runs as its own user
         argv, env = proxy_argv(self.args, name, port, work, self.origin_port)
-        self.commands[name] = shlex.join(argv)  # the last phase's (the load phase)
+        command = shlex.join(argv)
+        if name == BUILD_B and "PYTHONPATH" in env:  # which code it runs
+            command = f"PYTHONPATH={shlex.quote(env['PYTHONPATH'])} {command}"
+        self.commands[name] = command  # the last phase's (the load phase)
         child = Child(name, argv, logfile=work / "output.log", env=env, cwd=work)
         t = Target(name, port, self.origin_port, True)
         ready = False

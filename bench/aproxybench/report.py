@@ -1,6 +1,6 @@
 """
 The Markdown report: a table with a row per target, the project's targets for the aproxy
-rows, machine and versions, command lines, problems.
+rows, the comparison of two aproxy builds, machine and versions, command lines, problems.
 The pieces are plain functions of the results, so the tests can render made-up ones.
 """
 
@@ -16,9 +16,10 @@ from typing import Any
 
 from .runner import Bench
 from .settings import DISTURBED_SHARE, LOOPBACK, MIB, SLOW_TRANSFER_SECONDS, Settings
-from .targets import APROXY_TARGETS, PEERS
+from .targets import APROXY_TARGETS, BUILD_B, PEERS
 
 __all__ = [
+    "build_lines",
     "cell",
     "detail_lines",
     "failed",
@@ -70,6 +71,11 @@ def render(bench: Bench) -> str:
             "went to other work, so those figures, and ratios between rows, are not "
             "reliable: rerun on an idle machine.",
         ]
+    builds = build_lines(bench.results, s)
+    if builds:
+        lines += ["", f"## Two aproxy builds: aproxy and {BUILD_B}", "", *builds]
+        if not bench.args.wrk:
+            lines.append("- (the alternating rounds need wrk, which was not used: no medians)")
     goals = [line for name in bench.targets for line in goal_lines(name, bench.results, s)]
     if goals:
         lines += ["", "## Targets (aproxy)", "", *goals]
@@ -418,6 +424,45 @@ def detail_lines(bench: Bench, big: str) -> list[str]:
             else:
                 parts.append(f"{share:.0%} kernel, {busy:.0%} busy, {noise:.0%} unattributed")
         lines.append(f"- {name}: {parts[0]}; {parts[1]}")
+    return lines
+
+
+# The figures that compare two aproxy builds: (result key, field, what, format).
+BUILD_FIGURES = (
+    ("rounds", "rps", "keep-alive requests/s", ",.0f"),
+    ("rounds_close", "rps", "Connection: close requests/s", ",.0f"),
+    ("rounds_tunnel", "mbps", "CONNECT tunnel download MB/s", ",.0f"),
+    ("rounds", "p99_ms", "keep-alive p99 ms (lower is better)", ".2f"),
+)
+
+
+def build_lines(results: dict[str, dict[str, Any]], s: Settings) -> list[str]:
+    """
+    aproxy against aproxy-b (a second build) by the medians of the alternating rounds:
+    each figure of both and the change, aproxy / aproxy-b - 1 (with aproxy-b the old
+    build, -3% means the new one is 3% slower). Empty unless both ran.
+    """
+    mine, theirs = results.get("aproxy"), results.get(BUILD_B)
+    if mine is None or theirs is None:
+        return []
+    lines = [
+        f"Medians of the {s.rounds} alternating rounds (every target running, taken in turn; "
+        f"the tunnel download runs once per round and proxy when {BUILD_B} runs); change = "
+        f"aproxy / {BUILD_B} - 1:",
+        "",
+    ]
+    for key, field, what, fmt in BUILD_FIGURES:
+        if failed(mine, key) or failed(theirs, key):
+            lines.append(f"- {what}: failed")
+            continue
+        x, y = value(mine, key, field), value(theirs, key, field)
+        if x is None or y is None:
+            lines.append(f"- {what}: - (not measured)")
+            continue
+        change = f"{x / y - 1:+.1%}" if y else "-"
+        lines.append(
+            f"- {what}: aproxy {format(x, fmt)}, {BUILD_B} {format(y, fmt)}: change {change}"
+        )
     return lines
 
 

@@ -19,7 +19,7 @@ from .loads import download, idle_conns, load, slow_reader, upload
 from .procs import Child, brief, log, rss_kib, tool_output
 from .profiling import record_profile
 from .settings import CHECKOUT, PACE_DELAY_MS, PHASE_KEYS
-from .targets import APROXY_TARGETS, PEERS, aproxy_version, peer_version
+from .targets import APROXY_TARGETS, BUILD_B, PEERS, aproxy_version, peer_version
 
 __all__ = ["Bench"]
 
@@ -134,17 +134,26 @@ class Bench(Harness):
         self.problems += done.problems
 
     def collect_versions(self) -> None:
-        """Python, Twisted, aproxy, the peers', wrk's and curl's versions."""
+        """Python, Twisted, the aproxy builds', the peers', wrk's and curl's versions."""
         a = self.args
         self.versions["Python (bench)"] = platform.python_version()
-        side = aproxy_version(a, "aproxy")
-        if side is not None:
-            self.versions["aproxy side"] = side
+        sides = {"aproxy": aproxy_version(a, "aproxy")}
+        if sides["aproxy"] is not None:
+            self.versions["aproxy side"] = sides["aproxy"]
         if not a.aproxy_cmd:
             self.describe_checkout("aproxy checkout", CHECKOUT)
+        if BUILD_B in self.targets:
+            sides[BUILD_B] = side = aproxy_version(a, BUILD_B)
+            if side is not None:
+                self.versions["aproxy-b side"] = side
+                self.check_build_b(side)
+            if a.aproxy_b_checkout:
+                self.describe_checkout("aproxy-b checkout", Path(a.aproxy_b_checkout).resolve())
         for name in self.targets:
             if name in APROXY_TARGETS:
-                text = side if side is not None else "unknown (--aproxy-cmd: not queried)"
+                side = sides.get("aproxy" if name != BUILD_B else BUILD_B)
+                flag = "--aproxy-cmd-b" if name == BUILD_B else "--aproxy-cmd"
+                text = side if side is not None else f"unknown ({flag}: not queried)"
                 self.target_versions[name] = text.split(" / from ")[0]
             elif name in PEERS:
                 self.target_versions[name] = peer_version(name, a)
@@ -152,6 +161,28 @@ class Bench(Harness):
             self.versions["wrk"] = tool_output([a.wrk, "--version"])
         if a.curl:
             self.versions["curl"] = tool_output([a.curl, "--version"])
+
+    def check_build_b(self, side: str) -> None:
+        """
+        A problem when aproxy-b imports aproxy from elsewhere than C{--aproxy-b-checkout},
+        or, without that option, from this checkout: the comparison would then not be of
+        the build meant.
+        """
+        where = side.rpartition(" / from ")[2]
+        if not where.endswith(".py"):
+            return  # the query failed; the version line says why
+        path = Path(where).resolve()
+        if self.args.aproxy_b_checkout:
+            expected = Path(self.args.aproxy_b_checkout).resolve()
+            if not path.is_relative_to(expected):
+                self.problems.append(
+                    f"aproxy-b imports aproxy from {path}, not from --aproxy-b-checkout {expected}"
+                )
+        elif path.is_relative_to(CHECKOUT):
+            self.problems.append(
+                f"aproxy-b imports aproxy from this checkout ({path}): it measures the same "
+                "code as aproxy (give --aproxy-b-checkout DIR)"
+            )
 
     def run(self) -> None:
         """Origin, then every scenario for each target in turn."""
@@ -184,6 +215,10 @@ class Bench(Harness):
         settings = dataclasses.replace(s, wrk_seconds=s.round_seconds)
         origin = self.origin.pid if self.origin else None
         loads = (("rounds", False, "keep-alive"), ("rounds_close", True, "Connection: close"))
+        # Comparing two aproxy builds: the CONNECT tunnel download in the rounds too, one per
+        # round and proxy, so its median compares the builds like the loads' do.
+        tunnel = BUILD_B in self.targets
+        keys = [key for key, _, _ in loads] + (["rounds_tunnel"] if tunnel else [])
         with contextlib.ExitStack() as stack:
             live: list[tuple[str, Target, int, int | None]] = []
             for name in self.targets:
@@ -195,7 +230,7 @@ class Bench(Harness):
                 try:
                     child, t = stack.enter_context(self.proxy(name, "rounds"))
                 except Exception as e:  # the others still run
-                    for key, _, _ in loads:
+                    for key in keys:
                         self.results[name][key] = {"error": f"rounds phase: {e}"}
                     self.fail(name, f"{name} rounds phase: {e}")
                     continue
@@ -214,14 +249,35 @@ class Bench(Harness):
                             continue
                         self.check_health(name, f"{what} round {r + 1}", result)
                         runs.setdefault((name, key), []).append(result)
+                    if tunnel and name != "direct":
+                        self.tunnel_round(name, t, pid, r, runs)
         for (name, key), results in runs.items():
             if key in self.results[name]:
                 continue  # failed in some round
             summary: dict[str, Any] = {"rounds": len(results)}
-            for field in ("rps", "p50_ms", "p99_ms", "cpu_per_10k"):
+            for field in ("rps", "p50_ms", "p99_ms", "cpu_per_10k", "mbps"):
                 each = [float(x[field]) for x in results if x.get(field) is not None]
                 if each:
                     summary[field] = statistics.median(each)
                     summary[f"{field}_each"] = [round(x, 2) for x in each]
             self.results[name][key] = summary
             log(f"{name}: {key}: {brief(summary)}")
+
+    def tunnel_round(
+        self,
+        name: str,
+        t: Target,
+        pid: int,
+        r: int,
+        runs: dict[tuple[str, str], list[dict[str, Any]]],
+    ) -> None:
+        """One CONNECT tunnel download of the large file in round C{r}, into C{runs}."""
+        log(f"{name}: CONNECT tunnel round {r + 1} of {self.s.rounds} ...")
+        size = self.s.big_bytes
+        try:
+            result = download(t, self.big_path, size, pid, self.args, tunnel=True)
+        except Exception as e:  # that target's rounds are incomplete
+            self.results[name]["rounds_tunnel"] = {"error": f"round {r + 1}: {e}"}
+            self.fail(name, f"{name} CONNECT tunnel round {r + 1}: {e}")
+            return
+        runs.setdefault((name, "rounds_tunnel"), []).append(result)

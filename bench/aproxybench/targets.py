@@ -1,6 +1,7 @@
 """
-The targets: a direct connection to the origin, aproxy (with one or two workers) and the
-comparison proxies (squid, tinyproxy, proxy.py): how each is configured and started, and
+The targets: a direct connection to the origin, aproxy (this checkout, with one or two
+workers, and optionally a second build, C{aproxy-b}, to compare two builds in one run) and
+the comparison proxies (squid, tinyproxy, proxy.py): how each is configured and started, and
 which of them a command line selects.
 """
 
@@ -20,9 +21,11 @@ from .settings import CHECKOUT, LOOPBACK, TEMPLATES
 __all__ = [
     "APROXY_TARGETS",
     "BENCH_VENVS",
+    "BUILD_B",
     "PEERS",
     "TARGETS",
     "aproxy_argv",
+    "aproxy_env",
     "aproxy_version",
     "find_peer",
     "peer_version",
@@ -33,8 +36,10 @@ __all__ = [
     "target_list",
 ]
 
-# aproxy targets and their --workers count.
-APROXY_TARGETS = {"aproxy": 1, "aproxy-w2": 2}
+# aproxy targets and their --workers count. aproxy-b is a second aproxy build
+# (--aproxy-cmd-b, --aproxy-b-checkout), measured like aproxy to compare the two.
+BUILD_B = "aproxy-b"
+APROXY_TARGETS = {"aproxy": 1, "aproxy-w2": 2, BUILD_B: 1}
 # Comparison proxies, run when installed; their failures do not fail the run.
 PEERS = ("squid", "tinyproxy", "proxypy")
 TARGETS = ("direct", *APROXY_TARGETS, *PEERS)
@@ -53,11 +58,43 @@ def render(template: str, **values: object) -> str:
     return text
 
 
+def _is_checkout(entry: str) -> bool:
+    """Whether a C{PYTHONPATH} entry is this checkout."""
+    return bool(entry) and Path(entry).resolve() == CHECKOUT
+
+
+def aproxy_env(args: argparse.Namespace, name: str) -> dict[str, str]:
+    """
+    The environment of aproxy target C{name}. aproxy and aproxy-w2 without C{--aproxy-cmd}
+    import this checkout (C{PYTHONPATH} starts with it); with C{--aproxy-cmd} the
+    environment is passed unchanged. aproxy-b never imports this checkout: it is dropped
+    from an inherited C{PYTHONPATH}, and C{--aproxy-b-checkout DIR} is put first.
+    """
+    env = dict(os.environ)
+    if name == BUILD_B:
+        entries = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        entries = [p for p in entries if not _is_checkout(p)]
+        if args.aproxy_b_checkout:
+            entries.insert(0, str(Path(args.aproxy_b_checkout).resolve()))
+        if entries:
+            env["PYTHONPATH"] = os.pathsep.join(entries)
+        else:
+            env.pop("PYTHONPATH", None)
+        return env
+    if args.aproxy_cmd:
+        return env
+    if (CHECKOUT / "aproxy" / "__init__.py").exists():
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(CHECKOUT), env.get("PYTHONPATH", "")) if p
+        )
+    return env
+
+
 def aproxy_argv(
     args: argparse.Namespace, name: str, port: int, origin_port: int
 ) -> tuple[list[str], dict[str, str]]:
     """The command line and environment of aproxy target C{name} for one start on C{port}."""
-    env = dict(os.environ)
+    env = aproxy_env(args, name)
     listen = f"tcp:{port}:interface={LOOPBACK}"
     # --connect-ports: the tunnel download's target. --max-clients-per-ip: every client
     # here comes from 127.0.0.1, and the default per-address limit (256) would refuse
@@ -69,7 +106,7 @@ def aproxy_argv(
     workers = APROXY_TARGETS[name]
     if workers > 1:
         extra["--workers"] = str(workers)
-    text = args.aproxy_cmd
+    text = args.aproxy_cmd_b if name == BUILD_B else args.aproxy_cmd
     if text:
         argv = shlex.split(text.replace("{port}", str(port)))
         if "{port}" not in text:
@@ -78,10 +115,6 @@ def aproxy_argv(
             if option not in text:
                 argv += [option, value]
         return argv, env
-    if (CHECKOUT / "aproxy" / "__init__.py").exists():
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(CHECKOUT), env.get("PYTHONPATH", "")) if p
-        )
     argv = [sys.executable, "-m", "twisted", "aproxy", "--port", listen]
     for option, value in extra.items():
         argv += [option, value]
@@ -91,11 +124,18 @@ def aproxy_argv(
 def aproxy_version(args: argparse.Namespace, name: str) -> str | None:
     """
     What aproxy target C{name} runs: aproxy's version, the Python and Twisted running it,
-    and where aproxy was imported from; None with C{--aproxy-cmd} (not asked).
+    and where aproxy was imported from; None when its command is not a Python interpreter
+    this script can ask (C{--aproxy-cmd}, or a C{--aproxy-cmd-b} such as twistd).
     """
-    if args.aproxy_cmd:
+    python: str | None = sys.executable
+    text = args.aproxy_cmd_b if name == BUILD_B else args.aproxy_cmd
+    if text and name == BUILD_B:
+        first = shlex.split(text)[0]
+        python = first if Path(first).name.startswith("python") else None
+    elif text:
+        python = None
+    if python is None:
         return None
-    python = sys.executable
     code = (
         "import platform, twisted, aproxy; print('aproxy', aproxy.__version__,"
         " '/ Python', platform.python_version(), '/ Twisted', twisted.__version__,"
@@ -106,7 +146,8 @@ def aproxy_version(args: argparse.Namespace, name: str) -> str | None:
             [python, "-c", code],
             capture_output=True,
             text=True,
-            env=aproxy_argv(args, name, 0, 0)[1],
+            env=aproxy_env(args, name),
+            cwd="/",  # as the started aproxy: not this checkout's directory on sys.path
             timeout=30,
         )
         return (p.stdout or p.stderr).strip().splitlines()[-1]
@@ -205,7 +246,8 @@ def select_targets(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]
     """
     The targets to run, and those left out with the reason. Default: direct, aproxy and
     every installed peer; C{--smoke} without C{--targets}: direct and aproxy only. A peer
-    that is not installed is left out, never a failure.
+    that is not installed is left out, never a failure. A second build (C{--aproxy-cmd-b}
+    or C{--aproxy-b-checkout}) adds aproxy-b after aproxy unless C{--targets} is given.
     """
     skipped: dict[str, str] = {}
     if args.targets is not None:
@@ -216,6 +258,8 @@ def select_targets(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]
             skipped[name] = "not run: --smoke runs direct and aproxy unless --targets names more"
     else:
         wanted = ["direct", "aproxy", *PEERS]
+    if args.targets is None and (args.aproxy_cmd_b or args.aproxy_b_checkout):
+        wanted.insert(wanted.index("aproxy") + 1, BUILD_B)
     chosen = []
     for name in wanted:
         if name in PEERS and find_peer(name, args) is None:
