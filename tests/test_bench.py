@@ -5,6 +5,7 @@ target selection and report table on made-up results.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -13,24 +14,36 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import ModuleType
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "run.py"
+PACKAGE = ROOT / "bench" / "aproxybench"
 MISSING = "/nonexistent/bench-peer"
 
 
-def load_bench() -> ModuleType:
-    """bench/run.py as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("aproxy_bench_run", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+def load_bench() -> SimpleNamespace:
+    """
+    The public names of the benchmark's modules (settings, targets, report, cli) in one
+    namespace. bench/aproxybench is not installed nor on sys.path: it is loaded from its
+    files once, as the package C{aproxybench}.
+    """
+    if "aproxybench" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "aproxybench", PACKAGE / "__init__.py", submodule_search_locations=[str(PACKAGE)]
+        )
+        assert spec is not None and spec.loader is not None
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = package  # its modules import each other through it
+        spec.loader.exec_module(package)
+    names: dict[str, Any] = {}
+    for module in ("settings", "targets", "report", "cli"):
+        loaded = importlib.import_module(f"aproxybench.{module}")
+        names.update((k, v) for k, v in vars(loaded).items() if not k.startswith("_"))
+    return SimpleNamespace(**names)
 
 
 def row_cells(line: str) -> list[str]:
@@ -96,6 +109,26 @@ class BenchSmokeTests(SynchronousTestCase):
         self.assertIn("100 B keep-alive >= 15,000 requests/s", out)
 
 
+class BenchTypingTests(SynchronousTestCase):
+    """The benchmark's package and programs stay mypy --strict clean, like aproxy's code."""
+
+    def test_mypy(self) -> None:
+        """mypy --strict finds nothing in bench/aproxybench, bench/run.py and bench/programs."""
+        if not SCRIPT.exists():
+            self.skipTest("not running from a checkout")
+        paths = ["bench/aproxybench", "bench/run.py", "bench/programs"]
+        result = subprocess.run(
+            [sys.executable, "-m", "mypy", "--strict", *paths],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if "No module named mypy" in result.stderr:
+            self.skipTest("mypy is not installed (pip install '.[test]')")
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+
+
 class BenchTargetTests(SynchronousTestCase):
     """Which targets run: --targets, the defaults, and peers that are not installed."""
 
@@ -140,6 +173,53 @@ class BenchTargetTests(SynchronousTestCase):
                 self.assertRaises(SystemExit, self.bench.parse_args, ["--targets", "nginx"])
             finally:
                 sys.stderr = stderr
+
+    def test_second_build(self) -> None:
+        """
+        A second aproxy build's option adds the target aproxy-b right after aproxy; with
+        --targets it runs only where named.
+        """
+        targets, _ = self.select("--smoke", "--aproxy-b-checkout", str(ROOT))
+        self.assertEqual(targets, ["direct", "aproxy", "aproxy-b"])
+        targets, _ = self.select(
+            "--targets", "aproxy-b,direct", "--aproxy-cmd-b", "/old/bin/twistd -n aproxy"
+        )
+        self.assertEqual(targets, ["aproxy-b", "direct"])
+        targets, _ = self.select("--targets", "direct,aproxy", "--aproxy-b-checkout", str(ROOT))
+        self.assertEqual(targets, ["direct", "aproxy"])
+
+    def test_second_build_needs_its_code(self) -> None:
+        """aproxy-b without a command or checkout, or a checkout without aproxy/, is refused."""
+        with open(os.devnull, "w") as devnull:
+            stderr, sys.stderr = sys.stderr, devnull
+            try:
+                for argv in (["--targets", "aproxy-b"], ["--aproxy-b-checkout", MISSING]):
+                    self.assertRaises(SystemExit, self.bench.parse_args, argv)
+            finally:
+                sys.stderr = stderr
+
+    def test_second_build_runs_its_own_checkout(self) -> None:
+        """
+        aproxy-b's PYTHONPATH starts with its checkout and never holds this one, even when
+        this one came in with the environment; aproxy keeps this checkout first.
+        """
+        other = Path(tempfile.mkdtemp()).resolve()
+        self.addCleanup(shutil.rmtree, other)
+        (other / "aproxy").mkdir()
+        inherited = os.pathsep.join([str(ROOT), "/elsewhere"])
+        self.patch(os, "environ", {"PYTHONPATH": inherited, "PATH": "/usr/bin"})
+        args = self.bench.parse_args(["--aproxy-b-checkout", str(other)])
+        argv, env = self.bench.aproxy_argv(args, "aproxy-b", 1234, 80)
+        self.assertEqual(env["PYTHONPATH"], os.pathsep.join([str(other), "/elsewhere"]))
+        self.assertEqual(argv[:4], [sys.executable, "-m", "twisted", "aproxy"])
+        self.assertEqual(argv[argv.index("--connect-ports") + 1], "80")
+        _, env = self.bench.aproxy_argv(args, "aproxy", 1234, 80)
+        self.assertEqual(env["PYTHONPATH"].split(os.pathsep)[0], str(ROOT))
+        # A command of its own (an installed build): as given, without this checkout.
+        args = self.bench.parse_args(["--aproxy-cmd-b", "/old/bin/twistd -n aproxy -p {port}"])
+        argv, env = self.bench.aproxy_argv(args, "aproxy-b", 1234, 80)
+        self.assertEqual(argv[:5], ["/old/bin/twistd", "-n", "aproxy", "-p", "1234"])
+        self.assertEqual(env["PYTHONPATH"], "/elsewhere")
 
     def test_time_budget_grows(self) -> None:
         """Each proxy target beyond the first adds to the mode's time budget."""
@@ -294,3 +374,41 @@ class BenchReportTests(SynchronousTestCase):
             text,
         )
         self.assertEqual(self.bench.goal_lines("squid", self.results, self.bench.FULL), [])
+
+    def test_second_build(self) -> None:
+        """
+        aproxy-b has a row like aproxy's (ratios to squid), and the two builds are compared
+        by the medians of the alternating rounds: keep-alive, close, tunnel, p99.
+        """
+        self.results["aproxy"]["rounds_tunnel"] = {"rounds": 5, "mbps": 1940.0}
+        self.results["aproxy-b"] = {
+            "ka": load_result(17000, 0.5),
+            "rounds": {"rounds": 5, "rps": 18500.0, "p50_ms": 2.5, "p99_ms": 4.0},
+            "rounds_close": {"error": "round 3: no request completed"},
+            "rounds_tunnel": {"rounds": 5, "mbps": 2000.0},
+        }
+        names = ["direct", "aproxy", "aproxy-b", "squid"]
+        command = "PYTHONPATH=/old python -m twisted aproxy"
+        lines = self.bench.table_lines(
+            names, self.results, self.bench.FULL, {}, {"aproxy-b": command}
+        )
+        header = row_cells(lines[0])
+        rows = {row_cells(x)[0]: dict(zip(header, row_cells(x), strict=True)) for x in lines[2:]}
+        self.assertEqual(list(rows), names)
+        old = rows["aproxy-b"]
+        self.assertEqual(old["100 B keep-alive: req/s"], "17,000 (0.85x)")
+        rounds = "keep-alive, 5 alternating rounds: req/s, p50 / p99 ms (medians)"
+        self.assertEqual(old[rounds], "18,500 (1.54x), 2.50 / 4.00 (0.64x)")
+        self.assertEqual(old["command"], f"`{command}`")
+        text = "\n".join(self.bench.build_lines(self.results, self.bench.FULL))
+        self.assertIn("- keep-alive requests/s: aproxy 18,000, aproxy-b 18,500: change -2.7%", text)
+        self.assertIn("- Connection: close requests/s: failed", text)
+        self.assertIn(
+            "- CONNECT tunnel download MB/s: aproxy 1,940, aproxy-b 2,000: change -3.0%", text
+        )
+        self.assertIn(
+            "- keep-alive p99 ms (lower is better): aproxy 5.00, aproxy-b 4.00: change +25.0%",
+            text,
+        )
+        del self.results["aproxy-b"]
+        self.assertEqual(self.bench.build_lines(self.results, self.bench.FULL), [])
