@@ -14,6 +14,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from aproxy.config import ProxyConfig
 from aproxy.errors import Forbidden, ProxyError, ServiceUnavailable
 from aproxy.http.proxyheader import ProxyHeaderError, ProxyHeaderReader
 
@@ -107,7 +108,9 @@ class ClientConnection(Protocol):
 
     def __init__(self, factory: ProxyFactory, addr: IAddress | None = None) -> None:
         self.factory = factory
-        self.config = factory.config
+        # The runtime (configuration, policy, ...) of the request in flight, or of the
+        # last one: a request takes the factory's when it starts (see Runtime).
+        self.runtime = factory.runtime
         self.clock = factory.clock
         self.client_address = addr
         self._paused = 0
@@ -119,6 +122,11 @@ class ClientConnection(Protocol):
         self._slot_taken = False
         self._client_ip: str | None = None
         self._proxy_header: ProxyHeaderReader | None = None
+
+    @property
+    def config(self) -> ProxyConfig:
+        """The settings of the request in flight (or of the last one)."""
+        return self.runtime.config
 
     # -- hooks ------------------------------------------------------------------------
 
@@ -195,7 +203,7 @@ class ClientConnection(Protocol):
         self._client_ip = client_ip
         factory.note_local_address(self.transport.getHost())
         if client_ip is not None:
-            if not factory.policy.client_allowed(client_ip):
+            if not self.runtime.policy.client_allowed(client_ip):
                 self.log.info("client {client} refused: not in --allow", client=client_ip)
                 return Forbidden(
                     "this proxy does not serve your address (see the --allow option)",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -25,6 +26,7 @@ from aproxy.access.auth import HtpasswdAuthenticator, IAuthenticator
 from aproxy.access.policy import AccessPolicy, IPolicy, normalize_address
 from aproxy.access.throttle import LoginThrottle
 from aproxy.client.protocol import ProxyProtocol, loop_error
+from aproxy.client.runtime import Runtime
 from aproxy.config import ProxyConfig
 from aproxy.errors import Forbidden
 from aproxy.http.head import Target, parse_absolute_target
@@ -78,57 +80,30 @@ class ProxyFactory(Factory):
             from twisted.internet import reactor as _reactor
 
             reactor = _reactor
-        self.config = config = config if config is not None else ProxyConfig()
+        config = config if config is not None else ProxyConfig()
         self.clock: IReactorTime = reactor
-        self.policy: IPolicy = (
-            policy
-            if policy is not None
-            else AccessPolicy(
-                config.allow, config.deny_hosts, config.allow_hosts, config.block_private
-            )
-        )
-        # Bounded, fairly shared password hashes and name lookups (kept across reloads, so
-        # their bounds count the work still running).
+        # What outlives a reload, handed from one runtime to the next:
+        # bounded, fairly shared password hashes and name lookups (so their bounds count
+        # the work still running), the failed logins per client address (a new password
+        # file does not give a guesser a fresh start) and the upstream pool.
         self.hashing = HtpasswdAuthenticator.default_hashing()
         self.lookups = EndpointConnector.default_lookups()
-        if authenticator is None and config.auth_file is not None:
-            authenticator = HtpasswdAuthenticator(
-                config.auth_file, config.auth_realm, reactor, hashing=self.hashing
-            )
-        self.authenticator = authenticator
-        # Failed logins per client address (kept across reloads: a new password file
-        # does not give a guesser a fresh start).
         self.login_throttle = LoginThrottle(reactor)
-        self._own_connector = connector is None
-        self.connector: IUpstreamConnector = (
-            connector
-            if connector is not None
-            else EndpointConnector(
-                reactor,
-                config.connect_timeout,
-                self._check_address if self.policy.needs_address_check() else None,
-                lookups=self.lookups,
-            )
-        )
-        self.upstream_factory = UpstreamFactory(config.max_head_size, reactor)
-        self.dialer = self._make_dialer(config)
+        self._given_connector = connector
+        self._given_policy = policy
+        self._given_authenticator = authenticator
+        self._upstream_factory = UpstreamFactory(config.max_head_size, reactor)
         self.pool = UpstreamPool(
             reactor, max(config.pool_size, 1), config.pool_idle_timeout, config.pool_max_age
         )
-        # (destination host, peer address) pairs of pooled connections that passed the
-        # address rules in force (cleared on reload, bounded).
-        self._allowed_peers: set[tuple[str, str]] = set()
         # A random marker in this instance's Via comment: a request that comes back
         # carrying it has looped, while another aproxy instance has a marker of its own.
         self.via_marker = b"aproxy-" + secrets.token_hex(8).encode("ascii")
-        self.via: bytes | None = (
-            config.via.encode("ascii") + b" (" + self.via_marker + b")" if config.via else None
-        )
-        self.name = (config.via or "aproxy").encode("ascii")
+        # Each request takes the runtime in force when it starts (see Runtime).
+        self.runtime = self._build_runtime(config)
         self.open_connections = 0
         self.clients_per_ip: dict[str, int] = {}
         self.own_addresses: set[tuple[str, int]] = set()
-        self._allowed: set[tuple[str, int]] = set()
         self.wildcard_ports: set[int] = set()
         self.own_ports: set[int] = set()
         self._targets: dict[bytes, Target] = {}
@@ -144,11 +119,108 @@ class ProxyFactory(Factory):
         self._drained: Deferred[None] | None = None
         self._drain_timer: IDelayedCall | None = None
 
+    def _build_runtime(self, config: ProxyConfig, tls: ClientTLS | None = None) -> Runtime:
+        """
+        The runtime for C{config}: its policy and authenticator (the ones given to the
+        factory, else built from C{config}), connector, dialer and names.
+
+        @raise ValueError: If the password file or CA file can't be used.
+        """
+        policy = self._given_policy
+        if policy is None:
+            policy = AccessPolicy(
+                config.allow, config.deny_hosts, config.allow_hosts, config.block_private
+            )
+        authenticator = self._given_authenticator
+        if authenticator is None and config.auth_file is not None:
+            authenticator = HtpasswdAuthenticator(
+                config.auth_file, config.auth_realm, self.clock, hashing=self.hashing
+            )
+        own = self._given_connector is None
+        connector: IUpstreamConnector = (
+            EndpointConnector(
+                self.clock,
+                config.connect_timeout,
+                policy.check_address if policy.needs_address_check() else None,
+                lookups=self.lookups,
+            )
+            if self._given_connector is None
+            else self._given_connector
+        )
+        # Parents are configured, not requested: the destination address rules don't
+        # apply to them (a parent on a private network is normal).
+        parent_connector = (
+            EndpointConnector(self.clock, config.connect_timeout, lookups=self.lookups)
+            if own
+            else connector
+        )
+        dialer = Dialer(
+            connector,
+            parent_connector,
+            tls if tls is not None else ClientTLS(config.ca_file, config.insecure_hosts),
+            self._upstream_factory,
+            Router(config.all_routes),
+        )
+        via = config.via.encode("ascii") + b" (" + self.via_marker + b")" if config.via else None
+        name = (config.via or "aproxy").encode("ascii")
+        return Runtime(config, policy, authenticator, connector, dialer, via, name)
+
+    # What the runtime in force holds, for the code that asks the factory.
+
+    @property
+    def config(self) -> ProxyConfig:
+        """The configuration in force."""
+        return self.runtime.config
+
+    @config.setter
+    def config(self, config: ProxyConfig) -> None:
+        self.runtime = replace(self.runtime, config=config)
+
+    @property
+    def policy(self) -> IPolicy:
+        """The policy in force."""
+        return self.runtime.policy
+
+    @property
+    def authenticator(self) -> IAuthenticator | None:
+        """The authenticator in force (L{None}: no login needed)."""
+        return self.runtime.authenticator
+
+    @authenticator.setter
+    def authenticator(self, authenticator: IAuthenticator | None) -> None:
+        self._given_authenticator = authenticator
+        self.runtime = replace(self.runtime, authenticator=authenticator)
+
+    @property
+    def connector(self) -> IUpstreamConnector:
+        """How origins are reached, in force."""
+        return self.runtime.connector
+
+    @property
+    def dialer(self) -> Dialer:
+        """The dialer in force."""
+        return self.runtime.dialer
+
+    @property
+    def via(self) -> bytes | None:
+        """The C{Via} value in force."""
+        return self.runtime.via
+
+    @via.setter
+    def via(self, via: bytes | None) -> None:
+        self.runtime = replace(self.runtime, via=via)
+
+    @property
+    def name(self) -> bytes:
+        """The proxy's name in its own answers."""
+        return self.runtime.name
+
     def reconfigure(self, config: ProxyConfig) -> None:
         """
-        Apply a new configuration to new requests (SIGHUP): the policy, the authenticator
-        (re-reading its file) and the limits; connections in flight keep their settings
-        and nothing is dropped. The listening ports are not changed here.
+        Apply a new configuration to new requests (SIGHUP): a new L{Runtime} (the policy,
+        the authenticator re-reading its file, the limits) that each request takes when
+        it starts; requests in flight finish on the one they started with and nothing is
+        dropped. The listening ports are not changed here.
 
         The pool takes its new size and times at once, new upstream connections the new
         response head limit, and an idle pooled connection is checked against the new
@@ -157,72 +229,48 @@ class ProxyFactory(Factory):
         @raise ValueError: If the new authenticator's file or CA file can't be used;
             nothing changes.
         """
-        tls = ClientTLS(config.ca_file, config.insecure_hosts)
-        authenticator = (
-            HtpasswdAuthenticator(
-                config.auth_file, config.auth_realm, self.clock, hashing=self.hashing
-            )
-            if config.auth_file is not None
-            else None
-        )
-        policy = AccessPolicy(
-            config.allow, config.deny_hosts, config.allow_hosts, config.block_private
-        )
-        self.config = config
-        self.policy = policy
-        self.authenticator = authenticator
-        if self._own_connector:
-            self.connector = EndpointConnector(
-                self.clock,
-                config.connect_timeout,
-                self._check_address if policy.needs_address_check() else None,
-                lookups=self.lookups,
-            )
-        self.dialer = self._make_dialer(config, tls)
-        self.via = (
-            config.via.encode("ascii") + b" (" + self.via_marker + b")" if config.via else None
-        )
-        self.name = (config.via or "aproxy").encode("ascii")
-        self._allowed.clear()
+        self.runtime = self._build_runtime(config)
         self._targets.clear()
-        self._allowed_peers.clear()
         self.upstream_factory.max_head_size = config.max_head_size
         self.pool.reconfigure(
             max(config.pool_size, 1), config.pool_idle_timeout, config.pool_max_age
         )
 
-    def reuse(self, hop: Hop) -> UpstreamProtocol | None:
+    def reuse(self, hop: Hop, runtime: Runtime | None = None) -> UpstreamProtocol | None:
         """
         An idle pooled connection for C{hop}, if there is one, checked against the
         address rules in force: they were applied when it was made, but a reload may have
         tightened them since, and each use keeps the connection alive. A TLS connection
         verified under TLS settings a reload replaced is closed instead of reused.
 
+        @param runtime: The runtime of the request (the one in force by default).
         @raise Forbidden: If the address the connection goes to is refused now; the
             connection is closed.
         """
+        rt = runtime if runtime is not None else self.runtime
         up = self.pool.acquire(hop.key)
-        while up is not None and up.verified_by not in (None, self.dialer.tls):
+        while up is not None and up.verified_by not in (None, rt.dialer.tls):
             # Verified under TLS settings (trust store, --insecure-host) that a reload has
             # replaced since: make a new connection, verified under the ones in force.
             up.transport.loseConnection()
             up = self.pool.acquire(hop.key)
-        if up is None or hop.parent is not None or not self.policy.needs_address_check():
+        if up is None or hop.parent is not None or not rt.policy.needs_address_check():
             # Parents are configured, not requested: the address rules don't apply.
             return up
         address = getattr(up.transport.getPeer(), "host", None)
         if address is None:
             return up
         key = (hop.host, address)
-        if key not in self._allowed_peers:
+        allowed = rt.allowed_peers
+        if key not in allowed:
             try:
-                self.policy.check_address(hop.host, address)
+                rt.policy.check_address(hop.host, address)
             except Forbidden:
                 up.transport.loseConnection()
                 raise
-            if len(self._allowed_peers) >= _CACHE_SIZE:
-                self._allowed_peers.clear()
-            self._allowed_peers.add(key)
+            if len(allowed) >= _CACHE_SIZE:
+                allowed.clear()
+            allowed.add(key)
         return up
 
     @property
@@ -233,26 +281,7 @@ class ProxyFactory(Factory):
     @upstream_factory.setter
     def upstream_factory(self, factory: UpstreamFactory) -> None:
         self._upstream_factory = factory
-        dialer: Dialer | None = getattr(self, "dialer", None)
-        if dialer is not None:
-            dialer.upstream_factory = factory
-
-    def _make_dialer(self, config: ProxyConfig, tls: ClientTLS | None = None) -> Dialer:
-        """The dialer for C{config}: its routes, TLS trust and the current connector."""
-        # Parents are configured, not requested: the destination address rules don't
-        # apply to them (a parent on a private network is normal).
-        parent_connector = (
-            EndpointConnector(self.clock, config.connect_timeout, lookups=self.lookups)
-            if self._own_connector
-            else self.connector
-        )
-        return Dialer(
-            self.connector,
-            parent_connector,
-            tls if tls is not None else ClientTLS(config.ca_file, config.insecure_hosts),
-            self.upstream_factory,
-            Router(config.all_routes),
-        )
+        self.runtime.dialer.upstream_factory = factory
 
     def drain(self, timeout: float) -> Deferred[None]:
         """
@@ -321,7 +350,7 @@ class ProxyFactory(Factory):
             self.wildcard_ports.add(port)
         self.own_addresses.add((str(ip), port))
         self.own_ports.add(port)
-        self._allowed.clear()
+        self.runtime.allowed.clear()
 
     def note_local_address(self, address: IAddress) -> None:
         """Remember the local address a client reached this proxy on (a listening one)."""
@@ -333,7 +362,7 @@ class ProxyFactory(Factory):
         if ip is not None and (str(ip), port) not in self.own_addresses:
             self.own_addresses.add((str(ip), port))
             self.own_ports.add(port)
-            self._allowed.discard((host, port))
+            self.runtime.allowed.discard((host, port))
 
     def is_own(self, host: str, port: int, local_host: str | None = None) -> bool:
         """
@@ -354,27 +383,27 @@ class ProxyFactory(Factory):
             return ip.is_loopback or ip == local
         return False
 
-    def check_destination(self, host: str, port: int) -> None:
+    def check_destination(self, host: str, port: int, runtime: Runtime | None = None) -> None:
         """
         Apply the policy's name rules to a destination as written, and the loop check
         and address rules to a literal address.
 
+        @param runtime: The runtime of the request (the one in force by default).
         @raise Forbidden: If the destination is refused.
         """
+        rt = runtime if runtime is not None else self.runtime
         key = (host, port)
-        if key in self._allowed:
+        allowed = rt.allowed
+        if key in allowed:
             return
-        self.policy.check_name(host)
+        rt.policy.check_name(host)
         if self.is_own(host, port):
             raise loop_error()
         # Name rules and literal addresses always decide the same way: remember the
         # destinations that passed (bounded), so a busy client pays for the check once.
-        if len(self._allowed) >= _CACHE_SIZE:
-            self._allowed.clear()
-        self._allowed.add(key)
-
-    def _check_address(self, host: str, address: str) -> None:
-        self.policy.check_address(host, address)
+        if len(allowed) >= _CACHE_SIZE:
+            allowed.clear()
+        allowed.add(key)
 
     def acceptableProtocols(self) -> list[bytes]:
         """

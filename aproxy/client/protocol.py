@@ -141,7 +141,6 @@ class ProxyProtocol(ClientConnection):
     def __init__(self, factory: ProxyFactory, addr: IAddress | None = None) -> None:
         super().__init__(factory, addr)
         config = self.config
-        self._via = factory.via
         self._reader = HeadReader(config.max_head_size, config.max_request_line)
         self._state = _READING
         self._pending = b""
@@ -342,9 +341,11 @@ class ProxyProtocol(ClientConnection):
             self._fail(e)
 
     def _start_request(self, head: RequestHead, rest: bytes) -> None:
+        # The whole request runs on the configuration in force now (see Runtime).
+        self.runtime = rt = self.factory.runtime
         self._req = head
         self._started = self.clock.seconds()
-        auth = self.factory.authenticator
+        auth = rt.authenticator
         if auth is not None:
             values = head.noted.get(b"proxy-authorization")
             credentials = values[0] if values is not None and len(values) == 1 else None
@@ -408,6 +409,7 @@ class ProxyProtocol(ClientConnection):
 
     def _authorized_request(self, head: RequestHead, rest: bytes) -> None:
         factory = self.factory
+        rt = self.runtime
         if b"via" in head.noted and factory.via_marker in b" ".join(head.noted[b"via"]):
             raise Forbidden(
                 "request loop: this request already passed this proxy", "proxy_loop_detected"
@@ -424,8 +426,8 @@ class ProxyProtocol(ClientConnection):
                 "http_request_denied",
                 details=f"port {target.port}",
             )
-        factory.check_destination(target.host, target.port)
-        hop = factory.dialer.plan(target.scheme, target.host, target.port, False)
+        factory.check_destination(target.host, target.port, rt)
+        hop = rt.dialer.plan(target.scheme, target.host, target.port, False)
         self._hop = hop
         extra = b""
         drop: tuple[bytes, ...] = ()
@@ -470,10 +472,12 @@ class ProxyProtocol(ClientConnection):
             # To an HTTP parent: a proxy request, with the parent's own credentials.
             assert hop.parent is not None
             extra += hop.parent.authorization or b""
-        self._out_head = serialize_request_head(head, target, self._via, extra, drop, hop.absolute)
+        self._out_head = serialize_request_head(
+            head, target, self.runtime.via, extra, drop, hop.absolute
+        )
         self._pending = rest
         self._state = _CONNECTING
-        up = self.factory.reuse(hop)
+        up = self.factory.reuse(hop, self.runtime)
         if up is not None:
             self._attach(up, True)
         else:
@@ -484,7 +488,7 @@ class ProxyProtocol(ClientConnection):
             raise BadRequest("a CONNECT request has no content")
         host, port = parse_authority(head.target)
         self._target = Target(b"", host, port, head.target, b"")
-        self.factory.check_destination(host, port)
+        self.factory.check_destination(host, port, self.runtime)
         if not self.config.connect_allowed(port):
             # A port rule, not an address one: http_request_denied (RFC 9209 section 2.3.10).
             raise Forbidden(
@@ -497,7 +501,7 @@ class ProxyProtocol(ClientConnection):
         self._status = 200
         self._pending = rest
         self._state = _CONNECTING
-        self._hop = hop = self.factory.dialer.plan(b"", host, port, True)
+        self._hop = hop = self.runtime.dialer.plan(b"", host, port, True)
         self._dial(hop)
 
     def _open_tunnel(self, up: UpstreamProtocol, to_origin: bytes, to_client: bytes) -> None:
@@ -541,7 +545,7 @@ class ProxyProtocol(ClientConnection):
         self._pause(_DIAL)
         self._set_deadline(_CONNECT, self.config.connect_timeout)
         # The client's address bounds its share of the name lookups this may start.
-        d = as_client(self._client_ip, self.factory.dialer.open, hop)
+        d = as_client(self._client_ip, self.runtime.dialer.open, hop)
         self._connecting = d
         d.addCallbacks(self._connected, self._connect_failed, callbackArgs=(hop.key,))
 
@@ -715,7 +719,7 @@ class ProxyProtocol(ClientConnection):
         assert req is not None
         if req.minor:
             # RFC 9110 section 15.2: forward 1xx, but never to an HTTP/1.0 client.
-            interim = serialize_response_head(resp, b"", self._via, None)
+            interim = serialize_response_head(resp, b"", self.runtime.via, None)
             self._to_client += len(interim)
             self.transport.write(interim)
         return True
@@ -727,7 +731,7 @@ class ProxyProtocol(ClientConnection):
             return
         upgrade = resp.values(b"upgrade")
         fields = b"Upgrade: " + b", ".join(upgrade) + b"\r\n" if upgrade else b""
-        switching = serialize_response_head(resp, fields, self._via, b"Upgrade")
+        switching = serialize_response_head(resp, fields, self.runtime.via, b"Upgrade")
         self._to_client += len(switching)
         self.transport.write(switching)
         self._status = 101
@@ -779,7 +783,7 @@ class ProxyProtocol(ClientConnection):
             conn: bytes | None = b"close"
         else:
             conn = None if client11 else b"keep-alive"
-        head = serialize_response_head(resp, framing, self._via, conn)
+        head = serialize_response_head(resp, framing, self.runtime.via, conn)
         self._resp = resp
         self._resp_started = True
         self._status = resp.status
@@ -990,15 +994,12 @@ class ProxyProtocol(ClientConnection):
             self._truncate(err)
             return
         extra = b""
-        if isinstance(err, ProxyAuthRequired) and self.factory.authenticator is not None:
-            extra = (
-                b"Proxy-Authenticate: "
-                + basic_challenge(self.factory.authenticator.realm)
-                + b"\r\n"
-            )
+        authenticator = self.runtime.authenticator
+        if isinstance(err, ProxyAuthRequired) and authenticator is not None:
+            extra = b"Proxy-Authenticate: " + basic_challenge(authenticator.realm) + b"\r\n"
         elif isinstance(err, TooManyRequests):
             extra = b"Retry-After: %d\r\n" % err.retry_after
-        lines = error_response(err, self.factory.name, extra)
+        lines = error_response(err, self.runtime.name, extra)
         self._to_client += sum(map(len, lines))
         self.transport.writeSequence(lines)
         self._emit(err.status, err.error_type)

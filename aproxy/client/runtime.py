@@ -1,0 +1,52 @@
+"""
+L{Runtime}: what one request runs on, taken whole when the request starts.
+
+A reload (C{SIGHUP}) builds a new runtime and the factory swaps it in; requests in flight
+finish on the runtime they started with, and a keep-alive connection's next request takes
+the new one. So a request never sees half of one configuration and half of another (the
+policy of one and the port rules of the other, say). What must outlive a reload is not in
+here but on the factory, handed over as it is: the failed-login counts, the upstream pool
+(whose connections are checked against the runtime of the request that reuses them), the
+thread pools for lookups and hashes, and what the proxy knows of its own addresses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aproxy.access.auth import IAuthenticator
+from aproxy.access.policy import IPolicy
+from aproxy.config import ProxyConfig
+from aproxy.upstream.dialer import Dialer
+from aproxy.upstream.protocol import IUpstreamConnector
+
+__all__ = ["Runtime"]
+
+
+@dataclass(frozen=True, eq=False)
+class Runtime:
+    """
+    One whole configuration in force: the settings and the objects built from them.
+
+    @ivar config: The validated settings.
+    @ivar policy: Who may use the proxy and where they may go.
+    @ivar authenticator: Checks proxy credentials, or L{None} when no login is needed.
+    @ivar connector: How origins are reached (the dialer's, for direct hops).
+    @ivar dialer: Routes each request and opens its upstream connection.
+    @ivar via: The C{Via} field value the proxy appends (with its loop marker), or L{None}.
+    @ivar name: The proxy's name in its own answers (C{Proxy-Status}).
+    @ivar allowed: Destinations (host, port) that passed this runtime's name rules and the
+        loop check: remembered per runtime, so a reload's stricter rules start afresh.
+    @ivar allowed_peers: (host, address) pairs of pooled connections that passed this
+        runtime's address rules.
+    """
+
+    config: ProxyConfig
+    policy: IPolicy
+    authenticator: IAuthenticator | None
+    connector: IUpstreamConnector
+    dialer: Dialer
+    via: bytes | None
+    name: bytes
+    allowed: set[tuple[str, int]] = field(default_factory=set)
+    allowed_peers: set[tuple[str, str]] = field(default_factory=set)
