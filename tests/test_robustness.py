@@ -148,7 +148,9 @@ class LastLineOfDefenceTests(ProxyTestCase):
         def broken(data: bytes, head: bytes | None) -> None:
             raise RuntimeError("a bug")
 
-        self.proto._response_data = broken  # type: ignore[method-assign]
+        exchange = self.proto.exchange
+        assert exchange is not None
+        exchange._response_data = broken  # type: ignore[method-assign]
         attempt.respond(b"world")
         self.assertNotIn(b" 500 ", self.client.value())
         self.assertTrue(self.client.disconnecting)
@@ -163,7 +165,9 @@ class LastLineOfDefenceTests(ProxyTestCase):
         def broken(up: Any, reused: bool) -> None:
             raise RuntimeError("a bug")
 
-        self.proto._attach = broken  # type: ignore[method-assign]
+        exchange = self.proto.exchange
+        assert exchange is not None
+        exchange._attach = broken  # type: ignore[method-assign]
         self.connector.attempts[0].succeed()
         self.assertTrue(self.client.value().startswith(b"HTTP/1.1 500 "))
         self.assertEqual(len([e for e in events if "log_failure" in e]), 1)

@@ -7,30 +7,52 @@ transport for several independent reasons. L{aproxy.client.protocol.ProxyProtoco
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from aproxy.client.context import ProxyContext
 from aproxy.config import ProxyConfig
 from aproxy.errors import Forbidden, ProxyError, ServiceUnavailable
 from aproxy.http.proxyheader import ProxyHeaderError, ProxyHeaderReader
 
-if TYPE_CHECKING:
-    from aproxy.client.factory import ProxyFactory
-
-__all__ = ["ClientConnection", "OutputGate"]
+__all__ = [
+    "DEADLINE_CONNECT",
+    "DEADLINE_HEAD",
+    "DEADLINE_IDLE",
+    "DEADLINE_NONE",
+    "DEADLINE_READ",
+    "PAUSE_DIAL",
+    "PAUSE_HOLD",
+    "PAUSE_UPSTREAM",
+    "ClientConnection",
+    "ClientPauser",
+    "OutputGate",
+    "Pausable",
+]
 
 # What the single per-connection timer is waiting for.
-_NO_DEADLINE, _HEAD, _IDLE, _CONNECT, _READ = range(5)
+DEADLINE_NONE, DEADLINE_HEAD, DEADLINE_IDLE, DEADLINE_CONNECT, DEADLINE_READ = range(5)
 # Why the client transport is paused: bits, so each reason is withdrawn on its own.
-_DIAL, _HOLD, _UPSTREAM = 1, 2, 4
+PAUSE_DIAL, PAUSE_HOLD, PAUSE_UPSTREAM = 1, 2, 4
+
+
+class Pausable(TypingProtocol):
+    """Something that stops and resumes reading from its client for several reasons."""
+
+    def pause_for(self, reason: int) -> None:
+        """Stop reading for C{reason}."""
+
+    def unpause_for(self, reason: int) -> None:
+        """Withdraw C{reason}."""
 
 
 @implementer(IPushProducer)
-class _ClientPauser:
+class ClientPauser:
     """
     Registered as the producer of an upstream transport: when the origin can't take more
     request body, the client transport is paused (one reason among several).
@@ -38,16 +60,16 @@ class _ClientPauser:
 
     __slots__ = ("_proto",)
 
-    def __init__(self, proto: ClientConnection) -> None:
+    def __init__(self, proto: Pausable) -> None:
         self._proto = proto
 
     def pauseProducing(self) -> None:
         """The upstream send buffer is full: stop reading from the client."""
-        self._proto._pause(_UPSTREAM)
+        self._proto.pause_for(PAUSE_UPSTREAM)
 
     def resumeProducing(self) -> None:
         """The upstream send buffer drained: read from the client again."""
-        self._proto._unpause(_UPSTREAM)
+        self._proto.unpause_for(PAUSE_UPSTREAM)
 
     def stopProducing(self) -> None:
         """The upstream connection ended; L{ClientConnection} handles that itself."""
@@ -100,13 +122,13 @@ class ClientConnection(Protocol):
     """
     A client connection's admission, deadline timer and pause reasons.
 
-    Subclasses implement L{_deadline_passed}, L{_is_closing} and L{_fail}.
+    Subclasses implement L{_deadline_passed}, L{_is_closing}, L{fail} and L{close}.
     """
 
     log = Logger()
     transport: Any
 
-    def __init__(self, factory: ProxyFactory, addr: IAddress | None = None) -> None:
+    def __init__(self, factory: ProxyContext, addr: IAddress | None = None) -> None:
         self.factory = factory
         # The runtime (configuration, policy, ...) of the request in flight, or of the
         # last one: a request takes the factory's when it starts (see Runtime).
@@ -114,13 +136,13 @@ class ClientConnection(Protocol):
         self.clock = factory.clock
         self.client_address = addr
         self._paused = 0
-        self._pauser: _ClientPauser | None = None
+        self._pauser: ClientPauser | None = None
         self._timer: IDelayedCall | None = None
         self._deadline = 0.0
-        self._deadline_kind = _NO_DEADLINE
+        self.deadline_kind = DEADLINE_NONE
         self._counted = False
         self._slot_taken = False
-        self._client_ip: str | None = None
+        self.client_ip: str | None = None
         self._proxy_header: ProxyHeaderReader | None = None
 
     @property
@@ -138,11 +160,11 @@ class ClientConnection(Protocol):
         """Whether the connection is being closed (no more reading)."""
         raise NotImplementedError
 
-    def _fail(self, err: ProxyError) -> None:
+    def fail(self, err: ProxyError) -> None:
         """Answer C{err} and close."""
         raise NotImplementedError
 
-    def _close(self) -> None:
+    def close(self) -> None:
         """Close without an answer."""
         raise NotImplementedError
 
@@ -175,14 +197,14 @@ class ClientConnection(Protocol):
             self.log.info(
                 "connection from load balancer {peer} closed: {why}", peer=peer, why=str(e)
             )
-            self._close()
+            self.close()
             return None
         if header is None:
             return None
         self._proxy_header = None
         refusal = self._admit(header.source[0] if header.source is not None else peer)
         if refusal is not None:
-            self._fail(refusal)
+            self.fail(refusal)
             return None
         return reader.rest
 
@@ -200,7 +222,7 @@ class ClientConnection(Protocol):
         client_ip = (
             proxied if proxied is not None else getattr(self.transport.getPeer(), "host", None)
         )
-        self._client_ip = client_ip
+        self.client_ip = client_ip
         factory.note_local_address(self.transport.getHost())
         if client_ip is not None:
             if not self.runtime.policy.client_allowed(client_ip):
@@ -227,7 +249,7 @@ class ClientConnection(Protocol):
             return
         self._slot_taken = False
         factory.open_connections -= 1
-        ip = self._client_ip
+        ip = self.client_ip
         if self._counted and ip is not None:
             self._counted = False
             left = factory.clients_per_ip[ip] - 1
@@ -238,13 +260,13 @@ class ClientConnection(Protocol):
 
     # -- flow control -----------------------------------------------------------------
 
-    def _pause(self, reason: int) -> None:
+    def pause_for(self, reason: int) -> None:
         """Stop reading from the client for C{reason} (one of several bits)."""
         if not self._paused:
             self.transport.pauseProducing()
         self._paused |= reason
 
-    def _unpause(self, reason: int) -> None:
+    def unpause_for(self, reason: int) -> None:
         """Withdraw C{reason}; reading resumes once no reason is left."""
         paused = self._paused
         if paused & reason:
@@ -254,8 +276,8 @@ class ClientConnection(Protocol):
 
     # -- timers -----------------------------------------------------------------------
 
-    def _set_deadline(self, kind: int, timeout: float) -> None:
-        self._deadline_kind = kind
+    def set_deadline(self, kind: int, timeout: float) -> None:
+        self.deadline_kind = kind
         self._deadline = self.clock.seconds() + timeout
         timer = self._timer
         if timer is None:
@@ -263,8 +285,15 @@ class ClientConnection(Protocol):
         elif timer.getTime() > self._deadline:
             timer.reset(timeout)
 
-    def _cancel_timer(self) -> None:
-        self._deadline_kind = _NO_DEADLINE
+    def extend_deadline(self, timeout: float) -> None:
+        """
+        Move the deadline in force to C{timeout} seconds from now (activity). The timer
+        is not rescheduled: when it fires early it sleeps on (see L{_on_deadline}).
+        """
+        self._deadline = self.clock.seconds() + timeout
+
+    def cancel_timer(self) -> None:
+        self.deadline_kind = DEADLINE_NONE
         timer = self._timer
         if timer is not None:
             self._timer = None
@@ -273,13 +302,13 @@ class ClientConnection(Protocol):
 
     def _on_deadline(self) -> None:
         self._timer = None
-        kind = self._deadline_kind
-        if kind == _NO_DEADLINE or self._is_closing():
+        kind = self.deadline_kind
+        if kind == DEADLINE_NONE or self._is_closing():
             return
         remaining = self._deadline - self.clock.seconds()
         if remaining > 0:
             # The deadline moved later since the call was scheduled (activity): sleep on.
             self._timer = self.clock.callLater(remaining, self._on_deadline)
             return
-        self._deadline_kind = _NO_DEADLINE
+        self.deadline_kind = DEADLINE_NONE
         self._deadline_passed(kind)

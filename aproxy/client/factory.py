@@ -25,7 +25,8 @@ from zope.interface import implementer
 from aproxy.access.auth import HtpasswdAuthenticator, IAuthenticator
 from aproxy.access.policy import AccessPolicy, IPolicy, normalize_address
 from aproxy.access.throttle import LoginThrottle
-from aproxy.client.protocol import ProxyProtocol, loop_error
+from aproxy.client.exchange import loop_error
+from aproxy.client.protocol import ProxyProtocol
 from aproxy.client.runtime import Runtime
 from aproxy.config import ProxyConfig
 from aproxy.errors import Forbidden
