@@ -21,9 +21,8 @@ from aproxy.config import ProxyConfig
 from aproxy.errors import ServiceUnavailable, TooManyRequests
 from aproxy.workpool import FairQueue, as_client
 from tests.fakes import HalfCloseTransport
-from tests.test_auth import APR1, BCRYPT_2B, BCRYPT_2Y, SHA1, SHA256, basic
-from tests.test_auth_proxy import with_auth
-from tests.test_proxy import GET_A, ProxyTestCase
+from tests.hashes import APR1, BCRYPT_2B, BCRYPT_2Y, SHA1, SHA256
+from tests.support import GET_A, ProxyTestCase, basic, with_auth
 
 
 class HeldHasher:

@@ -23,7 +23,7 @@ from aproxy.upstream.dialer import HttpConnectHandshake, Socks5Handshake
 from aproxy.upstream.protocol import UpstreamProtocol
 from aproxy.upstream.tls import VerifyNote, tls_failure
 from tests.fakes import Attempt, HalfCloseTransport
-from tests.test_proxy import ProxyTestCase
+from tests.support import ProxyTestCase
 
 PARENT_AUTH = b"Proxy-Authorization: Basic " + base64.b64encode(b"pu:pp") + b"\r\n"
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"

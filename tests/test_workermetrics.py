@@ -37,7 +37,7 @@ from aproxy.observe.cluster import (
 )
 from aproxy.observe.metrics import Metrics
 from tests.fakes import RecordingConnector
-from tests.test_metrics import exchange
+from tests.support import exchange
 
 # In the middle of a 10-second bucket, so that a short exchange's bytes stay in one.
 START = 1_700_000_005.0
