@@ -18,20 +18,27 @@ and in milliseconds.
     client.received()  # b"HTTP/1.1 504 Gateway Timeout..."
 
 Time moves only when the test says so: L{InMemoryProxy.advance} runs the proxy's timeouts.
+
+For finer control, L{RecordingConnector} records each dial as an L{Attempt} that the test
+completes (on a L{HalfCloseTransport}), answers byte by byte, fails or leaves pending:
+
+    connector = RecordingConnector()
+    factory = ProxyFactory(config, reactor=MemoryReactorClock(), connector=connector)
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from itertools import count
 from typing import TypeAlias
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IProtocol, IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
 from twisted.web.resource import IResource
@@ -40,9 +47,17 @@ from zope.interface import implementer
 
 from aproxy.client.factory import ProxyFactory
 from aproxy.config import ProxyConfig
-from aproxy.upstream.protocol import IUpstreamConnector
+from aproxy.upstream.protocol import IUpstreamConnector, UpstreamProtocol
 
-__all__ = ["InMemoryProxy", "MemoryClient", "MemoryConnector", "Origin"]
+__all__ = [
+    "Attempt",
+    "HalfCloseTransport",
+    "InMemoryProxy",
+    "MemoryClient",
+    "MemoryConnector",
+    "Origin",
+    "RecordingConnector",
+]
 
 Origin: TypeAlias = "IProtocolFactory | IResource"
 """What answers for an origin: a protocol factory (e.g. a C{twisted.web} L{Site}) or an
@@ -239,3 +254,65 @@ class InMemoryProxy:
         """Let C{seconds} pass on the clock (timeouts fire), then L{flush}."""
         self.clock.advance(seconds)
         self.flush()
+
+
+class HalfCloseTransport(StringTransport):
+    """A L{StringTransport} that records a shutdown of its write side."""
+
+    write_closed = False
+    bufferSize = 65536  # noqa: N815 (a TCP transport's read size, named by Twisted)
+
+    def loseWriteConnection(self) -> None:
+        """Record that the write side was shut down."""
+        self.write_closed = True
+
+
+@dataclass
+class Attempt:
+    """One recorded dial: where to, with which factory, and the Deferred to fire."""
+
+    host: str
+    port: int
+    factory: Factory
+    deferred: Deferred[Protocol] = field(default_factory=Deferred)
+    transport: HalfCloseTransport | None = None
+    protocol: UpstreamProtocol | None = None
+
+    def succeed(self) -> HalfCloseTransport:
+        """Complete the connection on a L{StringTransport} and return that transport."""
+        proto = self.factory.buildProtocol(None)
+        assert isinstance(proto, UpstreamProtocol)
+        transport = HalfCloseTransport()
+        proto.makeConnection(transport)
+        self.transport = transport
+        self.protocol = proto
+        self.deferred.callback(proto)
+        return transport
+
+    def respond(self, data: bytes) -> None:
+        """Deliver bytes from the origin on the completed connection."""
+        assert self.protocol is not None
+        self.protocol.dataReceived(data)
+
+    def close(self) -> None:
+        """The origin closes the connection."""
+        assert self.protocol is not None
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+@implementer(IUpstreamConnector)
+class RecordingConnector:
+    """
+    An L{IUpstreamConnector} that records each attempt for the test to complete.
+
+    @ivar attempts: Every dial, in order; fail one with C{attempt.deferred.errback(...)}.
+    """
+
+    def __init__(self) -> None:
+        self.attempts: list[Attempt] = []
+
+    def connect(self, host: str, port: int, factory: Factory) -> Deferred[Protocol]:
+        """Record the attempt; the test decides how it ends."""
+        attempt = Attempt(host, port, factory)
+        self.attempts.append(attempt)
+        return attempt.deferred

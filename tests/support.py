@@ -3,9 +3,10 @@ Shared harness for the protocol-level tests (no test cases of its own): the requ
 response constants, L{ProxyTestCase} (a L{ProxyFactory} on a fake clock and a recording
 connector, with one client connection on a L{StringTransport}), C{Proxy-Authorization}
 helpers, an L{Exchange} record builder and a reactor that records spawned workers. Test
-modules import shared code from here and the other support modules (L{tests.fakes},
-L{tests.hashes}, L{tests.loopback}, L{tests.tunnels}, L{tests.tlsharness}) or from
-L{aproxy.testing}, never from each other (L{tests.test_public_api} checks).
+modules import shared code from here, from L{aproxy.testing} (the recording connector and
+its transports) and from the other support modules (L{tests.fakes}, L{tests.hashes},
+L{tests.loopback}, L{tests.tunnels}, L{tests.tlsharness}), never from each other
+(L{tests.test_public_api} checks).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from aproxy.client.factory import ProxyFactory
 from aproxy.client.protocol import ProxyProtocol
 from aproxy.config import ProxyConfig
 from aproxy.observe.records import Exchange
-from tests.fakes import Attempt, HalfCloseTransport, RecordingConnector
+from aproxy.testing import Attempt, HalfCloseTransport, RecordingConnector
 
 GET_A = b"GET http://a.example/x?y=%20 HTTP/1.1\r\nHost: a.example\r\nUser-Agent: t\r\n\r\n"
 GET_B = b"GET http://b.example:8080/ HTTP/1.1\r\nHost: b.example\r\n\r\n"

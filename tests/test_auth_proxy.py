@@ -22,7 +22,7 @@ from zope.interface import implementer
 from aproxy.access.auth import IAuthenticator
 from aproxy.client.factory import ProxyFactory
 from aproxy.config import ProxyConfig
-from tests.fakes import HalfCloseTransport
+from aproxy.testing import HalfCloseTransport
 from tests.hashes import APR1, BCRYPT_2Y, SHA1, SHA256, SHA512
 from tests.support import GET_A, OK_5, ProxyTestCase, with_auth
 

@@ -30,7 +30,7 @@ from aproxy.client.factory import ProxyFactory
 from aproxy.config import ProxyConfig
 from aproxy.observe.metrics import Metrics, metrics_site, pages_site
 from aproxy.observe.status import BUCKET_SECONDS, BUCKETS, History, destination_host, render_status
-from tests.fakes import RecordingConnector
+from aproxy.testing import RecordingConnector
 from tests.support import GET_A, OK_5, ProxyTestCase, exchange
 
 CONNECT_A = b"CONNECT secure.example:443 HTTP/1.1\r\nHost: secure.example:443\r\n\r\n"

@@ -13,8 +13,9 @@ from twisted.python.failure import Failure
 from aproxy.client.factory import ProxyFactory
 from aproxy.client.protocol import ProxyProtocol
 from aproxy.config import ProxyConfig
+from aproxy.testing import HalfCloseTransport
 from aproxy.upstream.protocol import UpstreamProtocol
-from tests.fakes import BufferingTransport, HalfCloseTransport
+from tests.fakes import BufferingTransport
 from tests.support import GET_A, GET_B, OK_5, ProxyTestCase
 
 

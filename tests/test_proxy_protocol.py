@@ -35,7 +35,7 @@ from aproxy.http.proxyheader import ProxyHeader, ProxyHeaderError, ProxyHeaderRe
 from aproxy.run.service import ProxyHeaderFactory, adopted_service, makeService
 from aproxy.run.tap import Options
 from aproxy.run.workers import WorkerPool
-from tests.fakes import HalfCloseTransport, RecordingConnector
+from aproxy.testing import HalfCloseTransport, RecordingConnector
 from tests.processes import ROOT, TWISTD, free_port, stop, twistd, wait_for_line
 from tests.support import SpawningReactor
 from tests.tracking import ConnectionTracking

@@ -8,7 +8,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -16,8 +18,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 import aproxy.testing
-from aproxy import Exchange, IExchangeObserver, IUpstreamConnector, ProxyConfig
-from aproxy.testing import InMemoryProxy
+from aproxy import Exchange, IExchangeObserver, IUpstreamConnector, ProxyConfig, ProxyFactory
+from aproxy.testing import HalfCloseTransport, InMemoryProxy, RecordingConnector
 
 GET_HELLO = b"GET http://a.example/hello HTTP/1.1\r\nHost: a.example\r\n\r\n"
 CONNECT_B = b"CONNECT b.example:443 HTTP/1.1\r\nHost: b.example:443\r\n\r\n"
@@ -145,6 +147,24 @@ class InMemoryProxyTests(SynchronousTestCase):
     def test_connector_provides_interface(self) -> None:
         """The in-memory connector is a real L{IUpstreamConnector}."""
         verifyObject(IUpstreamConnector, InMemoryProxy().connector)
+
+    def test_recording_connector(self) -> None:
+        """A L{RecordingConnector} holds each dial until the test completes it and lets the
+        test play the origin byte by byte."""
+        connector = RecordingConnector()
+        verifyObject(IUpstreamConnector, connector)
+        factory = ProxyFactory(ProxyConfig(), reactor=MemoryReactorClock(), connector=connector)
+        proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+        client = HalfCloseTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
+        proto.makeConnection(client)
+        proto.dataReceived(GET_HELLO)
+        [attempt] = connector.attempts
+        self.assertEqual((attempt.host, attempt.port), ("a.example", 80))
+        self.assertEqual(client.value(), b"")
+        upstream = attempt.succeed()
+        self.assertTrue(upstream.value().startswith(b"GET /hello HTTP/1.1\r\n"))
+        attempt.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+        self.assertTrue(client.value().endswith(b"\r\n\r\nhi"), client.value())
 
     def test_imports_nothing_from_tests(self) -> None:
         """aproxy.testing is shipped: it depends on aproxy and Twisted, never on tests/."""

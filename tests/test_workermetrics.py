@@ -36,7 +36,7 @@ from aproxy.observe.cluster import (
     fetch_snapshot,
 )
 from aproxy.observe.metrics import Metrics
-from tests.fakes import RecordingConnector
+from aproxy.testing import RecordingConnector
 from tests.support import exchange
 
 # In the middle of a 10-second bucket, so that a short exchange's bytes stay in one.
