@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from itertools import count
 from typing import TypeAlias
 
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
-from twisted.internet.interfaces import IProtocol, IProtocolFactory
+from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -194,8 +194,8 @@ class InMemoryProxy:
         self,
         server: IProtocol,
         client: IProtocol,
-        server_at: IPv4Address,
-        client_at: IPv4Address,
+        server_at: IAddress,
+        client_at: IAddress,
     ) -> None:
         """
         Connect C{client} (at C{client_at}) to C{server} (at C{server_at}) in memory;
@@ -212,11 +212,20 @@ class InMemoryProxy:
         self._pumps.append(pump)
 
     def client(self, host: str = "127.0.0.1") -> MemoryClient:
-        """A new client connection to the proxy, from C{host} (loopback by default)."""
+        """
+        A new client connection to the proxy, from the IP address C{host} (loopback by
+        default; the default policy admits loopback clients only).
+        """
         client = MemoryClient(self)
-        peer = IPv4Address("TCP", host, self.next_port())
+        peer: IPv4Address | IPv6Address
+        if ":" in host:
+            peer = IPv6Address("TCP", host, self.next_port())
+            listening: IPv4Address | IPv6Address = IPv6Address("TCP", "::1", 3128)
+        else:
+            peer = IPv4Address("TCP", host, self.next_port())
+            listening = IPv4Address("TCP", "127.0.0.1", 3128)
         proto = self.factory.buildProtocol(peer)
-        self.join(proto, client, IPv4Address("TCP", "127.0.0.1", 3128), peer)
+        self.join(proto, client, listening, peer)
         self.flush()
         return client
 

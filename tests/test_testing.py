@@ -123,6 +123,14 @@ class InMemoryProxyTests(SynchronousTestCase):
         self.assertTrue(response.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), response)
         self.assertIn(b"c.example:80 refused", response)
 
+    def test_client_address(self) -> None:
+        """Clients connect from the address asked for: the default policy admits loopback
+        (IPv4 or IPv6) and refuses others."""
+        proxy = InMemoryProxy(origin=hello_site())
+        self.assertTrue(proxy.client("::1").send(GET_HELLO).endswith(b"hi"))
+        refused = proxy.client("192.0.2.7").send(GET_HELLO)
+        self.assertTrue(refused.startswith(b"HTTP/1.1 403 Forbidden\r\n"), refused)
+
     def test_origins_by_host_and_port(self) -> None:
         """C{origins} picks the origin by C{host:port} first, then by host."""
         other = Text(b"port 8080")
