@@ -60,8 +60,8 @@ __all__ = [
 ]
 
 Origin: TypeAlias = "IProtocolFactory | IResource"
-"""What answers for an origin: a protocol factory (e.g. a C{twisted.web} L{Site}) or an
-L{IResource}, which is served by a L{Site} on the proxy's clock."""
+"""What answers for an origin: a protocol factory (e.g. a C{twisted.web} L{Site} on the
+proxy's clock) or an L{IResource}, which is served by a L{Site} on the proxy's clock."""
 
 # The most pump rounds one flush takes before it decides the peers talk forever.
 _MAX_ROUNDS = 10000
@@ -172,6 +172,9 @@ class InMemoryProxy:
     @param config: The proxy's configuration (the defaults if L{None}).
     @param origin: What answers every dial not in C{origins}; L{None} refuses them.
     @param origins: Origins by C{"host:port"} or C{"host"}.
+    @param clock: The fake reactor to run on (a new one if L{None}). Build a L{Site} of
+        your own on it too (C{Site(resource, reactor=clock)}): on the global reactor its
+        timeouts would outlive the test.
 
     @ivar clock: The reactor the proxy (and a resource's L{Site}) runs on; see L{advance}.
     @ivar factory: The proxy itself, e.g. to add observers: C{factory.observers}.
@@ -183,8 +186,9 @@ class InMemoryProxy:
         config: ProxyConfig | None = None,
         origin: Origin | None = None,
         origins: Mapping[str, Origin] | None = None,
+        clock: MemoryReactorClock | None = None,
     ) -> None:
-        self.clock = MemoryReactorClock()
+        self.clock = clock if clock is not None else MemoryReactorClock()
         self.connector = MemoryConnector(self, origin, origins)
         self.factory = ProxyFactory(config, reactor=self.clock, connector=self.connector)
         self._pumps: list[IOPump] = []

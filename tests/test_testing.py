@@ -13,7 +13,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import Request, Site
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -81,6 +81,14 @@ class InMemoryProxyTests(SynchronousTestCase):
         self.assertIn(b"\r\nVia: 1.1 aproxy", response)
         self.assertTrue(response.endswith(b"\r\n\r\nhi"), response)
         self.assertEqual(proxy.connector.dialed, [("a.example", 80)])
+
+    def test_site_on_the_same_clock(self) -> None:
+        """A L{Site} built by the test runs on the clock the proxy is given."""
+        clock = MemoryReactorClock()
+        site = Site(hello_site(), reactor=clock)
+        proxy = InMemoryProxy(origin=site, clock=clock)
+        self.assertIs(proxy.clock, clock)
+        self.assertTrue(proxy.request(GET_HELLO).endswith(b"\r\n\r\nhi"))
 
     def test_keep_alive_reuses_origin_connection(self) -> None:
         """Two requests on one client connection share one origin connection."""
