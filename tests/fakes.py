@@ -1,76 +1,14 @@
-"""Test doubles shared by the protocol tests: a connector that records dial attempts."""
+"""
+Test doubles shared by the protocol tests: a transport with TCP-like write buffering. The
+recording connector and its transports are public in L{aproxy.testing} (re-exported here
+for older imports).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from aproxy.testing import Attempt, HalfCloseTransport, RecordingConnector
 
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import StringTransport
-from zope.interface import implementer
-
-from aproxy.upstream.protocol import IUpstreamConnector, UpstreamProtocol
-
-
-class HalfCloseTransport(StringTransport):
-    """A L{StringTransport} that records a shutdown of its write side."""
-
-    write_closed = False
-    bufferSize = 65536  # noqa: N815 (a TCP transport's read size, named by Twisted)
-
-    def loseWriteConnection(self) -> None:
-        """Record that the write side was shut down."""
-        self.write_closed = True
-
-
-@dataclass
-class Attempt:
-    """One recorded dial: where to, with which factory, and the Deferred to fire."""
-
-    host: str
-    port: int
-    factory: Factory
-    deferred: Deferred[Protocol] = field(default_factory=Deferred)
-    transport: HalfCloseTransport | None = None
-    protocol: UpstreamProtocol | None = None
-
-    def succeed(self) -> HalfCloseTransport:
-        """Complete the connection on a L{StringTransport} and return that transport."""
-        proto = self.factory.buildProtocol(None)
-        assert isinstance(proto, UpstreamProtocol)
-        transport = HalfCloseTransport()
-        proto.makeConnection(transport)
-        self.transport = transport
-        self.protocol = proto
-        self.deferred.callback(proto)
-        return transport
-
-    def respond(self, data: bytes) -> None:
-        """Deliver bytes from the origin on the completed connection."""
-        assert self.protocol is not None
-        self.protocol.dataReceived(data)
-
-    def close(self) -> None:
-        """The origin closes the connection."""
-        from twisted.internet.error import ConnectionDone
-        from twisted.python.failure import Failure
-
-        assert self.protocol is not None
-        self.protocol.connectionLost(Failure(ConnectionDone()))
-
-
-@implementer(IUpstreamConnector)
-class RecordingConnector:
-    """An L{IUpstreamConnector} that records each attempt for the test to complete."""
-
-    def __init__(self) -> None:
-        self.attempts: list[Attempt] = []
-
-    def connect(self, host: str, port: int, factory: Factory) -> Deferred[Protocol]:
-        """Record the attempt; the test decides how it ends."""
-        attempt = Attempt(host, port, factory)
-        self.attempts.append(attempt)
-        return attempt.deferred
+__all__ = ["Attempt", "BufferingTransport", "HalfCloseTransport", "RecordingConnector"]
 
 
 class BufferingTransport(HalfCloseTransport):

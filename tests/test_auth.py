@@ -32,37 +32,21 @@ from aproxy.access.auth import (
     basic_challenge,
     parse_basic_credentials,
 )
-
-# htpasswd -nbB alice alice-secret
-BCRYPT_2Y = "$2y$05$26EIN94ajhXZWY5zgtHlGuoXJIdhj2Ixe0LGZgMrIzLVIvKfydrV."
-# mkpasswd -m bcrypt niaj-secret
-BCRYPT_2B = "$2b$05$973L9qs4kv7hcL1.K.Hfruj.P7vCHGurnxIEGrt0HbuSltTKEYwre"
-# mkpasswd -m bcrypt-a mallory-secret
-BCRYPT_2A = "$2a$05$ZkLZGdiPar79DsPzyiL4eu672topsqG4WOJzjuLKHElvp/fRLUJkC"
-# htpasswd -nbB long <"p" * 80>
-BCRYPT_LONG = "$2y$05$H13X0IjQ1PsIukH/mrtOfuuAvjBgNEU4p1.WOmq5jvi.y5Kf/POTS"
-# htpasswd -nbm carol 'carol pässword' (UTF-8 terminal)
-APR1 = "$apr1$8oyZKRYX$KaYss0.LI5O.FIXCBPieH/"
-# htpasswd -nbm empty ''
-APR1_EMPTY = "$apr1$uxFI0Swp$eGANKFxloffKieYfh4DBp0"
-# mkpasswd -m md5 judy-secret
-MD5_CRYPT = "$1$58wDpiay$EMPcu9Hqg0.4b.6qMet6R."
-# htpasswd -nbs erin erin-secret
-SHA1 = "{SHA}ItvNMFPtjBMaa6UFiWT3tF4qy1Y="
-# mkpasswd -m sha-256 frank-secret
-SHA256 = "$5$/v3pT.gY7MhhiRhG$ygr./4JQlGIiEp4zw1mZrgGzrG.c.ftXYXomNNd8E2/"
-# mkpasswd -m sha-256 -R 1000 ivan-secret
-SHA256_ROUNDS = "$5$rounds=1000$wvDhCpESSemAijEB$isQwhN4hBaxGWgv9kE1L6UbtJ0l3yAIVm77bRtwAdp0"
-# mkpasswd -m sha-512 grace-secret
-SHA512 = (
-    "$6$FNghY5thjue3LHKL$Ujx3Mxe4ksIU2UQk2oeH3E26k16Z1UGQAmxa4oE0WnNLHAFccCx5uXjNpiudgBDi2qAf5"
-    "uuUs/bzWYkUujOlJ."
+from tests.hashes import (
+    APR1,
+    APR1_EMPTY,
+    BCRYPT_2A,
+    BCRYPT_2B,
+    BCRYPT_2Y,
+    BCRYPT_LONG,
+    MD5_CRYPT,
+    SHA1,
+    SHA256,
+    SHA256_ROUNDS,
+    SHA512,
+    SHA512_ROUNDS,
 )
-# mkpasswd -m sha-512 -R 10000 heidi-secret
-SHA512_ROUNDS = (
-    "$6$rounds=10000$se7aqM7gflCzCSeJ$FiwT3BrrwrGtmMeni.XNP3xPhM5WctrgyLNXqZ.DETjza9vpmIKQVR7"
-    ".EQD6CgHevxOe0P0kYLH.qPF65WWUo/"
-)
+from tests.support import basic
 
 # The SHA-crypt specification's examples: (password, hash). Salts longer than 16
 # characters appear cut to 16, and rounds=10 as the minimum 1000, as crypt() writes them.
@@ -107,13 +91,6 @@ SPEC_VECTORS = [
         "F4ZEQpyUNGc0dqbpBYYBaHHrsX.",
     ),
 ]
-
-
-def basic(user: str | bytes, password: str | bytes, scheme: bytes = b"Basic") -> bytes:
-    """A C{Proxy-Authorization} value for C{user} and C{password} (str as UTF-8)."""
-    raw_user = user.encode("utf-8") if isinstance(user, str) else user
-    raw_password = password.encode("utf-8") if isinstance(password, str) else password
-    return scheme + b" " + base64.b64encode(raw_user + b":" + raw_password)
 
 
 class _Case(SynchronousTestCase):

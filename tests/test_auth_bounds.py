@@ -19,11 +19,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from aproxy.access.auth import HtpasswdAuthenticator, _decoy_for, _MD5CryptHash, _parse_file
 from aproxy.config import ProxyConfig
 from aproxy.errors import ServiceUnavailable, TooManyRequests
+from aproxy.testing import HalfCloseTransport
 from aproxy.workpool import FairQueue, as_client
-from tests.fakes import HalfCloseTransport
-from tests.test_auth import APR1, BCRYPT_2B, BCRYPT_2Y, SHA1, SHA256, basic
-from tests.test_auth_proxy import with_auth
-from tests.test_proxy import GET_A, ProxyTestCase
+from tests.hashes import APR1, BCRYPT_2B, BCRYPT_2Y, SHA1, SHA256
+from tests.support import GET_A, ProxyTestCase, basic, with_auth
 
 
 class HeldHasher:

@@ -22,9 +22,9 @@ from zope.interface import implementer
 from aproxy.access.auth import IAuthenticator
 from aproxy.client.factory import ProxyFactory
 from aproxy.config import ProxyConfig
-from tests.fakes import HalfCloseTransport
-from tests.test_auth import APR1, BCRYPT_2Y, SHA1, SHA256, SHA512
-from tests.test_proxy import GET_A, OK_5, ProxyTestCase
+from aproxy.testing import HalfCloseTransport
+from tests.hashes import APR1, BCRYPT_2Y, SHA1, SHA256, SHA512
+from tests.support import GET_A, OK_5, ProxyTestCase, with_auth
 
 
 def basic(user: str, password: str) -> bytes:
@@ -52,12 +52,6 @@ class FakeAuthenticator:
         d: Deferred[str | None] = Deferred()
         self.pending.append((d, credentials))
         return d
-
-
-def with_auth(request: bytes, credentials: bytes) -> bytes:
-    """Insert a Proxy-Authorization field into C{request}."""
-    line, rest = request.split(b"\r\n", 1)
-    return line + b"\r\nProxy-Authorization: " + credentials + b"\r\n" + rest
 
 
 class AuthProtocolTests(ProxyTestCase):

@@ -19,11 +19,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from aproxy.config import ProxyConfig
 from aproxy.observe.accesslog import format_squid
 from aproxy.observe.records import Exchange
+from aproxy.testing import Attempt, HalfCloseTransport
 from aproxy.upstream.dialer import HttpConnectHandshake, Socks5Handshake
 from aproxy.upstream.protocol import UpstreamProtocol
 from aproxy.upstream.tls import VerifyNote, tls_failure
-from tests.fakes import Attempt, HalfCloseTransport
-from tests.test_proxy import ProxyTestCase
+from tests.support import ProxyTestCase
 
 PARENT_AUTH = b"Proxy-Authorization: Basic " + base64.b64encode(b"pu:pp") + b"\r\n"
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"

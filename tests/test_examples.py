@@ -1,4 +1,5 @@
-"""The files in examples/ work: the .tac, the TOML config and systemd socket activation."""
+"""The files in examples/ and the README's examples work: the .tac, the TOML config, systemd
+socket activation and the "Testing your embedding" test."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import runpy
 import socket
 import sys
 import tempfile
+import textwrap
+import unittest
 from pathlib import Path
 
 from twisted.application.service import IService
@@ -16,6 +19,22 @@ from tests.processes import TWISTD, start, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+
+
+def readme_example(section: str) -> str:
+    """The first literal block (after a C{::} paragraph) of README section C{section}."""
+    lines = (ROOT / "README.rst").read_text().splitlines()
+    start = lines.index(section)
+    assert set(lines[start + 1]) == {"-"}, section
+    index = start + 2
+    while not lines[index].endswith("::"):
+        index += 1
+    block: list[str] = []
+    for line in lines[index + 1 :]:
+        if line and not line.startswith(" "):
+            break
+        block.append(line)
+    return textwrap.dedent("\n".join(block)).strip() + "\n"
 
 
 class ExampleTests(SynchronousTestCase):
@@ -33,6 +52,23 @@ class ExampleTests(SynchronousTestCase):
         options = Options()
         options.parseOptions(["--config", str(EXAMPLES / "aproxy.toml")])
         self.assertTrue(options["proxy-config"].block_private)
+
+    def test_readme_testing_example_runs(self) -> None:
+        """The README's "Testing your embedding" example is a test suite that passes."""
+        source = readme_example("Testing your embedding")
+        namespace: dict[str, object] = {"__name__": "readme_example"}
+        exec(compile(source, "README.rst", "exec"), namespace)
+        suite = unittest.TestSuite()
+        for value in namespace.values():
+            if (
+                isinstance(value, type)
+                and issubclass(value, unittest.TestCase)
+                and value.__module__ == "readme_example"
+            ):
+                suite.addTests(unittest.defaultTestLoader.loadTestsFromTestCase(value))
+        result = unittest.TestResult()
+        suite.run(result)
+        self.assertEqual((result.testsRun, result.errors, result.failures), (2, [], []), source)
 
     def test_systemd_socket_activation(self) -> None:
         """--port systemd:domain=INET:index=0 serves on a socket passed as systemd does."""

@@ -29,31 +29,11 @@ from twisted.web.server import Site
 from aproxy.client.factory import ProxyFactory
 from aproxy.config import ProxyConfig
 from aproxy.observe.metrics import Metrics, metrics_site, pages_site
-from aproxy.observe.records import Exchange
 from aproxy.observe.status import BUCKET_SECONDS, BUCKETS, History, destination_host, render_status
-from tests.fakes import RecordingConnector
-from tests.test_proxy import GET_A, OK_5, ProxyTestCase
+from aproxy.testing import RecordingConnector
+from tests.support import GET_A, OK_5, ProxyTestCase, exchange
 
 CONNECT_A = b"CONNECT secure.example:443 HTTP/1.1\r\nHost: secure.example:443\r\n\r\n"
-
-
-def exchange(**fields: Any) -> Exchange:
-    """An L{Exchange} with plausible defaults for the fields not given."""
-    values: dict[str, Any] = {
-        "time": 0.0,
-        "client": "127.0.0.1",
-        "user": None,
-        "method": "GET",
-        "target": "http://a.example/",
-        "status": 200,
-        "bytes_to_client": 100,
-        "bytes_to_origin": 50,
-        "duration": 0.02,
-        "upstream": "direct",
-        "error": None,
-    }
-    values.update(fields)
-    return Exchange(**values)
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

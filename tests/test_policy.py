@@ -24,8 +24,8 @@ from aproxy.client.factory import ProxyFactory
 from aproxy.client.protocol import ProxyProtocol
 from aproxy.config import ProxyConfig
 from aproxy.errors import Forbidden
+from aproxy.testing import Attempt, HalfCloseTransport, RecordingConnector
 from aproxy.upstream.protocol import EndpointConnector, UpstreamFactory, UpstreamProtocol
-from tests.fakes import Attempt, HalfCloseTransport, RecordingConnector
 
 LOCAL_CLIENT = IPv4Address("TCP", "127.0.0.1", 5000)
 OK_0 = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"

@@ -21,9 +21,9 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 from aproxy import ProxyConfig, ProxyFactory
+from tests.loopback import LOCAL, RawClient, Response, exchange
+from tests.loopback import get as get_head
 from tests.origin import Origin
-from tests.test_integration import LOCAL, RawClient, Response, exchange
-from tests.test_integration import get as get_head
 from tests.tracking import ConnectionTracking
 
 # Bounds the damage if loop detection fails: a looping request is cut off by this many

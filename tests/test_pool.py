@@ -13,8 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy.client.factory import ProxyFactory
 from aproxy.config import ProxyConfig
+from aproxy.testing import HalfCloseTransport, RecordingConnector
 from aproxy.upstream.protocol import UpstreamFactory, UpstreamPool, UpstreamProtocol
-from tests.fakes import HalfCloseTransport, RecordingConnector
 
 GET_LOCAL = b"GET http://localhost:8000/ HTTP/1.1\r\nHost: localhost:8000\r\n\r\n"
 OK_5 = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"

@@ -13,8 +13,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from aproxy.config import ProxyConfig
-from tests.test_tls_integration import TLSTestCase, fetch
-from tests.test_tunnel_integration import TLS_BODY, TrackingProxyFactory
+from tests.tlsharness import TLSTestCase, fetch
+from tests.tunnels import TLS_BODY, TrackingProxyFactory
 
 
 class PooledTLSReloadTests(TLSTestCase):

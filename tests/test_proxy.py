@@ -7,62 +7,16 @@ from __future__ import annotations
 
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy.client.factory import ProxyFactory
 from aproxy.client.protocol import ProxyProtocol
 from aproxy.config import ProxyConfig
+from aproxy.testing import HalfCloseTransport
 from aproxy.upstream.protocol import UpstreamProtocol
-from tests.fakes import Attempt, BufferingTransport, HalfCloseTransport, RecordingConnector
-
-GET_A = b"GET http://a.example/x?y=%20 HTTP/1.1\r\nHost: a.example\r\nUser-Agent: t\r\n\r\n"
-GET_B = b"GET http://b.example:8080/ HTTP/1.1\r\nHost: b.example\r\n\r\n"
-OK_5 = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
-
-
-class ProxyTestCase(SynchronousTestCase):
-    """Builds a factory with a fake clock and connector, and one client connection."""
-
-    config = ProxyConfig()
-
-    def setUp(self) -> None:
-        self.clock = MemoryReactorClock()
-        self.connector = RecordingConnector()
-        self.factory = ProxyFactory(self.config, self.clock, self.connector)
-        # Exact Via values in assertions: drop the random loop marker (tested on its own).
-        self.factory.via = b"aproxy" if self.config.via else None
-        self.client, self.proto = self.connect_client()
-
-    def connect_client(self) -> tuple[HalfCloseTransport, ProxyProtocol]:
-        """A new client connection to the proxy."""
-        proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
-        client = HalfCloseTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
-        proto.makeConnection(client)
-        return client, proto
-
-    def forward(self, request: bytes = GET_A) -> tuple[Attempt, HalfCloseTransport]:
-        """Send C{request}, complete the dial it causes and return the attempt and transport."""
-        self.proto.dataReceived(request)
-        attempt = self.connector.attempts[-1]
-        return attempt, attempt.succeed()
-
-    def capture_log(self) -> EventLoggingObserver:
-        """Collect the log events of this test (registered by hand: createWithCleanup is
-        annotated for the asynchronous TestCase only)."""
-        events = EventLoggingObserver()
-        globalLogPublisher.addObserver(events)
-        self.addCleanup(globalLogPublisher.removeObserver, events)
-        return events
-
-    def take(self, transport: StringTransport) -> bytes:
-        """Everything written to C{transport} since the last call."""
-        value: bytes = transport.value()
-        transport.clear()
-        return value
+from tests.fakes import BufferingTransport
+from tests.support import GET_A, GET_B, OK_5, ProxyTestCase
 
 
 class ForwardingTests(ProxyTestCase):

@@ -35,9 +35,9 @@ from aproxy.http.proxyheader import ProxyHeader, ProxyHeaderError, ProxyHeaderRe
 from aproxy.run.service import ProxyHeaderFactory, adopted_service, makeService
 from aproxy.run.tap import Options
 from aproxy.run.workers import WorkerPool
-from tests.fakes import HalfCloseTransport, RecordingConnector
+from aproxy.testing import HalfCloseTransport, RecordingConnector
 from tests.processes import ROOT, TWISTD, free_port, stop, twistd, wait_for_line
-from tests.test_workers import _SpawningReactor
+from tests.support import SpawningReactor
 from tests.tracking import ConnectionTracking
 
 GET = b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n"
@@ -601,7 +601,7 @@ class WorkerTests(SynchronousTestCase):
 
     def test_parent_makes_plain_tcp_socket(self) -> None:
         """The parent binds the TCP listener under haproxy: and hands it to the workers."""
-        reactor = _SpawningReactor()
+        reactor = SpawningReactor()
         config = ProxyConfig(
             ports=("haproxy:tcp:0:interface=127.0.0.1",), proxy_protocol_from=("127.0.0.1",)
         )

@@ -9,7 +9,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy.observe.records import MAX_LOGGED_FIELD, Exchange
-from tests.test_proxy import GET_A, OK_5, ProxyTestCase
+from tests.support import GET_A, OK_5, ProxyTestCase
 
 
 class RecordTests(ProxyTestCase):

@@ -23,7 +23,7 @@ from aproxy.config import ProxyConfig
 from aproxy.run.service import _ProxyService, makeService, restart_settings
 from aproxy.run.tap import Options, _CommandLineService
 from aproxy.run.tap import makeService as tap_make_service
-from tests.fakes import HalfCloseTransport, RecordingConnector
+from aproxy.testing import HalfCloseTransport, RecordingConnector
 
 DENIED = b"GET http://denied.example/ HTTP/1.1\r\nHost: denied.example\r\n\r\n"
 GET_A = b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n"

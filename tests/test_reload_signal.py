@@ -10,8 +10,8 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.loopback import origin
 from tests.processes import free_port, status_of, stop, twistd, wait_for_line
-from tests.test_tls_process import origin
 
 
 class ReloadSignalTests(SynchronousTestCase):

@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from aproxy.errors import BadRequest
 from aproxy.http.target import parse_absolute_target, parse_authority
 from aproxy.upstream.protocol import UpstreamFactory
-from tests.test_proxy import OK_5, ProxyTestCase
+from tests.support import OK_5, ProxyTestCase
 
 LONG_LABEL = "x" * 64
 

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy import ProxyConfig, makeService
 from tests.processes import free_port, twistd, wait_for_line
-from tests.test_proxy import GET_A, OK_5, ProxyTestCase
+from tests.support import GET_A, OK_5, ProxyTestCase
 
 
 class DrainTests(ProxyTestCase):

@@ -31,7 +31,7 @@ from aproxy.http.head import (
     parse_request_head,
     serialize_request_head,
 )
-from tests.test_proxy import OK_5, ProxyTestCase
+from tests.support import OK_5, ProxyTestCase
 
 MAX_SIZE = 65536
 MAX_LINE = 16384

@@ -15,52 +15,16 @@ import socket
 import ssl
 import subprocess
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import trustme
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.loopback import origin
 from tests.processes import TWISTD, free_port, start, stop, twistd, wait_for_line
 
 TIMEOUT = 30
-
-
-class _Hello(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        via = ", ".join(self.headers.get_all("Via") or ["-"])
-        body = f"hello {self.path} via={via}\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Quiet."""
-
-
-@contextmanager
-def origin(cert_file: str | None = None) -> Iterator[int]:
-    """An HTTP origin on 127.0.0.1 (HTTPS with C{cert_file}) for the block; its port."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
-    if cert_file is not None:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert_file)
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(TIMEOUT)
 
 
 def curl(*args: str) -> subprocess.CompletedProcess[str]:

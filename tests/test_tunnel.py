@@ -9,7 +9,7 @@ from twisted.internet import error
 from twisted.python.failure import Failure
 
 from aproxy.config import ProxyConfig
-from tests.test_proxy import ProxyTestCase
+from tests.support import ProxyTestCase
 
 CONNECT_HEAD = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"

@@ -24,8 +24,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from aproxy import ProxyConfig, makeService
+from tests.hashes import SHA1
 from tests.origin import Origin
-from tests.test_auth import SHA1
 from tests.tracking import ConnectionTracking
 
 TIMEOUT = 20.0

@@ -36,8 +36,8 @@ from aproxy.observe.cluster import (
     fetch_snapshot,
 )
 from aproxy.observe.metrics import Metrics
-from tests.fakes import RecordingConnector
-from tests.test_metrics import exchange
+from aproxy.testing import RecordingConnector
+from tests.support import exchange
 
 # In the middle of a 10-second bucket, so that a short exchange's bytes stay in one.
 START = 1_700_000_005.0

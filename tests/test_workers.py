@@ -8,12 +8,10 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -23,6 +21,7 @@ from aproxy.observe.cluster import Family, Snapshot
 from aproxy.run.tap import Options
 from aproxy.run.workers import WorkerPool, listening_socket, parse_worker_args, worker_count
 from tests.processes import free_port, status_of, stop, twistd, wait_for_line
+from tests.support import SpawningReactor
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,37 +81,6 @@ class WorkerArgsTests(SynchronousTestCase):
         self.assertFalse(factory.is_own("127.0.0.1", 9109))
 
 
-class _FakeProcess:
-    """The transport of a worker that was not really started."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.signals: list[int] = []
-
-    def signalProcess(self, signum: int) -> None:  # noqa: N802
-        """Remember the signal."""
-        self.signals.append(signum)
-
-
-class _SpawningReactor(MemoryReactorClock):
-    """A memory reactor that records the processes it is asked to start."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.spawned: list[tuple[Any, list[str]]] = []
-        self.child_fds: list[dict[int, Any]] = []
-
-    def spawnProcess(  # noqa: N802
-        self, protocol: Any, executable: str, args: list[str], *a: Any, **kw: Any
-    ) -> _FakeProcess:
-        """Record the worker and its arguments; give it a fake transport."""
-        transport = _FakeProcess(1000 + len(self.spawned))
-        protocol.makeConnection(transport)
-        self.spawned.append((protocol, args))
-        self.child_fds.append(kw.get("childFDs", {}))
-        return transport
-
-
 class WorkerPoolMetricsTests(SynchronousTestCase):
     """The parent's side of --metrics with --workers, without processes."""
 
@@ -122,7 +90,7 @@ class WorkerPoolMetricsTests(SynchronousTestCase):
         ends is retired from the totals and its socket removed; stopping removes the
         private directory.
         """
-        reactor = _SpawningReactor()
+        reactor = SpawningReactor()
         config = ProxyConfig(
             ports=("tcp:0:interface=127.0.0.1",), metrics="tcp:9108:interface=127.0.0.1"
         )
@@ -168,7 +136,7 @@ class WorkerSocketTests(SynchronousTestCase):
         """
         if not hasattr(socket, "SO_REUSEPORT"):
             self.skipTest("no SO_REUSEPORT here")
-        reactor = _SpawningReactor()
+        reactor = SpawningReactor()
         config = ProxyConfig(ports=("tcp:0:interface=127.0.0.1",))
         pool = WorkerPool(config, [], 2, reactor)
         pool.startService()
@@ -193,7 +161,7 @@ class WorkerSocketTests(SynchronousTestCase):
         """A worker started again after a death adopts the socket its predecessor had."""
         if not hasattr(socket, "SO_REUSEPORT"):
             self.skipTest("no SO_REUSEPORT here")
-        reactor = _SpawningReactor()
+        reactor = SpawningReactor()
         pool = WorkerPool(ProxyConfig(ports=("tcp:0:interface=127.0.0.1",)), [], 2, reactor)
         pool.startService()
         for sock in pool.sockets:

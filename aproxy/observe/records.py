@@ -1,6 +1,6 @@
 """
 L{Exchange}: what the proxy reports about each finished request or tunnel, for access logs
-and metrics. Observers are plain callables registered with
+and metrics. Observers (L{IExchangeObserver}) are plain callables registered with
 C{ProxyFactory.observers.append(observer)}; they must return quickly and not raise.
 """
 
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-__all__ = ["MAX_LOGGED_FIELD", "Exchange", "ExchangeObserver"]
+from zope.interface import Interface
+
+__all__ = ["MAX_LOGGED_FIELD", "Exchange", "ExchangeObserver", "IExchangeObserver"]
 
 MAX_LOGGED_FIELD = 2048
 """The most bytes of a C{Referer} or C{User-Agent} value a record carries (the rest is cut)."""
@@ -16,7 +18,11 @@ MAX_LOGGED_FIELD = 2048
 
 class Exchange:
     """
-    One finished request (or tunnel) as the proxy saw it.
+    One finished request (or tunnel) as the proxy saw it: what every
+    L{IExchangeObserver} is given (public as C{aproxy.Exchange}). Who asked (C{client},
+    C{user}), what was asked (C{method}, C{target}, C{version}, C{referer},
+    C{user_agent}), what was answered (C{status}), how much moved (C{bytes_to_client},
+    C{bytes_to_origin}) and how it ended (C{duration}, C{upstream}, C{error}).
 
     @ivar time: When the request head was complete (seconds since the epoch, UTC).
     @ivar client: The client's address (C{"unix"} for a UNIX socket).
@@ -141,4 +147,24 @@ def _text(values: list[bytes] | None) -> str | None:
     return joined.decode("utf-8", "surrogateescape")
 
 
+class IExchangeObserver(Interface):
+    """
+    Something told about every finished request and tunnel: an access log, metrics, an
+    embedder's own accounting. Any callable taking one L{Exchange} will do (a function, a
+    bound method); declaring the interface is optional. Register it with
+    C{ProxyFactory.observers.append(observer)}.
+
+    Observers run on the reactor thread as each exchange ends, so they must return quickly
+    and must not raise (a failing observer is a bug in it, not in the request).
+    """
+
+    def __call__(exchange: Exchange) -> None:  # noqa: N805 (zope interfaces take no self)
+        """
+        Take note of one finished exchange.
+
+        @param exchange: The finished request or tunnel; its fields do not change after.
+        """
+
+
 ExchangeObserver = Callable[[Exchange], None]
+"""The type of an L{IExchangeObserver}, for annotations."""
