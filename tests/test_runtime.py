@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from aproxy.client.runtime import Runtime
 from aproxy.config import ProxyConfig
-from tests.test_proxy import OK_5, ProxyTestCase
+from tests.support import OK_5, ProxyTestCase
 
 CONNECT_8443 = b"CONNECT example.com:8443 HTTP/1.1\r\nHost: example.com:8443\r\n\r\n"
 GET_A = b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n"
