@@ -9,7 +9,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from aproxy.upstream.protocol import IUpstreamConnector, UpstreamProtocol
+from aproxy.upstream.connector import IUpstreamConnector
+from aproxy.upstream.protocol import UpstreamProtocol
 
 
 class HalfCloseTransport(StringTransport):

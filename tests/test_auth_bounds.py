@@ -297,7 +297,7 @@ class SharedAcrossReloadTests(_FileCase):
         from twisted.internet.testing import MemoryReactorClock
 
         from aproxy.client.factory import ProxyFactory
-        from aproxy.upstream.protocol import EndpointConnector
+        from aproxy.upstream.connector import EndpointConnector
 
         path = self.password_file(f"alice:{BCRYPT_2Y}\n")
         factory = ProxyFactory(ProxyConfig(auth_file=path), MemoryReactorClock())

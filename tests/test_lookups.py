@@ -30,7 +30,8 @@ from zope.interface import implementer
 from aproxy.client.factory import ProxyFactory
 from aproxy.config import ProxyConfig
 from aproxy.errors import ServiceUnavailable
-from aproxy.upstream.protocol import EndpointConnector, UpstreamFactory
+from aproxy.upstream.connector import EndpointConnector
+from aproxy.upstream.protocol import UpstreamFactory
 from aproxy.workpool import FairQueue, as_client
 from tests.fakes import HalfCloseTransport
 from tests.tracking import ConnectionTracking

@@ -1,7 +1,7 @@
 """
 Unit tests for access control: L{aproxy.access.policy} (host patterns, private addresses,
 L{AccessPolicy}), the checked name resolution of
-L{aproxy.upstream.protocol.EndpointConnector}, and how
+L{aproxy.upstream.connector.EndpointConnector}, and how
 L{aproxy.client.protocol.ProxyProtocol} and L{aproxy.client.factory.ProxyFactory} apply
 client admission, connection limits, destination rules, loop detection and C{X-Forwarded-For}.
 
@@ -24,7 +24,8 @@ from aproxy.client.factory import ProxyFactory
 from aproxy.client.protocol import ProxyProtocol
 from aproxy.config import ProxyConfig
 from aproxy.errors import Forbidden
-from aproxy.upstream.protocol import EndpointConnector, UpstreamFactory, UpstreamProtocol
+from aproxy.upstream.connector import EndpointConnector
+from aproxy.upstream.protocol import UpstreamFactory, UpstreamProtocol
 from tests.fakes import Attempt, HalfCloseTransport, RecordingConnector
 
 LOCAL_CLIENT = IPv4Address("TCP", "127.0.0.1", 5000)

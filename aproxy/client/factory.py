@@ -29,14 +29,10 @@ from aproxy.config import ProxyConfig
 from aproxy.errors import Forbidden
 from aproxy.http.head import Target, parse_absolute_target
 from aproxy.observe.records import ExchangeObserver
+from aproxy.upstream.connector import EndpointConnector, IUpstreamConnector
 from aproxy.upstream.dialer import Dialer, Hop
-from aproxy.upstream.protocol import (
-    EndpointConnector,
-    IUpstreamConnector,
-    UpstreamFactory,
-    UpstreamPool,
-    UpstreamProtocol,
-)
+from aproxy.upstream.pool import UpstreamPool
+from aproxy.upstream.protocol import UpstreamFactory, UpstreamProtocol
 from aproxy.upstream.routes import Router
 from aproxy.upstream.tls import ClientTLS
 

@@ -32,7 +32,8 @@ from zope.interface import alsoProvides, implementer
 
 from aproxy.errors import BadGateway, GatewayTimeout, ProxyError
 from aproxy.http.head import HeadReader, parse_response_head
-from aproxy.upstream.protocol import IUpstreamConnector, UpstreamFactory, UpstreamProtocol
+from aproxy.upstream.connector import IUpstreamConnector
+from aproxy.upstream.protocol import UpstreamFactory, UpstreamProtocol
 from aproxy.upstream.routes import Parent, Router
 from aproxy.upstream.tls import ClientTLS, VerifyNote, tls_failure
 
