@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from aproxy.config import ProxyConfig
 from aproxy.observe.accesslog import format_squid
 from aproxy.observe.records import Exchange
-from aproxy.upstream.dialer import HttpConnectHandshake, Socks5Handshake
+from aproxy.upstream.handshakes import HttpConnectHandshake, Socks5Handshake
 from aproxy.upstream.protocol import UpstreamProtocol
 from aproxy.upstream.tls import VerifyNote, tls_failure
 from tests.fakes import Attempt, HalfCloseTransport
