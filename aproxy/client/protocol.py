@@ -56,7 +56,7 @@ from aproxy.errors import (
     RequestTimeout,
     TooManyRequests,
 )
-from aproxy.http.answers import connect_error, error_response, local_answer
+from aproxy.http.answers import error_response, local_answer
 from aproxy.http.body import ChunkedDecoder, LengthDecoder, UntilCloseDecoder, chunk
 from aproxy.http.head import (
     BODY_CHUNKED,
@@ -76,6 +76,7 @@ from aproxy.http.head import (
     serialize_response_head,
 )
 from aproxy.observe.records import Exchange
+from aproxy.upstream.connector import connect_error
 from aproxy.upstream.dialer import Hop
 from aproxy.upstream.protocol import (
     UpstreamProtocol,

@@ -1,6 +1,7 @@
 """
-How the proxy reaches an origin or a parent: the L{IUpstreamConnector} interface and the
-default L{EndpointConnector}, with its bounded, rebinding-safe name lookups.
+How the proxy reaches an origin or a parent: the L{IUpstreamConnector} interface, the
+default L{EndpointConnector}, with its bounded, rebinding-safe name lookups, and
+L{connect_error}, which explains a failed connection to the client.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
+from twisted.internet import error as ierror
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
@@ -30,10 +32,11 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from aproxy.errors import ServiceUnavailable
+from aproxy.errors import BadGateway, GatewayTimeout, ProxyError, ServiceUnavailable
+from aproxy.upstream.routes import Parent
 from aproxy.workpool import FairQueue, WorkRefused, current_client, shared_runner
 
-__all__ = ["EndpointConnector", "IUpstreamConnector"]
+__all__ = ["EndpointConnector", "IUpstreamConnector", "connect_error"]
 
 
 class IUpstreamConnector(Interface):
@@ -309,3 +312,39 @@ def _lookup(host: str, port: int) -> list[str]:
     if not seen:
         raise DNSLookupError(host)
     return seen
+
+
+def connect_error(
+    failure: Failure, host: str, port: int, parent: Parent | None = None
+) -> ProxyError:
+    """
+    The error the client gets when a connection could not be made: 502 naming what could
+    not be reached and why, or 504 when connecting timed out.
+
+    @param failure: Why the connector failed (C{DNSLookupError}, C{ConnectionRefusedError},
+        C{TimeoutError}, ...); a L{ProxyError} (a policy refusal, a full lookup queue) is
+        passed on as it is.
+    @param host: The origin's host.
+    @param port: The origin's port.
+    @param parent: The parent proxy the connection was going to, when the origin is
+        reached through one: then the parent is named, not the origin.
+    """
+    if isinstance(failure.value, ProxyError):
+        return failure.value
+    if parent is None:
+        where = details = f"{host}:{port}"
+        resolving = host
+    else:
+        where = resolving = f"parent proxy {parent.name}"
+        details = f"parent {parent.name}"
+    if failure.check(ierror.DNSLookupError):
+        return BadGateway(f"cannot resolve {resolving}", "dns_error", details)
+    if failure.check(ierror.ConnectionRefusedError):
+        return BadGateway(f"connection to {where} refused", "connection_refused", details)
+    if failure.check(ierror.TimeoutError):
+        return GatewayTimeout(f"connecting to {where} timed out", "connection_timeout", details)
+    return BadGateway(
+        f"cannot connect to {where}: {failure.getErrorMessage()}",
+        "destination_unavailable",
+        details,
+    )

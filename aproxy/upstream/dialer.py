@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
@@ -28,15 +27,15 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import alsoProvides
 
-from aproxy.errors import BadGateway, GatewayTimeout, ProxyError
+from aproxy.errors import BadGateway, ProxyError
 from aproxy.http.target import format_authority
-from aproxy.upstream.connector import IUpstreamConnector
+from aproxy.upstream.connector import IUpstreamConnector, connect_error
 from aproxy.upstream.handshakes import HttpConnectHandshake, ParentHandshake, Socks5Handshake
 from aproxy.upstream.protocol import UpstreamFactory, UpstreamProtocol
 from aproxy.upstream.routes import Parent, Router
 from aproxy.upstream.tls import ClientTLS, VerifyNote, tls_failure
 
-__all__ = ["Dialer", "Hop", "parent_unreachable"]
+__all__ = ["Dialer", "Hop"]
 
 # How many plans the dialer remembers (they never change until a reload).
 _CACHE_SIZE = 1024
@@ -239,7 +238,7 @@ class _Attempt:
         if failure.check(CancelledError) or parent is None:
             self.result.errback(failure)
             return
-        self.result.errback(parent_unreachable(failure, parent))
+        self.result.errback(connect_error(failure, self._hop.host, self._hop.port, parent))
 
     def _ready(self) -> None:
         if self._done:
@@ -282,26 +281,3 @@ class _Attempt:
             connecting.cancel()
         else:
             self._abort()
-
-
-def parent_unreachable(failure: Failure, parent: Parent) -> ProxyError:
-    """The error for a parent proxy that could not be connected to: 502, or 504."""
-    name = parent.name
-    details = f"parent {name}"
-    if failure.check(ierror.DNSLookupError):
-        return BadGateway(f"cannot resolve parent proxy {name}", "dns_error", details)
-    if failure.check(ierror.ConnectionRefusedError):
-        return BadGateway(
-            f"connection to parent proxy {name} refused", "connection_refused", details
-        )
-    if failure.check(ierror.TimeoutError):
-        return GatewayTimeout(
-            f"connecting to parent proxy {name} timed out", "connection_timeout", details
-        )
-    if isinstance(failure.value, ProxyError):
-        return failure.value
-    return BadGateway(
-        f"cannot connect to parent proxy {name}: {failure.getErrorMessage()}",
-        "destination_unavailable",
-        details,
-    )
