@@ -151,6 +151,47 @@ class HttpParentConnectTests(ParentTestCase):
         self.assertFalse(parent.disconnecting)
 
 
+class ParentHeadSizeTests(ParentTestCase):
+    """The parent's answer to a CONNECT is held to C{max-head-size}, like any response head."""
+
+    config = ProxyConfig(
+        upstream="http://pu:pp@parent.example:3128",
+        connect_ports=None,
+        via=None,
+        max_head_size=2048,
+    )
+
+    def test_answer_head_over_the_limit_is_502(self) -> None:
+        """An answer head larger than C{max-head-size} is a 502; the tunnel never opens."""
+        self.proto.dataReceived(b"CONNECT a.example:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        layer, parent = self.connect(self.connector.attempts[0])
+        layer.dataReceived(b"HTTP/1.1 200 OK\r\nX-Padding: " + b"p" * 3000 + b"\r\n\r\n")
+        value = self.client.value()
+        self.assertTrue(value.startswith(b"HTTP/1.1 502 "), value)
+        self.assertIn(b"error=http_protocol_error", value)
+        self.assertTrue(parent.disconnecting)
+
+
+class ParentLargeHeadTests(ParentTestCase):
+    """A raised C{max-head-size} lets a parent send a larger CONNECT answer."""
+
+    config = ProxyConfig(
+        upstream="http://pu:pp@parent.example:3128",
+        connect_ports=None,
+        via=None,
+        max_head_size=262144,
+    )
+
+    def test_answer_head_within_a_raised_limit_opens_the_tunnel(self) -> None:
+        """An answer head over 64 KiB but within the configured limit opens the tunnel."""
+        self.proto.dataReceived(b"CONNECT a.example:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        layer, parent = self.connect(self.connector.attempts[0])
+        padding = b"X-Padding: " + b"p" * 100000 + b"\r\n"
+        layer.dataReceived(b"HTTP/1.1 200 OK\r\n" + padding + b"\r\nFIRST")
+        self.assertEqual(self.client.value(), ESTABLISHED + b"FIRST")
+        self.assertFalse(parent.disconnecting)
+
+
 class HttpParentRequestTests(ParentTestCase):
     """Plain requests go to an HTTP parent as proxy requests, sharing its connections."""
 

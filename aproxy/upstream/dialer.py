@@ -208,7 +208,9 @@ class _Attempt:
             layer = _tls_layer(dialer.tls.creator(hop.host, note), layer)
         if parent is not None and not hop.absolute:
             kind = Socks5Handshake if parent.scheme == "socks5" else HttpConnectHandshake
-            layer = kind(parent, hop.host, hop.port, layer, self.fail)
+            layer = kind(
+                parent, hop.host, hop.port, layer, self.fail, dialer.upstream_factory.max_head_size
+            )
         if parent is not None and parent.scheme == "https":
             note = VerifyNote()
             whom = f"parent proxy {parent.name}"

@@ -33,6 +33,8 @@ class ParentHandshake(Protocol):
     Talks to a parent proxy first, then hands the connection to the layer above it:
     that layer is connected to this transport and gets every later byte and event.
 
+    @param max_head_size: The largest answer head accepted from the parent, in bytes
+        (the C{max-head-size} setting, as for any response head); a larger one is a 502.
     @ivar parent_tls: When the parent is reached over TLS: the note and name to explain
         a failed TLS handshake with it.
     """
@@ -46,8 +48,10 @@ class ParentHandshake(Protocol):
         port: int,
         inner: Protocol,
         fail: Callable[[ProxyError], None],
+        max_head_size: int,
     ) -> None:
         self.parent = parent
+        self.max_head_size = max_head_size
         self.host = host
         self.port = port
         self._inner = inner
@@ -135,7 +139,7 @@ class HttpConnectHandshake(ParentHandshake):
 
     def connectionMade(self) -> None:
         """Send the CONNECT (over TLS it waits in the TLS layer until the handshake)."""
-        self._reader = HeadReader(65536, 65536, False)
+        self._reader = HeadReader(self.max_head_size, self.max_head_size, False)
         authority = format_authority(self.host, self.port).encode("idna")
         self.transport.write(
             b"CONNECT "
@@ -169,7 +173,7 @@ class HttpConnectHandshake(ParentHandshake):
         if 100 <= head.status < 200:
             # An interim response: the final one follows.
             self._buffer = rest
-            self._reader = HeadReader(65536, 65536, False)
+            self._reader = HeadReader(self.max_head_size, self.max_head_size, False)
             if rest:
                 self.received()
             return
