@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy import ProxyConfig, makeService
 from aproxy.config import listen_description
-from aproxy.run.service import public_listeners
+from aproxy.run.endpoints import public_listeners
 from aproxy.run.tap import Options, freeze_startup_heap
 from aproxy.run.tap import makeService as tap_make_service
 

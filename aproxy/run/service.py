@@ -32,13 +32,13 @@ from aproxy.config import ProxyConfig, proxy_protocol_inner
 from aproxy.observe.accesslog import AccessLog
 from aproxy.observe.cluster import SnapshotFactory
 from aproxy.observe.metrics import Metrics, metrics_site
+from aproxy.run.endpoints import public_listeners
 from aproxy.upstream.routes import parse_route
 
 __all__ = [
     "ProxyHeaderFactory",
     "adopted_service",
     "makeService",
-    "public_listeners",
     "restart_settings",
 ]
 
@@ -315,34 +315,6 @@ def restart_settings(running: ProxyConfig, new: ProxyConfig) -> list[str]:
     if new.metrics != running.metrics:
         names.append("metrics")
     return names
-
-
-def public_listeners(config: ProxyConfig) -> list[str]:
-    """
-    The listening descriptions in C{config} reachable from other machines: TCP and TLS
-    endpoints whose interface is not a loopback address (no interface means all).
-    """
-    public = []
-    for description in config.ports:
-        parts = description.replace("\\:", "\x00").split(":")
-        kind = parts[0].lower()
-        if kind == "haproxy":
-            parts = parts[1:]
-            kind = parts[0].lower() if parts else ""
-        if kind not in ("tcp", "tcp6", "ssl"):
-            continue
-        interface = ""
-        for part in parts[1:]:
-            key, sep, value = part.partition("=")
-            if sep and key == "interface":
-                interface = value.replace("\x00", ":")
-        try:
-            loopback = ipaddress.ip_address(interface.strip("[]")).is_loopback
-        except ValueError:
-            loopback = interface == "localhost"
-        if not loopback:
-            public.append(description)
-    return public
 
 
 def makeService(config: ProxyConfig, reactor: Any = None) -> IService:
