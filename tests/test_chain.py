@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import struct
+from dataclasses import replace
 
 from OpenSSL import SSL
 from twisted.internet import error
@@ -154,12 +155,7 @@ class HttpParentConnectTests(ParentTestCase):
 class ParentHeadSizeTests(ParentTestCase):
     """The parent's answer to a CONNECT is held to C{max-head-size}, like any response head."""
 
-    config = ProxyConfig(
-        upstream="http://pu:pp@parent.example:3128",
-        connect_ports=None,
-        via=None,
-        max_head_size=2048,
-    )
+    config = replace(ParentTestCase.config, max_head_size=2048)
 
     def test_answer_head_over_the_limit_is_502(self) -> None:
         """An answer head larger than C{max-head-size} is a 502; the tunnel never opens."""
@@ -175,12 +171,7 @@ class ParentHeadSizeTests(ParentTestCase):
 class ParentLargeHeadTests(ParentTestCase):
     """A raised C{max-head-size} lets a parent send a larger CONNECT answer."""
 
-    config = ProxyConfig(
-        upstream="http://pu:pp@parent.example:3128",
-        connect_ports=None,
-        via=None,
-        max_head_size=262144,
-    )
+    config = replace(ParentTestCase.config, max_head_size=262144)
 
     def test_answer_head_within_a_raised_limit_opens_the_tunnel(self) -> None:
         """An answer head over 64 KiB but within the configured limit opens the tunnel."""
