@@ -247,7 +247,7 @@ class ServiceTests(SynchronousTestCase):
         service = makeService(ProxyConfig(ports=("tcp:8111:interface=127.0.0.1",)), reactor)
         service.privilegedStartService()
         factory = service.factory  # type: ignore[attr-defined]
-        self.assertEqual(len(factory.own_addresses), 1)
+        self.assertEqual(len(factory.loops.own_addresses), 1)
 
     def test_public_listeners(self) -> None:
         """Descriptions reachable from other machines are told apart from loopback ones."""

@@ -6,7 +6,6 @@ connection pool, and what the proxy knows about its own addresses (for loop dete
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -22,9 +21,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from aproxy.access.auth import HtpasswdAuthenticator, IAuthenticator
-from aproxy.access.policy import AccessPolicy, IPolicy, normalize_address
+from aproxy.access.loops import LoopGuard
+from aproxy.access.policy import AccessPolicy, IPolicy
 from aproxy.access.throttle import LoginThrottle
-from aproxy.client.protocol import ProxyProtocol, loop_error
+from aproxy.client.protocol import ProxyProtocol
 from aproxy.config import ProxyConfig
 from aproxy.errors import Forbidden
 from aproxy.http.head import Target, parse_absolute_target
@@ -114,19 +114,12 @@ class ProxyFactory(Factory):
         # (destination host, peer address) pairs of pooled connections that passed the
         # address rules in force (cleared on reload, bounded).
         self._allowed_peers: set[tuple[str, str]] = set()
-        # A random marker in this instance's Via comment: a request that comes back
-        # carrying it has looped, while another aproxy instance has a marker of its own.
-        self.via_marker = b"aproxy-" + secrets.token_hex(8).encode("ascii")
-        self.via: bytes | None = (
-            config.via.encode("ascii") + b" (" + self.via_marker + b")" if config.via else None
-        )
+        self.loops = LoopGuard()
+        self.via: bytes | None = self.loops.via(config.via)
         self.name = (config.via or "aproxy").encode("ascii")
         self.open_connections = 0
         self.clients_per_ip: dict[str, int] = {}
-        self.own_addresses: set[tuple[str, int]] = set()
         self._allowed: set[tuple[str, int]] = set()
-        self.wildcard_ports: set[int] = set()
-        self.own_ports: set[int] = set()
         self._targets: dict[bytes, Target] = {}
         self.connections: set[ProxyProtocol] = set()
         # Open tunnels (CONNECT and Upgrade), counted as they open and close, so the
@@ -175,9 +168,7 @@ class ProxyFactory(Factory):
                 lookups=self.lookups,
             )
         self.dialer = self._make_dialer(config, tls)
-        self.via = (
-            config.via.encode("ascii") + b" (" + self.via_marker + b")" if config.via else None
-        )
+        self.via = self.loops.via(config.via)
         self.name = (config.via or "aproxy").encode("ascii")
         self._allowed.clear()
         self._targets.clear()
@@ -304,52 +295,6 @@ class ProxyFactory(Factory):
                 cache[raw] = target
         return target
 
-    def note_listening(self, address: IAddress) -> None:
-        """Remember an address this proxy listens on, so requests to it are loops."""
-        host = getattr(address, "host", None)
-        port = getattr(address, "port", None)
-        if host is None or port is None:
-            return
-        ip = normalize_address(host)
-        if ip is None:
-            return
-        if ip.is_unspecified:
-            self.wildcard_ports.add(port)
-        self.own_addresses.add((str(ip), port))
-        self.own_ports.add(port)
-        self._allowed.clear()
-
-    def note_local_address(self, address: IAddress) -> None:
-        """Remember the local address a client reached this proxy on (a listening one)."""
-        host = getattr(address, "host", None)
-        port = getattr(address, "port", None)
-        if host is None or port is None:
-            return
-        ip = normalize_address(host)
-        if ip is not None and (str(ip), port) not in self.own_addresses:
-            self.own_addresses.add((str(ip), port))
-            self.own_ports.add(port)
-            self._allowed.discard((host, port))
-
-    def is_own(self, host: str, port: int, local_host: str | None = None) -> bool:
-        """
-        Whether C{host}:C{port} is this proxy: one of its listening addresses (however
-        written: IPv4-mapped IPv6 counts as IPv4), an unspecified address (which connects
-        to this machine) on a port it listens on, or, for a wildcard listener's port, a
-        loopback address or the local end's own address (this machine to itself).
-        """
-        if port not in self.own_ports:
-            return False
-        ip = normalize_address(host)
-        if ip is None:
-            return False
-        if (str(ip), port) in self.own_addresses or ip.is_unspecified:
-            return True
-        if port in self.wildcard_ports:
-            local = normalize_address(local_host) if local_host else None
-            return ip.is_loopback or ip == local
-        return False
-
     def check_destination(self, host: str, port: int) -> None:
         """
         Apply the policy's name rules to a destination as written, and the loop check
@@ -358,16 +303,15 @@ class ProxyFactory(Factory):
         @raise Forbidden: If the destination is refused.
         """
         key = (host, port)
-        if key in self._allowed:
-            return
-        self.policy.check_name(host)
-        if self.is_own(host, port):
-            raise loop_error()
-        # Name rules and literal addresses always decide the same way: remember the
-        # destinations that passed (bounded), so a busy client pays for the check once.
-        if len(self._allowed) >= _CACHE_SIZE:
-            self._allowed.clear()
-        self._allowed.add(key)
+        if key not in self._allowed:
+            self.policy.check_name(host)
+            # Name rules and literal addresses always decide the same way: remember the
+            # destinations that passed (bounded), so a busy client pays for the check once.
+            if len(self._allowed) >= _CACHE_SIZE:
+                self._allowed.clear()
+            self._allowed.add(key)
+        # Not cached: the proxy's own addresses grow as it listens and is reached.
+        self.loops.check_target(host, port)
 
     def _check_address(self, host: str, address: str) -> None:
         self.policy.check_address(host, address)

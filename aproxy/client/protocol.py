@@ -86,7 +86,7 @@ from aproxy.workpool import as_client
 if TYPE_CHECKING:
     from aproxy.client.factory import ProxyFactory
 
-__all__ = ["ProxyProtocol", "loop_error"]
+__all__ = ["ProxyProtocol"]
 
 # Connection states. _WAITING: a response is complete, but the client has not read enough
 # of the answers so far to start the next request (see OutputGate).
@@ -409,10 +409,7 @@ class ProxyProtocol(ClientConnection):
 
     def _authorized_request(self, head: RequestHead, rest: bytes) -> None:
         factory = self.factory
-        if b"via" in head.noted and factory.via_marker in b" ".join(head.noted[b"via"]):
-            raise Forbidden(
-                "request loop: this request already passed this proxy", "proxy_loop_detected"
-            )
+        factory.loops.check_via(head)
         if head.method == b"CONNECT":
             self._start_connect(head, rest)
             return
@@ -558,15 +555,11 @@ class ProxyProtocol(ClientConnection):
         if self._state != _CONNECTING:
             up.transport.loseConnection()
             return
-        peer = up.transport.getPeer()
-        if self.factory.is_own(
-            getattr(peer, "host", ""),
-            getattr(peer, "port", 0),
-            getattr(up.transport.getHost(), "host", None),
-        ):
-            # The name led back to this proxy: a request loop.
+        try:
+            self.factory.loops.check_connected(up.transport.getPeer(), up.transport.getHost())
+        except Forbidden as loop:
             up.transport.abortConnection()
-            self._fail(loop_error())
+            self._fail(loop)
             return
         self._unpause(_DIAL)
         self._attach(up, False)
@@ -1076,11 +1069,6 @@ class ProxyProtocol(ClientConnection):
             self._gated = False
             self._output.source = None
             self.transport.unregisterProducer()
-
-
-def loop_error() -> Forbidden:
-    """The 403 for a request that would reach this proxy again."""
-    return Forbidden("request loop: the destination is this proxy", "proxy_loop_detected")
 
 
 def _abandon(up: UpstreamProtocol, abort: bool) -> None:

@@ -135,7 +135,7 @@ class _ListeningService(Service):
 
     def _listened(self, port: IListeningPort) -> IListeningPort:
         self.port = port
-        self.factory.note_listening(port.getHost())
+        self.factory.loops.note_listening(port.getHost())
         return port
 
     def startService(self) -> None:
@@ -243,7 +243,7 @@ class _AdoptedService(Service):
         """Adopt the socket."""
         super().startService()
         self.port = self.reactor.adoptStreamPort(self.fd, self.family, self._serve)
-        self.factory.note_listening(self.port.getHost())
+        self.factory.loops.note_listening(self.port.getHost())
 
     def stopService(self) -> Deferred[None] | None:
         """Stop accepting on the socket (the parent keeps it)."""
@@ -354,7 +354,7 @@ def _build(config: ProxyConfig, reactor: Any, adopted: _Adopted | None) -> Proxy
             service.setServiceParent(top)
     else:
         for address in adopted.own:
-            factory.note_listening(address)
+            factory.loops.note_listening(address)
         for index, (fd, family) in enumerate(adopted.fds):
             serve = None
             if index < len(config.ports) and proxy_protocol_inner(config.ports[index]) is not None:
