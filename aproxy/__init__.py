@@ -18,7 +18,7 @@ from aproxy.config import ProxyConfig
 from aproxy.errors import ProxyError
 from aproxy.observe.records import Exchange, IExchangeObserver
 from aproxy.run.service import makeService
-from aproxy.upstream.protocol import IUpstreamConnector
+from aproxy.upstream.connector import IUpstreamConnector
 from aproxy.version import VERSION
 
 __all__ = [

@@ -47,7 +47,8 @@ from zope.interface import implementer
 
 from aproxy.client.factory import ProxyFactory
 from aproxy.config import ProxyConfig
-from aproxy.upstream.protocol import IUpstreamConnector, UpstreamProtocol
+from aproxy.upstream.connector import IUpstreamConnector
+from aproxy.upstream.protocol import UpstreamProtocol
 
 __all__ = [
     "Attempt",

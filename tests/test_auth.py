@@ -1,6 +1,7 @@
 """
-Tests for L{aproxy.access.auth}: htpasswd parsing, every supported hash format, C{Basic}
-credential parsing, the cache of verified users and reloading the file.
+Tests for L{aproxy.access.auth} and L{aproxy.access.htpasswd}: htpasswd parsing, every
+supported hash format, C{Basic} credential parsing, the cache of verified users and
+reloading the file.
 
 The hashes below are fixed strings made when the tests were written, so running them needs
 no tools: C{htpasswd} from apache2-utils 2.4 (C{-nbB}, C{-nbm}, C{-nbs}) and C{mkpasswd}
@@ -26,12 +27,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from aproxy.access.auth import (
-    AuthFileError,
     HtpasswdAuthenticator,
     IAuthenticator,
     basic_challenge,
     parse_basic_credentials,
 )
+from aproxy.access.htpasswd import AuthFileError
 from tests.hashes import (
     APR1,
     APR1_EMPTY,

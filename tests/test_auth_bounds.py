@@ -16,7 +16,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from aproxy.access.auth import HtpasswdAuthenticator, _decoy_for, _MD5CryptHash, _parse_file
+from aproxy.access.auth import HtpasswdAuthenticator
+from aproxy.access.htpasswd import _MD5CryptHash, decoy_for, parse_file
 from aproxy.config import ProxyConfig
 from aproxy.errors import ServiceUnavailable, TooManyRequests
 from aproxy.testing import HalfCloseTransport
@@ -164,16 +165,16 @@ class DecoyTests(_FileCase):
 
     def test_decoy_is_of_the_most_common_kind(self) -> None:
         """In a mixed file the decoy has the algorithm and cost most users have."""
-        users = _parse_file(
+        users = parse_file(
             "f", f"a:{BCRYPT_2Y}\nb:{APR1}\nc:{SHA256}\nd:{APR1}\ne:{SHA1}\n".encode()
         )
-        self.assertIs(_decoy_for(users), users["b"])
-        self.assertIsNone(_decoy_for({}))
+        self.assertIs(decoy_for(users), users["b"])
+        self.assertIsNone(decoy_for({}))
 
     def test_sha1_file_unknown_user_costs_a_sha1(self) -> None:
         """With only C{{SHA}} users the decoy is a C{{SHA}} hash too (checked at once)."""
-        users = _parse_file("f", f"e:{SHA1}\n".encode())
-        self.assertIs(_decoy_for(users), users["e"])
+        users = parse_file("f", f"e:{SHA1}\n".encode())
+        self.assertIs(decoy_for(users), users["e"])
 
 
 class ThrottleAtStartTests(ProxyTestCase):
@@ -296,7 +297,7 @@ class SharedAcrossReloadTests(_FileCase):
         from twisted.internet.testing import MemoryReactorClock
 
         from aproxy.client.factory import ProxyFactory
-        from aproxy.upstream.protocol import EndpointConnector
+        from aproxy.upstream.connector import EndpointConnector
 
         path = self.password_file(f"alice:{BCRYPT_2Y}\n")
         factory = ProxyFactory(ProxyConfig(auth_file=path), MemoryReactorClock())

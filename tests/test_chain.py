@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import struct
+from dataclasses import replace
 
 from OpenSSL import SSL
 from twisted.internet import error
@@ -20,7 +21,7 @@ from aproxy.config import ProxyConfig
 from aproxy.observe.accesslog import format_squid
 from aproxy.observe.records import Exchange
 from aproxy.testing import Attempt, HalfCloseTransport
-from aproxy.upstream.dialer import HttpConnectHandshake, Socks5Handshake
+from aproxy.upstream.handshakes import HttpConnectHandshake, Socks5Handshake
 from aproxy.upstream.protocol import UpstreamProtocol
 from aproxy.upstream.tls import VerifyNote, tls_failure
 from tests.support import ProxyTestCase
@@ -148,6 +149,37 @@ class HttpParentConnectTests(ParentTestCase):
         assert isinstance(layer, HttpConnectHandshake)
         layer.readConnectionLost()
         self.assertTrue(self.client.write_closed)
+        self.assertFalse(parent.disconnecting)
+
+
+class ParentHeadSizeTests(ParentTestCase):
+    """The parent's answer to a CONNECT is held to C{max-head-size}, like any response head."""
+
+    config = replace(ParentTestCase.config, max_head_size=2048)
+
+    def test_answer_head_over_the_limit_is_502(self) -> None:
+        """An answer head larger than C{max-head-size} is a 502; the tunnel never opens."""
+        self.proto.dataReceived(b"CONNECT a.example:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        layer, parent = self.connect(self.connector.attempts[0])
+        layer.dataReceived(b"HTTP/1.1 200 OK\r\nX-Padding: " + b"p" * 3000 + b"\r\n\r\n")
+        value = self.client.value()
+        self.assertTrue(value.startswith(b"HTTP/1.1 502 "), value)
+        self.assertIn(b"error=http_protocol_error", value)
+        self.assertTrue(parent.disconnecting)
+
+
+class ParentLargeHeadTests(ParentTestCase):
+    """A raised C{max-head-size} lets a parent send a larger CONNECT answer."""
+
+    config = replace(ParentTestCase.config, max_head_size=262144)
+
+    def test_answer_head_within_a_raised_limit_opens_the_tunnel(self) -> None:
+        """An answer head over 64 KiB but within the configured limit opens the tunnel."""
+        self.proto.dataReceived(b"CONNECT a.example:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+        layer, parent = self.connect(self.connector.attempts[0])
+        padding = b"X-Padding: " + b"p" * 100000 + b"\r\n"
+        layer.dataReceived(b"HTTP/1.1 200 OK\r\n" + padding + b"\r\nFIRST")
+        self.assertEqual(self.client.value(), ESTABLISHED + b"FIRST")
         self.assertFalse(parent.disconnecting)
 
 

@@ -31,7 +31,8 @@ from aproxy.client.factory import ProxyFactory
 from aproxy.config import ProxyConfig
 from aproxy.errors import ServiceUnavailable
 from aproxy.testing import HalfCloseTransport
-from aproxy.upstream.protocol import EndpointConnector, UpstreamFactory
+from aproxy.upstream.connector import EndpointConnector
+from aproxy.upstream.protocol import UpstreamFactory
 from aproxy.workpool import FairQueue, as_client
 from tests.tracking import ConnectionTracking
 

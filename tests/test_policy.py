@@ -1,7 +1,7 @@
 """
 Unit tests for access control: L{aproxy.access.policy} (host patterns, private addresses,
 L{AccessPolicy}), the checked name resolution of
-L{aproxy.upstream.protocol.EndpointConnector}, and how
+L{aproxy.upstream.connector.EndpointConnector}, and how
 L{aproxy.client.protocol.ProxyProtocol} and L{aproxy.client.factory.ProxyFactory} apply
 client admission, connection limits, destination rules, loop detection and C{X-Forwarded-For}.
 
@@ -25,7 +25,8 @@ from aproxy.client.protocol import ProxyProtocol
 from aproxy.config import ProxyConfig
 from aproxy.errors import Forbidden
 from aproxy.testing import Attempt, HalfCloseTransport, RecordingConnector
-from aproxy.upstream.protocol import EndpointConnector, UpstreamFactory, UpstreamProtocol
+from aproxy.upstream.connector import EndpointConnector
+from aproxy.upstream.protocol import UpstreamFactory, UpstreamProtocol
 
 LOCAL_CLIENT = IPv4Address("TCP", "127.0.0.1", 5000)
 OK_0 = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
@@ -858,7 +859,7 @@ class LoopTests(PolicyProxyTestCase):
     def test_own_via_marker(self) -> None:
         """A request whose Via carries this proxy's own marker gets 403 and is not dialed."""
         self.make_factory()
-        via = b"Via: 1.1 aproxy (" + self.factory.via_marker + b")\r\n"
+        via = b"Via: 1.1 aproxy (" + self.factory.loops.marker + b")\r\n"
         client, _ = self.request(get(b"http://a.example/", via))
         self.assert_loop(client)
         self.assertEqual(self.connector.attempts, [])
@@ -866,7 +867,9 @@ class LoopTests(PolicyProxyTestCase):
     def test_own_marker_among_several_via_fields(self) -> None:
         """The marker is found in any Via field line, in any member of the list."""
         self.make_factory()
-        via = b"Via: 1.1 other\r\nVia: 1.0 fred, 1.1 aproxy (" + self.factory.via_marker + b")\r\n"
+        via = (
+            b"Via: 1.1 other\r\nVia: 1.0 fred, 1.1 aproxy (" + self.factory.loops.marker + b")\r\n"
+        )
         client, _ = self.request(get(b"http://a.example/", via))
         self.assert_loop(client)
 
@@ -875,7 +878,7 @@ class LoopTests(PolicyProxyTestCase):
         self.make_factory(ProxyConfig(connect_ports=None))
         client, _ = self.request(
             b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\nVia: 1.1 aproxy ("
-            + self.factory.via_marker
+            + self.factory.loops.marker
             + b")\r\n\r\n"
         )
         self.assert_loop(client)
@@ -885,7 +888,7 @@ class LoopTests(PolicyProxyTestCase):
         """A Via from another aproxy instance (another marker) is forwarded with ours appended."""
         self.make_factory()
         other = ProxyFactory(ProxyConfig(), self.clock, RecordingConnector())
-        self.assertNotEqual(other.via_marker, self.factory.via_marker)
+        self.assertNotEqual(other.loops.marker, self.factory.loops.marker)
         assert other.via is not None and self.factory.via is not None
         client, _ = self.request(get(b"http://a.example/", b"Via: 1.1 " + other.via + b"\r\n"))
         [attempt] = self.connector.attempts
@@ -900,12 +903,12 @@ class LoopTests(PolicyProxyTestCase):
         self.make_factory()
         self.request(get(b"http://a.example/"))
         upstream_transport = self.connector.attempts[0].succeed()
-        self.assertIn(b"(" + self.factory.via_marker + b")", upstream_transport.value())
+        self.assertIn(b"(" + self.factory.loops.marker + b")", upstream_transport.value())
 
     def test_literal_own_address(self) -> None:
         """A literal target equal to a listening address gets 403 without a dial."""
         self.make_factory()
-        self.factory.note_listening(IPv4Address("TCP", "127.0.0.1", 8080))
+        self.factory.loops.note_listening(IPv4Address("TCP", "127.0.0.1", 8080))
         client, _ = self.request(get(b"http://127.0.0.1:8080/"))
         self.assert_loop(client)
         self.assertEqual(self.connector.attempts, [])
@@ -913,7 +916,7 @@ class LoopTests(PolicyProxyTestCase):
     def test_literal_own_address_other_port_allowed(self) -> None:
         """The same address on another port is not this proxy."""
         self.make_factory()
-        self.factory.note_listening(IPv4Address("TCP", "127.0.0.1", 8080))
+        self.factory.loops.note_listening(IPv4Address("TCP", "127.0.0.1", 8080))
         client, _ = self.request(get(b"http://127.0.0.1:8081/"))
         self.assertEqual(client.value(), b"")
         self.assertEqual(len(self.connector.attempts), 1)
@@ -921,7 +924,7 @@ class LoopTests(PolicyProxyTestCase):
     def test_wildcard_listener(self) -> None:
         """With a 0.0.0.0 listener, any loopback address on its port is a loop; others are not."""
         self.make_factory()
-        self.factory.note_listening(IPv4Address("TCP", "0.0.0.0", 8080))
+        self.factory.loops.note_listening(IPv4Address("TCP", "0.0.0.0", 8080))
         for url in (b"http://127.0.0.2:8080/", b"http://0.0.0.0:8080/", b"http://[::1]:8080/"):
             with self.subTest(url=url):
                 client, _ = self.request(get(url))
@@ -934,7 +937,7 @@ class LoopTests(PolicyProxyTestCase):
     def test_ipv4_mapped_literal_own_address(self) -> None:
         """An IPv4-mapped IPv6 literal of a listening address is a loop too."""
         self.make_factory(ProxyConfig(via=None))
-        self.factory.note_listening(IPv4Address("TCP", "127.0.0.1", 8080))
+        self.factory.loops.note_listening(IPv4Address("TCP", "127.0.0.1", 8080))
         client, _ = self.request(get(b"http://[::ffff:127.0.0.1]:8080/"))
         self.assert_loop(client)
         self.assertEqual(self.connector.attempts, [])
@@ -942,7 +945,7 @@ class LoopTests(PolicyProxyTestCase):
     def test_ipv4_mapped_literal_wildcard_listener(self) -> None:
         """With a 0.0.0.0 listener, an IPv4-mapped loopback literal on its port is a loop."""
         self.make_factory(ProxyConfig(via=None))
-        self.factory.note_listening(IPv4Address("TCP", "0.0.0.0", 8080))
+        self.factory.loops.note_listening(IPv4Address("TCP", "0.0.0.0", 8080))
         client, _ = self.request(get(b"http://[::ffff:127.0.0.2]:8080/"))
         self.assert_loop(client)
         self.assertEqual(self.connector.attempts, [])
@@ -950,7 +953,7 @@ class LoopTests(PolicyProxyTestCase):
     def test_unspecified_literal_own_port(self) -> None:
         """0.0.0.0 on a listening port reaches this host, so it is a loop too."""
         self.make_factory(ProxyConfig(via=None))
-        self.factory.note_listening(IPv4Address("TCP", "127.0.0.1", 8080))
+        self.factory.loops.note_listening(IPv4Address("TCP", "127.0.0.1", 8080))
         client, _ = self.request(get(b"http://0.0.0.0:8080/"))
         self.assert_loop(client)
         self.assertEqual(self.connector.attempts, [])
@@ -971,7 +974,7 @@ class LoopTests(PolicyProxyTestCase):
     def test_name_connected_to_own_address(self) -> None:
         """A name whose connection lands on a listening address is a loop: aborted, 403."""
         self.make_factory()
-        self.factory.note_listening(IPv4Address("TCP", "127.0.0.1", 8080))
+        self.factory.loops.note_listening(IPv4Address("TCP", "127.0.0.1", 8080))
         client, _ = self.request(get(b"http://localhost:8080/"))
         [attempt] = self.connector.attempts
         upstream_transport = self.complete_with_peer(attempt, IPv4Address("TCP", "127.0.0.1", 8080))
@@ -982,7 +985,7 @@ class LoopTests(PolicyProxyTestCase):
     def test_name_connected_to_ipv4_mapped_own_address(self) -> None:
         """A connection whose peer is the IPv4-mapped form of a listening address is a loop."""
         self.make_factory()
-        self.factory.note_listening(IPv4Address("TCP", "127.0.0.1", 8080))
+        self.factory.loops.note_listening(IPv4Address("TCP", "127.0.0.1", 8080))
         client, _ = self.request(get(b"http://self.example:8080/"))
         [attempt] = self.connector.attempts
         upstream_transport = self.complete_with_peer(
@@ -994,7 +997,7 @@ class LoopTests(PolicyProxyTestCase):
     def test_name_connected_to_unspecified_own_port(self) -> None:
         """A name resolving to 0.0.0.0, connected on a listening port, is a loop."""
         self.make_factory(ProxyConfig(via=None))
-        self.factory.note_listening(IPv4Address("TCP", "127.0.0.1", 8080))
+        self.factory.loops.note_listening(IPv4Address("TCP", "127.0.0.1", 8080))
         client, _ = self.request(get(b"http://zero.example:8080/"))
         [attempt] = self.connector.attempts
         upstream_transport = self.complete_with_peer(attempt, IPv4Address("TCP", "0.0.0.0", 8080))
@@ -1004,7 +1007,7 @@ class LoopTests(PolicyProxyTestCase):
     def test_name_connected_elsewhere_forwarded(self) -> None:
         """A name whose connection lands elsewhere is forwarded normally."""
         self.make_factory()
-        self.factory.note_listening(IPv4Address("TCP", "127.0.0.1", 8080))
+        self.factory.loops.note_listening(IPv4Address("TCP", "127.0.0.1", 8080))
         client, _ = self.request(get(b"http://localhost:8081/"))
         [attempt] = self.connector.attempts
         upstream_transport = self.complete_with_peer(attempt, IPv4Address("TCP", "127.0.0.1", 8081))

@@ -84,7 +84,7 @@ class PolicyIntegrationTests(ConnectionTracking, TestCase):
         factory.clients = self.track(factory)  # type: ignore[attr-defined]
         factory.upstreams = self.track(factory.upstream_factory)  # type: ignore[attr-defined]
         port = yield self.listen(factory)
-        factory.note_listening(port.getHost())
+        factory.loops.note_listening(port.getHost())
         return factory, int(port.getHost().port)
 
     def assert_refused(self, resp: Response, status: int, error: bytes) -> None:

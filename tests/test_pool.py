@@ -1,5 +1,5 @@
 """
-The upstream connection pool (L{aproxy.upstream.protocol.UpstreamPool}) on a fake clock: the
+The upstream connection pool (L{aproxy.upstream.pool.UpstreamPool}) on a fake clock: the
 maximum age of a pooled connection, new limits on reload, and a reload that tightens the
 address rules reaching connections already in the pool.
 """
@@ -14,7 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from aproxy.client.factory import ProxyFactory
 from aproxy.config import ProxyConfig
 from aproxy.testing import HalfCloseTransport, RecordingConnector
-from aproxy.upstream.protocol import UpstreamFactory, UpstreamPool, UpstreamProtocol
+from aproxy.upstream.pool import UpstreamPool
+from aproxy.upstream.protocol import UpstreamFactory, UpstreamProtocol
 
 GET_LOCAL = b"GET http://localhost:8000/ HTTP/1.1\r\nHost: localhost:8000\r\n\r\n"
 OK_5 = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"

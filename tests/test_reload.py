@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy.client.factory import ProxyFactory
 from aproxy.config import ProxyConfig
-from aproxy.run.service import _ProxyService, makeService, restart_settings
+from aproxy.run.service import ProxyService, makeService, restart_settings
 from aproxy.run.tap import Options, _CommandLineService
 from aproxy.run.tap import makeService as tap_make_service
 from aproxy.testing import HalfCloseTransport, RecordingConnector
@@ -61,17 +61,17 @@ def client_request(factory: ProxyFactory, data: bytes) -> HalfCloseTransport:
 
 
 class ServiceReconfigureTests(SynchronousTestCase):
-    """L{_ProxyService.reconfigure} applies what a running proxy can change."""
+    """L{ProxyService.reconfigure} applies what a running proxy can change."""
 
     def setUp(self) -> None:
         self.dir = Path(tempfile.mkdtemp())
         self.addCleanup(shutil.rmtree, self.dir)
         self.clock = MemoryReactorClock()
 
-    def service(self, **kwargs: Any) -> _ProxyService:
+    def service(self, **kwargs: Any) -> ProxyService:
         """A proxy service (not started) on the fake clock, with a deny rule for logs."""
         config = ProxyConfig(ports=("tcp:0:interface=127.0.0.1",), **kwargs)
-        service = cast(_ProxyService, makeService(config, self.clock))
+        service = cast(ProxyService, makeService(config, self.clock))
         self.addCleanup(close_access_log, service)
         return service
 
@@ -136,7 +136,7 @@ class ServiceReconfigureTests(SynchronousTestCase):
         self.assertEqual(service.factory.config, in_force)
 
 
-def replace_config(service: _ProxyService, **kwargs: Any) -> ProxyConfig:
+def replace_config(service: ProxyService, **kwargs: Any) -> ProxyConfig:
     """A config with the service's ports and the given fields (others default)."""
     return ProxyConfig(ports=service.factory.config.ports, **kwargs)
 

@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy import ProxyConfig, makeService
 from aproxy.config import listen_description
-from aproxy.run.service import public_listeners
+from aproxy.run.endpoints import public_listeners
 from aproxy.run.tap import Options, freeze_startup_heap
 from aproxy.run.tap import makeService as tap_make_service
 
@@ -247,7 +247,7 @@ class ServiceTests(SynchronousTestCase):
         service = makeService(ProxyConfig(ports=("tcp:8111:interface=127.0.0.1",)), reactor)
         service.privilegedStartService()
         factory = service.factory  # type: ignore[attr-defined]
-        self.assertEqual(len(factory.own_addresses), 1)
+        self.assertEqual(len(factory.loops.own_addresses), 1)
 
     def test_public_listeners(self) -> None:
         """Descriptions reachable from other machines are told apart from loopback ones."""

@@ -77,8 +77,8 @@ class WorkerArgsTests(SynchronousTestCase):
         _, _, own = parse_worker_args(["own=127.0.0.1:9108"])
         service = adopted_service(ProxyConfig(), [], Clock(), own=own)
         factory = service.factory  # type: ignore[attr-defined]
-        self.assertTrue(factory.is_own("127.0.0.1", 9108))
-        self.assertFalse(factory.is_own("127.0.0.1", 9109))
+        self.assertTrue(factory.loops.is_own("127.0.0.1", 9108))
+        self.assertFalse(factory.loops.is_own("127.0.0.1", 9109))
 
 
 class WorkerPoolMetricsTests(SynchronousTestCase):

@@ -4,7 +4,7 @@ Who may use the proxy and where they may go: L{IPolicy} and its default, L{Acces
 Client addresses are checked when a connection is made. Destinations are checked twice:
 name rules on the target as written, before any DNS lookup, and address rules on a literal
 target and on every address a name resolves to, just before connecting to exactly that
-address (see L{aproxy.upstream.protocol.EndpointConnector}), so DNS rebinding can't slip past them.
+address (see L{aproxy.upstream.connector.EndpointConnector}), so DNS rebinding can't slip past them.
 """
 
 from __future__ import annotations

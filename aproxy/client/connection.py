@@ -223,7 +223,7 @@ class ClientConnection(Protocol):
             proxied if proxied is not None else getattr(self.transport.getPeer(), "host", None)
         )
         self.client_ip = client_ip
-        factory.note_local_address(self.transport.getHost())
+        factory.loops.note_local(self.transport.getHost())
         if client_ip is not None:
             if not self.runtime.policy.client_allowed(client_ip):
                 self.log.info("client {client} refused: not in --allow", client=client_ip)

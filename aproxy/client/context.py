@@ -10,14 +10,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 
+from aproxy.access.loops import LoopGuard
 from aproxy.access.throttle import LoginThrottle
 from aproxy.client.runtime import Runtime
 from aproxy.http.target import Target
 from aproxy.observe.records import ExchangeObserver
 from aproxy.upstream.dialer import Hop
-from aproxy.upstream.protocol import UpstreamPool, UpstreamProtocol
+from aproxy.upstream.pool import UpstreamPool
+from aproxy.upstream.protocol import UpstreamProtocol
 
 __all__ = ["ProxyContext"]
 
@@ -32,7 +34,7 @@ class ProxyContext(Protocol):
     @ivar login_throttle: Failed logins per client address (outlives reloads).
     @ivar observers: Called with each finished exchange's record.
     @ivar connect_observers: Called with the seconds each new upstream connection took.
-    @ivar via_marker: This instance's random marker in C{Via}, for loop detection.
+    @ivar loops: What the proxy knows of its own addresses and Via marker (loops).
     @ivar connections: The client connections open now.
     @ivar open_connections: How many client connections are admitted now.
     @ivar clients_per_ip: Admitted connections per client address.
@@ -45,7 +47,7 @@ class ProxyContext(Protocol):
     login_throttle: LoginThrottle
     observers: list[ExchangeObserver]
     connect_observers: list[Callable[[float], None]]
-    via_marker: bytes
+    loops: LoopGuard
     connections: set[Any]
     open_connections: int
     clients_per_ip: dict[str, int]
@@ -59,12 +61,6 @@ class ProxyContext(Protocol):
 
     def reuse(self, hop: Hop, runtime: Runtime | None = None) -> UpstreamProtocol | None:
         """An idle pooled connection for C{hop}, checked against C{runtime}'s rules."""
-
-    def is_own(self, host: str, port: int, local_host: str | None = None) -> bool:
-        """Whether C{host}:C{port} is this proxy itself."""
-
-    def note_local_address(self, address: IAddress) -> None:
-        """Remember the local address a client reached this proxy on."""
 
     def connection_gone(self, proto: Any) -> None:
         """A client connection ended."""

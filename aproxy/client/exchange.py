@@ -42,7 +42,7 @@ from aproxy.client.plan import (
 from aproxy.client.runtime import Runtime
 from aproxy.client.wire import bulk_reads, write_soon
 from aproxy.errors import BadGateway, BadRequest, Forbidden, ProxyError
-from aproxy.http.answers import connect_error, local_answer
+from aproxy.http.answers import local_answer
 from aproxy.http.body import ChunkedDecoder, UntilCloseDecoder, chunk
 from aproxy.http.head import (
     RequestHead,
@@ -53,11 +53,12 @@ from aproxy.http.head import (
     serialize_response_head,
 )
 from aproxy.observe.records import Exchange
+from aproxy.upstream.connector import connect_error
 from aproxy.upstream.dialer import Hop
 from aproxy.upstream.protocol import UpstreamProtocol
 from aproxy.workpool import as_client
 
-__all__ = ["MAX_INTERIM", "ClientExchange", "ClientSide", "abandon", "loop_error"]
+__all__ = ["MAX_INTERIM", "ClientExchange", "ClientSide", "abandon"]
 
 # Interim (1xx) responses relayed per request: a 100 Continue and a few 103 Early Hints are
 # normal; hundreds are an origin gone wrong (or hostile).
@@ -187,10 +188,7 @@ class ClientExchange:
         factory = conn.factory
         rt = self.runtime
         head = self.head
-        if b"via" in head.noted and factory.via_marker in b" ".join(head.noted[b"via"]):
-            raise Forbidden(
-                "request loop: this request already passed this proxy", "proxy_loop_detected"
-            )
+        factory.loops.check_via(head)
         if head.method == b"CONNECT":
             self._start_connect(rest)
             return
@@ -311,15 +309,12 @@ class ClientExchange:
         if conn.phase is not Phase.DIALING:
             up.transport.loseConnection()
             return
-        peer = up.transport.getPeer()
-        if factory.is_own(
-            getattr(peer, "host", ""),
-            getattr(peer, "port", 0),
-            getattr(up.transport.getHost(), "host", None),
-        ):
-            # The name led back to this proxy: a request loop.
+        try:
+            # The name may have led back to this proxy: a request loop.
+            factory.loops.check_connected(up.transport.getPeer(), up.transport.getHost())
+        except Forbidden as loop:
             up.transport.abortConnection()
-            conn.fail(loop_error())
+            conn.fail(loop)
             return
         conn.unpause_for(PAUSE_DIAL)
         if self.is_connect:
@@ -635,11 +630,6 @@ def _report(
     )
     for observer in conn.factory.observers:
         observer(record)
-
-
-def loop_error() -> Forbidden:
-    """The 403 for a request that would reach this proxy again."""
-    return Forbidden("request loop: the destination is this proxy", "proxy_loop_detected")
 
 
 def abandon(up: UpstreamProtocol, abort: bool) -> None:

@@ -6,7 +6,6 @@ connection pool, and what the proxy knows about its own addresses (for loop dete
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -23,23 +22,19 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from aproxy.access.auth import HtpasswdAuthenticator, IAuthenticator
-from aproxy.access.policy import AccessPolicy, IPolicy, normalize_address
+from aproxy.access.loops import LoopGuard
+from aproxy.access.policy import AccessPolicy, IPolicy
 from aproxy.access.throttle import LoginThrottle
-from aproxy.client.exchange import loop_error
 from aproxy.client.protocol import ProxyProtocol
 from aproxy.client.runtime import Runtime
 from aproxy.config import ProxyConfig
 from aproxy.errors import Forbidden
 from aproxy.http.head import Target, parse_absolute_target
 from aproxy.observe.records import ExchangeObserver
+from aproxy.upstream.connector import EndpointConnector, IUpstreamConnector
 from aproxy.upstream.dialer import Dialer, Hop
-from aproxy.upstream.protocol import (
-    EndpointConnector,
-    IUpstreamConnector,
-    UpstreamFactory,
-    UpstreamPool,
-    UpstreamProtocol,
-)
+from aproxy.upstream.pool import UpstreamPool
+from aproxy.upstream.protocol import UpstreamFactory, UpstreamProtocol
 from aproxy.upstream.routes import Router
 from aproxy.upstream.tls import ClientTLS
 
@@ -97,16 +92,13 @@ class ProxyFactory(Factory):
         self.pool = UpstreamPool(
             reactor, max(config.pool_size, 1), config.pool_idle_timeout, config.pool_max_age
         )
-        # A random marker in this instance's Via comment: a request that comes back
-        # carrying it has looped, while another aproxy instance has a marker of its own.
-        self.via_marker = b"aproxy-" + secrets.token_hex(8).encode("ascii")
+        # What this proxy knows of its own addresses and its random Via marker: a
+        # request that would reach it again is a loop (outlives reloads).
+        self.loops = LoopGuard()
         # Each request takes the runtime in force when it starts (see Runtime).
         self.runtime = self._build_runtime(config)
         self.open_connections = 0
         self.clients_per_ip: dict[str, int] = {}
-        self.own_addresses: set[tuple[str, int]] = set()
-        self.wildcard_ports: set[int] = set()
-        self.own_ports: set[int] = set()
         self._targets: dict[bytes, Target] = {}
         self.connections: set[ProxyProtocol] = set()
         # Open tunnels (CONNECT and Upgrade), counted as they open and close, so the
@@ -162,7 +154,7 @@ class ProxyFactory(Factory):
             self._upstream_factory,
             Router(config.all_routes),
         )
-        via = config.via.encode("ascii") + b" (" + self.via_marker + b")" if config.via else None
+        via = self.loops.via(config.via)
         name = (config.via or "aproxy").encode("ascii")
         return Runtime(config, policy, authenticator, connector, dialer, via, name)
 
@@ -338,52 +330,6 @@ class ProxyFactory(Factory):
                 cache[raw] = target
         return target
 
-    def note_listening(self, address: IAddress) -> None:
-        """Remember an address this proxy listens on, so requests to it are loops."""
-        host = getattr(address, "host", None)
-        port = getattr(address, "port", None)
-        if host is None or port is None:
-            return
-        ip = normalize_address(host)
-        if ip is None:
-            return
-        if ip.is_unspecified:
-            self.wildcard_ports.add(port)
-        self.own_addresses.add((str(ip), port))
-        self.own_ports.add(port)
-        self.runtime.allowed.clear()
-
-    def note_local_address(self, address: IAddress) -> None:
-        """Remember the local address a client reached this proxy on (a listening one)."""
-        host = getattr(address, "host", None)
-        port = getattr(address, "port", None)
-        if host is None or port is None:
-            return
-        ip = normalize_address(host)
-        if ip is not None and (str(ip), port) not in self.own_addresses:
-            self.own_addresses.add((str(ip), port))
-            self.own_ports.add(port)
-            self.runtime.allowed.discard((host, port))
-
-    def is_own(self, host: str, port: int, local_host: str | None = None) -> bool:
-        """
-        Whether C{host}:C{port} is this proxy: one of its listening addresses (however
-        written: IPv4-mapped IPv6 counts as IPv4), an unspecified address (which connects
-        to this machine) on a port it listens on, or, for a wildcard listener's port, a
-        loopback address or the local end's own address (this machine to itself).
-        """
-        if port not in self.own_ports:
-            return False
-        ip = normalize_address(host)
-        if ip is None:
-            return False
-        if (str(ip), port) in self.own_addresses or ip.is_unspecified:
-            return True
-        if port in self.wildcard_ports:
-            local = normalize_address(local_host) if local_host else None
-            return ip.is_loopback or ip == local
-        return False
-
     def check_destination(self, host: str, port: int, runtime: Runtime | None = None) -> None:
         """
         Apply the policy's name rules to a destination as written, and the loop check
@@ -395,16 +341,15 @@ class ProxyFactory(Factory):
         rt = runtime if runtime is not None else self.runtime
         key = (host, port)
         allowed = rt.allowed
-        if key in allowed:
-            return
-        rt.policy.check_name(host)
-        if self.is_own(host, port):
-            raise loop_error()
-        # Name rules and literal addresses always decide the same way: remember the
-        # destinations that passed (bounded), so a busy client pays for the check once.
-        if len(allowed) >= _CACHE_SIZE:
-            allowed.clear()
-        allowed.add(key)
+        if key not in allowed:
+            rt.policy.check_name(host)
+            # Name rules and literal addresses always decide the same way: remember the
+            # destinations that passed (bounded), so a busy client pays for the check once.
+            if len(allowed) >= _CACHE_SIZE:
+                allowed.clear()
+            allowed.add(key)
+        # Not cached: the proxy's own addresses grow as it listens and is reached.
+        self.loops.check_target(host, port)
 
     def acceptableProtocols(self) -> list[bytes]:
         """

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from aproxy.access.auth import IAuthenticator
 from aproxy.access.policy import IPolicy
 from aproxy.config import ProxyConfig
+from aproxy.upstream.connector import IUpstreamConnector
 from aproxy.upstream.dialer import Dialer
-from aproxy.upstream.protocol import IUpstreamConnector
 
 __all__ = ["Runtime"]
 

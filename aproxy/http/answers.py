@@ -1,20 +1,17 @@
 """
-Responses the proxy writes itself: errors (with RFC 9209 C{Proxy-Status}), the answer to
-a C{TRACE} or C{OPTIONS} that reached its last hop, and the mapping from connection
-failures to errors. Pure functions: bytes out, no transport.
+Responses the proxy writes itself: errors (with RFC 9209 C{Proxy-Status}) and the answer
+to a C{TRACE} or C{OPTIONS} that reached its last hop. Pure functions: bytes out, no
+transport.
 """
 
 from __future__ import annotations
 
 from http import HTTPStatus
 
-from twisted.internet import error as ierror
-from twisted.python.failure import Failure
-
-from aproxy.errors import BadGateway, GatewayTimeout, ProxyError
+from aproxy.errors import ProxyError
 from aproxy.http.head import RequestHead
 
-__all__ = ["connect_error", "error_response", "local_answer"]
+__all__ = ["error_response", "local_answer"]
 
 _SENSITIVE = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
 
@@ -71,22 +68,4 @@ def local_answer(head: RequestHead, closing: bool) -> bytes:
         + (b"Connection: close\r\n" if closing else b"")
         + b"\r\n"
         + body
-    )
-
-
-def connect_error(failure: Failure, host: str, port: int) -> ProxyError:
-    """The error for a failed connection to C{host}:C{port}: 502, or 504 for a timeout."""
-    if isinstance(failure.value, ProxyError):
-        return failure.value
-    where = f"{host}:{port}"
-    if failure.check(ierror.DNSLookupError):
-        return BadGateway(f"cannot resolve {host}", "dns_error", details=where)
-    if failure.check(ierror.ConnectionRefusedError):
-        return BadGateway(f"connection to {where} refused", "connection_refused", where)
-    if failure.check(ierror.TimeoutError):
-        return GatewayTimeout(f"connecting to {where} timed out", "connection_timeout", where)
-    return BadGateway(
-        f"cannot connect to {where}: {failure.getErrorMessage()}",
-        "destination_unavailable",
-        where,
     )

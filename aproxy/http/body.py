@@ -14,6 +14,7 @@ import re
 from typing import Final, Protocol
 
 from aproxy.errors import BadGateway, BadRequest, ProxyError
+from aproxy.http.grammar import FIELD_LINE, QUOTED_STRING, TOKEN
 
 __all__ = [
     "BodyDecoder",
@@ -25,20 +26,14 @@ __all__ = [
 
 # chunk = chunk-size [ chunk-ext ] CRLF (RFC 9112 section 7.1), with
 # chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
 _CHUNK_LINE = re.compile(
     rb"([0-9A-Fa-f]{1,16})((?:[ \t]*;[ \t]*"
-    + _TOKEN
+    + TOKEN
     + rb"(?:[ \t]*=[ \t]*(?:"
-    + _TOKEN
+    + TOKEN
     + rb"|"
-    + _QUOTED
+    + QUOTED_STRING
     + rb"))?)*)"
-)
-_FIELD_LINE = re.compile(
-    rb"(" + _TOKEN + rb"):[ \t]*"
-    rb"((?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?)[ \t]*"
 )
 # Fields that must not be sent as trailers (RFC 9110 section 6.5.1: framing, routing,
 # connection control, authentication): the proxy drops them (RFC 9112 section 7.1.2 lets
@@ -239,7 +234,7 @@ class ChunkedDecoder:
                     self._state = _DONE
                     self.done = True
                     return pieces, data[pos:]
-                if _FIELD_LINE.fullmatch(line) is None:
+                if FIELD_LINE.fullmatch(line) is None:
                     raise self._fail("malformed trailer field")
                 self._trailer_size += len(line)
                 if self._trailer_size > _MAX_TRAILERS:

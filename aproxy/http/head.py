@@ -22,6 +22,7 @@ from aproxy.errors import (
     URITooLong,
     VersionNotSupported,
 )
+from aproxy.http.grammar import TOKEN, TOKEN_RE
 from aproxy.http.target import Target, parse_absolute_target, parse_authority
 
 __all__ = [
@@ -49,18 +50,10 @@ BODY_LENGTH: Final = 1
 BODY_CHUNKED: Final = 2
 BODY_CLOSE: Final = 3
 
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])")
+_REQUEST_LINE = re.compile(rb"(" + TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])")
 # The space before an empty reason phrase is required by RFC 9112 section 4, but some
 # origins leave it out; the status line is unambiguous either way, so it is accepted.
 _STATUS_LINE = re.compile(rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\t \x21-\x7e\x80-\xff]*))?")
-# field-line = field-name ":" OWS field-value OWS (RFC 9112 section 5); the value holds
-# visible characters, obs-text and inner SP/HTAB only: no CR, LF, NUL or other controls.
-_FIELD_LINE = re.compile(
-    rb"(" + _TOKEN + rb"):[ \t]*"
-    rb"((?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?)[ \t]*"
-)
-_TOKEN_RE = re.compile(_TOKEN)
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _HOST_FIELD = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
 
@@ -109,7 +102,7 @@ _NOTED_LINE = re.compile(rb"\n(" + b"|".join(sorted(_NOTED_NAMES)) + rb"):")
 # field-line = field-name ":" OWS field-value OWS (RFC 9112 section 5). The block regex
 # checks the shape of every line at once; the byte check below rejects NUL and the other
 # control characters (RFC 9110 section 5.5) anywhere in it.
-_FIELD_BLOCK = re.compile(rb"(?:" + _TOKEN + rb":[^\r\n]*\r\n)*")
+_FIELD_BLOCK = re.compile(rb"(?:" + TOKEN + rb":[^\r\n]*\r\n)*")
 _FIELD_BYTES: Final = bytes([9, 10, 13, *range(0x20, 0x7F), *range(0x80, 0x100)])
 
 
@@ -361,7 +354,7 @@ def _tokens(values: list[bytes], err: type[ProxyError], what: str) -> frozenset[
             item = item.strip(b" \t")
             if not item:
                 continue
-            if _TOKEN_RE.fullmatch(item) is None:
+            if TOKEN_RE.fullmatch(item) is None:
                 raise _err(err, what, "malformed Connection field")
             out.add(item.lower())
     return frozenset(out)
@@ -383,7 +376,7 @@ def _framing(head: _Head, err: type[ProxyError], what: str, lenient_cl: bool) ->
         for value in te:
             for item in value.split(b","):
                 item = item.strip(b" \t")
-                if _TOKEN_RE.fullmatch(item) is None:
+                if TOKEN_RE.fullmatch(item) is None:
                     raise _err(err, what, "malformed Transfer-Encoding")
                 codings.append(item.lower())
         for coding in codings:

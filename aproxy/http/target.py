@@ -11,7 +11,7 @@ from typing import Final
 
 from aproxy.errors import BadRequest
 
-__all__ = ["Target", "parse_absolute_target", "parse_authority"]
+__all__ = ["Target", "format_authority", "parse_absolute_target", "parse_authority"]
 
 _ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+\-.]*)://([^/?#]*)([^#]*)")
 _REG_NAME = re.compile(rb"[A-Za-z0-9\-._~]+")
@@ -43,6 +43,16 @@ _DEFAULT_PORTS: Final = {b"http": 80, b"https": 443, b"ws": 80, b"wss": 443}
 # WebSocket URIs (RFC 6455 section 3) are reached as their HTTP counterparts: aiohttp, for
 # one, sends "GET ws://host/path" with the Upgrade fields to a proxy.
 _AS_HTTP: Final = {b"ws": b"http", b"wss": b"https"}
+
+
+def format_authority(host: str, port: int) -> str:
+    """
+    Write C{host:port} as it goes in a request-target or a message: the inverse of
+    L{parse_authority}.
+
+    @return: C{host:port}, with brackets around an IPv6 address.
+    """
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_authority(authority: bytes, default_port: int | None = None) -> tuple[str, int]:

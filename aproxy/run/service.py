@@ -32,13 +32,14 @@ from aproxy.config import ProxyConfig, proxy_protocol_inner
 from aproxy.observe.accesslog import AccessLog
 from aproxy.observe.cluster import SnapshotFactory
 from aproxy.observe.metrics import Metrics, metrics_site
+from aproxy.run.endpoints import public_listeners
 from aproxy.upstream.routes import parse_route
 
 __all__ = [
     "ProxyHeaderFactory",
+    "ProxyService",
     "adopted_service",
     "makeService",
-    "public_listeners",
     "restart_settings",
 ]
 
@@ -134,7 +135,7 @@ class _ListeningService(Service):
 
     def _listened(self, port: IListeningPort) -> IListeningPort:
         self.port = port
-        self.factory.note_listening(port.getHost())
+        self.factory.loops.note_listening(port.getHost())
         return port
 
     def startService(self) -> None:
@@ -153,7 +154,7 @@ class _ListeningService(Service):
         return None
 
 
-class _ProxyService(MultiService):
+class ProxyService(MultiService):
     """
     The listeners plus a graceful stop: stop accepting, then let the factory drain the
     connections in flight (up to C{shutdown_timeout}) before reporting stopped.
@@ -242,7 +243,7 @@ class _AdoptedService(Service):
         """Adopt the socket."""
         super().startService()
         self.port = self.reactor.adoptStreamPort(self.fd, self.family, self._serve)
-        self.factory.note_listening(self.port.getHost())
+        self.factory.loops.note_listening(self.port.getHost())
 
     def stopService(self) -> Deferred[None] | None:
         """Stop accepting on the socket (the parent keeps it)."""
@@ -271,34 +272,7 @@ def adopted_service(
     @param own: Other addresses of this proxy (the parent's metrics endpoint) that
         requests must not be sent to (loops).
     """
-    if reactor is None:
-        from twisted.internet import reactor as _reactor
-
-        reactor = _reactor
-    factory = ProxyFactory(config, reactor)
-    for address in own:
-        factory.note_listening(address)
-    top = _ProxyService(factory)
-    for index, (fd, family) in enumerate(fds):
-        serve = None
-        if index < len(config.ports) and proxy_protocol_inner(config.ports[index]) is not None:
-            serve = ProxyHeaderFactory(factory)
-        _AdoptedService(fd, family, factory, reactor, serve).setServiceParent(top)
-    if config.metrics is not None and snapshot is not None:
-        metrics = Metrics(factory, reactor)
-        factory.observers.append(metrics)
-        factory.connect_observers.append(metrics.observe_connect)
-        # A socket left by a worker that was killed would stop this one from listening.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(snapshot)
-        endpoint = UNIXServerEndpoint(reactor, snapshot, mode=0o600)
-        _ListeningService(endpoint, factory, SnapshotFactory(metrics, reactor)).setServiceParent(
-            top
-        )
-    if config.access_log is not None:
-        top.access_log = AccessLog(config.access_log, config.access_log_format, reactor)
-        factory.observers.append(top.access_log)
-    return top
+    return _build(config, reactor, _Adopted(fds, snapshot, own))
 
 
 def restart_settings(running: ProxyConfig, new: ProxyConfig) -> list[str]:
@@ -317,34 +291,6 @@ def restart_settings(running: ProxyConfig, new: ProxyConfig) -> list[str]:
     return names
 
 
-def public_listeners(config: ProxyConfig) -> list[str]:
-    """
-    The listening descriptions in C{config} reachable from other machines: TCP and TLS
-    endpoints whose interface is not a loopback address (no interface means all).
-    """
-    public = []
-    for description in config.ports:
-        parts = description.replace("\\:", "\x00").split(":")
-        kind = parts[0].lower()
-        if kind == "haproxy":
-            parts = parts[1:]
-            kind = parts[0].lower() if parts else ""
-        if kind not in ("tcp", "tcp6", "ssl"):
-            continue
-        interface = ""
-        for part in parts[1:]:
-            key, sep, value = part.partition("=")
-            if sep and key == "interface":
-                interface = value.replace("\x00", ":")
-        try:
-            loopback = ipaddress.ip_address(interface.strip("[]")).is_loopback
-        except ValueError:
-            loopback = interface == "localhost"
-        if not loopback:
-            public.append(description)
-    return public
-
-
 def makeService(config: ProxyConfig, reactor: Any = None) -> IService:
     """
     Build the proxy service: one L{ProxyFactory} shared by a listening service per
@@ -357,36 +303,7 @@ def makeService(config: ProxyConfig, reactor: Any = None) -> IService:
     @raise ValueError: If an endpoint description is malformed, or the access log can't
         be opened.
     """
-    if reactor is None:
-        from twisted.internet import reactor as _reactor
-
-        reactor = _reactor
-    factory = ProxyFactory(config, reactor)
-    top = _ProxyService(factory)
-    for description in config.ports:
-        inner = proxy_protocol_inner(description)
-        if inner is None:
-            service = _ListeningService(serverFromString(reactor, description), factory)
-        else:
-            # Not Twisted's haproxy: wrapper, which believes any peer's header.
-            endpoint = serverFromString(reactor, inner)
-            service = _ListeningService(endpoint, factory, ProxyHeaderFactory(factory))
-        service.setName(description)
-        service.setServiceParent(top)
-    if config.access_log is not None:
-        top.access_log = AccessLog(config.access_log, config.access_log_format, reactor)
-        factory.observers.append(top.access_log)
-    if config.metrics is not None:
-        metrics = Metrics(factory, reactor)
-        factory.observers.append(metrics)
-        factory.connect_observers.append(metrics.observe_connect)
-        # Its address is noted like the proxy's own, so requests through the proxy to the
-        # metrics endpoint are refused as loops.
-        service = _ListeningService(
-            serverFromString(reactor, config.metrics), factory, metrics_site(metrics, factory)
-        )
-        service.setName("metrics " + config.metrics)
-        service.setServiceParent(top)
+    top = _build(config, reactor, None)
     _warn_if_exposed(config)
     if config.insecure_hosts:
         log.warn(
@@ -398,6 +315,73 @@ def makeService(config: ProxyConfig, reactor: Any = None) -> IService:
         pattern, parent = parse_route(route)
         if parent is not None:
             log.info("route {pattern} -> {parent}", pattern=pattern, parent=parent.name)
+    return top
+
+
+class _Adopted:
+    """What a C{--workers} worker serves on: the sockets it inherited (see L{adopted_service})."""
+
+    def __init__(
+        self, fds: list[tuple[int, int]], snapshot: str | None, own: Sequence[IAddress]
+    ) -> None:
+        self.fds = fds
+        self.snapshot = snapshot
+        self.own = own
+
+
+def _build(config: ProxyConfig, reactor: Any, adopted: _Adopted | None) -> ProxyService:
+    """
+    The proxy service that L{makeService} and L{adopted_service} both return: the factory,
+    a listener per port (bound here, or the inherited sockets of C{adopted}), the access
+    log, and the metrics (an endpoint of their own, or a worker's snapshot socket).
+    """
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    factory = ProxyFactory(config, reactor)
+    top = ProxyService(factory)
+    if adopted is None:
+        for description in config.ports:
+            inner = proxy_protocol_inner(description)
+            if inner is None:
+                service = _ListeningService(serverFromString(reactor, description), factory)
+            else:
+                # Not Twisted's haproxy: wrapper, which believes any peer's header.
+                endpoint = serverFromString(reactor, inner)
+                service = _ListeningService(endpoint, factory, ProxyHeaderFactory(factory))
+            service.setName(description)
+            service.setServiceParent(top)
+    else:
+        for address in adopted.own:
+            factory.loops.note_listening(address)
+        for index, (fd, family) in enumerate(adopted.fds):
+            serve = None
+            if index < len(config.ports) and proxy_protocol_inner(config.ports[index]) is not None:
+                serve = ProxyHeaderFactory(factory)
+            _AdoptedService(fd, family, factory, reactor, serve).setServiceParent(top)
+    if config.access_log is not None:
+        top.access_log = AccessLog(config.access_log, config.access_log_format, reactor)
+        factory.observers.append(top.access_log)
+    if config.metrics is not None and (adopted is None or adopted.snapshot is not None):
+        metrics = Metrics(factory, reactor)
+        factory.observers.append(metrics)
+        factory.connect_observers.append(metrics.observe_connect)
+        if adopted is None:
+            # Its address is noted like the proxy's own, so requests through the proxy to
+            # the metrics endpoint are refused as loops.
+            endpoint = serverFromString(reactor, config.metrics)
+            service = _ListeningService(endpoint, factory, metrics_site(metrics, factory))
+            service.setName("metrics " + config.metrics)
+        else:
+            snapshot = adopted.snapshot
+            assert snapshot is not None
+            # A socket left by a worker that was killed would stop this one from listening.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(snapshot)
+            endpoint = UNIXServerEndpoint(reactor, snapshot, mode=0o600)
+            service = _ListeningService(endpoint, factory, SnapshotFactory(metrics, reactor))
+        service.setServiceParent(top)
     return top
 
 

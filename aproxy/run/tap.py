@@ -29,7 +29,7 @@ from aproxy.config import (
 )
 from aproxy.observe.accesslog import AccessLogError
 from aproxy.run.configfile import ConfigFileError, load_config_file
-from aproxy.run.service import _ProxyService, adopted_service, restart_settings
+from aproxy.run.service import ProxyService, adopted_service, restart_settings
 from aproxy.run.service import makeService as _makeService
 from aproxy.run.workers import WorkerPool, worker_count
 from aproxy.upstream.tls import ClientTLS
@@ -573,7 +573,7 @@ class _CommandLineService(MultiService):
             self._inner.reconfigure(config)
             self._inner.signal_workers(signal.SIGHUP)
             return
-        inner = cast(_ProxyService, self._inner)
+        inner = cast(ProxyService, self._inner)
         running = inner.factory.config
         try:
             inner.reconfigure(config)

@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 
 from aproxy.config import ProxyConfig, proxy_protocol_inner
 from aproxy.observe.cluster import WorkerTotals
+from aproxy.run.endpoints import parse_endpoint
 
 __all__ = ["WorkerPool", "listening_socket", "parse_worker_args", "worker_count"]
 
@@ -70,20 +71,19 @@ def listening_socket(
     @raise ValueError: For another kind of endpoint (only TCP sockets can be shared).
     @raise OSError: If the address can't be bound.
     """
-    parts = description.replace("\\:", "\x00").split(":")
-    kind = parts[0].lower()
-    if kind not in ("tcp", "tcp6") or len(parts) < 2 or not parts[1].isdigit():
+    endpoint = parse_endpoint(description)
+    kind, first = endpoint.kind, endpoint.first or ""
+    if endpoint.proxy_protocol or kind not in ("tcp", "tcp6") or not first.isdigit():
         raise ValueError(f"--workers can share tcp: and tcp6: ports only, not {description!r}")
-    options = dict(p.partition("=")[::2] for p in parts[2:])
     family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
-    interface = options.get("interface", "::" if kind == "tcp6" else "").replace("\x00", ":")
-    backlog = int(options.get("backlog", "50"))
+    interface = endpoint.option("interface", "::" if kind == "tcp6" else "")
+    backlog = int(endpoint.option("backlog", "50"))
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((interface, int(parts[1]) if port is None else port))
+        sock.bind((interface, int(first) if port is None else port))
         sock.listen(max(backlog, 1024))
         sock.setblocking(False)
     except OSError:
