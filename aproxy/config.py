@@ -142,7 +142,7 @@ class ProxyConfig:
     """
     Everything that decides the proxy's behaviour; safe defaults throughout.
 
-    @ivar ports: Server endpoint descriptions to listen on (see L{listen_description}).
+    @ivar port: Server endpoint descriptions to listen on (see L{listen_description}).
     @ivar connect_timeout: Seconds allowed to connect to an origin (then 504).
     @ivar read_timeout: Seconds to wait for the origin's response head, and between body
         bytes in either direction while a request is in flight.
@@ -164,8 +164,8 @@ class ProxyConfig:
     @ivar allow: Client networks (CIDR) that may use the proxy; loopback by default.
     @ivar proxy_protocol_from: The networks (CIDR) of the load balancers that may send a
         PROXY header on a C{haproxy:} listener; required with one.
-    @ivar deny_hosts: Destination patterns refused (see L{aproxy.access.policy.parse_host_pattern}).
-    @ivar allow_hosts: If any, only destinations matching one of these are allowed.
+    @ivar deny_host: Destination patterns refused (see L{aproxy.access.policy.parse_host_pattern}).
+    @ivar allow_host: If any, only destinations matching one of these are allowed.
     @ivar block_private: Refuse destinations whose addresses are loopback, private,
         link-local, CGNAT, unique-local, site-local, multicast, reserved or unspecified
         (IPv6 forms of IPv4 addresses judged by the IPv4 address inside).
@@ -173,7 +173,7 @@ class ProxyConfig:
         C{"keep"} them as they came.
     @ivar max_connections: Client connections served at once; more get 503.
     @ivar max_clients_per_ip: Client connections from one address at once; more get 503.
-    @ivar auth_file: An Apache htpasswd file; when set, every request (CONNECT included)
+    @ivar auth: An Apache htpasswd file; when set, every request (CONNECT included)
         needs valid C{Proxy-Authorization: Basic} credentials, or gets 407.
     @ivar auth_realm: The realm named in the C{Proxy-Authenticate} challenge.
     @ivar auth_max_failures: Failed logins one client address may make within
@@ -188,17 +188,17 @@ class ProxyConfig:
     @ivar access_log_format: C{"combined"}, C{"squid"} or C{"json"}.
     @ivar metrics: A server endpoint description for C{/metrics} and C{/status}, or
         L{None} for none.
-    @ivar routes: C{PATTERN=TARGET} rules choosing a parent proxy (or C{direct}) per
+    @ivar route: C{PATTERN=TARGET} rules choosing a parent proxy (or C{direct}) per
         destination host, first match wins (see L{aproxy.upstream.routes.parse_route}).
     @ivar upstream: A parent proxy URL for everything no route matched (the same as a
         last route C{*=URL}), or L{None}.
     @ivar ca_file: A PEM file of certificate authorities trusted for TLS to origins and
         parents, in addition to the system's trust store.
-    @ivar insecure_hosts: Hosts whose TLS certificates are not verified (named one by
+    @ivar insecure_host: Hosts whose TLS certificates are not verified (named one by
         one; there is no switch for all).
     """
 
-    ports: tuple[str, ...] = (DEFAULT_PORT,)
+    port: tuple[str, ...] = (DEFAULT_PORT,)
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     idle_timeout: float = 60.0
@@ -214,13 +214,13 @@ class ProxyConfig:
     tunnel_idle_timeout: float = 600.0
     allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     proxy_protocol_from: tuple[str, ...] = ()
-    deny_hosts: tuple[str, ...] = ()
-    allow_hosts: tuple[str, ...] = ()
+    deny_host: tuple[str, ...] = ()
+    allow_host: tuple[str, ...] = ()
     block_private: bool = False
     x_forwarded_for: str = "keep"
     max_connections: int = 4096
     max_clients_per_ip: int = 256
-    auth_file: str | None = None
+    auth: str | None = None
     auth_realm: str = "aproxy"
     auth_max_failures: int = 10
     auth_failure_window: float = 60.0
@@ -228,18 +228,18 @@ class ProxyConfig:
     access_log: str | None = None
     access_log_format: str = "combined"
     metrics: str | None = None
-    routes: tuple[str, ...] = ()
+    route: tuple[str, ...] = ()
     upstream: str | None = None
     ca_file: str | None = None
-    insecure_hosts: tuple[str, ...] = ()
+    insecure_host: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Validate every field so that a bad value fails at start, not per request."""
         try:
-            object.__setattr__(self, "ports", tuple(listen_description(p) for p in self.ports))
+            object.__setattr__(self, "port", tuple(listen_description(p) for p in self.port))
         except ValueError as e:
             raise ValueError(f"port: {e}") from None
-        if not self.ports:
+        if not self.port:
             raise ValueError("at least one --port is needed")
         for name in (
             "connect_timeout",
@@ -275,8 +275,8 @@ class ProxyConfig:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError:
                 raise ValueError(f"allow: {cidr!r} is not an address or CIDR network") from None
-        check_proxy_protocol(self.ports, self.proxy_protocol_from)
-        for option, patterns in (("deny-host", self.deny_hosts), ("allow-host", self.allow_hosts)):
+        check_proxy_protocol(self.port, self.proxy_protocol_from)
+        for option, patterns in (("deny-host", self.deny_host), ("allow-host", self.allow_host)):
             for pattern in patterns:
                 try:
                     parse_host_pattern(pattern)
@@ -298,7 +298,7 @@ class ProxyConfig:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be a whole number, 1 or more")
         try:
-            Router(self.routes)
+            Router(self.route)
         except ValueError as e:
             raise ValueError(f"route: {e}") from None
         if self.upstream is not None:
@@ -306,7 +306,7 @@ class ProxyConfig:
                 parse_parent(self.upstream)
             except ValueError as e:
                 raise ValueError(f"upstream: {e}") from None
-        for host in self.insecure_hosts:
+        for host in self.insecure_host:
             if not host.strip() or any(c in host for c in "*/ \t"):
                 raise ValueError(f"insecure-host: {host!r} is not a host name or address")
         if self.connect_ports is not None:
@@ -322,8 +322,8 @@ class ProxyConfig:
     def all_routes(self) -> tuple[str, ...]:
         """The routes, with C{upstream} as the last one (C{*=URL})."""
         if self.upstream is None:
-            return self.routes
-        return (*self.routes, "*=" + self.upstream)
+            return self.route
+        return (*self.route, "*=" + self.upstream)
 
     def connect_allowed(self, port: int) -> bool:
         """Whether a CONNECT tunnel may go to C{port}."""

@@ -29,7 +29,7 @@ class PooledTLSReloadTests(TLSTestCase):
         origin, origin_factory = self.tls_origin(trustme.CA().issue_cert("localhost"))
         settings = {"ca_file": self.ca_path, "connect_ports": None}
         factory = TrackingProxyFactory(
-            ProxyConfig(insecure_hosts=("localhost",), **settings),  # type: ignore[arg-type]
+            ProxyConfig(insecure_host=("localhost",), **settings),  # type: ignore[arg-type]
             self.tracker,
         )
         port = self.listen(factory)

@@ -84,16 +84,16 @@ class ProxyFactory(Factory):
             policy
             if policy is not None
             else AccessPolicy(
-                config.allow, config.deny_hosts, config.allow_hosts, config.block_private
+                config.allow, config.deny_host, config.allow_host, config.block_private
             )
         )
         # Bounded, fairly shared password hashes and name lookups (kept across reloads, so
         # their bounds count the work still running).
         self.hashing = HtpasswdAuthenticator.default_hashing()
         self.lookups = EndpointConnector.default_lookups()
-        if authenticator is None and config.auth_file is not None:
+        if authenticator is None and config.auth is not None:
             authenticator = HtpasswdAuthenticator(
-                config.auth_file, config.auth_realm, reactor, hashing=self.hashing
+                config.auth, config.auth_realm, reactor, hashing=self.hashing
             )
         self.authenticator = authenticator
         # Failed logins per client address (kept across reloads: a new password file
@@ -157,16 +157,14 @@ class ProxyFactory(Factory):
         @raise ValueError: If the new authenticator's file or CA file can't be used;
             nothing changes.
         """
-        tls = ClientTLS(config.ca_file, config.insecure_hosts)
+        tls = ClientTLS(config.ca_file, config.insecure_host)
         authenticator = (
-            HtpasswdAuthenticator(
-                config.auth_file, config.auth_realm, self.clock, hashing=self.hashing
-            )
-            if config.auth_file is not None
+            HtpasswdAuthenticator(config.auth, config.auth_realm, self.clock, hashing=self.hashing)
+            if config.auth is not None
             else None
         )
         policy = AccessPolicy(
-            config.allow, config.deny_hosts, config.allow_hosts, config.block_private
+            config.allow, config.deny_host, config.allow_host, config.block_private
         )
         self.config = config
         self.policy = policy
@@ -249,7 +247,7 @@ class ProxyFactory(Factory):
         return Dialer(
             self.connector,
             parent_connector,
-            tls if tls is not None else ClientTLS(config.ca_file, config.insecure_hosts),
+            tls if tls is not None else ClientTLS(config.ca_file, config.insecure_host),
             self.upstream_factory,
             Router(config.all_routes),
         )

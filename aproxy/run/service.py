@@ -176,7 +176,7 @@ class _ProxyService(MultiService):
             used; then nothing changes.
         """
         running = self.factory.config
-        config = replace(config, ports=running.ports, metrics=running.metrics)
+        config = replace(config, port=running.port, metrics=running.metrics)
         old_log = new_log = self.access_log
         if (config.access_log, config.access_log_format) != (
             running.access_log,
@@ -281,7 +281,7 @@ def adopted_service(
     top = _ProxyService(factory)
     for index, (fd, family) in enumerate(fds):
         serve = None
-        if index < len(config.ports) and proxy_protocol_inner(config.ports[index]) is not None:
+        if index < len(config.port) and proxy_protocol_inner(config.port[index]) is not None:
             serve = ProxyHeaderFactory(factory)
         _AdoptedService(fd, family, factory, reactor, serve).setServiceParent(top)
     if config.metrics is not None and snapshot is not None:
@@ -310,7 +310,7 @@ def restart_settings(running: ProxyConfig, new: ProxyConfig) -> list[str]:
     @return: Their option names, in a stable order.
     """
     names = []
-    if new.ports != running.ports:
+    if new.port != running.port:
         names.append("port")
     if new.metrics != running.metrics:
         names.append("metrics")
@@ -323,7 +323,7 @@ def public_listeners(config: ProxyConfig) -> list[str]:
     endpoints whose interface is not a loopback address (no interface means all).
     """
     public = []
-    for description in config.ports:
+    for description in config.port:
         parts = description.replace("\\:", "\x00").split(":")
         kind = parts[0].lower()
         if kind == "haproxy":
@@ -363,7 +363,7 @@ def makeService(config: ProxyConfig, reactor: Any = None) -> IService:
         reactor = _reactor
     factory = ProxyFactory(config, reactor)
     top = _ProxyService(factory)
-    for description in config.ports:
+    for description in config.port:
         inner = proxy_protocol_inner(description)
         if inner is None:
             service = _ListeningService(serverFromString(reactor, description), factory)
@@ -388,11 +388,11 @@ def makeService(config: ProxyConfig, reactor: Any = None) -> IService:
         service.setName("metrics " + config.metrics)
         service.setServiceParent(top)
     _warn_if_exposed(config)
-    if config.insecure_hosts:
+    if config.insecure_host:
         log.warn(
             "TLS certificates are NOT verified for {hosts} (--insecure-host): anyone on "
             "the path to them can read and change that traffic",
-            hosts=", ".join(config.insecure_hosts),
+            hosts=", ".join(config.insecure_host),
         )
     for route in config.all_routes:
         pattern, parent = parse_route(route)

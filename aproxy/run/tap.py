@@ -396,7 +396,7 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         try:
             self["proxy-config"] = ProxyConfig(
-                ports=ports,
+                port=ports,
                 connect_timeout=_number(self, "connect-timeout", float),
                 read_timeout=_number(self, "read-timeout", float),
                 idle_timeout=_number(self, "idle-timeout", float),
@@ -412,13 +412,13 @@ class Options(usage.Options):
                 tunnel_idle_timeout=_number(self, "tunnel-idle-timeout", float),
                 allow=tuple(self["allow"]) or ProxyConfig.allow,
                 proxy_protocol_from=tuple(self["proxy-protocol-from"]),
-                deny_hosts=tuple(self["deny-host"]),
-                allow_hosts=tuple(self["allow-host"]),
+                deny_host=tuple(self["deny-host"]),
+                allow_host=tuple(self["allow-host"]),
                 block_private=bool(self["block-private"]),
                 x_forwarded_for=self["x-forwarded-for"],
                 max_connections=_number(self, "max-connections", int),
                 max_clients_per_ip=_number(self, "max-clients-per-ip", int),
-                auth_file=self["auth"],
+                auth=self["auth"],
                 auth_realm=self["auth-realm"],
                 auth_max_failures=_number(self, "auth-max-failures", int),
                 auth_failure_window=_number(self, "auth-failure-window", float),
@@ -426,10 +426,10 @@ class Options(usage.Options):
                 access_log=self["access-log"],
                 access_log_format=self["access-log-format"],
                 metrics=self["metrics"],
-                routes=tuple(self["route"]),
+                route=tuple(self["route"]),
                 upstream=self["upstream"],
                 ca_file=self["ca-file"],
-                insecure_hosts=tuple(self["insecure-host"]),
+                insecure_host=tuple(self["insecure-host"]),
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
