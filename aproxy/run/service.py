@@ -411,7 +411,7 @@ def _warn_if_exposed(config: ProxyConfig) -> None:
         if not ipaddress.ip_network(cidr, strict=False).is_private
         or ipaddress.ip_network(cidr, strict=False).prefixlen == 0
     ]
-    if config.allow == ProxyConfig.allow:
+    if config.allow == ProxyConfig().allow:
         log.warn(
             "listening on {ports} without --allow: only loopback clients are served; "
             "add --allow NETWORK for the clients that should use this proxy",
