@@ -162,14 +162,17 @@ class _ProxyService(MultiService):
     def __init__(self, factory: ProxyFactory) -> None:
         super().__init__()
         self.factory = factory
-        self.access_log: AccessLog | None = None
+
+    @property
+    def access_log(self) -> AccessLog | None:
+        """The factory's access log, if the configuration names one (SIGUSR1 reopens it)."""
+        return self.factory.access_log
 
     def reconfigure(self, config: ProxyConfig) -> ProxyConfig:
         """
         Apply a reloaded configuration (SIGHUP): the factory takes it for new requests
-        (see L{ProxyFactory.reconfigure}) and a changed access log path or format opens
-        the new log in place of the old one. The settings fixed at start (see
-        L{restart_settings}) keep their running values.
+        (see L{ProxyFactory.reconfigure}, which also opens a changed access log). The
+        settings fixed at start (see L{restart_settings}) keep their running values.
 
         @return: The configuration now in force.
         @raise ValueError: If the new access log, password file or CA file can't be
@@ -177,35 +180,7 @@ class _ProxyService(MultiService):
         """
         running = self.factory.config
         config = replace(config, port=running.port, metrics=running.metrics)
-        old_log = new_log = self.access_log
-        if (config.access_log, config.access_log_format) != (
-            running.access_log,
-            running.access_log_format,
-        ):
-            new_log = (
-                AccessLog(config.access_log, config.access_log_format, self.factory.clock)
-                if config.access_log is not None
-                else None
-            )
-        try:
-            self.factory.reconfigure(config)
-        except ValueError:
-            if new_log is not None and new_log is not old_log:
-                new_log.close()
-            raise
-        if new_log is not old_log:
-            observers = self.factory.observers
-            if old_log is not None and old_log in observers:
-                index = observers.index(old_log)
-                if new_log is None:
-                    del observers[index]
-                else:
-                    observers[index] = new_log
-            elif new_log is not None:
-                observers.insert(0, new_log)
-            self.access_log = new_log
-            if old_log is not None:
-                old_log.close()
+        self.factory.reconfigure(config)
         return config
 
     def stopService(self) -> Deferred[None]:
@@ -216,8 +191,8 @@ class _ProxyService(MultiService):
     async def _stop(self) -> None:
         await super().stopService()
         await self.factory.drain(self.factory.config.shutdown_timeout)
-        if self.access_log is not None:
-            self.access_log.close()
+        if self.factory.access_log is not None:
+            self.factory.access_log.close()
 
 
 class _AdoptedService(Service):
@@ -295,9 +270,6 @@ def adopted_service(
         _ListeningService(endpoint, factory, SnapshotFactory(metrics, reactor)).setServiceParent(
             top
         )
-    if config.access_log is not None:
-        top.access_log = AccessLog(config.access_log, config.access_log_format, reactor)
-        factory.observers.append(top.access_log)
     return top
 
 
@@ -373,9 +345,6 @@ def makeService(config: ProxyConfig, reactor: Any = None) -> IService:
             service = _ListeningService(endpoint, factory, ProxyHeaderFactory(factory))
         service.setName(description)
         service.setServiceParent(top)
-    if config.access_log is not None:
-        top.access_log = AccessLog(config.access_log, config.access_log_format, reactor)
-        factory.observers.append(top.access_log)
     if config.metrics is not None:
         metrics = Metrics(factory, reactor)
         factory.observers.append(metrics)
