@@ -74,7 +74,7 @@ class ProxyConfig:
     L{aproxy.run.service.makeService}, which listens, serves the metrics site and stops
     the service; C{--workers} is the command line's alone.
 
-    The names before 0.2 (C{ports}, C{deny_hosts}, C{allow_hosts}, C{auth_file},
+    The earlier field names (C{ports}, C{deny_hosts}, C{allow_hosts}, C{auth_file},
     C{routes}, C{insecure_hosts}) are accepted as keyword arguments and readable as
     attributes for one more release, with a C{DeprecationWarning} naming the new one.
 

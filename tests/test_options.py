@@ -12,6 +12,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from twisted.application.service import IService
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
@@ -280,3 +281,40 @@ class FactoryAloneTests(SynchronousTestCase):
     def test_option_lookup(self) -> None:
         """L{option} finds a row by its long name."""
         self.assertEqual(option("deny-host").field, "deny_host")
+
+
+class ReadmeExampleTests(SynchronousTestCase):
+    """The README's embedding example runs as written, with no deprecation warning."""
+
+    def test_embedding_example(self) -> None:
+        """
+        The example (its access log moved to a temporary directory, its endpoint a
+        recording stand-in) builds a service and a factory with the settings it names.
+        """
+        readme = (Path(__file__).resolve().parent.parent / "README.rst").read_text()
+        section = readme.split("\nEmbedding\n---------\n", 1)[1]
+        block = section.split("::\n\n", 1)[1].split("\n\n``ProxyConfig``", 1)[0]
+        code = "\n".join(line.removeprefix("    ") for line in block.splitlines())
+        directory = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, directory)
+        code = code.replace("/var/log/aproxy/access.log", str(directory / "access.log"))
+        listened: list[ProxyFactory] = []
+
+        class Endpoint:
+            def listen(self, factory: ProxyFactory) -> None:
+                listened.append(factory)
+
+        namespace: dict[str, object] = {"endpoint": Endpoint()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            exec(compile(code, "README.rst", "exec"), namespace)
+        [factory] = listened
+        assert factory.access_log is not None
+        self.addCleanup(factory.access_log.close)
+        config = namespace["config"]
+        assert isinstance(config, ProxyConfig)
+        self.assertEqual(config.connect_ports, ((443, 443), (8443, 8443)))
+        self.assertEqual(config.port, ("tcp:3128:interface=127.0.0.1",))
+        [proxy] = list(IService(namespace["application"]))  # type: ignore[call-overload]
+        self.addCleanup(proxy.factory.access_log.close)
+        self.assertEqual(proxy.factory.config, config)
