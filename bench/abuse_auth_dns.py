@@ -238,7 +238,7 @@ def main() -> None:
     with open(path, "w") as f:
         f.write(f"alice:{hashed}\n")
     config = ProxyConfig(
-        auth_file=path, auth_max_failures=10, max_clients_per_ip=1000, max_connections=4096
+        auth=path, auth_max_failures=10, max_clients_per_ip=1000, max_connections=4096
     )
     factory = ProxyFactory(config, reactor)
     origin_port = reactor.listenTCP(0, Factory.forProtocol(Origin), interface="127.0.0.1")

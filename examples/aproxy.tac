@@ -10,7 +10,7 @@ from twisted.application.service import Application
 from aproxy import ProxyConfig, makeService
 
 config = ProxyConfig(
-    ports=("tcp:3128:interface=127.0.0.1",),
+    port=("tcp:3128:interface=127.0.0.1",),
     allow=("127.0.0.0/8", "10.0.0.0/8"),
     block_private=True,
     connect_ports=((443, 443), (8443, 8443)),

@@ -300,9 +300,9 @@ class SharedAcrossReloadTests(_FileCase):
         from aproxy.upstream.connector import EndpointConnector
 
         path = self.password_file(f"alice:{BCRYPT_2Y}\n")
-        factory = ProxyFactory(ProxyConfig(auth_file=path), MemoryReactorClock())
+        factory = ProxyFactory(ProxyConfig(auth=path), MemoryReactorClock())
         hashing, lookups = factory.hashing, factory.lookups
-        factory.reconfigure(ProxyConfig(auth_file=path, block_private=True))
+        factory.reconfigure(ProxyConfig(auth=path, block_private=True))
         assert isinstance(factory.authenticator, HtpasswdAuthenticator)
         assert isinstance(factory.connector, EndpointConnector)
         self.assertIs(factory.authenticator.hashing, hashing)

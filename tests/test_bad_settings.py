@@ -176,8 +176,8 @@ class ValidationTests(SynchronousTestCase):
             "haproxy:tcp:99999",
         ):
             with self.assertRaisesRegex(ValueError, "^port: port \\d+ is out of range"):
-                ProxyConfig(ports=(description,))
-        self.assertEqual(ProxyConfig(ports=("unix:/tmp/99999",)).ports, ("unix:/tmp/99999",))
+                ProxyConfig(port=(description,))
+        self.assertEqual(ProxyConfig(port=("unix:/tmp/99999",)).port, ("unix:/tmp/99999",))
 
 
 class ProcessTests(SynchronousTestCase):

@@ -297,7 +297,7 @@ class RouteSelectionTests(ParentTestCase):
     """Routes send some destinations to a parent and the rest directly."""
 
     config = ProxyConfig(
-        routes=("*.corp.example=http://10.1.2.3:3128", "*=direct"), connect_ports=None
+        route=("*.corp.example=http://10.1.2.3:3128", "*=direct"), connect_ports=None
     )
 
     def test_matching_host_goes_to_parent(self) -> None:

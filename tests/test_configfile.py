@@ -61,7 +61,7 @@ class ConfigFileTests(SynchronousTestCase):
         )
         config = self.parse("--config", path)["proxy-config"]
         self.assertEqual(
-            config.ports, ("tcp:9001:interface=127.0.0.1", "tcp:9002:interface=127.0.0.1")
+            config.port, ("tcp:9001:interface=127.0.0.1", "tcp:9002:interface=127.0.0.1")
         )
         self.assertEqual(config.connect_ports, ((443, 443), (8443, 8443), (9000, 9010)))
         self.assertEqual(config.http_ports, ((80, 80), (8000, 8100)))
@@ -162,8 +162,8 @@ class ReloadTests(SynchronousTestCase):
         )
         service.reload()
         self.assertEqual(pool.config.shutdown_timeout, 7)
-        self.assertEqual(pool.config.deny_hosts, ("b.example",))
-        self.assertEqual(pool.config.ports, options["proxy-config"].ports)
+        self.assertEqual(pool.config.deny_host, ("b.example",))
+        self.assertEqual(pool.config.port, options["proxy-config"].port)
         self.assertEqual(signalled, [signal.SIGHUP])
         self.path.write_text("shutdown-timeout = -1\n")
         service.reload()
@@ -178,7 +178,7 @@ class ReloadTests(SynchronousTestCase):
         service.reload()
         factory.check_destination("a.example", 80)
         self.assertRaises(Forbidden, factory.check_destination, "b.example", 80)
-        self.assertEqual(factory.config.deny_hosts, ("b.example",))
+        self.assertEqual(factory.config.deny_host, ("b.example",))
 
     def test_failed_reload_keeps_running_config(self) -> None:
         """A reload that fails validation keeps the running configuration."""
@@ -193,10 +193,10 @@ class ReloadTests(SynchronousTestCase):
     def test_ports_do_not_change_on_reload(self) -> None:
         """Listening ports in a reloaded file are ignored until a restart."""
         service, factory = self.service("read-timeout = 5\n")
-        ports = factory.config.ports
+        ports = factory.config.port
         self.path.write_text('port = ["tcp:1:interface=127.0.0.1"]\nread-timeout = 6\n')
         service.reload()
-        self.assertEqual(factory.config.ports, ports)
+        self.assertEqual(factory.config.port, ports)
         self.assertEqual(factory.config.read_timeout, 6)
 
     def test_service_interfaces(self) -> None:

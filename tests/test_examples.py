@@ -45,7 +45,7 @@ class ExampleTests(SynchronousTestCase):
         namespace = runpy.run_path(str(EXAMPLES / "aproxy.tac"))
         service = IService(namespace["application"])
         [proxy] = list(service)  # type: ignore[call-overload]
-        self.assertEqual(proxy.factory.config.ports, ("tcp:3128:interface=127.0.0.1",))
+        self.assertEqual(proxy.factory.config.port, ("tcp:3128:interface=127.0.0.1",))
 
     def test_toml_example_loads(self) -> None:
         """examples/aproxy.toml is a valid config file."""

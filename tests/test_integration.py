@@ -743,7 +743,7 @@ class IntegrationTests(ConnectionTracking, TestCase):
         """Behind a PROXY protocol listener, --allow and X-Forwarded-For see the real client."""
         origin, oport = yield self.start_origin()
         config = ProxyConfig(
-            ports=("haproxy:tcp:0:interface=127.0.0.1",),
+            port=("haproxy:tcp:0:interface=127.0.0.1",),
             allow=("10.0.0.0/8",),
             proxy_protocol_from=("127.0.0.1",),
             x_forwarded_for="add",
@@ -788,7 +788,7 @@ class IntegrationTests(ConnectionTracking, TestCase):
         tmp = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, tmp)
         path = os.path.join(tmp, "aproxy.sock")
-        service = makeService(ProxyConfig(ports=(f"unix:{path}",)))
+        service = makeService(ProxyConfig(port=(f"unix:{path}",)))
         self.track(service.factory)  # type: ignore[attr-defined]
         self.track(service.factory.upstream_factory)  # type: ignore[attr-defined]
         service.startService()
@@ -813,7 +813,7 @@ class IntegrationTests(ConnectionTracking, TestCase):
     def test_make_service_starts_and_stops(self) -> Generator[Any, Any, None]:
         """makeService gives an IService that listens when started and stops listening."""
         _, oport = yield self.start_origin()
-        service = makeService(ProxyConfig(ports=("tcp:0:interface=127.0.0.1",)))
+        service = makeService(ProxyConfig(port=("tcp:0:interface=127.0.0.1",)))
         self.assertTrue(IService.providedBy(service))
         self.track(service.factory)  # type: ignore[attr-defined]
         self.track(service.factory.upstream_factory)  # type: ignore[attr-defined]

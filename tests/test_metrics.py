@@ -534,9 +534,7 @@ class SiteTests(SynchronousTestCase):
         digest = base64.b64encode(hashlib.sha1(b"hunter2").digest()).decode()
         with open(path, "w") as f:
             f.write(f"alice-the-user:{{SHA}}{digest}\n")
-        factory = ProxyFactory(
-            ProxyConfig(auth_file=path), self.clock, connector=RecordingConnector()
-        )
+        factory = ProxyFactory(ProxyConfig(auth=path), self.clock, connector=RecordingConnector())
         site = metrics_site(Metrics(factory, self.clock), factory)
         page = fetch(site, b"/status")[2].decode("utf-8")
         self.assertIn(path, page)
@@ -546,12 +544,12 @@ class SiteTests(SynchronousTestCase):
     def test_status_hides_parent_credentials(self) -> None:
         """Parent URLs are shown without the user name and password in them."""
         config = ProxyConfig(
-            routes=("*.corp.example=http://bob:hunter2@10.1.2.3:3128",),
+            route=("*.corp.example=http://bob:hunter2@10.1.2.3:3128",),
             upstream="socks5://eve:swordfish@127.0.0.1:1080",
         )
         factory = ProxyFactory(config, self.clock, connector=RecordingConnector())
         page = fetch(metrics_site(Metrics(factory, self.clock), factory), b"/status")[2].decode()
-        self.assertIn("<td>routes</td><td>*.corp.example=http://***@10.1.2.3:3128</td>", page)
+        self.assertIn("<td>route</td><td>*.corp.example=http://***@10.1.2.3:3128</td>", page)
         self.assertIn("<td>upstream</td><td>socks5://***@127.0.0.1:1080</td>", page)
         for secret in ("bob", "hunter2", "eve", "swordfish"):
             self.assertNotIn(secret, page)

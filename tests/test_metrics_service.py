@@ -34,7 +34,7 @@ class MetricsServiceTests(TestCase):
     def test_metrics_endpoint(self) -> Generator[Any, Any, None]:
         """/metrics counts proxied requests; asking the proxy for it is refused as a loop."""
         service = makeService(
-            ProxyConfig(ports=("tcp:0:interface=127.0.0.1",), metrics="tcp:0:interface=127.0.0.1"),
+            ProxyConfig(port=("tcp:0:interface=127.0.0.1",), metrics="tcp:0:interface=127.0.0.1"),
             reactor,
         )
         service.startService()

@@ -130,8 +130,8 @@ class HostPatternTests(SynchronousTestCase):
 
     def test_config_rejects_bad_pattern(self) -> None:
         """ProxyConfig validates deny-host and allow-host patterns at construction."""
-        self.assertRaises(ValueError, ProxyConfig, deny_hosts=("*",))
-        self.assertRaises(ValueError, ProxyConfig, allow_hosts=("a..b",))
+        self.assertRaises(ValueError, ProxyConfig, deny_host=("*",))
+        self.assertRaises(ValueError, ProxyConfig, allow_host=("a..b",))
 
 
 class IsPrivateTests(SynchronousTestCase):
@@ -544,7 +544,7 @@ class CheckedConnectorTests(SynchronousTestCase):
 
     def test_factory_uses_checked_connector_only_when_needed(self) -> None:
         """ProxyFactory passes an address check to its connector only if a rule needs it."""
-        plain = ProxyFactory(ProxyConfig(deny_hosts=("evil.example",)), self.reactor)
+        plain = ProxyFactory(ProxyConfig(deny_host=("evil.example",)), self.reactor)
         checked = ProxyFactory(ProxyConfig(block_private=True), self.reactor)
         assert isinstance(plain.connector, EndpointConnector)
         assert isinstance(checked.connector, EndpointConnector)
@@ -677,7 +677,7 @@ class DestinationTests(PolicyProxyTestCase):
     def test_deny_host_by_name(self) -> None:
         """A request to a denied name gets 403 with Proxy-Status and a body naming the rule."""
         client, _ = self.request(
-            get(b"http://www.evil.example/"), ProxyConfig(deny_hosts=(".evil.example",))
+            get(b"http://www.evil.example/"), ProxyConfig(deny_host=(".evil.example",))
         )
         status, body = self.assert_refused(client, 403, b"http_request_denied")
         self.assertEqual(
@@ -688,7 +688,7 @@ class DestinationTests(PolicyProxyTestCase):
     def test_deny_host_literal(self) -> None:
         """A literal address target inside a denied network gets 403 destination_ip_prohibited."""
         client, _ = self.request(
-            get(b"http://10.9.8.7:8000/"), ProxyConfig(deny_hosts=("10.0.0.0/8",))
+            get(b"http://10.9.8.7:8000/"), ProxyConfig(deny_host=("10.0.0.0/8",))
         )
         self.assert_refused(client, 403, b"destination_ip_prohibited")
 
@@ -696,13 +696,13 @@ class DestinationTests(PolicyProxyTestCase):
         """A CONNECT to a denied name is refused the same way."""
         client, _ = self.request(
             b"CONNECT www.evil.example:443 HTTP/1.1\r\nHost: www.evil.example:443\r\n\r\n",
-            ProxyConfig(deny_hosts=(".evil.example",)),
+            ProxyConfig(deny_host=(".evil.example",)),
         )
         self.assert_refused(client, 403, b"http_request_denied")
 
     def test_allow_host(self) -> None:
         """With --allow-host, a matching name is dialed and another is refused."""
-        config = ProxyConfig(allow_hosts=("*.good.example",))
+        config = ProxyConfig(allow_host=("*.good.example",))
         client, _ = self.request(get(b"http://other.example/"), config)
         self.assert_refused(client, 403, b"http_request_denied")
         ok, proto = self.connect_client()

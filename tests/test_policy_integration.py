@@ -99,7 +99,7 @@ class PolicyIntegrationTests(ConnectionTracking, TestCase):
     def test_deny_host_address(self) -> Generator[Any, Any, None]:
         """A request to a denied address gets 403 and the origin there sees no connection."""
         origin, oport = yield self.start_origin()
-        proxy, pport = yield self.start_proxy(ProxyConfig(deny_hosts=(LOCAL,)))
+        proxy, pport = yield self.start_proxy(ProxyConfig(deny_host=(LOCAL,)))
         resp, rest = yield deferToThread(exchange, pport, get(f"http://127.0.0.1:{oport}/"))
         self.assert_refused(resp, 403, b"destination_ip_prohibited")
         self.assertIn(b"127.0.0.1", resp.body)

@@ -183,7 +183,7 @@ class ReloadTightensRulesTests(SynchronousTestCase):
         """
         upstream = self.pooled_connection()
         upstream.clear()
-        self.factory.reconfigure(ProxyConfig(deny_hosts=("127.0.0.0/8",), block_private=True))
+        self.factory.reconfigure(ProxyConfig(deny_host=("127.0.0.0/8",), block_private=True))
         client = self.request()
         response = client.value()
         self.assertTrue(response.startswith(b"HTTP/1.1 403 "), response)
@@ -206,7 +206,7 @@ class ReloadTightensRulesTests(SynchronousTestCase):
         """A reload whose rules still allow the connection's address keeps reusing it."""
         upstream = self.pooled_connection()
         upstream.clear()
-        self.factory.reconfigure(ProxyConfig(deny_hosts=("10.0.0.0/8",)))
+        self.factory.reconfigure(ProxyConfig(deny_host=("10.0.0.0/8",)))
         self.request()
         self.assertEqual(self.factory.pool.reused, 1)
         self.assertTrue(upstream.value().startswith(b"GET / HTTP/1.1\r\n"))

@@ -29,7 +29,7 @@ class PooledTLSReloadTests(TLSTestCase):
         origin, origin_factory = self.tls_origin(trustme.CA().issue_cert("localhost"))
         settings = {"ca_file": self.ca_path, "connect_ports": None}
         factory = TrackingProxyFactory(
-            ProxyConfig(insecure_hosts=("localhost",), **settings),  # type: ignore[arg-type]
+            ProxyConfig(insecure_host=("localhost",), **settings),
             self.tracker,
         )
         port = self.listen(factory)
@@ -38,7 +38,7 @@ class PooledTLSReloadTests(TLSTestCase):
         def first(result: tuple[int, dict[str, str], bytes]) -> Deferred[Any]:
             self.assertEqual((result[0], result[2]), (200, TLS_BODY))
             self.assertEqual(len(factory.pool), 1)
-            factory.reconfigure(ProxyConfig(**settings))  # type: ignore[arg-type]
+            factory.reconfigure(ProxyConfig(**settings))
             return deferToThread(fetch, port, target)
 
         def second(result: tuple[int, dict[str, str], bytes]) -> None:

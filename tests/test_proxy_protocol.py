@@ -277,7 +277,7 @@ class ReaderPropertyTests(SynchronousTestCase):
 def _factory(**settings: Any) -> tuple[ProxyFactory, RecordingConnector]:
     settings.setdefault("allow", ("10.0.0.0/8",))
     config = ProxyConfig(
-        ports=("haproxy:tcp:3128",),
+        port=("haproxy:tcp:3128",),
         proxy_protocol_from=("192.0.2.0/24", "2001:db8:1::/48"),
         **settings,
     )
@@ -455,13 +455,13 @@ class ConfigTests(SynchronousTestCase):
     def test_haproxy_port_needs_trusted_networks(self) -> None:
         """ProxyConfig refuses a haproxy: port without proxy_protocol_from."""
         with self.assertRaises(ValueError) as caught:
-            ProxyConfig(ports=("haproxy:tcp:3128",))
+            ProxyConfig(port=("haproxy:tcp:3128",))
         self.assertIn("--proxy-protocol-from", str(caught.exception))
 
     def test_bad_network_refused(self) -> None:
         """A --proxy-protocol-from value that is not a network is refused."""
         with self.assertRaises(ValueError) as caught:
-            ProxyConfig(ports=("haproxy:tcp:3128",), proxy_protocol_from=("10.0.0.0/33",))
+            ProxyConfig(port=("haproxy:tcp:3128",), proxy_protocol_from=("10.0.0.0/33",))
         self.assertIn("--proxy-protocol-from", str(caught.exception))
 
     def test_only_tcp_listeners(self) -> None:
@@ -539,7 +539,7 @@ class LoopbackTests(ConnectionTracking, TestCase):
     def start(self, trusted: str) -> Generator[Any, Any, int]:
         """Start makeService on a haproxy: port trusting C{trusted}; return the port."""
         config = ProxyConfig(
-            ports=("haproxy:tcp:0:interface=127.0.0.1",),
+            port=("haproxy:tcp:0:interface=127.0.0.1",),
             proxy_protocol_from=(trusted,),
             allow=("10.0.0.0/8",),
         )
@@ -603,7 +603,7 @@ class WorkerTests(SynchronousTestCase):
         """The parent binds the TCP listener under haproxy: and hands it to the workers."""
         reactor = SpawningReactor()
         config = ProxyConfig(
-            ports=("haproxy:tcp:0:interface=127.0.0.1",), proxy_protocol_from=("127.0.0.1",)
+            port=("haproxy:tcp:0:interface=127.0.0.1",), proxy_protocol_from=("127.0.0.1",)
         )
         pool = WorkerPool(config, [], 1, reactor)
         pool.startService()
@@ -616,7 +616,7 @@ class WorkerTests(SynchronousTestCase):
         """A worker serves a haproxy: port's socket through L{ProxyHeaderFactory} only."""
         reactor = MemoryReactorClock()
         config = ProxyConfig(
-            ports=("haproxy:tcp:3128", "tcp:8080"), proxy_protocol_from=("127.0.0.1",)
+            port=("haproxy:tcp:3128", "tcp:8080"), proxy_protocol_from=("127.0.0.1",)
         )
         service = adopted_service(
             config, [(10, socket.AF_INET), (11, socket.AF_INET)], reactor=reactor

@@ -70,7 +70,7 @@ class ServiceReconfigureTests(SynchronousTestCase):
 
     def service(self, **kwargs: Any) -> ProxyService:
         """A proxy service (not started) on the fake clock, with a deny rule for logs."""
-        config = ProxyConfig(ports=("tcp:0:interface=127.0.0.1",), **kwargs)
+        config = ProxyConfig(port=("tcp:0:interface=127.0.0.1",), **kwargs)
         service = cast(ProxyService, makeService(config, self.clock))
         self.addCleanup(close_access_log, service)
         return service
@@ -78,11 +78,11 @@ class ServiceReconfigureTests(SynchronousTestCase):
     def test_access_log_replaced(self) -> None:
         """A new access log path and format take effect; the old file is closed."""
         old, new = self.dir / "old.log", self.dir / "new.log"
-        service = self.service(access_log=str(old), deny_hosts=("denied.example",))
+        service = self.service(access_log=str(old), deny_host=("denied.example",))
         first = service.access_log
         assert first is not None
         config = replace_config(
-            service, access_log=str(new), access_log_format="json", deny_hosts=("denied.example",)
+            service, access_log=str(new), access_log_format="json", deny_host=("denied.example",)
         )
         service.reconfigure(config)
         self.assertIsNot(service.access_log, first)
@@ -97,15 +97,15 @@ class ServiceReconfigureTests(SynchronousTestCase):
     def test_access_log_added_and_removed(self) -> None:
         """A reload can turn the access log on, and off again."""
         path = self.dir / "access.log"
-        service = self.service(deny_hosts=("denied.example",))
+        service = self.service(deny_host=("denied.example",))
         service.reconfigure(
-            replace_config(service, access_log=str(path), deny_hosts=("denied.example",))
+            replace_config(service, access_log=str(path), deny_host=("denied.example",))
         )
         client_request(service.factory, DENIED)
         self.clock.advance(1)
         self.assertEqual(len(path.read_text().splitlines()), 1)
         log = service.access_log
-        service.reconfigure(replace_config(service, deny_hosts=("denied.example",)))
+        service.reconfigure(replace_config(service, deny_host=("denied.example",)))
         self.assertIsNone(service.access_log)
         self.assertNotIn(log, service.factory.observers)
         client_request(service.factory, DENIED)
@@ -128,17 +128,17 @@ class ServiceReconfigureTests(SynchronousTestCase):
         service = self.service(metrics="tcp:9108:interface=127.0.0.1")
         running = service.factory.config
         new = ProxyConfig(
-            ports=("tcp:1:interface=127.0.0.1",), metrics="tcp:9109:interface=127.0.0.1"
+            port=("tcp:1:interface=127.0.0.1",), metrics="tcp:9109:interface=127.0.0.1"
         )
         self.assertEqual(restart_settings(running, new), ["port", "metrics"])
         in_force = service.reconfigure(new)
-        self.assertEqual((in_force.ports, in_force.metrics), (running.ports, running.metrics))
+        self.assertEqual((in_force.port, in_force.metrics), (running.port, running.metrics))
         self.assertEqual(service.factory.config, in_force)
 
 
 def replace_config(service: ProxyService, **kwargs: Any) -> ProxyConfig:
     """A config with the service's ports and the given fields (others default)."""
-    return ProxyConfig(ports=service.factory.config.ports, **kwargs)
+    return ProxyConfig(port=service.factory.config.port, **kwargs)
 
 
 class FactoryReconfigureTests(SynchronousTestCase):
@@ -229,7 +229,7 @@ class CommandLineReloadTests(SynchronousTestCase):
         )
         self.assertIn("configuration reloaded", text)
         self.assertEqual(
-            (factory.config.ports, factory.config.metrics), (running.ports, running.metrics)
+            (factory.config.port, factory.config.metrics), (running.port, running.metrics)
         )
         self.assertEqual(factory.config.pool_size, 7)
 

@@ -114,17 +114,17 @@ class RouteConfigTests(SynchronousTestCase):
 
     def test_upstream_is_last_route(self) -> None:
         """--upstream URL is the same as a last --route '*=URL'."""
-        config = ProxyConfig(routes=("a.example=direct",), upstream="http://p:1")
+        config = ProxyConfig(route=("a.example=direct",), upstream="http://p:1")
         self.assertEqual(config.all_routes, ("a.example=direct", "*=http://p:1"))
 
     def test_bad_values_name_the_option(self) -> None:
         """A bad route or upstream is a ValueError naming the option."""
         with self.assertRaisesRegex(ValueError, "^route: "):
-            ProxyConfig(routes=("nonsense",))
+            ProxyConfig(route=("nonsense",))
         with self.assertRaisesRegex(ValueError, "^upstream: "):
             ProxyConfig(upstream="gopher://p:70")
         with self.assertRaisesRegex(ValueError, "^insecure-host: "):
-            ProxyConfig(insecure_hosts=("*",))
+            ProxyConfig(insecure_host=("*",))
 
     def test_command_line(self) -> None:
         """--route is repeatable, in order; --upstream, --ca-file, --insecure-host parse."""
@@ -142,9 +142,9 @@ class RouteConfigTests(SynchronousTestCase):
             ]
         )
         config = options["proxy-config"]
-        self.assertEqual(config.routes, ("*.corp.example=http://10.1.2.3:3128", "*=direct"))
+        self.assertEqual(config.route, ("*.corp.example=http://10.1.2.3:3128", "*=direct"))
         self.assertEqual(config.upstream, "socks5://u:p@127.0.0.1:1080")
-        self.assertEqual(config.insecure_hosts, ("self-signed.example",))
+        self.assertEqual(config.insecure_host, ("self-signed.example",))
 
     def test_bad_upstream_is_a_usage_error(self) -> None:
         """A malformed --upstream is one usage line, not a traceback."""

@@ -35,7 +35,7 @@ class ReloadPerRequestTests(ProxyTestCase):
 
     def test_rule_removed_by_reload(self) -> None:
         """A destination a reload stops denying is served on a connection opened before."""
-        self.factory.reconfigure(ProxyConfig(deny_hosts=("a.example",)))
+        self.factory.reconfigure(ProxyConfig(deny_host=("a.example",)))
         self.factory.via = b"aproxy"
         attempt, _ = self.forward(GET_B)
         attempt.respond(OK_5)
@@ -50,7 +50,7 @@ class ReloadPerRequestTests(ProxyTestCase):
         attempt, _ = self.forward(GET_A)
         attempt.respond(OK_5)
         self.take(self.client)
-        self.factory.reconfigure(ProxyConfig(deny_hosts=("a.example",)))
+        self.factory.reconfigure(ProxyConfig(deny_host=("a.example",)))
         self.proto.dataReceived(GET_A)
         self.assertTrue(self.client.value().startswith(b"HTTP/1.1 403 "))
 

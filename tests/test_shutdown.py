@@ -89,7 +89,7 @@ class ServiceStopTests(SynchronousTestCase):
     def test_stop_service_stops_listening_and_drains(self) -> None:
         """stopService closes the listening port and fires once connections are gone."""
         reactor = MemoryReactorClock()
-        service = makeService(ProxyConfig(ports=("tcp:8111:interface=127.0.0.1",)), reactor)
+        service = makeService(ProxyConfig(port=("tcp:8111:interface=127.0.0.1",)), reactor)
         service.startService()
         factory = service.factory  # type: ignore[attr-defined]
         d = service.stopService()

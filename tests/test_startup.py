@@ -68,7 +68,7 @@ class ListenerLogTests(ConnectionTracking, TestCase):
         """The metrics port is logged as "metrics and status", not an internal class."""
         log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         config = ProxyConfig(
-            ports=("tcp:0:interface=127.0.0.1",), metrics="tcp:0:interface=127.0.0.1"
+            port=("tcp:0:interface=127.0.0.1",), metrics="tcp:0:interface=127.0.0.1"
         )
         service = makeService(config, reactor)
         self.track(service.factory)  # type: ignore[attr-defined]

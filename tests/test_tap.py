@@ -49,7 +49,7 @@ class OptionsTests(SynchronousTestCase):
         """With no options the proxy listens on 127.0.0.1:8080 with the documented values."""
         config = parse()["proxy-config"]
         self.assertEqual(config, ProxyConfig())
-        self.assertEqual(config.ports, ("tcp:8080:interface=127.0.0.1",))
+        self.assertEqual(config.port, ("tcp:8080:interface=127.0.0.1",))
         self.assertEqual(
             (
                 config.connect_timeout,
@@ -64,7 +64,7 @@ class OptionsTests(SynchronousTestCase):
     def test_bare_port_is_loopback(self) -> None:
         """A bare port number listens on the loopback interface only."""
         self.assertEqual(
-            parse("--port", "9000")["proxy-config"].ports, ("tcp:9000:interface=127.0.0.1",)
+            parse("--port", "9000")["proxy-config"].port, ("tcp:9000:interface=127.0.0.1",)
         )
 
     def test_port_repeatable_and_full_descriptions(self) -> None:
@@ -73,7 +73,7 @@ class OptionsTests(SynchronousTestCase):
             "--port", "9000", "-p", "tcp6:9001:interface=\\:\\:1", "--port", "unix:/tmp/x"
         )["proxy-config"]
         self.assertEqual(
-            config.ports,
+            config.port,
             ("tcp:9000:interface=127.0.0.1", "tcp6:9001:interface=\\:\\:1", "unix:/tmp/x"),
         )
 
@@ -209,7 +209,7 @@ class ConfigTests(SynchronousTestCase):
         """Invalid fields raise ValueError at construction."""
         for kwargs in (
             {"read_timeout": 0},
-            {"ports": ()},
+            {"port": ()},
             {"via": "bad via"},
             {"pool_size": -1},
             {"auth_max_failures": -1},
@@ -230,7 +230,7 @@ class ServiceTests(SynchronousTestCase):
         """Starting the service listens on each port with one shared factory."""
         reactor = MemoryReactor()
         service = makeService(
-            ProxyConfig(ports=("tcp:8111:interface=127.0.0.1", "tcp:8112:interface=127.0.0.1")),
+            ProxyConfig(port=("tcp:8111:interface=127.0.0.1", "tcp:8112:interface=127.0.0.1")),
             reactor,
         )
         self.assertTrue(IService.providedBy(service))
@@ -244,7 +244,7 @@ class ServiceTests(SynchronousTestCase):
     def test_listening_addresses_noted_for_loop_checks(self) -> None:
         """The factory learns each address it listens on (for loop detection)."""
         reactor = MemoryReactor()
-        service = makeService(ProxyConfig(ports=("tcp:8111:interface=127.0.0.1",)), reactor)
+        service = makeService(ProxyConfig(port=("tcp:8111:interface=127.0.0.1",)), reactor)
         service.privilegedStartService()
         factory = service.factory  # type: ignore[attr-defined]
         self.assertEqual(len(factory.loops.own_addresses), 1)
@@ -252,7 +252,7 @@ class ServiceTests(SynchronousTestCase):
     def test_public_listeners(self) -> None:
         """Descriptions reachable from other machines are told apart from loopback ones."""
         config = ProxyConfig(
-            ports=(
+            port=(
                 "tcp:1:interface=127.0.0.1",
                 "tcp:2",
                 "tcp:3:interface=0.0.0.0",
@@ -269,19 +269,19 @@ class ServiceTests(SynchronousTestCase):
     def test_warns_when_listening_publicly(self) -> None:
         """Listening beyond loopback without --allow logs a warning at start."""
         events = capture_logs(self)
-        makeService(ProxyConfig(ports=("tcp:0",)), MemoryReactor())
+        makeService(ProxyConfig(port=("tcp:0",)), MemoryReactor())
         self.assertTrue(any("without --allow" in e.get("log_format", "") for e in events))
 
     def test_warns_about_open_proxy(self) -> None:
         """Allowing every address on a public listener is called an open proxy."""
         events = capture_logs(self)
-        makeService(ProxyConfig(ports=("tcp:0",), allow=("0.0.0.0/0",)), MemoryReactor())
+        makeService(ProxyConfig(port=("tcp:0",), allow=("0.0.0.0/0",)), MemoryReactor())
         self.assertTrue(any("open proxy" in e.get("log_format", "") for e in events))
 
     def test_no_warning_on_loopback(self) -> None:
         """The default loopback listener logs no exposure warning."""
         events = capture_logs(self)
-        makeService(ProxyConfig(ports=("tcp:0:interface=127.0.0.1",)), MemoryReactor())
+        makeService(ProxyConfig(port=("tcp:0:interface=127.0.0.1",)), MemoryReactor())
         self.assertFalse(any(e.get("log_level") == LogLevel.warn for e in events))
 
     def test_tap_reports_port_in_use_in_one_line(self) -> None:
@@ -303,7 +303,7 @@ class ServiceTests(SynchronousTestCase):
 
         from aproxy.run.tap import _CommandLineService
 
-        inner = makeService(ProxyConfig(ports=(str(port),)), reactor)
+        inner = makeService(ProxyConfig(port=(str(port),)), reactor)
         service = _CommandLineService(inner, record)
         with self.assertRaises(SystemExit):
             service.privilegedStartService()

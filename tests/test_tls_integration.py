@@ -107,7 +107,7 @@ class HttpsTargetTests(TLSTestCase):
     def test_insecure_host(self) -> Deferred[None]:
         """--insecure-host skips verification for that host only."""
         origin, _ = self.tls_origin(trustme.CA().issue_cert("localhost"))
-        port = self.proxy(insecure_hosts=("localhost",))
+        port = self.proxy(insecure_host=("localhost",))
 
         def check(results: list[tuple[int, dict[str, str], bytes]]) -> None:
             insecure, verified = results
@@ -164,7 +164,7 @@ class HttpParentTests(TLSTestCase):
 
     def chain(self, password: str = PASSWORD, parent_tls: bool = False) -> int:
         """A parent with --auth (plain or TLS) and a child whose --upstream logs in."""
-        parent = (self.tls_proxy if parent_tls else self.proxy)(auth_file=self.auth_file())
+        parent = (self.tls_proxy if parent_tls else self.proxy)(auth=self.auth_file())
         scheme = "https" if parent_tls else "http"
         url = f"{scheme}://{USER}:{password.replace(':', '%3A')}@127.0.0.1:{parent}"
         return self.proxy(upstream=url)

@@ -71,7 +71,7 @@ class UnixListenerTests(ConnectionTracking, TestCase):
         tmp = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, tmp)
         path = os.path.join(tmp, "aproxy.sock")
-        service = makeService(ProxyConfig(ports=(f"unix:{path}:mode=600",), **settings), reactor)
+        service = makeService(ProxyConfig(port=(f"unix:{path}:mode=600",), **settings), reactor)
         self.clients = self.track(service.factory)  # type: ignore[attr-defined]
         self.track(service.factory.upstream_factory)  # type: ignore[attr-defined]
         service.startService()
@@ -98,7 +98,7 @@ class UnixListenerTests(ConnectionTracking, TestCase):
         htpasswd = os.path.join(tmp, "htpasswd")
         with open(htpasswd, "w") as f:
             f.write(f"erin:{SHA1}\n")
-        path, oport = yield self.start(auth_file=htpasswd)
+        path, oport = yield self.start(auth=htpasswd)
         denied = yield deferToThread(self.request, path, oport)
         self.assertTrue(denied.startswith(b"HTTP/1.1 407 "), denied)
         self.assertIn(b"Proxy-Authenticate: Basic", denied)

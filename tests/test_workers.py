@@ -92,7 +92,7 @@ class WorkerPoolMetricsTests(SynchronousTestCase):
         """
         reactor = SpawningReactor()
         config = ProxyConfig(
-            ports=("tcp:0:interface=127.0.0.1",), metrics="tcp:9108:interface=127.0.0.1"
+            port=("tcp:0:interface=127.0.0.1",), metrics="tcp:9108:interface=127.0.0.1"
         )
         pool = WorkerPool(config, ["--metrics", "9108"], 2, reactor)
         pool.startService()
@@ -137,7 +137,7 @@ class WorkerSocketTests(SynchronousTestCase):
         if not hasattr(socket, "SO_REUSEPORT"):
             self.skipTest("no SO_REUSEPORT here")
         reactor = SpawningReactor()
-        config = ProxyConfig(ports=("tcp:0:interface=127.0.0.1",))
+        config = ProxyConfig(port=("tcp:0:interface=127.0.0.1",))
         pool = WorkerPool(config, [], 2, reactor)
         pool.startService()
         fds = [child[3] for child in reactor.child_fds]
@@ -162,7 +162,7 @@ class WorkerSocketTests(SynchronousTestCase):
         if not hasattr(socket, "SO_REUSEPORT"):
             self.skipTest("no SO_REUSEPORT here")
         reactor = SpawningReactor()
-        pool = WorkerPool(ProxyConfig(ports=("tcp:0:interface=127.0.0.1",)), [], 2, reactor)
+        pool = WorkerPool(ProxyConfig(port=("tcp:0:interface=127.0.0.1",)), [], 2, reactor)
         pool.startService()
         for sock in pool.sockets:
             self.addCleanup(sock.close)

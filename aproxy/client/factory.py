@@ -30,6 +30,7 @@ from aproxy.client.runtime import Runtime
 from aproxy.config import ProxyConfig
 from aproxy.errors import Forbidden
 from aproxy.http.head import Target, parse_absolute_target
+from aproxy.observe.accesslog import AccessLog
 from aproxy.observe.records import ExchangeObserver
 from aproxy.upstream.connector import EndpointConnector, IUpstreamConnector
 from aproxy.upstream.dialer import Dialer, Hop
@@ -57,7 +58,14 @@ class ProxyFactory(Factory):
     @param policy: Who may use the proxy and where they may go (an L{AccessPolicy} built
         from C{config} by default).
     @param authenticator: Checks C{Proxy-Authorization} (an L{HtpasswdAuthenticator} on
-        C{config.auth_file} by default, none without one).
+        C{config.auth} by default, none without one).
+    @raise aproxy.observe.accesslog.AccessLogError: If C{config.access_log} can't be
+        opened.
+
+    @ivar access_log: The access log that C{config.access_log} names, written by the
+        factory itself (so a factory used without L{aproxy.run.service.makeService}
+        logs too), or L{None}. L{reconfigure} opens a changed one; whoever stops the
+        proxy closes it (the service of C{makeService} does).
     """
 
     protocol = ProxyProtocol
@@ -107,6 +115,10 @@ class ProxyFactory(Factory):
         # Called with an Exchange for every finished request and tunnel (access logs,
         # metrics); empty by default, so nothing is built per request.
         self.observers: list[ExchangeObserver] = []
+        self.access_log: AccessLog | None = None
+        if config.access_log is not None:
+            self.access_log = AccessLog(config.access_log, config.access_log_format, reactor)
+            self.observers.append(self.access_log)
         # Called with the seconds each new upstream connection took (metrics).
         self.connect_observers: list[Callable[[float], None]] = []
         self._drained: Deferred[None] | None = None
@@ -122,12 +134,12 @@ class ProxyFactory(Factory):
         policy = self._given_policy
         if policy is None:
             policy = AccessPolicy(
-                config.allow, config.deny_hosts, config.allow_hosts, config.block_private
+                config.allow, config.deny_host, config.allow_host, config.block_private
             )
         authenticator = self._given_authenticator
-        if authenticator is None and config.auth_file is not None:
+        if authenticator is None and config.auth is not None:
             authenticator = HtpasswdAuthenticator(
-                config.auth_file, config.auth_realm, self.clock, hashing=self.hashing
+                config.auth, config.auth_realm, self.clock, hashing=self.hashing
             )
         own = self._given_connector is None
         connector: IUpstreamConnector = (
@@ -150,7 +162,7 @@ class ProxyFactory(Factory):
         dialer = Dialer(
             connector,
             parent_connector,
-            tls if tls is not None else ClientTLS(config.ca_file, config.insecure_hosts),
+            tls if tls is not None else ClientTLS(config.ca_file, config.insecure_host),
             self._upstream_factory,
             Router(config.all_routes),
         )
@@ -219,15 +231,52 @@ class ProxyFactory(Factory):
         response head limit, and an idle pooled connection is checked against the new
         address rules before its next use (see L{reuse}).
 
-        @raise ValueError: If the new authenticator's file or CA file can't be used;
-            nothing changes.
+        A changed access log path or format opens the new log in place of the old one,
+        which is closed.
+
+        @raise ValueError: If the new authenticator's file, CA file or access log can't
+            be used; nothing changes.
         """
-        self.runtime = self._build_runtime(config)
+        runtime = self._build_runtime(config)
+        self._swap_access_log(config)
+        self.runtime = runtime
         self._targets.clear()
         self.upstream_factory.max_head_size = config.max_head_size
         self.pool.reconfigure(
             max(config.pool_size, 1), config.pool_idle_timeout, config.pool_max_age
         )
+
+    def _swap_access_log(self, config: ProxyConfig) -> None:
+        """
+        Open the access log C{config} names in place of the running one, if its path or
+        format changed, keeping its place among the observers, and close the old one.
+
+        @raise ValueError: If the new log can't be opened; nothing changes.
+        """
+        running = self.config
+        if (config.access_log, config.access_log_format) == (
+            running.access_log,
+            running.access_log_format,
+        ):
+            return
+        old_log = self.access_log
+        new_log = (
+            AccessLog(config.access_log, config.access_log_format, self.clock)
+            if config.access_log is not None
+            else None
+        )
+        observers = self.observers
+        if old_log is not None and old_log in observers:
+            index = observers.index(old_log)
+            if new_log is None:
+                del observers[index]
+            else:
+                observers[index] = new_log
+        elif new_log is not None:
+            observers.insert(0, new_log)
+        self.access_log = new_log
+        if old_log is not None:
+            old_log.close()
 
     def reuse(self, hop: Hop, runtime: Runtime | None = None) -> UpstreamProtocol | None:
         """

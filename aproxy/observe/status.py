@@ -46,7 +46,7 @@ _OTHER = "(other)"
 _NEVER = -(1 << 62)
 _MAX_HOST = 255
 # Field names that would hold a secret if the configuration ever grew one; their values
-# are never shown (today there are none: auth_file is a path, shown as such).
+# are never shown (today there are none: auth is a path, shown as such).
 _SECRET_WORDS = frozenset({"password", "passwd", "secret", "token", "credentials"})
 
 
@@ -323,7 +323,7 @@ def _config_value(name: str, value: object) -> str:
     """One configuration value as plain text (escaped by the caller)."""
     if set(name.split("_")) & _SECRET_WORDS:
         return "(hidden)"
-    if name in ("upstream", "routes"):
+    if name in ("upstream", "route"):
         # Parent URLs may carry the parent's user name and password.
         items = value if isinstance(value, tuple) else (value,) if value else ()
         return ", ".join(without_credentials(str(item)) for item in items) or "(none)"

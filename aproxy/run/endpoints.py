@@ -71,7 +71,7 @@ def public_listeners(config: ProxyConfig) -> list[str]:
     endpoints whose interface is not a loopback address (no interface means all).
     """
     public = []
-    for description in config.ports:
+    for description in config.port:
         endpoint = parse_endpoint(description)
         if endpoint.kind not in ("tcp", "tcp6", "ssl"):
             continue

@@ -163,50 +163,25 @@ class ProxyService(MultiService):
     def __init__(self, factory: ProxyFactory) -> None:
         super().__init__()
         self.factory = factory
-        self.access_log: AccessLog | None = None
+
+    @property
+    def access_log(self) -> AccessLog | None:
+        """The factory's access log, if the configuration names one (SIGUSR1 reopens it)."""
+        return self.factory.access_log
 
     def reconfigure(self, config: ProxyConfig) -> ProxyConfig:
         """
         Apply a reloaded configuration (SIGHUP): the factory takes it for new requests
-        (see L{ProxyFactory.reconfigure}) and a changed access log path or format opens
-        the new log in place of the old one. The settings fixed at start (see
-        L{restart_settings}) keep their running values.
+        (see L{ProxyFactory.reconfigure}, which also opens a changed access log). The
+        settings fixed at start (see L{restart_settings}) keep their running values.
 
         @return: The configuration now in force.
         @raise ValueError: If the new access log, password file or CA file can't be
             used; then nothing changes.
         """
         running = self.factory.config
-        config = replace(config, ports=running.ports, metrics=running.metrics)
-        old_log = new_log = self.access_log
-        if (config.access_log, config.access_log_format) != (
-            running.access_log,
-            running.access_log_format,
-        ):
-            new_log = (
-                AccessLog(config.access_log, config.access_log_format, self.factory.clock)
-                if config.access_log is not None
-                else None
-            )
-        try:
-            self.factory.reconfigure(config)
-        except ValueError:
-            if new_log is not None and new_log is not old_log:
-                new_log.close()
-            raise
-        if new_log is not old_log:
-            observers = self.factory.observers
-            if old_log is not None and old_log in observers:
-                index = observers.index(old_log)
-                if new_log is None:
-                    del observers[index]
-                else:
-                    observers[index] = new_log
-            elif new_log is not None:
-                observers.insert(0, new_log)
-            self.access_log = new_log
-            if old_log is not None:
-                old_log.close()
+        config = replace(config, port=running.port, metrics=running.metrics)
+        self.factory.reconfigure(config)
         return config
 
     def stopService(self) -> Deferred[None]:
@@ -217,8 +192,8 @@ class ProxyService(MultiService):
     async def _stop(self) -> None:
         await super().stopService()
         await self.factory.drain(self.factory.config.shutdown_timeout)
-        if self.access_log is not None:
-            self.access_log.close()
+        if self.factory.access_log is not None:
+            self.factory.access_log.close()
 
 
 class _AdoptedService(Service):
@@ -264,7 +239,7 @@ def adopted_service(
     """
     The proxy service of one C{--workers} worker: like L{makeService}, but serving on
     inherited listening sockets, given as (file descriptor, address family) pairs in the
-    order of C{config.ports} (so that a C{haproxy:} port's socket takes PROXY headers).
+    order of C{config.port} (so that a C{haproxy:} port's socket takes PROXY headers).
 
     @param snapshot: With C{config.metrics}: the unix socket path where the worker
         serves its figures to the parent (L{aproxy.observe.cluster}), which serves the
@@ -284,7 +259,7 @@ def restart_settings(running: ProxyConfig, new: ProxyConfig) -> list[str]:
     @return: Their option names, in a stable order.
     """
     names = []
-    if new.ports != running.ports:
+    if new.port != running.port:
         names.append("port")
     if new.metrics != running.metrics:
         names.append("metrics")
@@ -294,7 +269,7 @@ def restart_settings(running: ProxyConfig, new: ProxyConfig) -> list[str]:
 def makeService(config: ProxyConfig, reactor: Any = None) -> IService:
     """
     Build the proxy service: one L{ProxyFactory} shared by a listening service per
-    endpoint description in C{config.ports}.
+    endpoint description in C{config.port}.
 
     @param config: The proxy's configuration.
     @param reactor: The reactor to listen and connect with (the global one by default).
@@ -305,11 +280,11 @@ def makeService(config: ProxyConfig, reactor: Any = None) -> IService:
     """
     top = _build(config, reactor, None)
     _warn_if_exposed(config)
-    if config.insecure_hosts:
+    if config.insecure_host:
         log.warn(
             "TLS certificates are NOT verified for {hosts} (--insecure-host): anyone on "
             "the path to them can read and change that traffic",
-            hosts=", ".join(config.insecure_hosts),
+            hosts=", ".join(config.insecure_host),
         )
     for route in config.all_routes:
         pattern, parent = parse_route(route)
@@ -342,7 +317,7 @@ def _build(config: ProxyConfig, reactor: Any, adopted: _Adopted | None) -> Proxy
     factory = ProxyFactory(config, reactor)
     top = ProxyService(factory)
     if adopted is None:
-        for description in config.ports:
+        for description in config.port:
             inner = proxy_protocol_inner(description)
             if inner is None:
                 service = _ListeningService(serverFromString(reactor, description), factory)
@@ -357,12 +332,9 @@ def _build(config: ProxyConfig, reactor: Any, adopted: _Adopted | None) -> Proxy
             factory.loops.note_listening(address)
         for index, (fd, family) in enumerate(adopted.fds):
             serve = None
-            if index < len(config.ports) and proxy_protocol_inner(config.ports[index]) is not None:
+            if index < len(config.port) and proxy_protocol_inner(config.port[index]) is not None:
                 serve = ProxyHeaderFactory(factory)
             _AdoptedService(fd, family, factory, reactor, serve).setServiceParent(top)
-    if config.access_log is not None:
-        top.access_log = AccessLog(config.access_log, config.access_log_format, reactor)
-        factory.observers.append(top.access_log)
     if config.metrics is not None and (adopted is None or adopted.snapshot is not None):
         metrics = Metrics(factory, reactor)
         factory.observers.append(metrics)
@@ -395,7 +367,7 @@ def _warn_if_exposed(config: ProxyConfig) -> None:
         if not ipaddress.ip_network(cidr, strict=False).is_private
         or ipaddress.ip_network(cidr, strict=False).prefixlen == 0
     ]
-    if config.allow == ProxyConfig.allow:
+    if config.allow == ProxyConfig().allow:
         log.warn(
             "listening on {ports} without --allow: only loopback clients are served; "
             "add --allow NETWORK for the clients that should use this proxy",

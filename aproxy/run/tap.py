@@ -20,14 +20,9 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from aproxy.access.auth import HtpasswdAuthenticator
-from aproxy.config import (
-    DEFAULT_PORT,
-    ProxyConfig,
-    check_proxy_protocol,
-    listen_description,
-    parse_port_list,
-)
+from aproxy.config import ProxyConfig, check_proxy_protocol, listen_description
 from aproxy.observe.accesslog import AccessLogError
+from aproxy.options import OPTIONS, Option, option, toml_kinds
 from aproxy.run.configfile import ConfigFileError, load_config_file
 from aproxy.run.service import ProxyService, adopted_service, restart_settings
 from aproxy.run.service import makeService as _makeService
@@ -40,7 +35,11 @@ _log = Logger()
 
 
 class Options(usage.Options):
-    """The command line of C{twistd aproxy}; every option is a L{ProxyConfig} field."""
+    """
+    The command line of C{twistd aproxy}, made from the table L{aproxy.options.OPTIONS}:
+    every option there is one here, with its help text, and becomes the L{ProxyConfig}
+    field of the same name.
+    """
 
     synopsis = "[options]"
     longdesc = (
@@ -48,172 +47,18 @@ class Options(usage.Options):
         "curl -x http://127.0.0.1:8080 http://example.com/. It listens on loopback only "
         "unless told otherwise with --port."
     )
-    optFlags = [
-        ["no-via", None, "Do not add a Via field to forwarded messages."],
-        [
-            "block-private",
-            None,
-            "Refuse destinations that resolve to loopback, private, link-local (cloud "
-            "metadata), CGNAT, unique-local, multicast or unspecified addresses.",
-        ],
-    ]
+    optFlags: list[list[Any]] = [[o.name, o.short, o.help] for o in OPTIONS if o.flag]
     optParameters: list[list[Any]] = [
-        [
-            "config",
-            None,
-            None,
-            "A TOML file whose keys are these long option names (e.g. connect-ports = "
-            '[443, 8443], allow = ["10.0.0.0/8"]); options given here override it, and a '
-            "repeatable option given here replaces the file's list. SIGHUP re-reads it.",
-        ],
-        ["connect-timeout", None, 10.0, "Seconds to connect to an origin before 504."],
-        [
-            "read-timeout",
-            None,
-            60.0,
-            "Seconds to wait for the origin's response head, and between body bytes.",
-        ],
-        ["idle-timeout", None, 60.0, "Seconds an idle keep-alive client is kept."],
-        [
-            "header-timeout",
-            None,
-            10.0,
-            "Seconds a client has to send a complete request head (then 408).",
-        ],
-        ["via", None, "aproxy", "Pseudonym used in the Via fields the proxy adds."],
-        ["max-head-size", None, 65536, "Largest request or response head, bytes (431)."],
-        ["max-request-line", None, 16384, "Longest request line, bytes (414)."],
-        ["pool-size", None, 100, "Idle upstream connections kept per origin (0: none)."],
-        [
-            "pool-idle-timeout",
-            None,
-            30.0,
-            "Seconds an idle pooled upstream connection is kept.",
-        ],
-        [
-            "pool-max-age",
-            None,
-            120.0,
-            "Seconds after which a pooled upstream connection is no longer reused, however "
-            "busy (a new one is made, and its address checked again).",
-        ],
-        [
-            "connect-ports",
-            None,
-            "443",
-            "Ports CONNECT may reach: comma-separated ports and ranges (8000-8100), or * for any.",
-        ],
-        [
-            "http-ports",
-            None,
-            "80,443,1025-65535",
-            "Ports plain http://, https://, ws:// and wss:// requests may reach (not CONNECT): "
-            "comma-separated ports and ranges, or * for any.",
-        ],
-        [
-            "tunnel-idle-timeout",
-            None,
-            600.0,
-            "Seconds a CONNECT or Upgrade tunnel may stay silent before it is closed.",
-        ],
-        [
-            "x-forwarded-for",
-            None,
-            "keep",
-            "add (append the client address), strip (remove incoming ones) or keep.",
-        ],
-        ["max-connections", None, 4096, "Client connections served at once; more get 503."],
-        [
-            "auth",
-            None,
-            None,
-            "An Apache htpasswd file (bcrypt, $apr1$, {SHA}, $5$, $6$ entries): every "
-            "request then needs Proxy-Authorization: Basic credentials, or gets 407. "
-            "Re-read when it changes.",
-        ],
-        ["auth-realm", None, "aproxy", "The realm named in the 407 challenge."],
-        [
-            "upstream",
-            None,
-            None,
-            "Send everything through a parent proxy: http://[user:pass@]host:port, "
-            "https://... (TLS to the parent) or socks5://[user:pass@]host:port (names "
-            "resolved by the parent). The same as a last --route '*=URL'.",
-        ],
-        [
-            "ca-file",
-            None,
-            None,
-            "A PEM file of certificate authorities to trust for https:// origins and "
-            "https:// parents, in addition to the system's trust store.",
-        ],
-        [
-            "access-log",
-            None,
-            None,
-            "Write one line per request and tunnel to this file (- for standard output); "
-            "SIGUSR1 reopens it after rotation.",
-        ],
-        [
-            "access-log-format",
-            None,
-            "combined",
-            "combined (Apache style plus extras), squid (Squid's access.log) or json.",
-        ],
-        [
-            "metrics",
-            None,
-            None,
-            "Serve /metrics (Prometheus) and /status (a page) on this endpoint, e.g. "
-            "tcp:9108:interface=127.0.0.1 (a bare number means that port on 127.0.0.1). "
-            "With --workers, the parent serves the totals over all workers.",
-        ],
-        [
-            "workers",
-            None,
-            "1",
-            "Worker processes sharing the listening ports (auto: one per core). Each is a "
-            "whole proxy; the parent restarts one that dies, passes signals on and serves "
-            "--metrics with the workers' totals.",
-        ],
-        [
-            "shutdown-timeout",
-            None,
-            30.0,
-            "On stop (SIGTERM): seconds requests and tunnels in flight may take to finish; "
-            "idle connections close at once.",
-        ],
-        [
-            "max-clients-per-ip",
-            None,
-            256,
-            "Client connections from one address at once; more get 503.",
-        ],
-        [
-            "auth-max-failures",
-            None,
-            10,
-            "With --auth: failed logins one client address may make within "
-            "--auth-failure-window; then 429 until that window closes, with no password "
-            "checked (0: no limit).",
-        ],
-        [
-            "auth-failure-window",
-            None,
-            60.0,
-            "Seconds from an address's first failed login during which its failures count.",
-        ],
+        [o.name, o.short, o.command_line_default, o.help]
+        for o in OPTIONS
+        if not o.flag and not o.repeatable
     ]
 
     def __init__(self) -> None:
         super().__init__()
-        self["port"] = []
-        self["allow"] = []
-        self["proxy-protocol-from"] = []
-        self["deny-host"] = []
-        self["allow-host"] = []
-        self["route"] = []
-        self["insecure-host"] = []
+        for row in OPTIONS:
+            if row.repeatable:
+                self[row.name] = []
         self.argv: list[str] = []
         # On a bad setting: print one line and exit 2 (True), raise (False, for reload),
         # or exit only when run by twistd, which would print the whole usage (None).
@@ -242,9 +87,10 @@ class Options(usage.Options):
         Parse, remembering the arguments so that SIGHUP can parse them again.
 
         Every bad setting, from the command line or the config file, is one line naming
-        the option (and the file for a file's value). Run by twistd, that line goes to
-        standard error with "see --help" and the exit status is 2, instead of twistd's
-        whole usage text and status 1; otherwise (a reload, an embedder) it is raised.
+        the option (C{--name} for a command-line value, the file and key for a file's
+        value). Run by twistd, that line goes to standard error with "see --help" and the
+        exit status is 2, instead of twistd's whole usage text and status 1; otherwise (a
+        reload, an embedder) it is raised.
 
         @raise usage.UsageError: For a bad option or value (not run by twistd).
         @raise ConfigFileError: For a config file that can't be read or has a syntax
@@ -255,15 +101,15 @@ class Options(usage.Options):
             super().parseOptions(options)
         except (usage.UsageError, ConfigFileError) as e:
             message = self._name_source(str(e))
+            if message.startswith(tuple(OPTION_KINDS)) and not self._from_file(message):
+                # A command-line value: name the option as it is written there.
+                message = "--" + message
             exits = self.exit_on_config_error
             if exits is None:
                 # twistd parses its subcommand's options with .parent set to its own.
                 exits = getattr(self, "parent", None) is not None
             if not exits:
                 raise type(e)(message) from None
-            if message.startswith(tuple(OPTION_KINDS)) and not self._from_file(message):
-                # A command-line value: name the option as it is written there.
-                message = "--" + message
             sys.stderr.write(f"aproxy: {message} (see --help)\n")
             sys.stderr.flush()
             raise SystemExit(2) from None
@@ -281,64 +127,6 @@ class Options(usage.Options):
         if name in self.from_file:
             return f"{self['config']}: {message.lstrip('-')}"
         return message
-
-    def opt_allow(self, cidr: str) -> None:
-        """
-        A client network (address or CIDR) that may use the proxy (repeatable). Default:
-        127.0.0.0/8 and ::1/128 only; other clients get 403.
-        """
-        self["allow"].append(cidr)
-
-    def opt_proxy_protocol_from(self, cidr: str) -> None:
-        """
-        A load balancer network (address or CIDR) trusted to send a PROXY header
-        (repeatable; required with a --port haproxy:tcp:... listener, where any other
-        peer, and a trusted one's connection without a header, is closed).
-        """
-        self["proxy-protocol-from"].append(cidr)
-
-    def opt_deny_host(self, pattern: str) -> None:
-        """
-        A destination to refuse (repeatable): a host name, *.example.com (subdomains),
-        .example.com (the domain and its subdomains), or an IP address or CIDR.
-        """
-        self["deny-host"].append(pattern)
-
-    def opt_allow_host(self, pattern: str) -> None:
-        """
-        A destination to allow (repeatable; same patterns as --deny-host). With any
-        --allow-host, only matching destinations are allowed.
-        """
-        self["allow-host"].append(pattern)
-
-    def opt_route(self, rule: str) -> None:
-        """
-        PATTERN=TARGET (repeatable, first match wins): send requests for hosts matching
-        PATTERN (a host name, *.suffix or *) to TARGET, a parent proxy URL as for
-        --upstream or direct. E.g. --route '*.corp.example=http://10.1.2.3:3128'
-        --route '*=direct'. Hosts no route matches go directly (or to --upstream).
-        """
-        self["route"].append(rule)
-
-    def opt_insecure_host(self, host: str) -> None:
-        """
-        Do not verify the TLS certificate of this origin or parent host (repeatable;
-        there is no switch for all hosts). A warning is logged at start.
-        """
-        self["insecure-host"].append(host)
-
-    def opt_port(self, description: str) -> None:
-        """
-        Where to listen (repeatable): a bare port number means that port on 127.0.0.1;
-        or any Twisted endpoint, e.g. tcp:8080:interface=0.0.0.0, tcp6:8080:interface=\\:\\:1,
-        unix:/run/aproxy.sock. Default: tcp:8080:interface=127.0.0.1.
-        """
-        try:
-            self["port"].append(listen_description(description))
-        except ValueError as e:
-            raise usage.UsageError(f"--port: {e}") from None
-
-    opt_p = opt_port
 
     def opt_version(self) -> None:
         """Print aproxy's, Twisted's and Python's versions and exit."""
@@ -361,13 +149,12 @@ class Options(usage.Options):
                 if key in self.given:
                     continue
                 self.from_file.add(key)
-                if key == "port":
-                    try:
-                        value = [listen_description(v) for v in value]
-                    except ValueError as e:
-                        raise usage.UsageError(f"{self['config']}: port: {e}") from None
                 self[key] = value
-        ports = tuple(self["port"]) or (DEFAULT_PORT,)
+        fields = self._fields()
+        try:
+            ports = option("port").parse(fields.get("port", option("port").default))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
         for description in ports:
             if description.startswith("systemd:"):
                 # Parsed once, when listening: it takes over the inherited descriptors.
@@ -395,42 +182,7 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
         try:
-            self["proxy-config"] = ProxyConfig(
-                ports=ports,
-                connect_timeout=_number(self, "connect-timeout", float),
-                read_timeout=_number(self, "read-timeout", float),
-                idle_timeout=_number(self, "idle-timeout", float),
-                header_timeout=_number(self, "header-timeout", float),
-                via=None if self["no-via"] else self["via"],
-                max_head_size=_number(self, "max-head-size", int),
-                max_request_line=_number(self, "max-request-line", int),
-                pool_size=_number(self, "pool-size", int),
-                pool_idle_timeout=_number(self, "pool-idle-timeout", float),
-                pool_max_age=_number(self, "pool-max-age", float),
-                connect_ports=parse_port_list(self["connect-ports"]),
-                http_ports=parse_port_list(self["http-ports"], "http-ports"),
-                tunnel_idle_timeout=_number(self, "tunnel-idle-timeout", float),
-                allow=tuple(self["allow"]) or ProxyConfig.allow,
-                proxy_protocol_from=tuple(self["proxy-protocol-from"]),
-                deny_hosts=tuple(self["deny-host"]),
-                allow_hosts=tuple(self["allow-host"]),
-                block_private=bool(self["block-private"]),
-                x_forwarded_for=self["x-forwarded-for"],
-                max_connections=_number(self, "max-connections", int),
-                max_clients_per_ip=_number(self, "max-clients-per-ip", int),
-                auth_file=self["auth"],
-                auth_realm=self["auth-realm"],
-                auth_max_failures=_number(self, "auth-max-failures", int),
-                auth_failure_window=_number(self, "auth-failure-window", float),
-                shutdown_timeout=_number(self, "shutdown-timeout", float),
-                access_log=self["access-log"],
-                access_log_format=self["access-log-format"],
-                metrics=self["metrics"],
-                routes=tuple(self["route"]),
-                upstream=self["upstream"],
-                ca_file=self["ca-file"],
-                insecure_hosts=tuple(self["insecure-host"]),
-            )
+            self["proxy-config"] = ProxyConfig(**fields)
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
         if self["auth"] is not None:
@@ -444,63 +196,49 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
 
+    def _fields(self) -> dict[str, Any]:
+        """
+        The L{ProxyConfig} fields the parsed options give, as given (text from the
+        command line, TOML values from the file): a repeatable option not given is left
+        out (its default applies), a negating flag (C{--no-via}) sets its field to
+        L{None}.
+        """
+        fields: dict[str, Any] = {}
+        for row in OPTIONS:
+            value = self[row.name]
+            if row.negates is not None:
+                if value:
+                    fields[row.negates] = None
+            elif row.field is None or (row.repeatable and not value):
+                continue
+            elif row.flag:
+                fields[row.field] = bool(value)
+            elif row.field not in fields:
+                fields[row.field] = value
+        return fields
 
-# twistd's --help shows an opt_* docstring as written, indentation included: fold each into
-# one line of text.
-for _name in dir(Options):
-    if _name.startswith("opt_"):
-        _method = getattr(Options, _name)
-        if _method.__doc__:
-            _method.__doc__ = " ".join(_method.__doc__.split())
+
+def _repeatable(row: Option) -> Callable[[Options, str], None]:
+    """The C{opt_*} handler of a repeatable option: each value is added to its list."""
+
+    def handler(self: Options, value: str) -> None:
+        self[row.name].append(value)
+
+    handler.__name__ = "opt_" + row.name.replace("-", "_")
+    handler.__doc__ = row.help
+    return handler
+
+
+for _row in OPTIONS:
+    if _row.repeatable:
+        _handler = _repeatable(_row)
+        setattr(Options, _handler.__name__, _handler)
+        if _row.short is not None:
+            # The same function object: usage.Options shows it as -p, --port.
+            setattr(Options, "opt_" + _row.short, _handler)
 
 # The kind of value each long option takes, for the config file (see configfile.py).
-OPTION_KINDS: dict[str, str] = {
-    "port": "list",
-    "allow": "list",
-    "proxy-protocol-from": "list",
-    "deny-host": "list",
-    "allow-host": "list",
-    "no-via": "flag",
-    "block-private": "flag",
-    "connect-timeout": "float",
-    "read-timeout": "float",
-    "idle-timeout": "float",
-    "header-timeout": "float",
-    "via": "str",
-    "max-head-size": "int",
-    "max-request-line": "int",
-    "pool-size": "int",
-    "pool-idle-timeout": "float",
-    "pool-max-age": "float",
-    "connect-ports": "ports",
-    "http-ports": "ports",
-    "tunnel-idle-timeout": "float",
-    "x-forwarded-for": "str",
-    "max-connections": "int",
-    "max-clients-per-ip": "int",
-    "auth": "str",
-    "auth-realm": "str",
-    "auth-max-failures": "int",
-    "auth-failure-window": "float",
-    "shutdown-timeout": "float",
-    "workers": "workers",
-    "access-log": "str",
-    "access-log-format": "str",
-    "metrics": "str",
-    "route": "list",
-    "upstream": "str",
-    "ca-file": "str",
-    "insecure-host": "list",
-}
-
-
-def _number(options: Options, name: str, kind: type[int] | type[float]) -> Any:
-    value = options[name]
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        what = "a whole number" if kind is int else "a number"
-        raise ValueError(f"--{name} must be {what}, not {value!r}") from None
+OPTION_KINDS: dict[str, str] = toml_kinds()
 
 
 class _CommandLineService(MultiService):

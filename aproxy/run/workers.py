@@ -138,7 +138,7 @@ class WorkerPool(Service):
         Take a reloaded configuration (SIGHUP): the ports and the metrics endpoint stay as
         they were bound; the rest (the shutdown timeout, what /status shows) is the new one.
         """
-        config = replace(config, ports=self.config.ports, metrics=self.config.metrics)
+        config = replace(config, port=self.config.port, metrics=self.config.metrics)
         self.config = config
         if self.metrics is not None:
             self.metrics.config = config
@@ -150,7 +150,7 @@ class WorkerPool(Service):
         """
         super().privilegedStartService()
         if not self.sockets:
-            for description in self.config.ports:
+            for description in self.config.port:
                 self._port_sockets.append(self._sockets_for(description))
                 self.sockets.extend({id(sock): sock for sock in self._port_sockets[-1]}.values())
         if self.config.metrics is not None and self.metrics is None:
