@@ -8,7 +8,8 @@ takes the connection, and a burst of long keep-alive connections can all land on
 worker while the other idles (measured: all 50 of a benchmark's connections, half the
 throughput, in two runs of four). The parent restarts a worker that dies and passes SIGTERM,
 SIGHUP and SIGUSR1 on. Each worker is a complete aproxy with its own reactor, factory and
-connection pool, started as C{python -m aproxy.run.workers FD:FAMILY ... -- ARGS}.
+connection pool, started as C{python -m aproxy.run.worker FD:FAMILY ... -- ARGS}
+(L{aproxy.run.worker}).
 
 With C{--metrics}, the parent serves the endpoint itself, with the totals over the workers
 (L{aproxy.observe.cluster}): each worker is also given C{snapshot=PATH}, the unix socket
@@ -224,7 +225,7 @@ class WorkerPool(Service):
             worker.snapshot_path = self.metrics.socket_path(f"worker{number}-{self._spawned}")
             specs.append(f"snapshot={worker.snapshot_path}")
         specs.extend(f"own={address}" for address in self._own)
-        args = [sys.executable, "-m", "aproxy.run.workers", *specs, "--", *self.argv]
+        args = [sys.executable, "-m", "aproxy.run.worker", *specs, "--", *self.argv]
         worker.started = self.reactor.seconds()
         transport = self.reactor.spawnProcess(
             worker, sys.executable, args, os.environ, childFDs=fds
@@ -316,48 +317,3 @@ def parse_worker_args(
             fd, _, family = spec.partition(":")
             fds.append((int(fd), int(family)))
     return fds, snapshot, own
-
-
-def _run_worker(argv: list[str]) -> None:
-    """A worker process: adopt the inherited sockets and serve until told to stop."""
-    from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
-
-    from aproxy.run.tap import worker_service
-
-    split = argv.index("--")
-    specs, rest = argv[:split], argv[split + 1 :]
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
-    fds, snapshot, own = parse_worker_args(specs)
-    service = worker_service(rest, fds, snapshot, own)
-    service.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.callWhenRunning(_stop_once_on_signals, reactor)
-    reactor.run()
-
-
-def _stop_once_on_signals(reactor: Any) -> None:
-    """
-    Stop on the first SIGTERM or SIGINT and ignore repeats. A worker usually gets the
-    signal twice: from the parent, which passes it on, and directly when the whole
-    process group is signalled (Ctrl-C, systemd, a supervisor); Twisted's own handler
-    would try to stop the stopped reactor again and log a ReactorNotRunning traceback.
-    (Installed once running: Twisted installs its handlers as the reactor starts.)
-    """
-    stopping = False
-
-    def stop(signum: int, frame: Any) -> None:
-        nonlocal stopping
-        if stopping:
-            return
-        stopping = True
-        log.info("worker stopping ({name})", name=signal.Signals(signum).name)
-        reactor.callFromThread(reactor.stop)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    log.info("worker running, pid {pid}", pid=os.getpid())
-
-
-if __name__ == "__main__":
-    _run_worker(sys.argv[1:])
