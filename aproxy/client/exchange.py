@@ -15,10 +15,9 @@ L{ClientSide} it was made for: the L{aproxy.client.protocol.ProxyProtocol}.
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -27,19 +26,26 @@ from aproxy.client.connection import (
     DEADLINE_READ,
     PAUSE_DIAL,
     ClientPauser,
-    OutputGate,
 )
-from aproxy.client.context import ProxyContext
 from aproxy.client.guard import guarded
 from aproxy.client.phases import Phase
 from aproxy.client.plan import (
     BULK,
     check_connect_port,
     check_http_port,
+    frame_pieces,
     plan_request,
-    plan_response,
 )
+from aproxy.client.response import ResponseHalf
 from aproxy.client.runtime import Runtime
+from aproxy.client.side import ClientSide
+from aproxy.client.stages import (
+    IBodyFilter,
+    StageRequest,
+    answer_bytes,
+    first_answer,
+    request_filter,
+)
 from aproxy.client.wire import bulk_reads, write_soon
 from aproxy.errors import BadGateway, BadRequest, Forbidden, ProxyError
 from aproxy.http.answers import local_answer
@@ -49,79 +55,20 @@ from aproxy.http.head import (
     ResponseHead,
     Target,
     parse_authority,
-    parse_response_head,
-    serialize_response_head,
 )
 from aproxy.observe.records import Exchange
 from aproxy.upstream.connector import connect_error
 from aproxy.upstream.dialer import Hop
-from aproxy.upstream.protocol import UpstreamProtocol
+from aproxy.upstream.protocol import DISCARD, UpstreamProtocol
 from aproxy.workpool import as_client
 
-__all__ = ["MAX_INTERIM", "ClientExchange", "ClientSide", "abandon"]
+__all__ = ["ClientExchange", "abandon"]
 
-# Interim (1xx) responses relayed per request: a 100 Continue and a few 103 Early Hints are
-# normal; hundreds are an origin gone wrong (or hostile).
-MAX_INTERIM = 32
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 
-class ClientSide(Protocol):
-    """What an exchange asks of its client connection (L{ProxyProtocol} provides it)."""
-
-    transport: Any
-    clock: IReactorTime
-    factory: ProxyContext
-    user: str | None
-    client_ip: str | None
-    eof: bool
-    last: bool
-    output: OutputGate
-    deadline_kind: int
-    phase: Phase
-
-    def move(self, phase: Phase) -> None:
-        """Move the connection to C{phase} (checked against the phase table)."""
-
-    def pause_for(self, reason: int) -> None:
-        """Stop reading from the client for C{reason}."""
-
-    def unpause_for(self, reason: int) -> None:
-        """Withdraw C{reason} to stop reading from the client."""
-
-    def set_deadline(self, kind: int, timeout: float) -> None:
-        """Wait at most C{timeout} seconds for C{kind}."""
-
-    def extend_deadline(self, timeout: float) -> None:
-        """Push the deadline in force to C{timeout} seconds from now (activity)."""
-
-    def hold(self, data: bytes) -> None:
-        """Keep client bytes for later (bounded: pauses the client past a limit)."""
-
-    def stash(self, data: bytes) -> None:
-        """Keep client bytes for the next step (not bounded: the caller read them)."""
-
-    def take_pending(self) -> bytes:
-        """The client bytes held so far, handed over and forgotten."""
-
-    def fail(self, err: ProxyError) -> None:
-        """Answer C{err} (or close, once a response started) and close."""
-
-    def close(self) -> None:
-        """Close the connection (after what was written)."""
-
-    def internal_error(self, failure: Failure) -> None:
-        """A bug: log it once and end the connection."""
-
-    def open_tunnel(self, up: UpstreamProtocol, to_origin: bytes, to_client: bytes) -> None:
-        """Switch the connection to a raw relay with C{up}."""
-
-    def exchange_done(self, keep: bool) -> None:
-        """The exchange ended: read the next request (C{keep}) or close."""
-
-
-class ClientExchange:
+class ClientExchange(ResponseHalf):
     """
     One request/response exchange (see the module docstring).
 
@@ -169,6 +116,10 @@ class ClientExchange:
         self.emitted = False
         self.dial_started = 0.0
         self._pauser: ClientPauser | None = None
+        # What stages see of this request, and their body filters (none by default).
+        self.view: StageRequest | None = None
+        self.req_filter: IBodyFilter | None = None
+        self.resp_filter: IBodyFilter | None = None
 
     def internal_error(self, failure: Failure) -> None:
         """A bug in a callback of this exchange: the connection handles it."""
@@ -198,7 +149,9 @@ class ClientExchange:
         factory.check_destination(target.host, target.port, rt)
         hop = rt.dialer.plan(target.scheme, target.host, target.port, False)
         self.hop = hop
-        plan = plan_request(head, target, hop, rt, conn.client_ip)
+        if rt.stages and self._stage_a(rest):
+            return
+        plan = plan_request(head, target, hop, rt, conn.client_ip, self.req_filter is not None)
         if plan.answer_locally:
             self._answer_locally(rest)
             return
@@ -208,7 +161,7 @@ class ClientExchange:
         if body is not None:
             self.req_body = body
             self.req_had_body = True
-            self.req_chunked = isinstance(body, ChunkedDecoder)
+            self.req_chunked = isinstance(body, ChunkedDecoder) or self.req_filter is not None
             if self.req_chunked or (head.content_length or 0) >= BULK:
                 bulk_reads(conn.transport)
         conn.stash(rest)
@@ -218,6 +171,34 @@ class ClientExchange:
             self._attach(up, True)
         else:
             self._dial(hop)
+
+    def _stage_a(self, rest: bytes) -> bool:
+        """
+        Give the stages the request before any upstream connection is made: the first
+        that answers answers it; otherwise take the first request body filter offered.
+
+        @return: Whether a stage answered.
+        """
+        conn = self.conn
+        head = self.head
+        assert self.target is not None
+        self.view = view = StageRequest(head, self.target, conn.client_ip or "unix", conn.user)
+        stages = self.runtime.stages
+        answer = first_answer(stages, view)
+        if answer is None:
+            if head.codings is not None or head.content_length:
+                self.req_filter = request_filter(stages, view)
+            return False
+        closing = not head.keep_alive or head.codings is not None or bool(head.content_length)
+        data = answer_bytes(answer, self.runtime.via, head.minor, closing)
+        self.to_client += len(data)
+        self.status = answer.status
+        self.response_started = True
+        write_soon(conn.transport, data)
+        self.emit(answer.status, None)
+        conn.stash(rest)
+        conn.exchange_done(not closing)
+        return True
 
     def _start_connect(self, rest: bytes) -> None:
         head = self.head
@@ -259,21 +240,11 @@ class ClientExchange:
         except ProxyError as e:
             conn.fail(e)
             return
-        upt = self.up.transport  # type: ignore[union-attr]
-        if self.req_chunked:
-            out = []
-            for piece in pieces:
-                out += chunk(piece)
-            if body.done:
-                out.append(b"0\r\n" + b"".join(body.trailers) + b"\r\n")
-            if out:
-                data = b"".join(out)
-                self.to_origin += len(data)
-                write_soon(upt, data)
-        else:
-            for piece in pieces:
-                self.to_origin += len(piece)
-                write_soon(upt, piece)
+        out = frame_pieces(pieces, body, self.req_filter, self.req_chunked)
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            self.to_origin += len(data)
+            write_soon(self.up.transport, data)  # type: ignore[union-attr]
         if body.done:
             self.req_body = None
             bulk_reads(conn.transport, False)
@@ -346,8 +317,7 @@ class ClientExchange:
         conn = self.conn
         self.up = up
         self.reused = reused
-        up.on_data = self._upstream_data
-        up.on_lost = self._upstream_lost
+        up.hand_to(self)
         upt = up.transport
         pauser = self._pauser
         if pauser is None:
@@ -390,149 +360,27 @@ class ClientExchange:
 
     # -- the response -----------------------------------------------------------------
 
+    # The exchange owns its upstream connection while it forwards (see UpstreamOwner).
+
+    def upstream_data(self, up: UpstreamProtocol, data: bytes) -> None:
+        """Response bytes from the origin."""
+        self._upstream_data(data)
+
+    def upstream_eof(self, up: UpstreamProtocol) -> None:
+        """The origin half-closed: HTTP has no use for that, close (its end follows)."""
+        up.transport.loseConnection()
+
+    def upstream_lost(self, up: UpstreamProtocol, reason: Failure) -> None:
+        """The origin connection ended."""
+        self._upstream_lost(up, reason)
+
     @guarded
     def _upstream_data(self, data: bytes) -> None:
         self.conn.extend_deadline(self.runtime.config.read_timeout)
         if self.resp is not None:
             self._response_data(data, None)
-            return
-        reader = self.up.reader  # type: ignore[union-attr]
-        # Interim (1xx) heads and the final head may arrive in one read: take them in a
-        # loop, never by recursion (an origin can send hundreds at once).
-        while True:
-            try:
-                raw = reader.feed(data)
-                if raw is None:
-                    return
-                data = reader.rest
-                reader.rest = b""
-                resp = parse_response_head(raw)
-            except ProxyError as e:
-                self.conn.fail(e)
-                return
-            if resp.status >= 200:
-                self._begin_response(resp, data)
-                return
-            if resp.status == 101:
-                self._switch_protocols(resp, data)
-                return
-            if not self._interim(resp) or not data:
-                return
-
-    def _interim(self, resp: ResponseHead) -> bool:
-        """Relay a 1xx response (up to a bound per request); whether to go on reading."""
-        self.interims += 1
-        if self.interims > MAX_INTERIM:
-            self.log.info("origin sent more than {limit} interim responses: 502", limit=MAX_INTERIM)
-            self.conn.fail(
-                BadGateway(
-                    f"the origin sent more than {MAX_INTERIM} interim (1xx) responses",
-                    "http_protocol_error",
-                )
-            )
-            return False
-        if self.head.minor:
-            # RFC 9110 section 15.2: forward 1xx, but never to an HTTP/1.0 client.
-            interim = serialize_response_head(resp, b"", self.runtime.via, None)
-            self.to_client += len(interim)
-            self.conn.transport.write(interim)
-        return True
-
-    def _switch_protocols(self, resp: ResponseHead, rest: bytes) -> None:
-        up = self.up
-        conn = self.conn
-        if self.upgrade is None or up is None:
-            conn.fail(BadGateway("the origin switched protocols unasked", "http_protocol_error"))
-            return
-        upgrade = resp.values(b"upgrade")
-        fields = b"Upgrade: " + b", ".join(upgrade) + b"\r\n" if upgrade else b""
-        switching = serialize_response_head(resp, fields, self.runtime.via, b"Upgrade")
-        self.to_client += len(switching)
-        conn.transport.write(switching)
-        self.status = 101
-        self.response_started = True
-        conn.open_tunnel(up, conn.take_pending(), rest)
-
-    def _begin_response(self, resp: ResponseHead, rest: bytes) -> None:
-        hop = self.hop
-        conn = self.conn
-        if resp.status == 407 and hop is not None and hop.absolute:
-            # The parent's challenge is for us, not the client, who can't answer it.
-            assert hop.parent is not None
-            conn.fail(
-                BadGateway(
-                    f"parent proxy {hop.parent.name} requires authentication (407): "
-                    "check the credentials in its URL",
-                    "destination_unavailable",
-                    details=f"parent {hop.parent.name} answered 407",
-                )
-            )
-            return
-        plan = plan_response(
-            self.head, resp, self.req_body is None and not conn.eof and not conn.last
-        )
-        self.out_chunked = plan.chunked
-        self.keep_client = plan.keep_client
-        # An origin that answered before the request body was complete may or may not
-        # read the rest as body: never reuse such a connection.
-        self.up_reusable = plan.reusable and self.req_body is None
-        head = serialize_response_head(resp, plan.framing, self.runtime.via, plan.connection)
-        self.resp = resp
-        self.response_started = True
-        self.status = resp.status
-        decoder = plan.decoder
-        if decoder is None or decoder.done:
-            self.to_client += len(head)
-            write_soon(conn.transport, head)
-            self.resp_body = None
-            if rest:
-                self.up_reusable = False
-            if self.req_body is None:
-                self._response_complete()
-            return
-        self.resp_body = decoder
-        if plan.bulk:
-            bulk_reads(self.up.transport)  # type: ignore[union-attr]
-        self._response_data(rest, head)
-
-    def _response_data(self, data: bytes, head: bytes | None) -> None:
-        decoder = self.resp_body
-        conn = self.conn
-        if decoder is None:
-            # Bytes after a complete response, before the request finished: the origin is
-            # misbehaving; it won't be reused.
-            self.up_reusable = False
-            return
-        try:
-            pieces, rest = decoder.feed(data) if data else ([], b"")
-        except ProxyError as e:
-            if head is not None:
-                self.to_client += len(head)
-                conn.transport.write(head)
-            conn.fail(e)
-            return
-        out = [head] if head is not None else []
-        if self.out_chunked:
-            for piece in pieces:
-                out += chunk(piece)
-            if decoder.done:
-                out.append(b"0\r\n" + b"".join(decoder.trailers) + b"\r\n")
         else:
-            out += pieces
-        if len(out) == 1:
-            data = out[0]
-            self.to_client += len(data)
-            write_soon(conn.transport, data)
-        elif out:
-            data = b"".join(out)
-            self.to_client += len(data)
-            write_soon(conn.transport, data)
-        if decoder.done:
-            self.resp_body = None
-            if rest:
-                self.up_reusable = False
-            if self.req_body is None:
-                self._response_complete()
+            self._response_heads(data)
 
     def _response_complete(self) -> None:
         self.emit(self.status, None)
@@ -575,6 +423,11 @@ class ClientExchange:
             return
         if isinstance(self.resp_body, UntilCloseDecoder):
             self.resp_body.done = True
+            tail = self.resp_filter.end() if self.resp_filter is not None else b""
+            if tail:
+                tail = b"".join(chunk(tail)) if self.out_chunked else tail
+                self.to_client += len(tail)
+                conn.transport.write(tail)
             if self.out_chunked:
                 self.to_client += 5
                 conn.transport.write(b"0\r\n\r\n")
@@ -634,17 +487,8 @@ def _report(
 
 def abandon(up: UpstreamProtocol, abort: bool) -> None:
     """Close an upstream connection nobody will read from again (abort: drop its buffer)."""
-    up.on_lost = _forget
-    up.on_data = _drop
+    up.hand_to(DISCARD)
     if abort:
         up.transport.abortConnection()
     else:
         up.transport.loseConnection()
-
-
-def _forget(proto: UpstreamProtocol, reason: Failure) -> None:
-    """The end of an upstream connection nobody needs any more."""
-
-
-def _drop(data: bytes) -> None:
-    """Bytes from an upstream connection nobody reads any more."""

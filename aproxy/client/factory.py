@@ -6,7 +6,7 @@ connection pool, and what the proxy knows about its own addresses (for loop dete
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -27,6 +27,7 @@ from aproxy.access.policy import AccessPolicy, IPolicy
 from aproxy.access.throttle import LoginThrottle
 from aproxy.client.protocol import ProxyProtocol
 from aproxy.client.runtime import Runtime
+from aproxy.client.stages import IRequestStage
 from aproxy.config import ProxyConfig
 from aproxy.errors import Forbidden
 from aproxy.http.head import Target, parse_absolute_target
@@ -59,6 +60,8 @@ class ProxyFactory(Factory):
         from C{config} by default).
     @param authenticator: Checks C{Proxy-Authorization} (an L{HtpasswdAuthenticator} on
         C{config.auth} by default, none without one).
+    @param stages: Request stages (L{aproxy.client.stages}): code that may answer
+        requests itself or see their bodies; kept across reloads.
     @raise aproxy.observe.accesslog.AccessLogError: If C{config.access_log} can't be
         opened.
 
@@ -79,7 +82,9 @@ class ProxyFactory(Factory):
         connector: IUpstreamConnector | None = None,
         policy: IPolicy | None = None,
         authenticator: IAuthenticator | None = None,
+        stages: Sequence[IRequestStage] = (),
     ) -> None:
+        self._stages = tuple(stages)
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -168,7 +173,7 @@ class ProxyFactory(Factory):
         )
         via = self.loops.via(config.via)
         name = (config.via or "aproxy").encode("ascii")
-        return Runtime(config, policy, authenticator, connector, dialer, via, name)
+        return Runtime(config, policy, authenticator, connector, dialer, via, name, self._stages)
 
     # What the runtime in force holds, for the code that asks the factory.
 

@@ -12,7 +12,7 @@ from typing import Any
 from aproxy.client.runtime import Runtime
 from aproxy.config import ProxyConfig
 from aproxy.errors import BadRequest, Forbidden
-from aproxy.http.body import ChunkedDecoder, LengthDecoder, UntilCloseDecoder
+from aproxy.http.body import ChunkedDecoder, LengthDecoder, UntilCloseDecoder, chunk
 from aproxy.http.head import (
     BODY_CHUNKED,
     BODY_CLOSE,
@@ -34,6 +34,7 @@ __all__ = [
     "ResponsePlan",
     "check_connect_port",
     "check_http_port",
+    "frame_pieces",
     "plan_request",
     "plan_response",
 ]
@@ -102,11 +103,18 @@ _LOCAL = RequestPlan(answer_locally=True)
 
 
 def plan_request(
-    head: RequestHead, target: Target, hop: Hop, runtime: Runtime, client_ip: str | None
+    head: RequestHead,
+    target: Target,
+    hop: Hop,
+    runtime: Runtime,
+    client_ip: str | None,
+    reframe: bool = False,
 ) -> RequestPlan:
     """
     Decide what goes upstream for C{head}: Max-Forwards, the one case Upgrade is passed
     on, X-Forwarded-For, a parent's own credentials, and the body's decoder.
+
+    @param reframe: Send the body chunked (a filter may change its length).
 
     @raise BadRequest: For a malformed Max-Forwards.
     """
@@ -147,8 +155,28 @@ def plan_request(
         # To an HTTP parent: a proxy request, with the parent's own credentials.
         assert hop.parent is not None
         extra += hop.parent.authorization or b""
-    out = serialize_request_head(head, target, runtime.via, extra, drop, hop.absolute)
+    out = serialize_request_head(head, target, runtime.via, extra, drop, hop.absolute, reframe)
     return RequestPlan(False, out, body, upgrade)
+
+
+def frame_pieces(pieces: list[bytes], decoder: Any, body_filter: Any, chunked: bool) -> list[bytes]:
+    """
+    The bytes to send for body C{pieces} just decoded by C{decoder}: through the body
+    filter of a stage, if any, and framed as chunks when the body goes on chunked (with
+    the last chunk and the trailers once C{decoder} is done).
+    """
+    if body_filter is not None:
+        pieces = [body_filter.data(piece) for piece in pieces]
+        if decoder.done:
+            pieces.append(body_filter.end())
+    if not chunked:
+        return pieces
+    out: list[bytes] = []
+    for piece in pieces:
+        out += chunk(piece)
+    if decoder.done:
+        out.append(b"0\r\n" + b"".join(decoder.trailers) + b"\r\n")
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +203,9 @@ class ResponsePlan:
     bulk: bool
 
 
-def plan_response(req: RequestHead, resp: ResponseHead, may_keep: bool) -> ResponsePlan:
+def plan_response(
+    req: RequestHead, resp: ResponseHead, may_keep: bool, reframe: bool = False
+) -> ResponsePlan:
     """
     Decide how C{resp} (to C{req}) is framed for the client and whether the connections
     stay open (RFC 9112 sections 6 and 9).
@@ -183,6 +213,8 @@ def plan_response(req: RequestHead, resp: ResponseHead, may_keep: bool) -> Respo
     @param may_keep: Whether the client connection may stay open as far as the proxy is
         concerned (the request body is complete, the client did not half-close, the
         proxy is not shutting down).
+    @param reframe: A body with a length goes back chunked (close-delimited to an
+        HTTP/1.0 client), since a filter may change its length.
     """
     kind = response_body_kind(resp, req.method)
     client11 = req.minor >= 1
@@ -191,7 +223,14 @@ def plan_response(req: RequestHead, resp: ResponseHead, may_keep: bool) -> Respo
     framing = b""
     decoder: Any = None
     length = resp.content_length or 0
-    if kind == BODY_LENGTH:
+    if kind == BODY_LENGTH and reframe:
+        decoder = LengthDecoder(length)
+        if client11:
+            chunked = True
+            framing = b"Transfer-Encoding: chunked\r\n"
+        else:
+            keep = False
+    elif kind == BODY_LENGTH:
         decoder = LengthDecoder(length)
         framing = b"Content-Length: %d\r\n" % length
     elif kind == BODY_NONE:

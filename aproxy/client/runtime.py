@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from aproxy.access.auth import IAuthenticator
 from aproxy.access.policy import IPolicy
+from aproxy.client.stages import IRequestStage
 from aproxy.config import ProxyConfig
 from aproxy.upstream.connector import IUpstreamConnector
 from aproxy.upstream.dialer import Dialer
@@ -35,6 +36,8 @@ class Runtime:
     @ivar dialer: Routes each request and opens its upstream connection.
     @ivar via: The C{Via} field value the proxy appends (with its loop marker), or L{None}.
     @ivar name: The proxy's name in its own answers (C{Proxy-Status}).
+    @ivar stages: The request stages (see L{aproxy.client.stages}), in order; empty
+        unless an embedder installs some.
     @ivar allowed: Destinations (host, port) that passed this runtime's name rules and the
         loop check: remembered per runtime, so a reload's stricter rules start afresh.
     @ivar allowed_peers: (host, address) pairs of pooled connections that passed this
@@ -48,5 +51,6 @@ class Runtime:
     dialer: Dialer
     via: bytes | None
     name: bytes
+    stages: tuple[IRequestStage, ...] = ()
     allowed: set[tuple[str, int]] = field(default_factory=set)
     allowed_peers: set[tuple[str, str]] = field(default_factory=set)

@@ -67,9 +67,7 @@ class Tunnel:
         @param to_client: Origin bytes received after the 101 head.
         """
         upstream = self._upstream
-        upstream.on_data = self.from_origin
-        upstream.on_eof = self.origin_eof
-        upstream.on_lost = self.origin_lost
+        upstream.hand_to(self)
         bulk_reads(self._client)
         bulk_reads(self._origin)
         relay_reads(self._client, self._origin, self._relayed_to_origin)
@@ -83,6 +81,20 @@ class Tunnel:
             self.from_origin(to_client)
         if to_origin:
             self.from_client(to_origin)
+
+    # The tunnel owns the upstream connection (see UpstreamOwner).
+
+    def upstream_data(self, up: UpstreamProtocol, data: bytes) -> None:
+        """Origin bytes (those not relayed by L{relay_reads})."""
+        self.from_origin(data)
+
+    def upstream_eof(self, up: UpstreamProtocol) -> None:
+        """The origin half-closed."""
+        self.origin_eof()
+
+    def upstream_lost(self, up: UpstreamProtocol, reason: Failure) -> None:
+        """The origin connection ended."""
+        self.origin_lost(up, reason)
 
     def from_client(self, data: bytes) -> None:
         """Relay client bytes to the origin (those not relayed by L{relay_reads})."""

@@ -91,6 +91,8 @@ class LengthDecoder:
     """A body of exactly C{length} bytes (C{Content-Length})."""
 
     __slots__ = ("done", "remaining")
+    # No trailer section in this framing (the chunked one's may be written after it).
+    trailers: tuple[bytes, ...] = ()
 
     def __init__(self, length: int) -> None:
         self.remaining = length
@@ -118,6 +120,7 @@ class UntilCloseDecoder:
     """A response body delimited by the origin closing the connection."""
 
     __slots__ = ("done",)
+    trailers: tuple[bytes, ...] = ()
 
     def __init__(self) -> None:
         self.done = False

@@ -534,6 +534,7 @@ def serialize_request_head(
     extra_fields: bytes = b"",
     drop: tuple[bytes, ...] = (),
     absolute: bool = False,
+    chunked: bool = False,
 ) -> bytes:
     """
     Write the head forwarded to the origin: origin-form target, C{Host} from the target,
@@ -543,6 +544,8 @@ def serialize_request_head(
     @param extra_fields: Already-serialised field lines to add (e.g. C{Max-Forwards}).
     @param drop: Further lowercase field names to leave out (those C{extra_fields} replace).
     @param absolute: Write the target in absolute form, for a parent proxy.
+    @param chunked: Send a body chunked whatever its framing was (a filter may change its
+        length).
     """
     path = target.path
     if absolute:
@@ -553,6 +556,8 @@ def serialize_request_head(
     parts.append(_forwarded_block(head, (b"host", *drop)))
     if head.codings is not None:
         parts.append(framing_fields(BODY_CHUNKED, None, head.codings))
+    elif chunked and head.content_length:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
     elif head.content_length is not None:
         parts.append(b"Content-Length: %d\r\n" % head.content_length)
     if extra_fields:

@@ -197,7 +197,7 @@ class _Attempt:
         self._up = up
         if hop.tls or (parent is not None and parent.scheme == "https"):
             up.verified_by = dialer.tls
-        up.on_lost = self._lost_early
+        up.hand_to(self)
         up.on_ready = self._ready
         layer: Protocol = up
         if hop.tls:
@@ -250,7 +250,18 @@ class _Attempt:
         assert up is not None
         self.result.callback(up)
 
-    def _lost_early(self, up: UpstreamProtocol, reason: Failure) -> None:
+    # The attempt owns the connection while it is being made (see UpstreamOwner); the
+    # code it hands the connection to takes it over.
+
+    def upstream_data(self, up: UpstreamProtocol, data: bytes) -> None:
+        """Bytes before the connection was handed on: impossible, dropped."""
+
+    def upstream_eof(self, up: UpstreamProtocol) -> None:
+        """The origin half-closed before the connection was handed on: close it."""
+        up.transport.loseConnection()
+
+    def upstream_lost(self, up: UpstreamProtocol, reason: Failure) -> None:
+        """The connection ended before it was ready (or before it was handed on)."""
         if self._inner_tls is not None:
             note, whom = self._inner_tls
             self.fail(tls_failure(reason, note, whom))

@@ -13,7 +13,7 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from aproxy.upstream.protocol import UpstreamProtocol, ignore_lost
+from aproxy.upstream.protocol import DISCARD, UpstreamProtocol
 
 __all__ = ["UpstreamPool"]
 
@@ -98,6 +98,8 @@ class UpstreamPool:
                 self._discard(proto)
                 continue
             self.reused += 1
+            # The caller takes it over (or closes it).
+            proto.hand_to(DISCARD)
             return proto
         return None
 
@@ -118,8 +120,7 @@ class UpstreamPool:
             proto.transport.loseConnection()
             return
         proto.idle_since = now
-        proto.on_data = lambda data, proto=proto: self._unexpected(proto)  # type: ignore[misc]
-        proto.on_lost = self._lost
+        proto.hand_to(self)
         conns.append(proto)
         if self._sweeper is None:
             self._sweeper = self._clock.callLater(self._sweep_delay(), self._sweep)
@@ -127,14 +128,26 @@ class UpstreamPool:
     def _sweep_delay(self) -> float:
         return min(self._idle_timeout, self._max_age)
 
-    def _unexpected(self, proto: UpstreamProtocol) -> None:
-        # An idle origin connection must be silent; bytes now would be read as the
-        # response to the next request. Drop it.
-        self._remove(proto)
-        proto.transport.loseConnection()
+    # The pool owns its idle connections (see UpstreamOwner).
 
-    def _lost(self, proto: UpstreamProtocol, reason: Failure) -> None:
-        self._remove(proto)
+    def upstream_data(self, up: UpstreamProtocol, data: bytes) -> None:
+        """
+        An idle origin connection must be silent; bytes now would be read as the
+        response to the next request. Drop it.
+        """
+        self._remove(up)
+        up.hand_to(DISCARD)
+        up.transport.loseConnection()
+
+    def upstream_eof(self, up: UpstreamProtocol) -> None:
+        """The origin half-closed an idle connection: it is of no use any more."""
+        self._remove(up)
+        up.hand_to(DISCARD)
+        up.transport.loseConnection()
+
+    def upstream_lost(self, up: UpstreamProtocol, reason: Failure) -> None:
+        """An idle connection ended (the origin closed it)."""
+        self._remove(up)
 
     def _remove(self, proto: UpstreamProtocol) -> None:
         conns = self._idle.get(proto.key)
@@ -143,7 +156,7 @@ class UpstreamPool:
 
     def _discard(self, proto: UpstreamProtocol) -> None:
         """Close an idle connection taken out of the pool."""
-        proto.on_lost = ignore_lost
+        proto.hand_to(DISCARD)
         proto.transport.loseConnection()
 
     def _sweep(self) -> None:

@@ -1,12 +1,18 @@
 """
 The protocol on each upstream connection (L{UpstreamProtocol}), a thin adapter that hands
 bytes to the connection's current owner, and the factory that builds it.
+
+An upstream connection has one owner at a time (L{UpstreamOwner}): the dial that is making
+it, then the exchange that forwards a request on it, the pool while it is idle, or a tunnel
+once it carries raw bytes. Ownership passes with L{UpstreamProtocol.hand_to}, the one way
+to take a connection over; an owner that lets go hands it to L{DISCARD}.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.interfaces import (
     IAddress,
@@ -19,21 +25,50 @@ from zope.interface import implementer
 
 from aproxy.http.head import HeadReader
 
-__all__ = ["UpstreamFactory", "UpstreamProtocol", "ignore_data", "ignore_lost"]
+__all__ = ["DISCARD", "UpstreamFactory", "UpstreamOwner", "UpstreamProtocol"]
+
+
+class UpstreamOwner(TypingProtocol):
+    """Whoever an upstream connection's bytes and end go to (see the module docstring)."""
+
+    def upstream_data(self, up: UpstreamProtocol, data: bytes) -> None:
+        """Bytes arrived on C{up}."""
+
+    def upstream_eof(self, up: UpstreamProtocol) -> None:
+        """The origin shut down its write side of C{up} (a half-close)."""
+
+    def upstream_lost(self, up: UpstreamProtocol, reason: Failure) -> None:
+        """C{up} ended."""
+
+
+class _Discard:
+    """The owner of a connection nobody needs: bytes are dropped, a half-close closes."""
+
+    def upstream_data(self, up: UpstreamProtocol, data: bytes) -> None:
+        """Dropped: nobody reads this connection any more."""
+
+    def upstream_eof(self, up: UpstreamProtocol) -> None:
+        """Close: HTTP has no use for a half-closed connection."""
+        if up.transport is not None:
+            up.transport.loseConnection()
+
+    def upstream_lost(self, up: UpstreamProtocol, reason: Failure) -> None:
+        """Nothing to do."""
+
+
+DISCARD: UpstreamOwner = _Discard()
+"""The owner of connections nobody needs (and of new ones, until their dial takes them)."""
 
 
 @implementer(IHalfCloseableProtocol)
 class UpstreamProtocol(Protocol):
     """
     One connection to an origin: a thin adapter that hands received bytes and the
-    connection's end to whoever owns it now (a client's L{ProxyProtocol} or the pool).
+    connection's end to whoever owns it now (see L{UpstreamOwner} and L{hand_to}).
 
     @ivar key: Where the connection goes, for the pool (L{aproxy.upstream.dialer.Hop.key}).
     @ivar reader: Collects the head of each response on this connection.
-    @ivar on_data: Called with each received chunk of bytes.
-    @ivar on_lost: Called with this protocol and the reason when the connection ends.
-    @ivar on_eof: Called when the origin shuts down its write side (a half-close); by
-        default that ends the connection, which is what HTTP needs. Tunnels relay it.
+    @ivar owner: Who the connection's bytes and end go to now.
     @ivar on_ready: Called once when the connection can carry a request: when it is made,
         or with C{wait_handshake} when the TLS handshake beneath it completed (see
         L{aproxy.upstream.dialer}); L{None} when nobody waits.
@@ -56,14 +91,12 @@ class UpstreamProtocol(Protocol):
 
     def __init__(self, reader: HeadReader | None = None) -> None:
         self.reader = reader if reader is not None else HeadReader(65536, 65536, False)
-        self.on_data: Callable[[bytes], None] = ignore_data
-        self.on_lost: Callable[[UpstreamProtocol, Failure], None] = ignore_lost
-        self.on_eof: Callable[[], None] = self._close
+        self.owner: UpstreamOwner = DISCARD
         self.lost = False
 
-    def _close(self) -> None:
-        if self.transport is not None:
-            self.transport.loseConnection()
+    def hand_to(self, owner: UpstreamOwner) -> None:
+        """Make C{owner} the one owner of this connection from now on."""
+        self.owner = owner
 
     def connectionMade(self) -> None:
         """Ready now, unless a TLS handshake beneath must complete first."""
@@ -87,11 +120,11 @@ class UpstreamProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         """Hand the bytes to the current owner."""
-        self.on_data(data)
+        self.owner.upstream_data(self, data)
 
     def readConnectionLost(self) -> None:
         """The origin half-closed: tell the owner (HTTP closes, a tunnel relays it)."""
-        self.on_eof()
+        self.owner.upstream_eof(self)
 
     def writeConnectionLost(self) -> None:
         """Our write side is shut down; the read side goes on until the origin closes."""
@@ -99,15 +132,7 @@ class UpstreamProtocol(Protocol):
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
         """Tell the current owner that the origin connection ended."""
         self.lost = True
-        self.on_lost(self, reason)
-
-
-def ignore_data(data: bytes) -> None:
-    """Bytes before an owner is attached are impossible; ignore them."""
-
-
-def ignore_lost(proto: UpstreamProtocol, reason: Failure) -> None:
-    """A connection lost before an owner is attached needs no action."""
+        self.owner.upstream_lost(self, reason)
 
 
 class UpstreamFactory(Factory):
