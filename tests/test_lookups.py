@@ -31,7 +31,7 @@ from aproxy.client.factory import ProxyFactory
 from aproxy.config import ProxyConfig
 from aproxy.errors import ServiceUnavailable
 from aproxy.testing import HalfCloseTransport
-from aproxy.upstream.connector import EndpointConnector
+from aproxy.upstream.connector import EndpointConnector, client_key, domain_key
 from aproxy.upstream.protocol import UpstreamFactory
 from aproxy.workpool import FairQueue, as_client
 from tests.tracking import ConnectionTracking
@@ -51,8 +51,9 @@ class _Resolution:
 @implementer(IHostnameResolver)
 class StallingResolver:
     """
-    Answers names from a table at once, and never answers names ending in
-    C{.stall.test} (a DNS server that drops their queries). Records every name asked.
+    Answers names from a table at once, and never answers names with a label that starts
+    with C{stall} (C{x.stall.test}, C{n.stall3.test}: a DNS server that drops their
+    queries). Records every name asked.
     """
 
     def __init__(self, answers: dict[str, str]) -> None:
@@ -71,7 +72,7 @@ class StallingResolver:
         self.asked.append(hostName)
         resolution = _Resolution(hostName)
         resolutionReceiver.resolutionBegan(resolution)
-        if hostName.endswith(".stall.test"):
+        if any(label.startswith("stall") for label in hostName.split(".")):
             return resolution
         address = self.answers.get(hostName)
         if address is not None:
@@ -105,7 +106,7 @@ class ConnectorLookupTests(SynchronousTestCase):
         victim's lookup is answered at once and its origin dialed.
         """
         for i in range(10):
-            self.connect("203.0.113.66", f"n{i}.stall.test")
+            self.connect("203.0.113.66", f"n.stall{i}.test")
         self.assertEqual(len(self.resolver.asked), 2)
         self.connect("203.0.113.7", "victim.test")
         self.reactor.advance(0)
@@ -120,12 +121,35 @@ class ConnectorLookupTests(SynchronousTestCase):
         self.connect("203.0.113.7", "victim.test")
         self.assertEqual(self.resolver.asked, ["one.stall.test", "victim.test"])
 
+    def test_random_names_under_one_slow_domain_share_its_bound(self) -> None:
+        """
+        Clients asking for endless random names under one slow domain hold that domain's
+        share of the lookups, not every thread (the per-name bound counts domains).
+        """
+        for client in range(3):
+            for i in range(3):
+                self.connect(f"203.0.113.{client}", f"x{client}-{i}.stall.test")
+        self.assertEqual(len(self.resolver.asked), 1)
+        self.connect("203.0.113.7", "victim.test")
+        self.assertEqual(self.resolver.asked[-1], "victim.test")
+
+    def test_lookup_keys(self) -> None:
+        """The per-name bound counts domains; the per-client one IPv6 /64 networks."""
+        self.assertEqual(domain_key("x1.slow.example"), "slow.example")
+        self.assertEqual(domain_key("A.Slow.Example."), "slow.example")
+        self.assertEqual(domain_key("www.example.co.uk"), "example.co.uk")
+        self.assertEqual(domain_key("localhost"), "localhost")
+        self.assertEqual(client_key("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::/64")
+        self.assertEqual(client_key("2001:db8:1:2::99"), client_key("2001:db8:1:2::1"))
+        self.assertEqual(client_key("203.0.113.5"), "203.0.113.5")
+        self.assertIsNone(client_key(None))
+
     def test_refused_lookup_is_503_dns_error(self) -> None:
         """Past a client's bound the lookup is refused at once with a 503 naming why."""
         for i in range(10):
-            self.connect("203.0.113.66", f"n{i}.stall.test")
+            self.connect("203.0.113.66", f"n.stall{i}.test")
         failure = self.failureResultOf(
-            self.connect("203.0.113.66", "n10.stall.test"), ServiceUnavailable
+            self.connect("203.0.113.66", "n.stall10.test"), ServiceUnavailable
         )
         self.assertEqual(failure.value.status, 503)
         self.assertEqual(failure.value.error_type, "dns_error")
@@ -232,7 +256,7 @@ class LookupIntegrationTests(ConnectionTracking, TestCase):
         """
         While a client asks for 40 names that never resolve and hangs up each time,
         another client's request for a name that resolves is answered 200: the stalled
-        lookups hold only the first client's share.
+        lookups hold only the first client's share (here its slow domain's, the smaller).
         """
         origin = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
             Factory.forProtocol(_Origin)
@@ -250,7 +274,7 @@ class LookupIntegrationTests(ConnectionTracking, TestCase):
         status = yield deferToThread(fetch, pport, b"http://victim.test:%d/" % oport)
         self.assertEqual(status, b"HTTP/1.1 200 OK")
         # The attacker's stalled lookups hold its share only; the rest wait or were refused.
-        share = EndpointConnector.LOOKUP_CLIENT_RUNNING
+        share = min(EndpointConnector.LOOKUP_CLIENT_RUNNING, EndpointConnector.LOOKUP_NAME_RUNNING)
         self.assertEqual(len(resolver.asked), share + 1)
         self.assertEqual(resolver.asked[-1], "victim.test")
         self.assertEqual(connector.lookups.running, share)

@@ -438,6 +438,29 @@ class AdmissionTests(SynchronousTestCase):
         clock.advance(self.factory.config.header_timeout)
         self.assertTrue(transport.disconnecting)
 
+    def test_partial_header_logged_at_header_timeout(self) -> None:
+        """Part of a header and no more: closed at the header timeout, with a log line."""
+        transport, proto = self.connect(IPv4Address("TCP", "192.0.2.10", 5000))
+        assert proto is not None
+        proto.dataReceived(V1_TCP4[:10])
+        clock = self.factory.clock
+        assert isinstance(clock, MemoryReactorClock)
+        clock.advance(self.factory.config.header_timeout)
+        self.assertTrue(transport.disconnecting)
+        self.assertIn("incomplete PROXY header", self.messages()[-1])
+        self.assertIn("192.0.2.10", self.messages()[-1])
+
+    def test_empty_health_check_closed_quietly(self) -> None:
+        """A trusted peer that sent nothing (a TCP health check) is closed, not logged."""
+        transport, proto = self.connect(IPv4Address("TCP", "192.0.2.10", 5000))
+        assert proto is not None
+        before = len(self.messages())
+        clock = self.factory.clock
+        assert isinstance(clock, MemoryReactorClock)
+        clock.advance(self.factory.config.header_timeout)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(len(self.messages()), before)
+
     def test_trusted_networks_follow_reload(self) -> None:
         """A reloaded --proxy-protocol-from applies to the next connection."""
         from dataclasses import replace

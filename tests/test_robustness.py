@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 
 from aproxy.errors import BadRequest
 from aproxy.http.target import parse_absolute_target, parse_authority
+from aproxy.observe.records import Exchange
 from aproxy.upstream.protocol import UpstreamFactory
 from tests.support import OK_5, ProxyTestCase
 
@@ -229,3 +230,37 @@ class RandomRequestTests(ProxyTestCase):
         self.assertTrue(value.startswith(b"HTTP/1.1 ") or client.disconnecting, value)
         self.assertEqual([e for e in events if "log_failure" in e], [])
         proto.connectionLost(Failure(error.ConnectionDone()))
+
+
+class RefusedRequestRecordTests(ProxyTestCase):
+    """Requests refused before they had a parsed head still leave a record (review)."""
+
+    def test_malformed_request_is_recorded(self) -> None:
+        """A CL+TE request gets 400 and a record (method and target unknown: -)."""
+        records: list[Exchange] = []
+        self.factory.observers.append(records.append)
+        self.proto.dataReceived(
+            b"GET http://a.example/ HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 400 "))
+        [record] = records
+        self.assertEqual((record.status, record.method, record.target), (400, "-", "-"))
+        self.assertEqual(record.client, "127.0.0.1")
+        self.assertEqual(record.bytes_to_client, len(self.client.value()))
+
+    def test_head_too_large_is_recorded(self) -> None:
+        """A head over the limit gets 431 and a record."""
+        records: list[Exchange] = []
+        self.factory.observers.append(records.append)
+        self.proto.dataReceived(b"GET http://a.example/ HTTP/1.1\r\nX: " + b"y" * 70000)
+        self.assertEqual([r.status for r in records], [431])
+
+    def test_response_head_too_large_names_it(self) -> None:
+        """An origin head over --max-head-size: 502 saying so, with RFC 9209's type."""
+        attempt, _ = self.forward()
+        attempt.respond(b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n")
+        value = self.client.value()
+        self.assertTrue(value.startswith(b"HTTP/1.1 502 "), value[:100])
+        self.assertIn(b"error=http_response_header_section_size", value)
+        self.assertIn(b"response head is larger than --max-head-size", value)

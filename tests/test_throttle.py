@@ -84,3 +84,22 @@ class LoginThrottleTests(SynchronousTestCase):
         self.assertEqual((error.status, error.retry_after), (429, 60))
         self.assertIn("192.0.2.1", error.reason)
         self.throttle.check("192.0.2.1", 0, 60.0)  # no limit
+
+    def test_checks_in_progress_say_so(self) -> None:
+        """
+        Refused because checks still running fill the limit (many users behind one
+        address logging in at once, all of whom may be valid), the 429 says that, not
+        "failed logins"; refused for real failures, it says failed.
+        """
+        for user in range(3):
+            self.throttle.begin("192.0.2.1", ("user", user))
+        error = self.assertRaises(
+            TooManyRequests, self.throttle.check, "192.0.2.1", 3, 60.0, ("user", 9)
+        )
+        self.assertIn("being checked at once", error.reason)
+        self.assertNotIn("failed", error.reason)
+        self.assertEqual(error.retry_after, 1)
+        for user in range(3):
+            self.throttle.end("192.0.2.1", ("user", user), True, 60.0)
+        error = self.assertRaises(TooManyRequests, self.throttle.check, "192.0.2.1", 3, 60.0)
+        self.assertIn("too many failed proxy logins", error.reason)

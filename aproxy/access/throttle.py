@@ -91,9 +91,14 @@ class LoginThrottle:
         left = self.refused_for(address, limit, window, key)
         if left is not None:
             wait = max(math.ceil(left), 1)
-            raise TooManyRequests(
-                f"too many failed proxy logins from {address}: try again in {wait} s", wait
-            )
+            entry = self._windows.get(address)
+            if entry is not None and entry[1] >= limit:
+                why = f"too many failed proxy logins from {address}"
+            else:
+                # Only checks still running fill the limit: say so, since they may all
+                # turn out valid (many users behind one address logging in at once).
+                why = f"too many proxy logins from {address} being checked at once"
+            raise TooManyRequests(f"{why}: try again in {wait} s", wait)
 
     def begin(self, address: str, key: Hashable) -> None:
         """A request from C{address} waits for the check of credential C{key}."""

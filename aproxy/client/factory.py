@@ -173,7 +173,17 @@ class ProxyFactory(Factory):
         )
         via = self.loops.via(config.via)
         name = (config.via or "aproxy").encode("ascii")
-        return Runtime(config, policy, authenticator, connector, dialer, via, name, self._stages)
+        return Runtime(
+            config,
+            policy,
+            authenticator,
+            connector,
+            dialer,
+            via,
+            name,
+            self._stages,
+            policy.needs_address_check(),
+        )
 
     # What the runtime in force holds, for the code that asks the factory.
 
@@ -294,14 +304,16 @@ class ProxyFactory(Factory):
         @raise Forbidden: If the address the connection goes to is refused now; the
             connection is closed.
         """
-        rt = runtime if runtime is not None else self.runtime
         up = self.pool.acquire(hop.key)
-        while up is not None and up.verified_by not in (None, rt.dialer.tls):
+        if up is None:
+            return None
+        rt = runtime if runtime is not None else self.runtime
+        while up is not None and up.verified_by is not None and up.verified_by is not rt.dialer.tls:
             # Verified under TLS settings (trust store, --insecure-host) that a reload has
             # replaced since: make a new connection, verified under the ones in force.
             up.transport.loseConnection()
             up = self.pool.acquire(hop.key)
-        if up is None or hop.parent is not None or not rt.policy.needs_address_check():
+        if up is None or hop.parent is not None or not rt.address_check:
             # Parents are configured, not requested: the address rules don't apply.
             return up
         address = getattr(up.transport.getPeer(), "host", None)

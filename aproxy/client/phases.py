@@ -12,21 +12,25 @@ that shows (the guard answers it with a 500) instead of a state that quietly goe
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import IntEnum
 
 __all__ = ["ALLOWED", "Phase", "PhaseError", "check_move"]
 
 
-class Phase(Enum):
-    """Where a client connection is in its life."""
+class Phase(IntEnum):
+    """
+    Where a client connection is in its life. (An C{IntEnum}: its members hash as ints,
+    in C, where a plain C{Enum}'s hash is a Python method, and the phase table is looked
+    up a few times per request.)
+    """
 
-    READING = "reading"
-    AUTHENTICATING = "authenticating"
-    DIALING = "dialing"
-    FORWARDING = "forwarding"
-    WAITING = "waiting"
-    TUNNEL = "tunnel"
-    CLOSING = "closing"
+    READING = 1
+    AUTHENTICATING = 2
+    DIALING = 3
+    FORWARDING = 4
+    WAITING = 5
+    TUNNEL = 6
+    CLOSING = 7
 
 
 _R, _A, _D, _F, _W, _T, _C = (
@@ -65,4 +69,4 @@ def check_move(current: Phase, new: Phase) -> None:
     @raise PhaseError: If L{ALLOWED} has no such move.
     """
     if new not in ALLOWED[current]:
-        raise PhaseError(f"no move from {current.value} to {new.value}")
+        raise PhaseError(f"no move from {current.name.lower()} to {new.name.lower()}")

@@ -6,8 +6,7 @@ open). No I/O and no state: an L{aproxy.client.exchange.ClientExchange} asks and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from aproxy.client.runtime import Runtime
 from aproxy.config import ProxyConfig
@@ -81,8 +80,7 @@ def check_connect_port(config: ProxyConfig, port: int) -> None:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class RequestPlan:
+class RequestPlan(NamedTuple):
     """
     What to do with a request.
 
@@ -179,8 +177,7 @@ def frame_pieces(pieces: list[bytes], decoder: Any, body_filter: Any, chunked: b
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class ResponsePlan:
+class ResponsePlan(NamedTuple):
     """
     How a response goes back to the client.
 

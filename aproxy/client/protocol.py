@@ -36,7 +36,7 @@ from aproxy.client.connection import (
 from aproxy.client.context import ProxyContext
 from aproxy.client.exchange import ClientExchange
 from aproxy.client.guard import guarded
-from aproxy.client.phases import Phase, check_move
+from aproxy.client.phases import ALLOWED, Phase, check_move
 from aproxy.client.tunnel import Tunnel
 from aproxy.errors import (
     BadRequest,
@@ -49,6 +49,7 @@ from aproxy.errors import (
 )
 from aproxy.http.answers import error_response
 from aproxy.http.head import HeadReader, RequestHead, parse_request_head
+from aproxy.observe.records import Exchange
 from aproxy.upstream.protocol import UpstreamProtocol
 from aproxy.workpool import as_client
 
@@ -105,7 +106,8 @@ class ProxyProtocol(ClientConnection):
 
     def move(self, phase: Phase) -> None:
         """Move to C{phase}: the one place where moves are made, and checked."""
-        check_move(self.phase, phase)
+        if phase not in ALLOWED[self.phase]:
+            check_move(self.phase, phase)  # raises, naming the move
         self.phase = phase
 
     # -- Twisted protocol interface ---------------------------------------------------
@@ -239,7 +241,18 @@ class ProxyProtocol(ClientConnection):
     def _deadline_passed(self, kind: int) -> None:
         """The timer ran out while waiting for C{kind}: close or answer accordingly."""
         x = self._x
-        if kind == DEADLINE_IDLE or (kind == DEADLINE_HEAD and not self._reader.pending):
+        header = self._proxy_header
+        if kind == DEADLINE_HEAD and header is not None:
+            # A trusted load balancer that sent no PROXY header in time: a plain TCP
+            # health check when it sent nothing (closed quietly), a fault when it sent
+            # part of one.
+            if header.pending:
+                self.log.info(
+                    "connection from load balancer {peer} closed: incomplete PROXY header",
+                    peer=getattr(self.transport.getPeer(), "host", None),
+                )
+            self.close()
+        elif kind == DEADLINE_IDLE or (kind == DEADLINE_HEAD and not self._reader.pending):
             self.close()
         elif kind == DEADLINE_HEAD:
             self.fail(RequestTimeout("request head not received within the header timeout"))
@@ -446,12 +459,37 @@ class ProxyProtocol(ClientConnection):
         elif isinstance(err, TooManyRequests):
             extra = b"Retry-After: %d\r\n" % err.retry_after
         lines = error_response(err, self.runtime.name, extra)
-        if x is not None:
-            x.to_client += sum(map(len, lines))
+        sent = sum(map(len, lines))
         self.transport.writeSequence(lines)
         if x is not None:
+            x.to_client += sent
             x.emit(err.status, err.error_type)
+        elif self.factory.observers:
+            self._report_refused(err, sent)
         self.close()
+
+    def _report_refused(self, err: ProxyError, sent: int) -> None:
+        """
+        Report a request refused before it had a parsed head (malformed, too large, too
+        slow, or a client refused at admission), so that the access log and the metrics
+        count it too; method and target are unknown, written C{-}.
+        """
+        record = Exchange(
+            self.clock.seconds(),
+            self.client_ip or "unix",
+            None,
+            "-",
+            "-",
+            err.status,
+            sent,
+            0,
+            0.0,
+            "direct",
+            err.error_type,
+            "-",
+        )
+        for observer in self.factory.observers:
+            observer(record)
 
     def internal_error(self, failure: Failure) -> None:
         """

@@ -38,6 +38,8 @@ class Runtime:
     @ivar name: The proxy's name in its own answers (C{Proxy-Status}).
     @ivar stages: The request stages (see L{aproxy.client.stages}), in order; empty
         unless an embedder installs some.
+    @ivar address_check: Whether the policy checks the addresses names resolve to (then
+        a pooled connection's address is checked again before each reuse).
     @ivar allowed: Destinations (host, port) that passed this runtime's name rules and the
         loop check: remembered per runtime, so a reload's stricter rules start afresh.
     @ivar allowed_peers: (host, address) pairs of pooled connections that passed this
@@ -52,5 +54,6 @@ class Runtime:
     via: bytes | None
     name: bytes
     stages: tuple[IRequestStage, ...] = ()
+    address_check: bool = False
     allowed: set[tuple[str, int]] = field(default_factory=set)
     allowed_peers: set[tuple[str, str]] = field(default_factory=set)

@@ -203,6 +203,12 @@ class HeadReader:
     def _error(self, kind: type[ProxyError], reason: str) -> ProxyError:
         if self._is_request:
             return kind(reason)
+        if kind is HeaderTooLarge or kind is URITooLong:
+            # RFC 9209 section 2.3.13: the origin's head is over the proxy's limit.
+            return BadGateway(
+                "the origin's response head is larger than --max-head-size",
+                "http_response_header_section_size",
+            )
         return BadGateway("invalid response from origin: " + reason, "http_protocol_error")
 
 

@@ -62,6 +62,11 @@ class ProxyHeaderReader:
         self._buffer = b""
         self.rest = b""
 
+    @property
+    def pending(self) -> bool:
+        """Whether part of a header has arrived, and not the rest."""
+        return bool(self._buffer)
+
     def feed(self, data: bytes) -> ProxyHeader | None:
         """
         Take more bytes from the connection.

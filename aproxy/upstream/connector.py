@@ -36,7 +36,7 @@ from aproxy.errors import BadGateway, GatewayTimeout, ProxyError, ServiceUnavail
 from aproxy.upstream.routes import Parent
 from aproxy.workpool import FairQueue, WorkRefused, current_client, shared_runner
 
-__all__ = ["EndpointConnector", "IUpstreamConnector", "connect_error"]
+__all__ = ["EndpointConnector", "IUpstreamConnector", "client_key", "connect_error", "domain_key"]
 
 
 class IUpstreamConnector(Interface):
@@ -146,7 +146,11 @@ class EndpointConnector:
             with L{ServiceUnavailable} (C{dns_error}) when a bound on lookups is reached.
             Cancelling it drops a lookup that has not started yet.
         """
-        d = self.lookups.submit(lambda: self._resolve(host, port), current_client.get(), host)
+        d = self.lookups.submit(
+            lambda: self._resolve(host, port),
+            client_key(current_client.get()),
+            domain_key(host),
+        )
         return d.addErrback(_lookup_refused, host, port)
 
     def _connect_resolved(
@@ -204,6 +208,32 @@ class EndpointConnector:
     def _getaddrinfo(self, host: str, port: int) -> Deferred[list[str]]:
         runner = shared_runner(self._reactor, "aproxy-dns", self.LOOKUP_THREADS)
         return runner.run(_lookup, host, port)
+
+
+def domain_key(host: str) -> str:
+    """
+    What the per-name bound on lookups counts: the domain a name belongs to, its last two
+    labels (three when the second-last is a short one such as C{co} in C{example.co.uk}).
+    A client that asks for endless random names under one slow domain
+    (C{x1.slow.example}, C{x2.slow.example}, ...) then takes that domain's share of the
+    threads only, not all of them.
+    """
+    labels = host.lower().rstrip(".").split(".")
+    keep = 3 if len(labels) >= 3 and len(labels[-2]) <= 3 else 2
+    return ".".join(labels[-keep:])
+
+
+def client_key(address: str | None) -> str | None:
+    """
+    What the per-client bound on lookups counts: the address, or for IPv6 its /64
+    network, since one host commonly has a whole /64 to pick source addresses from.
+    """
+    if address is None or ":" not in address:
+        return address
+    try:
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    except ValueError:
+        return address
 
 
 def _lookup_refused(failure: Failure, host: str, port: int) -> Failure:
