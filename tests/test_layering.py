@@ -17,7 +17,7 @@ PACKAGE = ROOT / "aproxy"
 # "About 700 lines" a module and "about 450" a class (the issue): a little slack for the
 # docstrings, so the test catches a module or class growing a second idea, not a comment.
 MAX_MODULE_LINES = 700
-MAX_CLASS_LINES = 500
+MAX_CLASS_LINES = 470
 
 
 def module_name(path: Path) -> str:

@@ -62,7 +62,7 @@ from aproxy.upstream.dialer import Hop
 from aproxy.upstream.protocol import DISCARD, UpstreamProtocol
 from aproxy.workpool import as_client
 
-__all__ = ["ClientExchange", "abandon"]
+__all__ = ["ClientExchange", "abandon", "report_refused"]
 
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
@@ -481,6 +481,30 @@ def _report(
         error,
         "HTTP/1.1" if req.minor else "HTTP/1.0",
         fields=req.block,
+    )
+    for observer in conn.factory.observers:
+        observer(record)
+
+
+def report_refused(conn: ClientSide, err: ProxyError, sent: int) -> None:
+    """
+    Report a request refused before it had a parsed head (malformed, too large, too
+    slow, or a client refused at admission), so that the access log and the metrics
+    count it too; method and target are unknown, written C{-}.
+    """
+    record = Exchange(
+        conn.clock.seconds(),
+        conn.client_ip or "unix",
+        None,
+        "-",
+        "-",
+        err.status,
+        sent,
+        0,
+        0.0,
+        "direct",
+        err.error_type,
+        "-",
     )
     for observer in conn.factory.observers:
         observer(record)

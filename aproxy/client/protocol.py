@@ -34,7 +34,7 @@ from aproxy.client.connection import (
     OutputGate,
 )
 from aproxy.client.context import ProxyContext
-from aproxy.client.exchange import ClientExchange
+from aproxy.client.exchange import ClientExchange, report_refused
 from aproxy.client.guard import guarded
 from aproxy.client.phases import ALLOWED, Phase, check_move
 from aproxy.client.tunnel import Tunnel
@@ -49,7 +49,6 @@ from aproxy.errors import (
 )
 from aproxy.http.answers import error_response
 from aproxy.http.head import HeadReader, RequestHead, parse_request_head
-from aproxy.observe.records import Exchange
 from aproxy.upstream.protocol import UpstreamProtocol
 from aproxy.workpool import as_client
 
@@ -465,31 +464,8 @@ class ProxyProtocol(ClientConnection):
             x.to_client += sent
             x.emit(err.status, err.error_type)
         elif self.factory.observers:
-            self._report_refused(err, sent)
+            report_refused(self, err, sent)
         self.close()
-
-    def _report_refused(self, err: ProxyError, sent: int) -> None:
-        """
-        Report a request refused before it had a parsed head (malformed, too large, too
-        slow, or a client refused at admission), so that the access log and the metrics
-        count it too; method and target are unknown, written C{-}.
-        """
-        record = Exchange(
-            self.clock.seconds(),
-            self.client_ip or "unix",
-            None,
-            "-",
-            "-",
-            err.status,
-            sent,
-            0,
-            0.0,
-            "direct",
-            err.error_type,
-            "-",
-        )
-        for observer in self.factory.observers:
-            observer(record)
 
     def internal_error(self, failure: Failure) -> None:
         """
