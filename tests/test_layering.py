@@ -8,6 +8,7 @@ module imports another's private names; modules and classes stay a readable size
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -28,8 +29,9 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+@functools.cache
 def modules() -> dict[str, ast.Module]:
-    """Every module of the package, parsed."""
+    """Every module of the package, parsed (once: several tests read them)."""
     return {module_name(p): ast.parse(p.read_text(encoding="utf-8")) for p in PACKAGE.rglob("*.py")}
 
 
@@ -126,7 +128,7 @@ class LayeringTests(SynchronousTestCase):
             text = path.read_text(encoding="utf-8")
             if text.count("\n") > MAX_MODULE_LINES:
                 big.append(f"{path.name}: {text.count(chr(10))} lines")
-            for node in ast.walk(ast.parse(text)):
+            for node in ast.walk(self.modules[module_name(path)]):
                 if isinstance(node, ast.ClassDef):
                     length = (node.end_lineno or node.lineno) - node.lineno + 1
                     if length > MAX_CLASS_LINES:
