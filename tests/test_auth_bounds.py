@@ -12,12 +12,14 @@ import shutil
 import tempfile
 from typing import Any
 
+import bcrypt
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy.access.auth import HtpasswdAuthenticator
 from aproxy.access.htpasswd import _MD5CryptHash, decoy_for, parse_file
+from aproxy.access.throttle import LoginThrottle
 from aproxy.config import ProxyConfig
 from aproxy.errors import ServiceUnavailable, TooManyRequests
 from aproxy.testing import HalfCloseTransport
@@ -211,17 +213,55 @@ class ThrottleAtStartTests(ProxyTestCase):
     def test_burst_of_wrong_guesses_gets_limit_checks(self) -> None:
         """
         250 simultaneous wrong passwords from one address start 10 checks (the limit);
-        the other 240 get 429 at once. (Counted after the hash, 178 ran.)
+        64 more wait for those to end and the other 176 get 429 at once; once the 10
+        have failed, the waiting ones get 429 too, unchecked. (Counted after the hash,
+        178 ran.)
         """
         for i in range(250):
             self.send(basic("alice", f"guess-{i}"))
         started = self.factory.authenticator.hashing.started  # type: ignore[union-attr]
         queued = self.factory.authenticator.hashing.queued  # type: ignore[union-attr]
         self.assertEqual(started + queued, 10)
-        self.assertEqual(self.statuses().count(b"429"), 240)
+        self.assertEqual(self.statuses().count(b"429"), 250 - 10 - LoginThrottle.MAX_WAITING)
         self.hasher.run_all()
         self.assertEqual(self.statuses().count(b"407"), 10)
+        self.assertEqual(self.statuses().count(b"429"), 240)
         self.assertEqual(self.hasher.calls, 10)
+
+    def test_distinct_valid_logins_wait_their_turn(self) -> None:
+        """Five different valid users, limit 3: three checks run, two wait, all get in."""
+        self.factory.config = ProxyConfig(auth_max_failures=3)
+        users = [(f"user{i}", f"secret-{i}") for i in range(5)]
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        path = os.path.join(tmp, "htpasswd")
+        with open(path, "w") as f:
+            for user, password in users:
+                digest = bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()
+                f.write(f"{user}:{digest}\n")
+        self.factory.authenticator = HtpasswdAuthenticator(
+            path, clock=self.clock, hash_in_thread=self.hasher, hashing=FairQueue(8, 500, 8, 500)
+        )
+        for user, password in users:
+            self.send(basic(user, password))
+        self.assertEqual(self.hasher.calls, 3)
+        self.assertNotIn(b"429", self.statuses())
+        self.hasher.run_all()
+        self.assertEqual(self.hasher.calls, 5)
+        self.assertEqual(len(self.connector.attempts), 5)
+        self.assertNotIn(b"429", self.statuses())
+
+    def test_waiting_login_dropped_when_client_leaves(self) -> None:
+        """A request waiting for a check slot whose client leaves is forgotten."""
+        self.factory.config = ProxyConfig(auth_max_failures=2)
+        self.send(basic("alice", "guess-1"))
+        self.send(basic("alice", "guess-2"))
+        waiting = self.send(basic("alice", "guess-3"))
+        self.assertEqual(self.hasher.calls, 2)
+        waiting.connectionLost()
+        self.hasher.run_all()
+        self.assertEqual(self.hasher.calls, 2)
+        self.assertEqual(self.statuses(), [b"407", b"407", b""])
 
     def test_ten_connections_one_good_password(self) -> None:
         """

@@ -192,6 +192,8 @@ class ReloadTightensRulesTests(SynchronousTestCase):
         self.assertTrue(upstream.disconnecting)
         self.assertEqual(len(self.connector.attempts), 1)
         self.assertEqual(len(self.factory.pool), 0)
+        # Taken from the pool but refused: not counted as reused (the metric).
+        self.assertEqual(self.factory.pool.reused, 0)
 
     def test_reload_block_private_refuses_pooled_connection(self) -> None:
         """C{block-private} added by a reload refuses a pooled loopback connection too."""

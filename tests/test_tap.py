@@ -284,6 +284,24 @@ class ServiceTests(SynchronousTestCase):
         makeService(ProxyConfig(port=("tcp:0:interface=127.0.0.1",)), MemoryReactor())
         self.assertFalse(any(e.get("log_level") == LogLevel.warn for e in events))
 
+    def test_warns_about_proxy_protocol_from_without_a_haproxy_port(self) -> None:
+        """--proxy-protocol-from with no haproxy: listener has no effect: a warning says so."""
+        events = capture_logs(self)
+        makeService(
+            ProxyConfig(port=("tcp:0:interface=127.0.0.1",), proxy_protocol_from=("10.0.0.0/8",)),
+            MemoryReactor(),
+        )
+        self.assertTrue(
+            any("--proxy-protocol-from is set" in e.get("log_format", "") for e in events)
+        )
+
+    def test_worker_snapshot_listener_named_for_people(self) -> None:
+        """A worker's figures socket logs under a name a person reads, not a class name."""
+        from aproxy.observe.cluster import SnapshotFactory
+
+        factory = SnapshotFactory.__new__(SnapshotFactory)
+        self.assertNotIn("SnapshotFactory", factory.logPrefix())
+
     def test_tap_reports_port_in_use_in_one_line(self) -> None:
         """A port that can't be bound ends the start with one line and exit status 1."""
         import socket

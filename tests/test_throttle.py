@@ -103,3 +103,38 @@ class LoginThrottleTests(SynchronousTestCase):
             self.throttle.end("192.0.2.1", ("user", user), True, 60.0)
         error = self.assertRaises(TooManyRequests, self.throttle.check, "192.0.2.1", 3, 60.0)
         self.assertIn("too many failed proxy logins", error.reason)
+
+    def test_admit_waits_while_checks_fill_the_limit(self) -> None:
+        """
+        admit() lets a login through, makes it wait while checks in progress fill the
+        limit (waking it when one ends), and refuses it for real failures.
+        """
+        throttle = self.throttle
+        self.assertIsNone(throttle.admit("192.0.2.1", 2, 60.0, "a"))
+        throttle.begin("192.0.2.1", "a")
+        self.assertIsNone(throttle.admit("192.0.2.1", 2, 60.0, "b"))
+        throttle.begin("192.0.2.1", "b")
+        waiting = throttle.admit("192.0.2.1", 2, 60.0, "c")
+        assert waiting is not None
+        self.assertNoResult(waiting)
+        self.assertIsNone(throttle.admit("192.0.2.1", 2, 60.0, "a"))  # joins its check
+        throttle.end("192.0.2.1", "a", False, 60.0)
+        self.successResultOf(waiting)
+        self.assertIsNone(throttle.admit("192.0.2.1", 2, 60.0, "c"))
+        throttle.end("192.0.2.1", "b", True, 60.0)
+        throttle.failed("192.0.2.1", 60.0)
+        self.assertRaises(TooManyRequests, throttle.admit, "192.0.2.1", 2, 60.0, "d")
+
+    def test_admit_bounds_and_forgets_waiters(self) -> None:
+        """At most MAX_WAITING wait per address; a cancelled wait is forgotten."""
+        throttle = self.throttle
+        throttle.begin("192.0.2.1", "a")
+        waits = [throttle.admit("192.0.2.1", 1, 60.0, f"w{i}") for i in range(throttle.MAX_WAITING)]
+        self.assertNotIn(None, waits)
+        error = self.assertRaises(TooManyRequests, throttle.admit, "192.0.2.1", 1, 60.0, "x")
+        self.assertIn("being checked at once", error.reason)
+        for d in waits:
+            assert d is not None
+            d.cancel()
+            self.failureResultOf(d)
+        self.assertEqual(throttle._waiters, {})

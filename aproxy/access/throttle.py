@@ -7,8 +7,10 @@ it can send.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Hashable
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from aproxy.errors import TooManyRequests
@@ -41,6 +43,9 @@ class LoginThrottle:
     by the connections, one per request.
     """
 
+    #: Requests one address may have waiting for a check in progress to end (see L{admit}).
+    MAX_WAITING = 64
+
     def __init__(self, clock: IReactorTime, max_tracked: int = 65536) -> None:
         """
         @param clock: Time source for the windows.
@@ -52,6 +57,8 @@ class LoginThrottle:
         self._windows: dict[str, list[float]] = {}
         # address -> credential key -> requests waiting on its check.
         self._pending: dict[str, dict[Hashable, int]] = {}
+        # address -> requests waiting for one of its checks in progress to end (admit).
+        self._waiters: dict[str, deque[Deferred[None]]] = {}
 
     def refused_for(
         self, address: str, limit: int, window: float, key: Hashable | None = None
@@ -100,6 +107,51 @@ class LoginThrottle:
                 why = f"too many proxy logins from {address} being checked at once"
             raise TooManyRequests(f"{why}: try again in {wait} s", wait)
 
+    def admit(
+        self, address: str, limit: int, window: float, key: Hashable | None = None
+    ) -> Deferred[None] | None:
+        """
+        Like L{check}, but when only checks still in progress fill the limit (they may
+        all turn out valid: many users behind one address logging in at once), wait
+        instead of refusing.
+
+        @return: L{None} to go on now; or a L{Deferred} that fires once a check in
+            progress for C{address} ends, when the caller asks again (cancel it if the
+            request goes away first).
+        @raise TooManyRequests: When failures in the open window fill the limit, or more
+            than L{MAX_WAITING} requests from C{address} wait already.
+        """
+        if self.refused_for(address, limit, window, key) is None:
+            return None
+        entry = self._windows.get(address)
+        waiters = self._waiters.get(address)
+        if (entry is not None and entry[1] >= limit) or (
+            waiters is not None and len(waiters) >= self.MAX_WAITING
+        ):
+            self.check(address, limit, window, key)
+        if waiters is None:
+            waiters = self._waiters[address] = deque()
+        queue = waiters
+
+        def cancel(d: Deferred[None]) -> None:
+            if d in queue:
+                queue.remove(d)
+            if not queue and self._waiters.get(address) is queue:
+                del self._waiters[address]
+
+        waiting: Deferred[None] = Deferred(cancel)
+        queue.append(waiting)
+        return waiting
+
+    def _wake(self, address: str) -> None:
+        """
+        A check for C{address} ended: every request waiting asks again, in order (at
+        most L{MAX_WAITING}); those the limit still holds back wait again.
+        """
+        waiters = self._waiters.pop(address, None)
+        while waiters:
+            waiters.popleft().callback(None)
+
     def begin(self, address: str, key: Hashable) -> None:
         """A request from C{address} waits for the check of credential C{key}."""
         pending = self._pending.setdefault(address, {})
@@ -126,6 +178,7 @@ class LoginThrottle:
             del self._pending[address]
         if failed is not False:
             self.failed(address, window)
+        self._wake(address)
 
     def failed(self, address: str, window: float) -> None:
         """Count one failed login from C{address}."""

@@ -89,7 +89,7 @@ class ClientExchange(ResponseHalf):
     # thirty-odd (measured: a tenth of the per-request Python time).
     target: Target | None = None
     hop: Hop | None = None
-    checking: Deferred[str | None] | None = None
+    checking: Deferred[Any] | None = None
     req_body: Any = None
     req_chunked = False
     req_had_body = False

@@ -311,6 +311,7 @@ class ProxyFactory(Factory):
         while up is not None and up.verified_by is not None and up.verified_by is not rt.dialer.tls:
             # Verified under TLS settings (trust store, --insecure-host) that a reload has
             # replaced since: make a new connection, verified under the ones in force.
+            self.pool.reused -= 1
             up.transport.loseConnection()
             up = self.pool.acquire(hop.key)
         if up is None or hop.parent is not None or not rt.address_check:
@@ -325,6 +326,7 @@ class ProxyFactory(Factory):
             try:
                 rt.policy.check_address(hop.host, address)
             except Forbidden:
+                self.pool.reused -= 1  # taken from the pool, but not reused after all
                 up.transport.loseConnection()
                 raise
             if len(allowed) >= _CACHE_SIZE:

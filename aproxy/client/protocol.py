@@ -13,17 +13,15 @@ L{ProxyProtocol.fail}; every way in is guarded (L{aproxy.client.guard}).
 
 from __future__ import annotations
 
-from collections.abc import Hashable
 from typing import Any
 
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from aproxy.access.auth import basic_challenge, credential_key
+from aproxy.access.auth import basic_challenge
 from aproxy.client.connection import (
     DEADLINE_CONNECT,
     DEADLINE_HEAD,
@@ -36,6 +34,7 @@ from aproxy.client.connection import (
 from aproxy.client.context import ProxyContext
 from aproxy.client.exchange import ClientExchange, report_refused
 from aproxy.client.guard import guarded
+from aproxy.client.login import LoginCheck
 from aproxy.client.phases import ALLOWED, Phase, check_move
 from aproxy.client.tunnel import Tunnel
 from aproxy.errors import (
@@ -50,9 +49,9 @@ from aproxy.errors import (
 from aproxy.http.answers import error_response
 from aproxy.http.head import HeadReader, RequestHead, parse_request_head
 from aproxy.upstream.protocol import UpstreamProtocol
-from aproxy.workpool import as_client
 
 __all__ = ["ProxyProtocol"]
+
 
 # Bytes of pipelined requests held while one is in flight before the client is paused.
 _HOLD_LIMIT = 65536
@@ -300,62 +299,9 @@ class ProxyProtocol(ClientConnection):
         if auth is None:
             x.authorized(rest)
             return
-        values = head.noted.get(b"proxy-authorization")
-        credentials = values[0] if values is not None and len(values) == 1 else None
-        ip = self.client_ip
-        # The guess counts from now, not when its hash ends (issue #12, item 5).
-        key = credential_key(credentials) if credentials is not None else None
-        if ip is not None:
-            config = rt.config
-            throttle = self.factory.login_throttle
-            throttle.check(ip, config.auth_max_failures, config.auth_failure_window, key)
-            if key is not None:
-                throttle.begin(ip, key)
         self.move(_AUTHENTICATING)
         self._pending = rest
-        # Not paused while the check waits: bytes are held (bounded, see hold), and a
-        # client that hangs up is noticed, so its queued hash is dropped.
-        d = as_client(ip, auth.authenticate, credentials)
-        x.checking = d
-        d.addCallback(self._authenticated, x, key)
-        d.addErrback(self._auth_failed, x, key)
-
-    def _count_guess(self, key: Hashable | None, failed: bool | None) -> None:
-        """Tell the throttle how the check of this request's credentials ended."""
-        if key is not None and self.client_ip is not None:
-            self.factory.login_throttle.end(
-                self.client_ip, key, failed, self.config.auth_failure_window
-            )
-
-    @guarded
-    def _authenticated(self, user: str | None, x: ClientExchange, key: Hashable | None) -> None:
-        x.checking = None
-        self._count_guess(key, user is None)
-        if self.phase is not _AUTHENTICATING or self._x is not x:
-            return
-        try:
-            if user is None:
-                raise ProxyAuthRequired("proxy authentication required")
-            self.user = user
-            x.authorized(self.take_pending())
-        except ProxyError as e:
-            self.fail(e)
-
-    @guarded
-    def _auth_failed(self, failure: Failure, x: ClientExchange, key: Hashable | None) -> None:
-        x.checking = None
-        if failure.check(CancelledError):
-            # The client left while its check waited or ran.
-            self._count_guess(key, None)
-            return
-        if isinstance(failure.value, ProxyError):
-            # A bound on password checks was reached (429/503): nothing was checked.
-            self._count_guess(key, False)
-            self.fail(failure.value)
-            return
-        self._count_guess(key, True)
-        self.log.failure("checking proxy credentials failed", failure)
-        self.fail(ProxyAuthRequired("proxy authentication failed"))
+        LoginCheck(self, x).start()
 
     def _next_request(self, pending: bytes) -> None:
         if self.last:

@@ -34,6 +34,10 @@ class ClientSide(Protocol):
     deadline_kind: int
     phase: Phase
 
+    @property
+    def exchange(self) -> Any:
+        """The request in flight, if any."""
+
     def move(self, phase: Phase) -> None:
         """Move the connection to C{phase} (checked against the phase table)."""
 

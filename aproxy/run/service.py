@@ -358,6 +358,12 @@ def _build(config: ProxyConfig, reactor: Any, adopted: _Adopted | None) -> Proxy
 
 
 def _warn_if_exposed(config: ProxyConfig) -> None:
+    if config.proxy_protocol_from and not any(
+        proxy_protocol_inner(description) is not None for description in config.port
+    ):
+        log.warn(
+            "--proxy-protocol-from is set but no --port is a haproxy: listener; it has no effect"
+        )
     public = public_listeners(config)
     if not public:
         return
