@@ -164,7 +164,11 @@ def _check_port_number(description: str) -> None:
     for index, part in enumerate(parts[1:]):
         key, sep, value = part.partition("=")
         port = value if sep and key == "port" else part if index == 0 and not sep else None
-        if port is not None and port.strip().isdigit() and int(port) > 65535:
+        if port is None:
+            continue
+        if not port.strip().isdigit():
+            raise ValueError(f"the port {port!r} is not a number in {description!r}")
+        if int(port) > 65535:
             raise ValueError(f"port {int(port)} is out of range in {description!r}")
 
 

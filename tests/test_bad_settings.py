@@ -36,6 +36,7 @@ COMMAND_LINE_CASES = [
     (["--prot"], "--prot"),
     (["--metrics", "tcp:99999"], "--metrics tcp:99999"),
     (["--port", "tcp:99999"], "--port"),
+    (["--metrics", "tcp:abc"], "not a number"),
     (["--workers", "none"], "--workers"),
     (["--via", "a b"], "--via"),
 ]
@@ -166,6 +167,11 @@ class ValidationTests(SynchronousTestCase):
             with self.assertRaisesRegex(ValueError, "^metrics: port \\d+ is out of range"):
                 ProxyConfig(metrics=description)
         self.assertEqual(ProxyConfig(metrics="tcp:9108").metrics, "tcp:9108")
+
+    def test_port_that_is_not_a_number(self) -> None:
+        """A port that is not a number is named, not reported as Python's int() error."""
+        with self.assertRaisesRegex(ValueError, "the port 'abc' is not a number"):
+            ProxyConfig(metrics="tcp:abc")
 
     def test_listening_port_in_range(self) -> None:
         """Listening descriptions (TCP, TLS, PROXY protocol) with a port over 65535 fail."""

@@ -153,7 +153,7 @@ class OptionsTests(SynchronousTestCase):
             (["--http-ports", "80,smtp"], "http-ports: 'smtp'"),
             (["--http-ports", "80-70000"], "http-ports"),
             (["--http-ports", ""], "http-ports: empty list"),
-            (["--port", "tcp:abc"], "--port tcp:abc"),
+            (["--port", "tcp:abc"], "--port: the port 'abc' is not a number in 'tcp:abc'"),
             (["--port", "70000"], "--port"),
             (["--port", "ssl:0:privateKey=/nonexistent/key.pem"], "--port ssl:0"),
         ]
