@@ -251,6 +251,16 @@ class ThrottleAtStartTests(ProxyTestCase):
         self.assertEqual(len(self.connector.attempts), 5)
         self.assertNotIn(b"429", self.statuses())
 
+    def test_check_outlasting_the_timer_is_answered(self) -> None:
+        """
+        A request whose password check does not end before the connection's timer is
+        answered 503 (not closed silently as an idle connection would be).
+        """
+        self.send(basic("alice", "guess-1"))
+        self.clock.advance(self.config.idle_timeout)
+        self.assertEqual(self.statuses(), [b"503"])
+        self.assertIn(b"could not check your credentials in time", self.clients[0].value())
+
     def test_waiting_login_dropped_when_client_leaves(self) -> None:
         """A request waiting for a check slot whose client leaves is forgotten."""
         self.factory.config = ProxyConfig(auth_max_failures=2)

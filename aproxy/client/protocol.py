@@ -44,6 +44,7 @@ from aproxy.errors import (
     ProxyAuthRequired,
     ProxyError,
     RequestTimeout,
+    ServiceUnavailable,
     TooManyRequests,
 )
 from aproxy.http.answers import error_response
@@ -250,6 +251,15 @@ class ProxyProtocol(ClientConnection):
                     peer=getattr(self.transport.getPeer(), "host", None),
                 )
             self.close()
+        elif self.phase is _AUTHENTICATING:
+            # A request whose password check (or its turn for one) outlasted the timer:
+            # answer it, rather than close as on an idle connection.
+            self.fail(
+                ServiceUnavailable(
+                    "the proxy could not check your credentials in time: try again",
+                    "proxy_internal_response",
+                )
+            )
         elif kind == DEADLINE_IDLE or (kind == DEADLINE_HEAD and not self._reader.pending):
             self.close()
         elif kind == DEADLINE_HEAD:
