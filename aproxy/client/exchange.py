@@ -21,6 +21,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from aproxy.client.answering import AnswerHalf, Drain
 from aproxy.client.connection import (
     DEADLINE_CONNECT,
     DEADLINE_READ,
@@ -42,7 +43,6 @@ from aproxy.client.side import ClientSide
 from aproxy.client.stages import (
     IBodyFilter,
     StageRequest,
-    answer_bytes,
     first_answer,
     request_filter,
 )
@@ -68,7 +68,7 @@ _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE
 _ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 
-class ClientExchange(ResponseHalf):
+class ClientExchange(AnswerHalf, ResponseHalf):
     """
     One request/response exchange (see the module docstring).
 
@@ -155,7 +155,27 @@ class ClientExchange(ResponseHalf):
         self.hop = hop
         if rt.stages and self._stage_a(rest):
             return
-        plan = plan_request(head, target, hop, rt, conn.client_ip, self.req_filter is not None)
+        self._forward(rest)
+
+    def _forward(self, rest: bytes) -> None:
+        """Decide what goes upstream, and reuse or dial an upstream connection for it."""
+        conn = self.conn
+        head = self.head
+        rt = self.runtime
+        target = self.target
+        hop = self.hop
+        assert target is not None and hop is not None
+        view = self.view
+        plan = plan_request(
+            head,
+            target,
+            hop,
+            rt,
+            conn.client_ip,
+            self.req_filter is not None,
+            view.upstream_fields if view is not None else b"",
+            view.upstream_drop if view is not None else (),
+        )
         if plan.answer_locally:
             self._answer_locally(rest)
             return
@@ -169,7 +189,7 @@ class ClientExchange(ResponseHalf):
             if self.req_chunked or (head.content_length or 0) >= BULK:
                 bulk_reads(conn.transport)
         conn.stash(rest)
-        up = factory.reuse(hop, rt)
+        up = conn.factory.reuse(hop, rt)
         if up is not None:
             conn.move(Phase.FORWARDING)
             self._attach(up, True)
@@ -179,29 +199,25 @@ class ClientExchange(ResponseHalf):
     def _stage_a(self, rest: bytes) -> bool:
         """
         Give the stages the request before any upstream connection is made: the first
-        that answers answers it; otherwise take the first request body filter offered.
+        that answers answers it (now, or later: the request then waits); otherwise take
+        the first request body filter offered.
 
-        @return: Whether a stage answered.
+        @return: Whether a stage answered, or will.
         """
         conn = self.conn
         head = self.head
         assert self.target is not None
         self.view = view = StageRequest(head, self.target, conn.client_ip or "unix", conn.user)
         stages = self.runtime.stages
+        if head.codings is not None or head.content_length:
+            self.req_filter = request_filter(stages, view)
         answer = first_answer(stages, view)
         if answer is None:
-            if head.codings is not None or head.content_length:
-                self.req_filter = request_filter(stages, view)
             return False
-        closing = not head.keep_alive or head.codings is not None or bool(head.content_length)
-        data = answer_bytes(answer, self.runtime.via, head.minor, closing)
-        self.to_client += len(data)
-        self.status = answer.status
-        self.response_started = True
-        write_soon(conn.transport, data)
-        self.emit(answer.status, None)
-        conn.stash(rest)
-        conn.exchange_done(not closing)
+        if isinstance(answer, Deferred):
+            self._wait_for_stage(answer, rest)
+        else:
+            self.send_answer(answer, rest)
         return True
 
     def _start_connect(self, rest: bytes) -> None:
@@ -358,7 +374,24 @@ class ClientExchange(ResponseHalf):
         if self.connecting is not None:
             d, self.connecting = self.connecting, None
             d.cancel()
+        if self.answering is not None:
+            self.stop_answer()
         up = self.detach()
+        if self.req_filter is not None and self.req_body is not None:
+            req_filter, self.req_filter = self.req_filter, None
+            req_filter.abandoned(False)
+        resp_filter = self.resp_filter
+        if resp_filter is not None and self.resp_body is not None:
+            # The response body is unfinished: its filter may want the rest anyway.
+            self.resp_filter = None
+            decoder, self.resp_body = self.resp_body, None
+            if up is not None and not up.lost and resp_filter.abandoned(True):
+                Drain(
+                    up, decoder, resp_filter, self.conn.clock, self.runtime.config.read_timeout
+                ).start()
+                return
+            if up is None or up.lost:
+                resp_filter.abandoned(False)
         if up is not None:
             abandon(up, abort)
 

@@ -5,7 +5,8 @@ A connection reads a request head (C{READING}); the request may wait for its cre
 to be checked (C{AUTHENTICATING}) and for its upstream connection (C{DIALING}); its body
 and response then stream (C{FORWARDING}). Afterwards the connection reads the next
 request, or first waits for the client to read what it was sent (C{WAITING}), or becomes a
-raw relay (C{TUNNEL}, after a CONNECT or a 101), or closes (C{CLOSING}). Every move is
+raw relay (C{TUNNEL}, after a CONNECT or a 101), or closes (C{CLOSING}). A request a
+stage answers later waits in C{STAGE}. Every move is
 checked against L{ALLOWED} in L{check_move}, so a move the design does not foresee is a bug
 that shows (the guard answers it with a 500) instead of a state that quietly goes wrong.
 """
@@ -31,9 +32,10 @@ class Phase(IntEnum):
     WAITING = 5
     TUNNEL = 6
     CLOSING = 7
+    STAGE = 8
 
 
-_R, _A, _D, _F, _W, _T, _C = (
+_R, _A, _D, _F, _W, _T, _C, _S = (
     Phase.READING,
     Phase.AUTHENTICATING,
     Phase.DIALING,
@@ -41,15 +43,19 @@ _R, _A, _D, _F, _W, _T, _C = (
     Phase.WAITING,
     Phase.TUNNEL,
     Phase.CLOSING,
+    Phase.STAGE,
 )
 
 # From each phase, the phases a connection may move to. READING -> READING and WAITING
 # are the requests the proxy answers itself (Max-Forwards: 0); DIALING -> TUNNEL is a
 # CONNECT; FORWARDING -> DIALING is the one retry on a fresh connection when a pooled one
-# turns out closed; FORWARDING -> TUNNEL is a 101.
+# turns out closed; FORWARDING -> TUNNEL is a 101. STAGE is a request waiting for a stage's
+# answer (a cache waiting for a fetch in progress): then it is answered (in one write, or
+# streamed while FORWARDING) or goes upstream.
 ALLOWED: dict[Phase, frozenset[Phase]] = {
-    _R: frozenset({_R, _A, _D, _F, _W, _C}),
-    _A: frozenset({_R, _D, _F, _W, _C}),
+    _R: frozenset({_R, _A, _D, _F, _W, _C, _S}),
+    _A: frozenset({_R, _D, _F, _W, _C, _S}),
+    _S: frozenset({_R, _D, _F, _W, _C}),
     _D: frozenset({_F, _T, _C}),
     _F: frozenset({_R, _W, _D, _T, _C}),
     _W: frozenset({_R, _C}),

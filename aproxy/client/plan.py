@@ -107,17 +107,21 @@ def plan_request(
     runtime: Runtime,
     client_ip: str | None,
     reframe: bool = False,
+    stage_fields: bytes = b"",
+    stage_drop: tuple[bytes, ...] = (),
 ) -> RequestPlan:
     """
     Decide what goes upstream for C{head}: Max-Forwards, the one case Upgrade is passed
     on, X-Forwarded-For, a parent's own credentials, and the body's decoder.
 
     @param reframe: Send the body chunked (a filter may change its length).
+    @param stage_fields: Field lines stages add (see L{aproxy.client.stages.StageRequest}).
+    @param stage_drop: Lowercase names of the client's fields stages leave out.
 
     @raise BadRequest: For a malformed Max-Forwards.
     """
-    extra = b""
-    drop: tuple[bytes, ...] = ()
+    extra = stage_fields
+    drop: tuple[bytes, ...] = stage_drop
     if head.method in (b"OPTIONS", b"TRACE"):
         values = head.values(b"max-forwards")
         if values:
@@ -126,8 +130,8 @@ def plan_request(
             hops = int(values[0])
             if hops == 0:
                 return _LOCAL
-            extra = b"Max-Forwards: %d\r\n" % (hops - 1)
-            drop = (b"max-forwards",)
+            extra += b"Max-Forwards: %d\r\n" % (hops - 1)
+            drop += (b"max-forwards",)
     upgrade_values = head.values(b"upgrade")
     upgrade = None
     if (

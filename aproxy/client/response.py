@@ -17,12 +17,25 @@ from twisted.logger import Logger
 from aproxy.client.plan import frame_pieces, plan_response
 from aproxy.client.runtime import Runtime
 from aproxy.client.side import ClientSide
-from aproxy.client.stages import IBodyFilter, StageRequest, response_filter
+from aproxy.client.stages import (
+    Answer,
+    IBodyFilter,
+    StageRequest,
+    replace_response,
+    response_filter,
+)
 from aproxy.client.wire import bulk_reads, write_soon
 from aproxy.errors import BadGateway, ProxyError
-from aproxy.http.head import RequestHead, ResponseHead, parse_response_head, serialize_response_head
+from aproxy.http.head import (
+    BODY_NONE,
+    RequestHead,
+    ResponseHead,
+    parse_response_head,
+    response_body_kind,
+    serialize_response_head,
+)
 from aproxy.upstream.dialer import Hop
-from aproxy.upstream.protocol import UpstreamProtocol
+from aproxy.upstream.protocol import DISCARD, UpstreamProtocol
 
 __all__ = ["MAX_INTERIM", "ResponseHalf"]
 
@@ -57,6 +70,37 @@ class ResponseHalf:
     def _response_complete(self) -> None:
         """The response (and the request) are complete (the exchange decides what next)."""
         raise NotImplementedError
+
+    def detach(self) -> UpstreamProtocol | None:
+        """Unlink the upstream connection (the exchange does it)."""
+        raise NotImplementedError
+
+    def send_answer(self, answer: Answer, rest: bytes) -> None:
+        """Send a stage's answer (see L{aproxy.client.answering.AnswerHalf})."""
+        raise NotImplementedError
+
+    def _replaced(self, resp: ResponseHead, answer: Answer, rest: bytes) -> None:
+        """
+        A stage answers in place of the origin's response C{resp}: the origin connection
+        goes back to the pool when nothing of it is left unread, and is closed otherwise.
+        """
+        up = self.detach()
+        conn = self.conn
+        if up is not None:
+            clean = (
+                response_body_kind(resp, self.head.method) == BODY_NONE
+                and not rest
+                and resp.keep_alive
+                and self.req_body is None
+                and self.runtime.config.pool_size
+            )
+            if clean:
+                up.transport.resumeProducing()
+                conn.factory.pool.release(up)
+            else:
+                up.hand_to(DISCARD)
+                up.transport.loseConnection()
+        self.send_answer(answer, conn.take_pending())
 
     def _response_heads(self, data: bytes) -> None:
         """Response heads from the origin: interim ones relayed, then the final one."""
@@ -133,8 +177,15 @@ class ResponseHalf:
             )
             return
         rt = self.runtime
-        if rt.stages and self.view is not None:
-            self.resp_filter = response_filter(rt.stages, self.view, resp)
+        view = self.view
+        extra = b""
+        if rt.stages and view is not None:
+            answer = replace_response(rt.stages, view, resp)
+            if answer is not None:
+                self._replaced(resp, answer, rest)
+                return
+            self.resp_filter = response_filter(rt.stages, view, resp)
+            extra = view.response_fields
         plan = plan_response(
             self.head,
             resp,
@@ -146,7 +197,7 @@ class ResponseHalf:
         # An origin that answered before the request body was complete may or may not
         # read the rest as body: never reuse such a connection.
         self.up_reusable = plan.reusable and self.req_body is None
-        head = serialize_response_head(resp, plan.framing, self.runtime.via, plan.connection)
+        head = serialize_response_head(resp, plan.framing + extra, rt.via, plan.connection)
         self.resp = resp
         self.response_started = True
         self.status = resp.status

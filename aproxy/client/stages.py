@@ -3,14 +3,23 @@ Stages: where code of its own steps into a request on its way through the proxy,
 that the cache, TLS interception and the addon API build on.
 
 - Stage A, L{IRequestStage.answer}: before any upstream connection is made, a stage may
-  answer the request itself (a cache hit, a generated PAC file, a blocked page).
+  answer the request itself (a cache hit, a generated PAC file, a blocked page), at once or
+  later (a L{Deferred}: the client is paused meanwhile), with a body in memory or streamed
+  from an L{IAnswerBody} that follows the client's pace. It may also add fields to the
+  request that goes upstream (a cache's conditional revalidation), through the
+  L{StageRequest} it is given.
+- When the origin's final response head arrives, L{IRequestStage.replace_response} may put
+  an answer in its place (a cache that revalidated: a 304 becomes the stored response), and
+  a stage may add fields to a relayed response head (C{Cache-Status}).
 - Stage B, L{IRequestStage.request_filter} and L{IRequestStage.response_filter}: a stage
   may see, and change, a request or response body chunk by chunk on its way through (a copy
   stored for the cache, a filter). The chunks pass synchronously, so the producer/consumer
   flow control between the two connections is the same as without a filter: a slow reader
   still pauses the fast writer, and nothing is held whole. A body a filter is given is
   re-framed as chunked (close-delimited to an HTTP/1.0 client), since a filter may change
-  its length.
+  its length. A filter whose body will not reach its client whole is told so
+  (L{IBodyFilter.abandoned}), and may ask for the rest to be read to it anyway (a cache
+  that finishes an object other clients wait for).
 
 Stages are given to L{aproxy.client.factory.ProxyFactory} and kept across reloads. With no
 stage installed, a request costs one test of an empty tuple, no more.
@@ -22,37 +31,51 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 from aproxy.http.head import RequestHead, ResponseHead, Target
 
 __all__ = [
     "Answer",
+    "IAnswerBody",
+    "IAnswerSink",
     "IBodyFilter",
     "IRequestStage",
     "StageRequest",
     "answer_bytes",
     "first_answer",
+    "replace_response",
     "request_filter",
     "response_filter",
 ]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StageRequest:
     """
-    What a stage is told of a request.
+    What a stage is told of a request, and what it asks for it on the way.
 
     @ivar head: The request head as the client sent it.
     @ivar target: Where it goes (absolute form split; for a CONNECT, the authority).
     @ivar client: The client's address, or C{"unix"} on a unix socket.
     @ivar user: The user it authenticated as, if any.
+    @ivar upstream_fields: Field lines (each ending in CRLF) a stage adds to the request
+        sent upstream.
+    @ivar upstream_drop: Lowercase names of client fields a stage leaves out of it.
+    @ivar response_fields: Field lines a stage adds to the origin's response head on its
+        way to the client (set at the latest in L{IRequestStage.response_filter}).
+    @ivar notes: What stages say of the request for its record (e.g. C{"cache"}).
     """
 
     head: RequestHead
     target: Target
     client: str
     user: str | None
+    upstream_fields: bytes = b""
+    upstream_drop: tuple[bytes, ...] = ()
+    response_fields: bytes = b""
+    notes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,13 +87,51 @@ class Answer:
     @ivar reason: The reason phrase.
     @ivar fields: Field lines as (name, value) pairs; the proxy writes the framing itself
         (C{Content-Length}), and C{Connection} when it closes.
-    @ivar body: The whole body.
+    @ivar body: The whole body (when it is not streamed from C{source}).
+    @ivar source: Where a streamed body comes from, or L{None} for C{body}.
+    @ivar length: The C{Content-Length} to announce when it is not C{len(body)}: the
+        length of a streamed body, or of the body a C{HEAD} answer describes.
     """
 
     status: int
     reason: bytes = b"OK"
     fields: Sequence[tuple[bytes, bytes]] = field(default_factory=tuple)
     body: bytes = b""
+    source: Any = None
+    length: int | None = None
+
+
+class IAnswerSink(Interface):
+    """Where an L{IAnswerBody} sends its bytes: the exchange that answers."""
+
+    def answer_data(data: bytes) -> None:  # noqa: N805
+        """The next bytes of the body."""
+
+    def answer_done() -> None:
+        """The body is complete (exactly the announced length was sent)."""
+
+    def answer_failed(why: str) -> None:  # noqa: N805
+        """The body can't be completed: the client connection is closed, cut short."""
+
+
+class IAnswerBody(Interface):
+    """
+    A streamed answer body. It is the client output's producer while it is sent: paused
+    when the client's buffer fills, resumed when it drains, stopped when the client
+    leaves (release what it holds then).
+    """
+
+    def start(sink: IAnswerSink) -> None:  # noqa: N805
+        """Begin sending the body to C{sink}."""
+
+    def pauseProducing() -> None:
+        """The client's buffer is full: send nothing until resumed."""
+
+    def resumeProducing() -> None:
+        """The client's buffer drained: go on."""
+
+    def stopProducing() -> None:
+        """The client is gone (or the exchange failed): stop for good, release resources."""
 
 
 class IBodyFilter(Interface):
@@ -87,6 +148,18 @@ class IBodyFilter(Interface):
     def end() -> bytes:
         """The body is complete. @return: Bytes to add at its end (usually C{b""})."""
 
+    def abandoned(can_finish: bool) -> bool:  # noqa: N805
+        """
+        The body will not reach its client whole: the client left, or the exchange
+        failed. L{end} is then not called, unless this returns C{True}.
+
+        @param can_finish: The origin connection is still open and the body's framing is
+            known, so the rest could be read without the client.
+        @return: With C{can_finish}, C{True} has the proxy read the rest of the body to
+            this filter anyway (L{data} and L{end} follow, or L{abandoned} again with
+            C{False} if that fails); otherwise ignored.
+        """
+
 
 class IRequestStage(Interface):
     """
@@ -96,8 +169,18 @@ class IRequestStage(Interface):
 
     name = Attribute("A short name for logs.")
 
-    def answer(request: StageRequest) -> Answer | None:  # noqa: N805
-        """Stage A: answer C{request} here, before any upstream connection is made."""
+    def answer(request: StageRequest) -> Answer | Deferred[Answer | None] | None:  # noqa: N805
+        """
+        Stage A: answer C{request} here, before any upstream connection is made. A
+        L{Deferred} answers later (L{None} then lets the request go on); it is cancelled
+        if the client leaves first.
+        """
+
+    def replace_response(request: StageRequest, head: ResponseHead) -> Answer | None:  # noqa: N805
+        """
+        The origin's final response head to C{request}: an answer to send in its place
+        (the origin's body, if any, is not read and its connection is not reused).
+        """
 
     def request_filter(request: StageRequest) -> IBodyFilter | None:  # noqa: N805
         """Stage B: a filter for the body of C{request} on its way to the origin."""
@@ -106,10 +189,24 @@ class IRequestStage(Interface):
         """Stage B: a filter for the body of the response C{head} on its way back."""
 
 
-def first_answer(stages: Sequence[IRequestStage], request: StageRequest) -> Answer | None:
-    """The answer of the first stage that answers C{request} itself, if any."""
+def first_answer(stages: Sequence[IRequestStage], request: StageRequest) -> Any:
+    """
+    The answer of the first stage that answers C{request} itself, if any: an L{Answer},
+    or a L{Deferred} of one (whose L{None} means no stage answers).
+    """
     for stage in stages:
-        answer: Answer | None = stage.answer(request)
+        answer = stage.answer(request)
+        if answer is not None:
+            return answer
+    return None
+
+
+def replace_response(
+    stages: Sequence[IRequestStage], request: StageRequest, head: ResponseHead
+) -> Answer | None:
+    """The answer the first stage that replaces the response C{head} gives, if any."""
+    for stage in stages:
+        answer: Answer | None = stage.replace_response(request, head)
         if answer is not None:
             return answer
     return None
@@ -135,21 +232,29 @@ def response_filter(
     return None
 
 
-def answer_bytes(answer: Answer, via: bytes | None, minor: int, closing: bool) -> bytes:
+def answer_bytes(
+    answer: Answer, via: bytes | None, minor: int, closing: bool, head_only: bool = False
+) -> bytes:
     """
-    Write C{answer} as an HTTP/1.1 response, framed by C{Content-Length}.
+    Write C{answer} as an HTTP/1.1 response, framed by C{Content-Length} (none on a 304
+    or a 204, which have no body and whose length would describe another response, RFC
+    9110 sections 8.6 and 15.4.5), with its body when it is in memory.
 
     @param via: The proxy's C{Via} value, appended like on every relayed response.
     @param minor: The request's HTTP minor version (for C{Via}).
     @param closing: Whether the connection closes after it.
+    @param head_only: The request was a C{HEAD}: the head alone.
     """
     lines = [b"HTTP/1.1 %d %s\r\n" % (answer.status, answer.reason)]
     lines += [name + b": " + value + b"\r\n" for name, value in answer.fields]
-    lines.append(b"Content-Length: %d\r\n" % len(answer.body))
+    length = answer.length if answer.length is not None else len(answer.body)
+    if answer.status not in (204, 304):
+        lines.append(b"Content-Length: %d\r\n" % length)
     if via is not None:
         lines.append(b"Via: 1.%d %s\r\n" % (minor, via))
     if closing:
         lines.append(b"Connection: close\r\n")
     lines.append(b"\r\n")
-    lines.append(answer.body)
+    if not head_only and answer.source is None:
+        lines.append(answer.body)
     return b"".join(lines)
