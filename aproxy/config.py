@@ -122,6 +122,11 @@ class ProxyConfig:
     @ivar access_log: Where to write one line per request and tunnel (C{"-"} for
         standard output), or L{None} for no access log.
     @ivar access_log_format: C{"combined"}, C{"squid"} or C{"json"}.
+    @ivar cache_memory: The size of the in-memory cache in bytes, or L{None} for none.
+    @ivar cache_dir: The disk cache's directory, or L{None} for none.
+    @ivar cache_size: The most the disk cache holds, in bytes.
+    @ivar cache_max_object: The largest response stored, in bytes.
+    @ivar cache_purge_from: Client networks whose C{PURGE} requests are obeyed.
     @ivar metrics: A server endpoint description for C{/metrics} and C{/status}, or
         L{None} for none.
     @ivar route: C{PATTERN=TARGET} rules choosing a parent proxy (or C{direct}) per
@@ -163,6 +168,11 @@ class ProxyConfig:
     shutdown_timeout: float
     access_log: str | None
     access_log_format: str
+    cache_memory: int | None
+    cache_dir: str | None
+    cache_size: int
+    cache_max_object: int
+    cache_purge_from: tuple[str, ...]
     metrics: str | None
     route: tuple[str, ...]
     upstream: str | None
@@ -193,6 +203,11 @@ class ProxyConfig:
             value = values[row.field] if row.field in values else row.default
             object.__setattr__(self, row.field, row.parse(value))
         check_proxy_protocol(self.port, self.proxy_protocol_from)
+
+    @property
+    def caching(self) -> bool:
+        """Whether responses are cached (in memory, on disk or both)."""
+        return bool(self.cache_memory) or self.cache_dir is not None
 
     @property
     def all_routes(self) -> tuple[str, ...]:

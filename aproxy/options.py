@@ -344,6 +344,47 @@ OPTIONS: tuple[Option, ...] = (
         "combined (Apache style plus extras), squid (Squid's access.log) or json.",
     ),
     _row(
+        "cache-memory",
+        "size",
+        values.optional(values.size),
+        None,
+        """Cache responses (RFC 9111, as a shared cache) in memory, up to this size,
+        e.g. 256MiB. With --workers, each worker has its own memory cache of this size.
+        Off by default; changing it needs a restart.""",
+    ),
+    _row(
+        "cache-dir",
+        "str",
+        values.optional(values.text),
+        None,
+        """Cache responses on disk in this directory (created if missing; one store
+        shared by every worker; it survives restarts), up to --cache-size. Off by
+        default; changing it needs a restart.""",
+    ),
+    _row(
+        "cache-size",
+        "size",
+        values.size,
+        1 << 30,
+        "The most the disk cache (--cache-dir) holds; least recently used objects go first.",
+    ),
+    _row(
+        "cache-max-object",
+        "size",
+        values.size,
+        256 << 20,
+        """The largest response the cache stores (larger ones are relayed, not
+        stored).""",
+    ),
+    _row(
+        "cache-purge-from",
+        "list",
+        values.each(values.network),
+        (),
+        """Client networks (CIDR, repeatable) whose PURGE requests remove a URL from the
+        cache; others get 403. None by default.""",
+    ),
+    _row(
         "metrics",
         "str",
         values.optional(values.listener),

@@ -212,6 +212,31 @@ def whole(least: int, what: str) -> Coerce:
     return coerce
 
 
+_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def size(name: str, value: Any) -> int:
+    """
+    A size in bytes: a whole number, or text with a binary unit (C{"256MiB"},
+    C{"1.5 GiB"}, C{"4096"}). Decimal units (C{MB}) are refused rather than guessed at.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"{name} must be a size of 0 or more, not {value!r}")
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        digits = text.rstrip("BbIiKkMmGgTt ")
+        unit = text[len(digits) :].strip().lower()
+        try:
+            amount = float(digits) if "." in digits else int(digits)
+        except ValueError:
+            amount = -1
+        if unit in _UNITS and digits.replace(".", "", 1).isdigit() and amount >= 0:
+            return int(amount * _UNITS[unit])
+    raise ValueError(f"{name} must be a size such as 4096, 512KiB, 256MiB or 2GiB, not {value!r}")
+
+
 def text(name: str, value: Any) -> str:
     """A string."""
     if not isinstance(value, str):

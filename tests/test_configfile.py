@@ -10,6 +10,7 @@ from typing import Any, cast
 
 from twisted.application.service import IService
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy.errors import Forbidden
@@ -44,8 +45,24 @@ class ConfigFileTests(SynchronousTestCase):
         options = Options()
         names = {p[0] for p in options.optParameters} | {f[0] for f in options.optFlags}
         names |= {"port", "allow", "deny-host", "allow-host", "route", "insecure-host"}
-        names.add("proxy-protocol-from")
+        names |= {"proxy-protocol-from", "cache-purge-from"}
         self.assertEqual(names - {"config"}, set(OPTION_KINDS))
+
+    def test_cache_sizes_from_file(self) -> None:
+        """A size key takes bytes or text with a unit; anything else is one clear line."""
+        path = self.write('cache-memory = "64MiB"\ncache-size = 1048576\ncache-dir = "/tmp/c"\n')
+        config = Options()
+        config.parseOptions(["--config", path])
+        proxy = config["proxy-config"]
+        self.assertEqual((proxy.cache_memory, proxy.cache_size), (64 << 20, 1 << 20))
+        bad = self.write("cache-size = true\n")
+        with self.assertRaises(ConfigFileError) as caught:
+            Options().parseOptions(["--config", bad])
+        self.assertIn("'cache-size' must be a size", str(caught.exception))
+        unit = self.write('cache-size = "1GB"\n')
+        with self.assertRaises(usage.UsageError) as refused:
+            Options().parseOptions(["--config", unit])
+        self.assertIn("cache-size must be a size", str(refused.exception))
 
     def test_values_from_file(self) -> None:
         """Values of every kind come from the file into ProxyConfig."""

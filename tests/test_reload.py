@@ -135,6 +135,18 @@ class ServiceReconfigureTests(SynchronousTestCase):
         self.assertEqual((in_force.port, in_force.metrics), (running.port, running.metrics))
         self.assertEqual(service.factory.config, in_force)
 
+    def test_cache_settings_need_a_restart(self) -> None:
+        """The cache's settings are named as needing a restart and keep their running values."""
+        service = self.service()
+        running = service.factory.config
+        new = replace_config(service, cache_memory="1MiB", cache_size="2MiB", cache_dir="/x")
+        self.assertEqual(
+            restart_settings(running, new), ["cache-memory", "cache-dir", "cache-size"]
+        )
+        in_force = service.reconfigure(new)
+        self.assertEqual((in_force.cache_memory, in_force.cache_dir), (None, None))
+        self.assertEqual(in_force.cache_size, running.cache_size)
+
 
 def replace_config(service: ProxyService, **kwargs: Any) -> ProxyConfig:
     """A config with the service's ports and the given fields (others default)."""

@@ -37,6 +37,10 @@ def _check(path: str, key: str, value: Any, kind: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("a whole number")
         return value
+    if kind == "size":
+        if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        raise bad('a size in bytes or a string such as "256MiB"')
     if kind == "workers":
         if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
             return str(value)

@@ -180,7 +180,15 @@ class ProxyService(MultiService):
             used; then nothing changes.
         """
         running = self.factory.config
-        config = replace(config, port=running.port, metrics=running.metrics)
+        config = replace(
+            config,
+            port=running.port,
+            metrics=running.metrics,
+            cache_memory=running.cache_memory,
+            cache_dir=running.cache_dir,
+            cache_size=running.cache_size,
+            cache_max_object=running.cache_max_object,
+        )
         self.factory.reconfigure(config)
         return config
 
@@ -253,8 +261,9 @@ def adopted_service(
 def restart_settings(running: ProxyConfig, new: ProxyConfig) -> list[str]:
     """
     The settings that differ between C{running} and C{new} but take effect only at a
-    restart: the listening ports and the metrics endpoint (bound at start). C{--workers}
-    is not in L{ProxyConfig}; the command line checks it.
+    restart: the listening ports and the metrics endpoint (bound at start) and the cache
+    (its store is opened at start). C{--workers} is not in L{ProxyConfig}; the command
+    line checks it.
 
     @return: Their option names, in a stable order.
     """
@@ -263,6 +272,9 @@ def restart_settings(running: ProxyConfig, new: ProxyConfig) -> list[str]:
         names.append("port")
     if new.metrics != running.metrics:
         names.append("metrics")
+    for name in ("cache_memory", "cache_dir", "cache_size", "cache_max_object"):
+        if getattr(new, name) != getattr(running, name):
+            names.append(name.replace("_", "-"))
     return names
 
 
