@@ -30,6 +30,8 @@ from tests.support import GET_A, OK_5, ProxyTestCase
 class Upper:
     """Changes every chunk to upper case, and adds a tail at the end."""
 
+    observe_only = False
+
     def __init__(self, tail: bytes = b"", finish: bool = False) -> None:
         self.seen: list[bytes] = []
         self.tail = tail

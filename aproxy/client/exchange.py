@@ -166,13 +166,14 @@ class ClientExchange(AnswerHalf, ResponseHalf):
         hop = self.hop
         assert target is not None and hop is not None
         view = self.view
+        req_filter = self.req_filter
         plan = plan_request(
             head,
             target,
             hop,
             rt,
             conn.client_ip,
-            self.req_filter is not None,
+            req_filter is not None and not req_filter.observe_only,
             view.upstream_fields if view is not None else b"",
             view.upstream_drop if view is not None else (),
         )
@@ -185,7 +186,9 @@ class ClientExchange(AnswerHalf, ResponseHalf):
         if body is not None:
             self.req_body = body
             self.req_had_body = True
-            self.req_chunked = isinstance(body, ChunkedDecoder) or self.req_filter is not None
+            self.req_chunked = isinstance(body, ChunkedDecoder) or (
+                req_filter is not None and not req_filter.observe_only
+            )
             if self.req_chunked or (head.content_length or 0) >= BULK:
                 bulk_reads(conn.transport)
         conn.stash(rest)

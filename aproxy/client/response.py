@@ -190,7 +190,7 @@ class ResponseHalf:
             self.head,
             resp,
             self.req_body is None and not conn.eof and not conn.last,
-            self.resp_filter is not None,
+            self.resp_filter is not None and not self.resp_filter.observe_only,
         )
         self.out_chunked = plan.chunked
         self.keep_client = plan.keep_client

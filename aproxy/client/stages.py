@@ -66,6 +66,8 @@ class StageRequest:
     @ivar response_fields: Field lines a stage adds to the origin's response head on its
         way to the client (set at the latest in L{IRequestStage.response_filter}).
     @ivar notes: What stages say of the request for its record (e.g. C{"cache"}).
+    @ivar state: Each stage's own state for this request, under the stage itself: it
+        lives exactly as long as the request.
     """
 
     head: RequestHead
@@ -76,6 +78,7 @@ class StageRequest:
     upstream_drop: tuple[bytes, ...] = ()
     response_fields: bytes = b""
     notes: dict[str, str] = field(default_factory=dict)
+    state: dict[object, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +139,12 @@ class IAnswerBody(Interface):
 
 class IBodyFilter(Interface):
     """Sees a body chunk by chunk, and may change it."""
+
+    observe_only = Attribute(
+        """True when L{data} always returns its chunk unchanged and L{end} returns
+        C{b""} (a cache's copy): the body then keeps its framing (its
+        C{Content-Length}) instead of being re-framed as chunked."""
+    )
 
     def data(chunk: bytes) -> bytes:  # noqa: N805 (zope interfaces omit self)
         """
