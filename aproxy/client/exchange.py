@@ -43,6 +43,7 @@ from aproxy.client.side import ClientSide
 from aproxy.client.stages import (
     IBodyFilter,
     StageRequest,
+    finished,
     first_answer,
     request_filter,
 )
@@ -366,11 +367,25 @@ class ClientExchange(AnswerHalf, ResponseHalf):
                 up.transport.unregisterProducer()
         return up
 
+    def ended(self) -> None:
+        """The exchange is over: the stages that saw it are told (once)."""
+        view = self.view
+        if view is not None:
+            self.view = None
+            finished(self.runtime.stages, view)
+
     def stop(self, abort: bool) -> None:
         """
         Stop what this exchange started: a credential check and a dial (a queued hash
-        or lookup is dropped) and the upstream connection in flight.
+        or lookup is dropped) and the upstream connection in flight; and tell the
+        stages it is over.
         """
+        try:
+            self._stop(abort)
+        finally:
+            self.ended()
+
+    def _stop(self, abort: bool) -> None:
         if self.checking is not None:
             checking, self.checking = self.checking, None
             checking.cancel()
@@ -517,6 +532,7 @@ def _report(
         error,
         "HTTP/1.1" if req.minor else "HTTP/1.0",
         fields=req.block,
+        cache=x.view.notes.get("cache") if x.view is not None else None,
     )
     for observer in conn.factory.observers:
         observer(record)

@@ -27,6 +27,7 @@ from aproxy.access.policy import AccessPolicy, IPolicy
 from aproxy.access.throttle import LoginThrottle
 from aproxy.client.protocol import ProxyProtocol
 from aproxy.client.runtime import Runtime
+from aproxy.cache.stage import CacheStage, open_cache
 from aproxy.client.stages import IRequestStage
 from aproxy.config import ProxyConfig
 from aproxy.errors import Forbidden
@@ -61,10 +62,14 @@ class ProxyFactory(Factory):
     @param authenticator: Checks C{Proxy-Authorization} (an L{HtpasswdAuthenticator} on
         C{config.auth} by default, none without one).
     @param stages: Request stages (L{aproxy.client.stages}): code that may answer
-        requests itself or see their bodies; kept across reloads.
+        requests itself or see their bodies; kept across reloads. With the cache on in
+        C{config} (C{cache_memory} or C{cache_dir}), the cache
+        (L{aproxy.cache.stage.CacheStage}) comes first.
     @raise aproxy.observe.accesslog.AccessLogError: If C{config.access_log} can't be
         opened.
+    @raise ValueError: If C{config.cache_dir} can't be used.
 
+    @ivar cache: The cache, or L{None} when it is off.
     @ivar access_log: The access log that C{config.access_log} names, written by the
         factory itself (so a factory used without L{aproxy.run.service.makeService}
         logs too), or L{None}. L{reconfigure} opens a changed one; whoever stops the
@@ -84,12 +89,13 @@ class ProxyFactory(Factory):
         authenticator: IAuthenticator | None = None,
         stages: Sequence[IRequestStage] = (),
     ) -> None:
-        self._stages = tuple(stages)
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
             reactor = _reactor
         config = config if config is not None else ProxyConfig()
+        self.cache = open_cache(config, reactor)
+        self._stages = ((self.cache,) if self.cache is not None else ()) + tuple(stages)
         self.clock: IReactorTime = reactor
         # What outlives a reload, handed from one runtime to the next:
         # bounded, fairly shared password hashes and name lookups (so their bounds count

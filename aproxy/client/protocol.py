@@ -228,9 +228,12 @@ class ProxyProtocol(ClientConnection):
 
     def exchange_done(self, keep: bool) -> None:
         """The exchange ended: read the next request (C{keep}) or close."""
+        x = self._x
         if not keep:
             self.close()
             return
+        if x is not None:
+            x.ended()
         self.unpause_for(PAUSE_UPSTREAM)
         self._next_request(self.take_pending())
 

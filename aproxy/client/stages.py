@@ -44,6 +44,7 @@ __all__ = [
     "IRequestStage",
     "StageRequest",
     "answer_bytes",
+    "finished",
     "first_answer",
     "replace_response",
     "request_filter",
@@ -197,6 +198,12 @@ class IRequestStage(Interface):
     def response_filter(request: StageRequest, head: ResponseHead) -> IBodyFilter | None:  # noqa: N805
         """Stage B: a filter for the body of the response C{head} on its way back."""
 
+    def finished(request: StageRequest) -> None:  # noqa: N805
+        """
+        The exchange of C{request} ended, however it did (answered, relayed, failed, its
+        client gone): release what is held for it. Called once per request a stage saw.
+        """
+
 
 def first_answer(stages: Sequence[IRequestStage], request: StageRequest) -> Any:
     """
@@ -267,3 +274,9 @@ def answer_bytes(
     if not head_only and answer.source is None:
         lines.append(answer.body)
     return b"".join(lines)
+
+
+def finished(stages: Sequence[IRequestStage], request: StageRequest) -> None:
+    """Tell every stage that the exchange of C{request} ended."""
+    for stage in stages:
+        stage.finished(request)

@@ -111,7 +111,7 @@ def format_combined(record: Exchange) -> str:
     (on one line), so combined-format parsers read it, and ends with C{key=value} fields
     that such parsers ignore or capture as trailing text::
 
-        bytes_to_origin=N duration_ms=N upstream=UPSTREAM error=ERROR
+        bytes_to_origin=N duration_ms=N upstream=UPSTREAM error=ERROR [cache=RESULT]
 
     The time is when the request head was complete, in UTC, to the second (as Apache's
     C{%t}). C{BYTES} counts everything written to the client, heads included (Apache's
@@ -141,12 +141,15 @@ def format_combined(record: Exchange) -> str:
         f' {record.bytes_to_client} "{_quoted(record.referer)}" "{_quoted(record.user_agent)}"'
         f" bytes_to_origin={record.bytes_to_origin}"
         f" duration_ms={_milliseconds(record.duration)}"
-        f" upstream={_bare(record.upstream)} error={_bare(record.error)}\n"
+        f" upstream={_bare(record.upstream)} error={_bare(record.error)}"
+        + (f" cache={record.cache}\n" if record.cache is not None else "\n")
     )
 
 
 def _squid_code(record: Exchange) -> str:
     """The Squid result code (C{%Ss}) for a record."""
+    if record.cache is not None:
+        return record.cache
     if record.status in (403, 407):
         return "TCP_DENIED"
     if record.status == 0:
@@ -207,7 +210,8 @@ def format_squid(record: Exchange) -> str:
         Squid logs the time of completion; C{ELAPSED} is the duration in milliseconds.
       - C{CODE}: C{TCP_DENIED} for a 403 or 407, C{NONE_NONE} with status C{000} when
         the client left before a response, C{TCP_TUNNEL} for another CONNECT and
-        C{TCP_MISS} otherwise (aproxy does not cache).
+        C{TCP_MISS} otherwise; with the cache on, the cache's own result (C{TCP_HIT},
+        C{TCP_MEM_HIT}, C{TCP_REFRESH_UNMODIFIED}, ...).
       - C{BYTES}: everything written to the client, heads included (as Squid counts).
       - C{URL}: the target as received (C{host:port} for CONNECT), with spaces,
         control and non-ASCII characters percent-encoded.
@@ -250,7 +254,7 @@ def format_json(record: Exchange) -> str:
     (string or C{null}), C{method}, C{target}, C{status} (C{0}: the client left before
     a response), C{bytes_to_client}, C{bytes_to_origin} (heads included), C{duration_ms}
     (a number, to the microsecond), C{upstream} and C{error} (the RFC 9209 error type or
-    C{null}). The output is ASCII (other characters are C{\\u} escaped), without spaces.
+    C{null}), and with the cache on C{cache} (its result, as in Squid's log). The output is ASCII (other characters are C{\\u} escaped), without spaces.
 
     @param record: The finished exchange.
     @return: One line, ending in C{"\\n"}.
@@ -270,6 +274,8 @@ def format_json(record: Exchange) -> str:
         "upstream": record.upstream,
         "error": record.error,
     }
+    if record.cache is not None:
+        fields["cache"] = record.cache
     return json.dumps(fields, ensure_ascii=True, separators=(",", ":")) + "\n"
 
 

@@ -37,6 +37,9 @@ class Exchange:
         without credentials (e.g. C{"http://10.1.2.3:3128"}).
     @ivar error: The RFC 9209 C{Proxy-Status} error type, or L{None}.
     @ivar version: The request's HTTP version as the client sent it, e.g. C{"HTTP/1.0"}.
+    @ivar cache: With the cache on, what it did, in Squid's result codes (C{"TCP_HIT"},
+        C{"TCP_MEM_HIT"}, C{"TCP_MISS"}, C{"TCP_REFRESH_UNMODIFIED"}, ...); L{None}
+        without a cache, or for requests it does not see (CONNECT).
     """
 
     __slots__ = (
@@ -45,6 +48,7 @@ class Exchange:
         "_user_agent",
         "bytes_to_client",
         "bytes_to_origin",
+        "cache",
         "client",
         "duration",
         "error",
@@ -74,6 +78,7 @@ class Exchange:
         referer: str | None = None,
         user_agent: str | None = None,
         fields: bytes | None = None,
+        cache: str | None = None,
     ) -> None:
         """
         @param referer: The C{Referer} value, if not to be read from C{fields}.
@@ -97,6 +102,7 @@ class Exchange:
         self._referer = referer
         self._user_agent = user_agent
         self._fields = fields
+        self.cache = cache
 
     @property
     def referer(self) -> str | None:

@@ -1,0 +1,558 @@
+"""
+L{CacheStage}: the HTTP cache as a stage of the request pipeline (RFC 9111, a shared
+cache). Before any upstream connection is made it answers what it holds fresh (or what a
+request's C{max-stale} accepts), answers a client's matching conditional with a 304, a
+single range with a 206 and a C{HEAD} from a stored C{GET}; it has stale objects
+revalidated with the origin (and turns the origin's 304 into the stored response);
+collapses concurrent misses for one URL into one fetch that the others follow; stores
+what may be stored as it streams past; invalidates on unsafe methods; answers C{PURGE}.
+Every response it sees gets a C{Cache-Status} field (RFC 9211), and every request a
+result in Squid's words for the access log (C{TCP_HIT}, C{TCP_MISS}, ...).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sqlite3
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from aproxy.cache import rules
+from aproxy.cache.disk import DiskStore
+from aproxy.cache.fill import BytesSource, FileSource, Fill, FillReader, StoreFilter
+from aproxy.cache.store import MemoryTier, Meta
+from aproxy.client.stages import Answer, IBodyFilter, IRequestStage, StageRequest
+from aproxy.config import ProxyConfig
+from aproxy.http.head import ResponseHead
+
+__all__ = ["CacheStage", "open_cache"]
+
+# Objects at most this large are answered in one write from memory; larger ones stream.
+_SMALL = 64 * 1024
+# Objects at most this large found on disk are also kept in memory (when there is one).
+_PROMOTE = 256 * 1024
+_CONDITIONALS = (b"if-none-match", b"if-modified-since", b"if-range", b"range")
+_TEXT = (b"Content-Type", b"text/plain; charset=utf-8")
+
+
+@dataclass
+class _Found:
+    """A stored variant chosen for a request, and its body (bytes, or an open file)."""
+
+    meta: Meta
+    memory: bool
+    body: bytes | None = None
+    file: BinaryIO | None = None
+
+    def close(self) -> None:
+        """Close the body's file, if one was opened and not handed over."""
+        file, self.file = self.file, None
+        if file is not None:
+            file.close()
+
+
+@dataclass
+class _State:
+    """What the cache remembers of one request (in C{StageRequest.state})."""
+
+    key: bytes
+    kind: str  # "lead" (a miss that may be stored), "validate", "pass", "method"
+    fwd: str = "uri-miss"
+    fill: Fill | None = None
+    found: _Found | None = None
+    sent_at: float = 0.0
+    client_refresh: bool = False
+
+
+@implementer(IRequestStage)
+class CacheStage:
+    """
+    The cache (see the module docstring). Make it with L{open_cache}.
+
+    @ivar memory: The memory tier, or L{None}.
+    @ivar disk: The disk store, or L{None}.
+    @ivar results: How many requests ended with each result (C{"hit"}, C{"miss"}, ...).
+    @ivar collapsed: Requests that followed another's fetch instead of their own.
+    @ivar saved: Body bytes answered from the cache (not fetched).
+    """
+
+    name = "cache"
+    log = Logger()
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        clock: IReactorTime,
+        memory: MemoryTier | None,
+        disk: DiskStore | None,
+    ) -> None:
+        self.clock = clock
+        self.memory = memory
+        self.disk = disk
+        self.max_object = config.cache_max_object
+        self.purge_from = [ipaddress.ip_network(n, strict=False) for n in config.cache_purge_from]
+        self.fills: dict[bytes, Fill] = {}
+        self.results: Counter[str] = Counter()
+        self.collapsed = 0
+        self.saved = 0
+
+    # -- stage A: before any upstream connection --------------------------------------
+
+    def answer(self, request: StageRequest) -> Any:
+        """Answer from the cache, have the request revalidate, or let it go (see module)."""
+        head = request.head
+        method = head.method
+        target = request.target
+        key = rules.cache_key(target.scheme, target.host.encode("idna"), target.port, target.path)
+        if method == b"PURGE":
+            return self._purge(request, key)
+        if method not in (b"GET", b"HEAD") or target.scheme not in (b"http", b"https"):
+            request.state[self] = _State(key, "method")
+            return None
+        if head.values(b"upgrade"):
+            request.state[self] = _State(key, "pass", fwd="bypass")
+            return None
+        fields = head.fields
+        now = self.clock.seconds()
+        no_store, only_if_cached = rules.request_cc_flags(fields)
+        found, any_variant = self._find(key, fields)
+        if found is None:
+            if only_if_cached:
+                return self._not_cached(request, key)
+            fill = self.fills.get(key)
+            if fill is not None and not fill.over:
+                return self._follow(request, key, fill)
+            state = _State(key, "pass", fwd="vary-miss" if any_variant else "uri-miss")
+            if method == b"GET" and not no_store and not head.values(b"range"):
+                state.kind = "lead"
+                state.fill = self.fills[key] = Fill(key, self._fill_over)
+            state.sent_at = now
+            request.state[self] = state
+            return None
+        meta = found.meta
+        age = rules.current_age(meta.fields, meta.request_time, meta.response_time, now)
+        lifetime = rules.freshness_lifetime(meta.status, meta.fields, meta.response_time)
+        choice = rules.choose(fields, meta.fields, lifetime, age)
+        if choice != rules.VALIDATE:
+            return self._hit(request, found, age, lifetime, None)
+        if only_if_cached:
+            found.close()
+            return self._not_cached(request, key)
+        state = _State(key, "validate", fwd="stale", found=found, sent_at=now)
+        state.client_refresh = _client_refresh(fields)
+        request.state[self] = state
+        validators = rules.validation_fields(meta.fields)
+        if validators:
+            request.upstream_fields = validators
+            request.upstream_drop = _CONDITIONALS
+        else:
+            # Nothing to validate with: fetched whole again, and stored anew.
+            state.kind = "lead"
+            state.fill = Fill(key, _ignore)
+        return None
+
+    def _find(self, key: bytes, fields: Sequence[tuple[bytes, bytes]]) -> tuple[_Found | None, bool]:
+        """
+        The stored variant of C{key} that the request's fields select (memory first),
+        with its body at hand; and whether any variant of C{key} is stored at all.
+        """
+        seen = False
+        memory = self.memory
+        if memory is not None:
+            for meta in memory.variants(key):
+                seen = True
+                if rules.vary_key(meta.vary_names, fields) == meta.vary:
+                    got = memory.get(key, meta.vary)
+                    if got is not None:
+                        return _Found(got[0], True, body=got[1]), True
+        disk = self.disk
+        if disk is not None:
+            for meta in disk.variants(key):
+                seen = True
+                if rules.vary_key(meta.vary_names, fields) != meta.vary:
+                    continue
+                file = disk.open(meta)
+                if file is None:
+                    continue
+                if memory is not None and meta.length <= _PROMOTE:
+                    body = file.read()
+                    file.close()
+                    if len(body) == meta.length:
+                        memory.put(meta, body)
+                        return _Found(meta, False, body=body), True
+                    continue
+                return _Found(meta, False, file=file), True
+        return None, seen
+
+    def _hit(
+        self,
+        request: StageRequest,
+        found: _Found,
+        age: float,
+        lifetime: float,
+        fwd_status: int | None,
+    ) -> Answer:
+        """Answer from C{found}: a 304, a 206, or the whole stored response."""
+        meta = found.meta
+        head = request.head
+        fields = head.fields
+        ttl = lifetime - age
+        if fwd_status is None:
+            status_value = rules.cache_status(hit=True, ttl=ttl)
+            result = "TCP_MEM_HIT" if found.memory else "TCP_HIT"
+        else:
+            status_value = rules.cache_status(fwd="stale", fwd_status=fwd_status, ttl=ttl)
+            result = "TCP_REFRESH_UNMODIFIED"
+        extra = [(b"Age", b"%d" % int(age)), (b"Cache-Status", status_value)]
+        if meta.status == 200 and rules.conditional_match(head.method, fields, meta.fields):
+            found.close()
+            request.notes["cache"] = "TCP_INM_HIT" if fwd_status is None else result
+            return Answer(304, b"Not Modified", rules.not_modified_fields(meta.fields) + extra)
+        length = meta.length
+        stored = list(meta.fields)
+        if meta.status == 200 and head.method == b"GET":
+            wanted = rules.parse_range(fields, meta.fields, length)
+            if isinstance(wanted, int):
+                found.close()
+                request.notes["cache"] = result
+                return Answer(
+                    416,
+                    b"Range Not Satisfiable",
+                    [(b"Content-Range", b"bytes */%d" % length), *extra],
+                )
+            if wanted is not None:
+                first, last = wanted
+                request.notes["cache"] = result
+                self.saved += last - first + 1
+                part = [(n, v) for n, v in stored if n.lower() != b"content-range"]
+                part.append((b"Content-Range", b"bytes %d-%d/%d" % (first, last, length)))
+                return self._answer(
+                    found, 206, b"Partial Content", part + extra, first, last, head.method
+                )
+        request.notes["cache"] = result
+        if head.method == b"GET":
+            self.saved += length
+        return self._answer(
+            found, meta.status, meta.reason, stored + extra, 0, length - 1, head.method
+        )
+
+    def _answer(
+        self,
+        found: _Found,
+        status: int,
+        reason: bytes,
+        fields: list[tuple[bytes, bytes]],
+        first: int,
+        last: int,
+        method: bytes,
+    ) -> Answer:
+        """An answer with the body bytes C{first}..C{last} of C{found}."""
+        size = last - first + 1
+        if method == b"HEAD":
+            found.close()
+            return Answer(status, reason, fields, length=size)
+        body = found.body
+        if body is not None:
+            part = body[first : last + 1] if (first, last + 1) != (0, len(body)) else body
+            if size <= _SMALL:
+                return Answer(status, reason, fields, part)
+            return Answer(status, reason, fields, source=BytesSource(part), length=size)
+        file = found.file
+        assert file is not None
+        found.file = None
+        return Answer(status, reason, fields, source=FileSource(file, size, first, last), length=size)
+
+    def _not_cached(self, request: StageRequest, key: bytes) -> Answer:
+        """C{only-if-cached} and nothing fits: 504 (RFC 9111 section 5.2.1.7)."""
+        request.notes["cache"] = "TCP_MISS"
+        return Answer(
+            504,
+            b"Gateway Timeout",
+            [_TEXT, (b"Cache-Status", rules.cache_status(fwd="miss", detail="only-if-cached"))],
+            b"only-if-cached: no stored response fits this request\n",
+        )
+
+    def _follow(self, request: StageRequest, key: bytes, fill: Fill) -> Any:
+        """Collapse onto C{fill}: follow it once its head shows it fits, else go upstream."""
+        fields = request.head.fields
+        method = request.head.method
+        wants_range = bool(request.head.values(b"range"))
+
+        def fits(fill: Fill) -> Answer | None:
+            meta = fill.meta
+            if (
+                meta is None
+                or meta.length < 0
+                or wants_range
+                or rules.vary_key(meta.vary_names, fields) != meta.vary
+            ):
+                request.state[self] = _State(key, "pass")
+                return None
+            self.collapsed += 1
+            request.notes["cache"] = "TCP_CF_HIT"
+            status_value = rules.cache_status(fwd="uri-miss", collapsed=True)
+            out = [*meta.fields, (b"Age", b"0"), (b"Cache-Status", status_value)]
+            if method == b"HEAD":
+                return Answer(meta.status, meta.reason, out, length=meta.length)
+            return Answer(
+                meta.status, meta.reason, out, source=FillReader(fill), length=meta.length
+            )
+
+        if fill.meta is not None:
+            return fits(fill)
+        return fill.wait(fits)
+
+    def _purge(self, request: StageRequest, key: bytes) -> Answer:
+        """C{PURGE}: remove every stored variant of the URL, for the networks allowed."""
+        client = request.client
+        try:
+            address = ipaddress.ip_address(client)
+        except ValueError:
+            address = None
+        if address is None or not any(address in net for net in self.purge_from):
+            request.notes["cache"] = "TCP_DENIED"
+            return Answer(
+                403,
+                b"Forbidden",
+                [_TEXT],
+                b"PURGE is not allowed from your address (see --cache-purge-from)\n",
+            )
+        removed = self._remove(key)
+        request.notes["cache"] = "TCP_MISS"
+        if removed:
+            return Answer(200, b"OK", [_TEXT], b"purged %d object(s)\n" % removed)
+        return Answer(404, b"Not Found", [_TEXT], b"not in the cache\n")
+
+    def _remove(self, key: bytes) -> int:
+        removed = 0
+        if self.memory is not None:
+            removed += self.memory.remove(key)
+        if self.disk is not None:
+            try:
+                removed = max(removed, self.disk.remove(key))
+            except sqlite3.Error as e:
+                self.log.warn("cache: could not remove {key} from disk: {why}", key=key, why=e)
+        return removed
+
+    # -- when the origin's response head arrives --------------------------------------
+
+    def replace_response(self, request: StageRequest, head: ResponseHead) -> Answer | None:
+        """A 304 to the cache's own revalidation: refresh the stored object, answer from it."""
+        state: _State | None = request.state.get(self)
+        if state is None or state.kind != "validate" or head.status != 304:
+            return None
+        found = state.found
+        assert found is not None
+        state.found = None
+        now = self.clock.seconds()
+        old = found.meta
+        fields = tuple(rules.updated_fields(old.fields, head.fields))
+        meta = old.with_fields(fields, state.sent_at, now)
+        if self.memory is not None and found.memory:
+            self.memory.update(meta)
+        if self.disk is not None and not found.memory:
+            self.disk.update(meta)
+        found.meta = meta
+        age = rules.current_age(meta.fields, meta.request_time, meta.response_time, now)
+        lifetime = rules.freshness_lifetime(meta.status, meta.fields, meta.response_time)
+        return self._hit(request, found, age, lifetime, 304)
+
+    def response_filter(self, request: StageRequest, head: ResponseHead) -> IBodyFilter | None:
+        """
+        Invalidate after an unsafe method, say what happened in C{Cache-Status}, and store
+        the response when it may be stored.
+        """
+        state: _State | None = request.state.get(self)
+        if state is None:
+            return None
+        method = request.head.method
+        status = head.status
+        if state.kind == "method":
+            if rules.is_unsafe(method):
+                for key in rules.invalidation_keys(method, status, state.key, head.fields):
+                    self._remove(key)
+            request.response_fields = b"Cache-Status: " + rules.cache_status(fwd="method") + b"\r\n"
+            request.notes["cache"] = "TCP_MISS"
+            return None
+        found, state.found = state.found, None
+        if found is not None:
+            found.close()
+        refresh = state.kind == "validate" or state.client_refresh
+        request.notes["cache"] = (
+            "TCP_CLIENT_REFRESH_MISS"
+            if state.client_refresh
+            else "TCP_REFRESH_MODIFIED"
+            if refresh
+            else "TCP_MISS"
+        )
+        fill = state.fill
+        why = None
+        if state.kind == "validate" and 200 <= status < 600 and status != 304:
+            fill = state.fill = Fill(state.key, _ignore)
+        if fill is None:
+            why = "not-stored"
+        else:
+            why = rules.storable(method, status, request.head.fields, head.fields)
+            if why is None and (head.content_length or 0) > self.max_object:
+                why = "too-large"
+            if why is None and head.status == 206:
+                why = "partial"
+        fwd = state.fwd
+        if why is not None or fill is None:
+            if fill is not None:
+                fill.give_up()
+            value = rules.cache_status(fwd=fwd, fwd_status=status, detail=why)
+            request.response_fields = b"Cache-Status: " + value + b"\r\n"
+            return None
+        names = rules.vary_names(head.fields) or ()
+        now = self.clock.seconds()
+        stored = rules.stored_fields(head.fields)
+        if not any(name.lower() == b"date" for name, _ in stored):
+            # RFC 9110 section 6.6.1: a cache adds the Date it received the response at.
+            date = (b"Date", rules.http_date(now))
+            stored.append(date)
+            request.response_fields += b"Date: " + date[1] + b"\r\n"
+        meta = Meta(
+            state.key,
+            rules.vary_key(names, request.head.fields),
+            names,
+            status,
+            head.reason,
+            tuple(stored),
+            state.sent_at,
+            now,
+            head.content_length if head.content_length is not None else -1,
+        )
+        writer = self.disk.begin(state.key) if self.disk is not None else None
+        memory = self.memory
+        keep = memory is not None and (
+            writer is None or 0 <= meta.length <= min(_PROMOTE, memory.max_object)
+        )
+        fill.begin(meta, writer, keep)
+        value = rules.cache_status(fwd=fwd, fwd_status=status, stored=True)
+        request.response_fields += b"Cache-Status: " + value + b"\r\n"
+        return StoreFilter(fill, self.max_object, self._commit)
+
+    def _commit(self, fill: Fill) -> None:
+        """A fill's body is complete: make it visible in the tiers it was kept for."""
+        meta = fill.meta
+        assert meta is not None
+        if meta.length >= 0 and meta.length != fill.received:
+            fill.give_up()
+            return
+        meta = Meta(
+            meta.key,
+            meta.vary,
+            meta.vary_names,
+            meta.status,
+            meta.reason,
+            meta.fields,
+            meta.request_time,
+            meta.response_time,
+            fill.received,
+        )
+        fill.meta = meta
+        writer = fill.writer
+        if writer is not None and not writer.commit(meta):
+            self.log.info("cache: {key} was not stored on disk", key=meta.key)
+        if fill.memory is not None and self.memory is not None:
+            self.memory.put(meta, b"".join(fill.memory))
+        fill.memory = None if writer is not None else fill.memory
+        fill.finish()
+
+    def _fill_over(self, fill: Fill) -> None:
+        if self.fills.get(fill.key) is fill:
+            del self.fills[fill.key]
+
+    def finished(self, request: StageRequest) -> None:
+        """The request's exchange ended: a miss that never got its head gives its fill up."""
+        state: _State | None = request.state.pop(self, None)
+        if state is None:
+            return
+        if state.found is not None:
+            state.found.close()
+        fill = state.fill
+        if fill is not None and fill.meta is None:
+            fill.give_up()
+        self.results[_RESULTS.get(request.notes.get("cache", ""), "other")] += 1
+
+    def request_filter(self, request: StageRequest) -> IBodyFilter | None:
+        """The cache never looks at request bodies."""
+        return None
+
+    # -- figures ----------------------------------------------------------------------
+
+    def figures(self) -> dict[str, int]:
+        """Bytes and objects per tier, evictions, for the metrics."""
+        out = {"memory_bytes": 0, "memory_objects": 0, "disk_bytes": 0, "disk_objects": 0}
+        evictions = 0
+        if self.memory is not None:
+            out["memory_bytes"] = self.memory.bytes
+            out["memory_objects"] = self.memory.objects
+            evictions += self.memory.evictions
+        if self.disk is not None:
+            out["disk_bytes"], out["disk_objects"] = self.disk.stats()
+            evictions += self.disk.evictions
+        out["evictions"] = evictions
+        return out
+
+
+_RESULTS = {
+    "TCP_HIT": "hit",
+    "TCP_MEM_HIT": "hit",
+    "TCP_INM_HIT": "hit",
+    "TCP_CF_HIT": "collapsed",
+    "TCP_REFRESH_UNMODIFIED": "revalidated",
+    "TCP_REFRESH_MODIFIED": "miss",
+    "TCP_CLIENT_REFRESH_MISS": "miss",
+    "TCP_MISS": "miss",
+    "TCP_DENIED": "denied",
+}
+
+
+def _client_refresh(fields: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether the client itself asked for a fresh response (C{no-cache}, or C{Pragma})."""
+    cc = rules.parse_cache_control(fields)
+    if cc:
+        return "no-cache" in cc or cc.get("max-age") == "0"
+    return any(
+        name.lower() == b"pragma" and b"no-cache" in value.lower() for name, value in fields
+    )
+
+
+def _ignore(fill: Fill) -> None:
+    """A fill nobody can follow (a revalidation's) needs no bookkeeping at its end."""
+
+
+def open_cache(config: ProxyConfig, clock: IReactorTime) -> CacheStage | None:
+    """
+    The cache the configuration asks for, or L{None}.
+
+    @raise ValueError: If the cache directory can't be used (one line for the user).
+    """
+    if not config.caching:
+        return None
+    memory = None
+    if config.cache_memory:
+        memory = MemoryTier(
+            config.cache_memory, min(config.cache_max_object, max(config.cache_memory // 4, 1))
+        )
+    disk = None
+    if config.cache_dir is not None:
+        try:
+            disk = DiskStore(config.cache_dir, config.cache_size, config.cache_max_object)
+        except (OSError, sqlite3.Error) as e:
+            raise ValueError(f"cache-dir {config.cache_dir!r} can't be used: {e}") from None
+        if disk.reset:
+            CacheStage.log.warn(
+                "cache: the index in {dir} was unreadable and was set aside; starting empty",
+                dir=config.cache_dir,
+            )
+        disk.sweep_orphans()
+    return CacheStage(config, clock, memory, disk)

@@ -1,0 +1,320 @@
+"""
+The cache as a stage of the proxy (issue #14), through the client protocol on fake
+transports: misses stored while they stream, hits without an origin, revalidation,
+HEAD and ranges from a stored GET, conditionals, invalidation, Vary, only-if-cached,
+collapsed misses, clients that leave, PURGE, and the disk store across restarts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from twisted.internet.address import IPv4Address
+
+from aproxy.client.factory import ProxyFactory
+from aproxy.config import ProxyConfig
+from aproxy.observe.records import Exchange
+from aproxy.testing import HalfCloseTransport
+from tests.support import ProxyTestCase
+
+URL = b"http://a.example/file"
+
+
+def get(url: bytes = URL, *fields: bytes, method: bytes = b"GET") -> bytes:
+    """A request for C{url} with extra field lines."""
+    extra = b"".join(f + b"\r\n" for f in fields)
+    return method + b" " + url + b" HTTP/1.1\r\nHost: a.example\r\n" + extra + b"\r\n"
+
+
+def ok(body: bytes = b"hello", *fields: bytes, status: bytes = b"200 OK") -> bytes:
+    """A response with C{body} (Content-Length) and extra field lines."""
+    extra = b"".join(f + b"\r\n" for f in fields)
+    return (
+        b"HTTP/1.1 " + status + b"\r\nContent-Length: %d\r\n" % len(body) + extra + b"\r\n" + body
+    )
+
+
+FRESH = b"Cache-Control: max-age=60"
+
+
+class CacheTests(ProxyTestCase):
+    """The memory cache, one client after another."""
+
+    config = ProxyConfig(cache_memory="4MiB", pool_size=0, cache_purge_from=["127.0.0.1/32"])
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.records: list[Exchange] = []
+        self.factory.observers.append(self.records.append)
+
+    def ask(self, request: bytes, response: bytes | None = None) -> tuple[bytes, bytes | None]:
+        """
+        Send C{request} on a new client connection; if it goes upstream, answer it with
+        C{response}. @return: What the client got, and what went upstream (L{None}: none).
+        """
+        client, proto = self.connect_client()
+        before = len(self.connector.attempts)
+        proto.dataReceived(request)
+        sent = None
+        if len(self.connector.attempts) > before:
+            attempt = self.connector.attempts[-1]
+            upstream = attempt.succeed()
+            sent = upstream.value()
+            if response is not None:
+                attempt.respond(response)
+        return client.value(), sent
+
+    def test_miss_stored_then_hit(self) -> None:
+        """A fresh response is stored as it streams, then answered without the origin."""
+        got, sent = self.ask(get(), ok(b"hello", FRESH))
+        self.assertIsNotNone(sent)
+        self.assertIn(b"Content-Length: 5\r\n", got)
+        self.assertIn(b"Cache-Status: aproxy; fwd=uri-miss; fwd-status=200; stored\r\n", got)
+        self.clock.advance(10)
+        got, sent = self.ask(get())
+        self.assertIsNone(sent)
+        self.assertTrue(got.startswith(b"HTTP/1.1 200 OK\r\n"), got)
+        self.assertIn(b"Age: 10\r\n", got)
+        self.assertIn(b"Cache-Status: aproxy; hit; ttl=50\r\n", got)
+        self.assertTrue(got.endswith(b"\r\n\r\nhello"))
+        self.assertEqual([r.cache for r in self.records], ["TCP_MISS", "TCP_MEM_HIT"])
+
+    def test_no_store_and_private_not_stored(self) -> None:
+        """no-store and private responses go to the origin every time."""
+        for directive in (b"no-store", b"private", b"max-age=60, no-store"):
+            url = b"http://a.example/" + directive.replace(b" ", b"").replace(b",", b"")
+            self.ask(get(url), ok(b"x", b"Cache-Control: " + directive))
+            _, sent = self.ask(get(url), ok(b"x"))
+            self.assertIsNotNone(sent, directive)
+
+    def test_request_with_authorization_needs_public(self) -> None:
+        """A response to a request with Authorization is stored only when it says public."""
+        auth = b"Authorization: Basic dTpw"
+        self.ask(get(URL, auth), ok(b"x", FRESH))
+        _, sent = self.ask(get(URL, auth), ok(b"x", FRESH))
+        self.assertIsNotNone(sent)
+        other = b"http://a.example/public"
+        self.ask(get(other, auth), ok(b"x", b"Cache-Control: public, max-age=60"))
+        _, sent = self.ask(get(other, auth))
+        self.assertIsNone(sent)
+
+    def test_stale_revalidated_304(self) -> None:
+        """A stale object is revalidated with its ETag; a 304 serves the stored body."""
+        self.ask(get(), ok(b"hello", FRESH, b'ETag: "v1"'))
+        self.clock.advance(61)
+        client, proto = self.connect_client()
+        proto.dataReceived(get())
+        attempt = self.connector.attempts[-1]
+        upstream = attempt.succeed()
+        self.assertIn(b'If-None-Match: "v1"\r\n', upstream.value())
+        attempt.respond(b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nCache-Control: max-age=120\r\n\r\n')
+        got = client.value()
+        self.assertTrue(got.startswith(b"HTTP/1.1 200 OK\r\n"), got)
+        self.assertIn(b"Cache-Status: aproxy; fwd=stale; fwd-status=304; ttl=120\r\n", got)
+        self.assertIn(b"Cache-Control: max-age=120\r\n", got)
+        self.assertTrue(got.endswith(b"hello"))
+        self.assertEqual(self.records[-1].cache, "TCP_REFRESH_UNMODIFIED")
+        # Refreshed: fresh again without the origin.
+        _, sent = self.ask(get())
+        self.assertIsNone(sent)
+
+    def test_stale_revalidated_200_replaces(self) -> None:
+        """A stale object whose origin answers 200 is replaced by the new response."""
+        self.ask(get(), ok(b"old", FRESH, b'ETag: "v1"'))
+        self.clock.advance(61)
+        got, _ = self.ask(get(), ok(b"new!", FRESH, b'ETag: "v2"'))
+        self.assertTrue(got.endswith(b"new!"))
+        self.assertEqual(self.records[-1].cache, "TCP_REFRESH_MODIFIED")
+        got, sent = self.ask(get())
+        self.assertIsNone(sent)
+        self.assertTrue(got.endswith(b"new!"))
+
+    def test_head_from_stored_get(self) -> None:
+        """A HEAD is answered from a stored GET: its head and length, no body."""
+        self.ask(get(), ok(b"hello", FRESH))
+        got, sent = self.ask(get(method=b"HEAD"))
+        self.assertIsNone(sent)
+        self.assertIn(b"Content-Length: 5\r\n", got)
+        self.assertTrue(got.endswith(b"\r\n\r\n"), got)
+
+    def test_range_from_stored(self) -> None:
+        """A single range is answered 206 from a complete stored object."""
+        self.ask(get(), ok(b"0123456789", FRESH))
+        got, sent = self.ask(get(URL, b"Range: bytes=2-4"))
+        self.assertIsNone(sent)
+        self.assertTrue(got.startswith(b"HTTP/1.1 206 Partial Content\r\n"), got)
+        self.assertIn(b"Content-Range: bytes 2-4/10\r\n", got)
+        self.assertIn(b"Content-Length: 3\r\n", got)
+        self.assertTrue(got.endswith(b"\r\n\r\n234"))
+        got, _ = self.ask(get(URL, b"Range: bytes=20-"))
+        self.assertTrue(got.startswith(b"HTTP/1.1 416 "), got)
+        self.assertIn(b"Content-Range: bytes */10\r\n", got)
+
+    def test_client_conditional_answered_304(self) -> None:
+        """A client's matching If-None-Match on a fresh object gets 304 from the cache."""
+        self.ask(get(), ok(b"hello", FRESH, b'ETag: "v1"'))
+        got, sent = self.ask(get(URL, b'If-None-Match: "v1"'))
+        self.assertIsNone(sent)
+        self.assertTrue(got.startswith(b"HTTP/1.1 304 Not Modified\r\n"), got)
+        self.assertNotIn(b"Content-Length", got)
+        self.assertIn(b'ETag: "v1"\r\n', got)
+        got, _ = self.ask(get(URL, b'If-None-Match: "v0"'))
+        self.assertTrue(got.endswith(b"hello"))
+
+    def test_unsafe_method_invalidates(self) -> None:
+        """A successful POST to a URL removes its stored response."""
+        self.ask(get(), ok(b"hello", FRESH))
+        post = b"POST " + URL + b" HTTP/1.1\r\nHost: a.example\r\nContent-Length: 0\r\n\r\n"
+        got, _ = self.ask(post, ok(b"done"))
+        self.assertIn(b"Cache-Status: aproxy; fwd=method\r\n", got)
+        _, sent = self.ask(get(), ok(b"hello", FRESH))
+        self.assertIsNotNone(sent)
+
+    def test_vary_selects_variant(self) -> None:
+        """Vary: a request with other values of the named fields is a vary-miss."""
+        self.ask(get(URL, b"Accept-Language: en"), ok(b"hello", FRESH, b"Vary: Accept-Language"))
+        _, sent = self.ask(get(URL, b"Accept-Language: en"))
+        self.assertIsNone(sent)
+        got, sent = self.ask(get(URL, b"Accept-Language: fr"), ok(b"salut", FRESH))
+        self.assertIsNotNone(sent)
+        self.assertIn(b"fwd=vary-miss", got)
+
+    def test_only_if_cached_504(self) -> None:
+        """only-if-cached with nothing stored gets 504, and no origin request."""
+        got, sent = self.ask(get(URL, b"Cache-Control: only-if-cached"))
+        self.assertIsNone(sent)
+        self.assertTrue(got.startswith(b"HTTP/1.1 504 "), got)
+
+    def test_request_no_cache_revalidates(self) -> None:
+        """A client's no-cache makes the cache check with the origin first."""
+        self.ask(get(), ok(b"hello", FRESH, b'ETag: "v1"'))
+        _, sent = self.ask(get(URL, b"Cache-Control: no-cache"), b"HTTP/1.1 304 Not Modified\r\n\r\n")
+        assert sent is not None
+        self.assertIn(b'If-None-Match: "v1"', sent)
+
+    def test_collapsed_miss_one_origin_request(self) -> None:
+        """A second request for a URL being fetched follows that fetch as it arrives."""
+        first, p1 = self.connect_client()
+        p1.dataReceived(get())
+        attempt = self.connector.attempts[-1]
+        attempt.succeed()
+        second, p2 = self.connect_client()
+        p2.dataReceived(get())
+        self.assertEqual(len(self.connector.attempts), 1)
+        attempt.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n" + FRESH + b"\r\n\r\nhello")
+        self.assertTrue(second.value().endswith(b"\r\n\r\nhello"), second.value())
+        self.assertIn(b"collapsed", second.value())
+        attempt.respond(b"world")
+        self.assertTrue(first.value().endswith(b"helloworld"))
+        self.assertTrue(second.value().endswith(b"helloworld"))
+        self.assertEqual(self.factory.cache.collapsed, 1)  # type: ignore[union-attr]
+
+    def test_collapsed_but_not_storable_goes_upstream(self) -> None:
+        """Followers of a response that can't be stored get their own origin request."""
+        first, p1 = self.connect_client()
+        p1.dataReceived(get())
+        attempt = self.connector.attempts[-1]
+        attempt.succeed()
+        second, p2 = self.connect_client()
+        p2.dataReceived(get())
+        attempt.respond(ok(b"mine", b"Cache-Control: no-store"))
+        self.assertEqual(len(self.connector.attempts), 2)
+        own = self.connector.attempts[-1]
+        own.succeed()
+        own.respond(ok(b"yours", b"Cache-Control: no-store"))
+        self.assertTrue(second.value().endswith(b"yours"))
+
+    def test_leader_leaves_follower_gets_all(self) -> None:
+        """A client that leaves does not stop a fetch another client follows."""
+        first, p1 = self.connect_client()
+        p1.dataReceived(get())
+        attempt = self.connector.attempts[-1]
+        upstream = attempt.succeed()
+        second, p2 = self.connect_client()
+        p2.dataReceived(get())
+        attempt.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n" + FRESH + b"\r\n\r\nhello")
+        p1.connectionLost()
+        self.assertFalse(upstream.disconnecting)
+        attempt.respond(b"world")
+        self.assertTrue(second.value().endswith(b"helloworld"))
+        _, sent = self.ask(get())
+        self.assertIsNone(sent)
+
+    def test_leaver_alone_with_much_left_stops(self) -> None:
+        """Nobody left and most of the body to come: the fetch stops, nothing is stored."""
+        first, p1 = self.connect_client()
+        p1.dataReceived(get())
+        attempt = self.connector.attempts[-1]
+        upstream = attempt.succeed()
+        attempt.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n" + FRESH + b"\r\n\r\nab")
+        p1.connectionLost()
+        self.assertTrue(upstream.disconnecting)
+        _, sent = self.ask(get())
+        self.assertIsNotNone(sent)
+
+    def test_purge(self) -> None:
+        """PURGE from an allowed network removes the URL; the next request is a miss."""
+        self.ask(get(), ok(b"hello", FRESH))
+        got, sent = self.ask(get(method=b"PURGE"))
+        self.assertIsNone(sent)
+        self.assertTrue(got.startswith(b"HTTP/1.1 200 "), got)
+        got, _ = self.ask(get(method=b"PURGE"))
+        self.assertTrue(got.startswith(b"HTTP/1.1 404 "), got)
+        _, sent = self.ask(get(), ok(b"hello", FRESH))
+        self.assertIsNotNone(sent)
+
+    def test_purge_refused_elsewhere(self) -> None:
+        """PURGE from a client outside --cache-purge-from gets 403."""
+        factory = ProxyFactory(
+            ProxyConfig(cache_memory="1MiB", allow=["0.0.0.0/0"]), self.clock, self.connector
+        )
+        proto = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 5000))
+        client = HalfCloseTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5000))
+        proto.makeConnection(client)
+        proto.dataReceived(get(method=b"PURGE"))
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 403 "), client.value())
+
+
+class DiskCacheTests(ProxyTestCase):
+    """The disk store: shared, and kept across restarts."""
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.config = ProxyConfig(cache_dir=self.dir, pool_size=0)
+        super().setUp()
+
+    def fetch(self, factory: ProxyFactory, response: bytes | None) -> tuple[bytes, bool]:
+        """GET URL through C{factory}; @return: what the client got, whether it went upstream."""
+        proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+        client = HalfCloseTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
+        proto.makeConnection(client)
+        before = len(self.connector.attempts)
+        proto.dataReceived(get())
+        went = len(self.connector.attempts) > before
+        if went and response is not None:
+            attempt = self.connector.attempts[-1]
+            attempt.succeed()
+            attempt.respond(response)
+        return client.value(), went
+
+    def test_hit_after_restart(self) -> None:
+        """An object stored by one factory is a hit for another on the same directory."""
+        self.fetch(self.factory, ok(b"x" * 100_000, FRESH))
+        other = ProxyFactory(self.config, self.clock, self.connector)
+        got, went = self.fetch(other, None)
+        self.assertFalse(went)
+        self.assertTrue(got.endswith(b"x" * 100_000))
+        self.assertIn(b"Cache-Status: aproxy; hit", got)
+
+    def test_truncated_file_is_a_miss(self) -> None:
+        """An object whose file was cut short is never served."""
+        self.fetch(self.factory, ok(b"y" * 1000, FRESH))
+        for root, _, files in os.walk(os.path.join(self.dir, "objects")):
+            for name in files:
+                with open(os.path.join(root, name), "r+b") as f:
+                    f.truncate(10)
+        _, went = self.fetch(self.factory, ok(b"y" * 1000, FRESH))
+        self.assertTrue(went)
