@@ -1,0 +1,616 @@
+"""
+The decisions of a shared HTTP cache (RFC 9111), with the conditional and range handling
+of RFC 9110 it answers from stored responses: what may be stored and which fields, how long
+it stays fresh, how old it is, whether a request accepts it, how to revalidate it, what an
+unsafe request invalidates, and the Cache-Status field (RFC 9211) that reports all this.
+
+Sans-IO: no Twisted, no clock (times are POSIX seconds passed in), no storage. Field lines
+come as (name, value) pairs with the name in any case. The parsing helpers live in
+L{aproxy.cache.control} and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Sequence
+from typing import Final
+from urllib.parse import urljoin
+
+from aproxy.cache.control import (
+    MAX_DELTA,
+    Fields,
+    cache_status,
+    delta_seconds,
+    field_lines,
+    field_values,
+    http_date,
+    parse_cache_control,
+    parse_entity_tag,
+    parse_http_date,
+)
+
+__all__ = [
+    "FRESH",
+    "MAX_DELTA",
+    "STALE_OK",
+    "VALIDATE",
+    "Fields",
+    "cache_key",
+    "cache_status",
+    "choose",
+    "conditional_match",
+    "current_age",
+    "delta_seconds",
+    "field_lines",
+    "field_values",
+    "freshness_lifetime",
+    "has_explicit_freshness",
+    "http_date",
+    "invalidation_keys",
+    "is_unsafe",
+    "not_modified_fields",
+    "parse_cache_control",
+    "parse_entity_tag",
+    "parse_http_date",
+    "parse_range",
+    "request_cc_flags",
+    "storable",
+    "stored_fields",
+    "updated_fields",
+    "validation_fields",
+    "vary_key",
+    "vary_names",
+]
+
+#: L{choose}: the stored response is fresh enough for the request; serve it.
+FRESH: Final = 0
+#: L{choose}: stale, but the request's max-stale accepts it and the response allows it.
+STALE_OK: Final = 1
+#: L{choose}: forward a validation request (or an unconditional one) before answering.
+VALIDATE: Final = 2
+
+#: Statuses "heuristically cacheable" by default (RFC 9110 section 15.1).
+HEURISTIC_STATUSES: Final = frozenset({200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501})
+#: Statuses whose caching rules this cache implements, for must-understand (RFC 9111
+#: section 5.2.2.3): the heuristically cacheable ones and the redirections it may store
+#: with explicit freshness.
+UNDERSTOOD_STATUSES: Final = HEURISTIC_STATUSES | {302, 303, 307}
+
+_DEFAULT_PORTS: Final = {b"http": 80, b"https": 443}
+_SAFE_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+# Connection options and the hop-by-hop fields RFC 9110 section 7.6.1 names, removed before
+# forwarding and so before storage (RFC 9111 section 3.1); Proxy-Connection is the
+# pre-standard spelling clients still send.
+_HOP_BY_HOP: Final = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer"}
+    | {b"transfer-encoding", b"upgrade"}
+)
+# Fields about the proxy a cache forwards through, never stored (RFC 9111 section 3.1);
+# Age is recomputed on each use and Content-Length from the stored content.
+_NOT_STORED: Final = (
+    _HOP_BY_HOP
+    | {b"age", b"content-length"}
+    | {b"proxy-authenticate", b"proxy-authentication-info", b"proxy-authorization"}
+)
+# The fields a 304 carries over from the 200 it stands for (RFC 9110 section 15.4.5).
+_NOT_MODIFIED_FIELDS: Final = frozenset(
+    {b"content-location", b"date", b"etag", b"vary", b"cache-control", b"expires"}
+)
+_ABSOLUTE_URI: Final = re.compile(rb"([A-Za-z][A-Za-z0-9+\-.]*)://([^/?#]*)([^#]*)")
+_HOST_PORT: Final = re.compile(rb"([A-Za-z0-9\-._~%]+)(?::([0-9]*))?")
+_V6_HOST_PORT: Final = re.compile(rb"\[([0-9A-Fa-f:.]+)\](?::([0-9]*))?")
+_RANGE: Final = re.compile(rb"bytes[ \t]*=[ \t]*([0-9]*)[ \t]*-[ \t]*([0-9]*)", re.IGNORECASE)
+_AROUND_COMMAS: Final = re.compile(rb"[ \t]*,[ \t]*")
+
+
+def _first_date(fields: Fields, lname: bytes, now: float | None) -> float | None:
+    """The first line of a date field, parsed; L{None} if absent or not an HTTP-date."""
+    lines = field_lines(fields, lname)
+    return parse_http_date(lines[0], now) if lines else None
+
+
+def _has(fields: Fields, lname: bytes) -> bool:
+    """Whether any field line is named C{lname}."""
+    return any(name.lower() == lname for name, _ in fields)
+
+
+def cache_key(scheme: bytes, host: bytes, port: int, path: bytes) -> bytes:
+    """
+    The primary cache key (RFC 9111 section 2): the target URI.
+
+    @param scheme: C{b"http"} or C{b"https"}, in any case.
+    @param host: The host, in any case; an IPv6 address without brackets.
+    @param port: The port; written only when it is not the scheme's default.
+    @param path: Path and query exactly as the request sent them (not normalized, so two
+        spellings of one URI are two entries rather than one wrong one).
+    @return: E.g. C{b"http://example.com/a?b"} or C{b"https://[::1]:8443/"}.
+    """
+    scheme = scheme.lower()
+    host = host.lower()
+    if b":" in host:
+        host = b"[" + host + b"]"
+    if _DEFAULT_PORTS.get(scheme) != port:
+        host += b":%d" % port
+    return scheme + b"://" + host + path
+
+
+def storable(method: bytes, status: int, req_fields: Fields, resp_fields: Fields) -> str | None:
+    """
+    Whether a shared cache may store this response (RFC 9111 section 3).
+
+    @param method: The request method; only GET responses are stored (a HEAD is answered
+        from a stored GET, section 4.3.5 keeps HEAD responses for freshening only).
+    @return: L{None} if it may be stored, else a short reason for logs and the Cache-Status
+        C{detail}: C{"method"}, C{"status"}, C{"partial"}, C{"must-understand"},
+        C{"no-store"}, C{"private"}, C{"authorization"}, C{"vary"} or
+        C{"no-explicit-freshness"}.
+    """
+    if method != b"GET":
+        return "method"
+    # Final statuses only; 304 updates a stored response (section 4.3.4), it is not one.
+    if not 200 <= status <= 599 or status == 304:
+        return "status"
+    # Section 3.3 lets a cache store incomplete responses only if it combines them (3.4),
+    # which this one does not.
+    if status == 206:
+        return "partial"
+    cc = parse_cache_control(resp_fields)
+    ignore_no_store = False
+    if "must-understand" in cc:
+        # Section 5.2.2.3: store only with status rules we implement; then no-store (which
+        # must-understand is sent with, for older caches) is ignored.
+        if status not in UNDERSTOOD_STATUSES:
+            return "must-understand"
+        ignore_no_store = True
+    if "no-store" in parse_cache_control(req_fields) or ("no-store" in cc and not ignore_no_store):
+        return "no-store"
+    # Section 5.2.2.7: a shared cache stores no private response, qualified or not (the
+    # qualified form is allowed to mean the whole response).
+    if "private" in cc:
+        return "private"
+    # Section 3.5: responses to authenticated requests only when explicitly allowed.
+    if _has(req_fields, b"authorization") and not (
+        "public" in cc or "s-maxage" in cc or "must-revalidate" in cc
+    ):
+        return "authorization"
+    # Section 4.1: "Vary: *" always fails to match.
+    if vary_names(resp_fields) is None:
+        return "vary"
+    if not ("public" in cc or has_explicit_freshness(resp_fields) or status in HEURISTIC_STATUSES):
+        return "no-explicit-freshness"
+    return None
+
+
+def has_explicit_freshness(resp_fields: Fields) -> bool:
+    """
+    Whether the response states its freshness (s-maxage, max-age or an Expires field,
+    RFC 9111 section 4.2.1), so L{freshness_lifetime} does not use the heuristic.
+    """
+    cc = parse_cache_control(resp_fields)
+    return "s-maxage" in cc or "max-age" in cc or _has(resp_fields, b"expires")
+
+
+def freshness_lifetime(
+    status: int,
+    resp_fields: Fields,
+    response_time: float,
+    heuristic_fraction: float = 0.1,
+    heuristic_max: float = 86400.0,
+) -> float:
+    """
+    How long a stored response stays fresh in a shared cache (RFC 9111 section 4.2.1).
+
+    The first of: s-maxage, max-age, Expires minus Date; an invalid delta-seconds or Expires
+    (C{0} included, section 5.3) means already stale. Without any, a heuristic (section
+    4.2.2) for heuristically cacheable statuses or C{public}: C{heuristic_fraction} of the
+    time since Last-Modified, at most C{heuristic_max}.
+
+    @param response_time: When the response was received; stands for a missing or invalid
+        Date.
+    @return: Seconds, never negative.
+    """
+    cc = parse_cache_control(resp_fields)
+    for directive in ("s-maxage", "max-age"):
+        if directive in cc:
+            seconds = delta_seconds(cc[directive])
+            return 0.0 if seconds is None else float(seconds)
+    date = _first_date(resp_fields, b"date", response_time)
+    if date is None:
+        date = response_time
+    expires_lines = field_lines(resp_fields, b"expires")
+    if expires_lines:
+        # Section 4.2.1: with several Expires lines, the first is used.
+        expires = parse_http_date(expires_lines[0], response_time)
+        return 0.0 if expires is None else max(0.0, expires - date)
+    if status not in HEURISTIC_STATUSES and "public" not in cc:
+        return 0.0
+    last_modified = _first_date(resp_fields, b"last-modified", response_time)
+    if last_modified is None:
+        return 0.0
+    return max(0.0, min(heuristic_fraction * (date - last_modified), heuristic_max))
+
+
+def current_age(
+    resp_fields: Fields, request_time: float, response_time: float, now: float
+) -> float:
+    """
+    The current age of a stored response (RFC 9111 section 4.2.3, computed as written).
+
+    @param request_time: When the request that got this response was sent.
+    @param response_time: When the response was received.
+    @param now: The time of the use.
+    @return: Seconds.
+    """
+    ages = field_values(resp_fields, b"age")
+    age_value = delta_seconds(ages[0].decode("latin-1")) if ages else None
+    date_value = _first_date(resp_fields, b"date", response_time)
+    if date_value is None:
+        date_value = response_time
+    apparent_age = max(0.0, response_time - date_value)
+    response_delay = response_time - request_time
+    corrected_age_value = (age_value or 0) + response_delay
+    corrected_initial_age = max(apparent_age, corrected_age_value)
+    resident_time = now - response_time
+    return corrected_initial_age + resident_time
+
+
+def vary_names(resp_fields: Fields) -> tuple[bytes, ...] | None:
+    """
+    The request fields a response varies on (RFC 9111 section 4.1).
+
+    @return: Lowercased names, sorted and without duplicates; C{()} without Vary; L{None}
+        when C{*} is listed (no later request can match).
+    """
+    names = {value.lower() for value in field_values(resp_fields, b"vary")}
+    if b"*" in names:
+        return None
+    return tuple(sorted(names))
+
+
+def vary_key(names: Sequence[bytes], req_fields: Fields) -> bytes:
+    """
+    The secondary cache key (RFC 9111 section 4.1): the request's values of the fields a
+    response varies on, normalized so that equal keys mean matching requests.
+
+    Lines of one field are combined with commas and the whitespace around commas removed
+    (section 4.1 allows both normalizations). A missing field differs from an empty one.
+
+    @param names: Field names (see L{vary_names}), in the order to use.
+    @return: C{b""} when C{names} is empty.
+    """
+    parts = []
+    for name in names:
+        lname = name.lower()
+        lines = field_lines(req_fields, lname)
+        if not lines:
+            parts.append(lname + b"!")
+            continue
+        value = _AROUND_COMMAS.sub(b",", b", ".join(lines))
+        # Length-prefixed, so no value can imitate the next field's entry.
+        parts.append(lname + b"=%d:" % len(value) + value)
+    return b"\n".join(parts)
+
+
+def choose(req_fields: Fields, resp_fields: Fields, lifetime: float, age: float) -> int:
+    """
+    Whether a stored response may answer a request (RFC 9111 sections 4.2, 5.2.1, 5.2.2).
+
+    @param lifetime: The response's L{freshness_lifetime}.
+    @param age: Its L{current_age} now.
+    @return: L{FRESH}, L{STALE_OK} or L{VALIDATE}.
+    """
+    req = parse_cache_control(req_fields)
+    resp = parse_cache_control(resp_fields)
+    # Section 5.2.2.4: the qualified form is treated as the unqualified one, the safe
+    # reading (the named fields would need revalidation anyway).
+    if "no-cache" in resp or "no-cache" in req:
+        return VALIDATE
+    # Section 5.4: Pragma: no-cache counts only without a Cache-Control field.
+    if not _has(req_fields, b"cache-control") and any(
+        value.lower() == b"no-cache" for value in field_values(req_fields, b"pragma")
+    ):
+        return VALIDATE
+    if "max-age" in req:
+        # Section 5.2.1.1; an invalid value is read as 0, the most careful choice.
+        max_age = delta_seconds(req["max-age"]) or 0
+        if age > max_age:
+            return VALIDATE
+    if "min-fresh" in req:
+        # Section 5.2.1.3; an invalid value is ignored (there is no number to honour).
+        min_fresh = delta_seconds(req["min-fresh"])
+        if min_fresh is not None and lifetime - age < min_fresh:
+            return VALIDATE
+    if age < lifetime:
+        return FRESH
+    # Stale (section 4.2). Section 5.2.1.2: max-stale without a value accepts any
+    # staleness; an invalid value accepts none.
+    if "max-stale" not in req:
+        return VALIDATE
+    max_stale_value = req["max-stale"]
+    if max_stale_value is not None:
+        max_stale = delta_seconds(max_stale_value)
+        if max_stale is None or age - lifetime > max_stale:
+            return VALIDATE
+    # Sections 5.2.2.2, 5.2.2.8 and 5.2.2.10 (s-maxage implies proxy-revalidate for a
+    # shared cache) forbid serving stale.
+    if any(d in resp for d in ("must-revalidate", "proxy-revalidate", "s-maxage")):
+        return VALIDATE
+    return STALE_OK
+
+
+def request_cc_flags(req_fields: Fields) -> tuple[bool, bool]:
+    """
+    The request's C{no-store} (RFC 9111 section 5.2.1.5) and C{only-if-cached} (section
+    5.2.1.7) directives.
+
+    @return: (no_store, only_if_cached).
+    """
+    cc = parse_cache_control(req_fields)
+    return "no-store" in cc, "only-if-cached" in cc
+
+
+def _etag(resp_fields: Fields) -> bytes | None:
+    """The stored response's ETag value, if it has a well-formed one."""
+    lines = field_lines(resp_fields, b"etag")
+    if not lines or parse_entity_tag(lines[0]) is None:
+        return None
+    return lines[0].strip(b" \t")
+
+
+def validation_fields(resp_fields: Fields) -> bytes:
+    """
+    The precondition fields that revalidate a stored response (RFC 9111 section 4.3.1):
+    If-None-Match with its entity tag, If-Modified-Since with its Last-Modified.
+
+    @return: Field lines, each ending in CRLF; C{b""} when the response has no validator
+        (the cache then forwards the request unconditionally).
+    """
+    out = b""
+    etag = _etag(resp_fields)
+    if etag is not None:
+        out += b"If-None-Match: " + etag + b"\r\n"
+    last_modified = field_lines(resp_fields, b"last-modified")
+    if last_modified and parse_http_date(last_modified[0]) is not None:
+        out += b"If-Modified-Since: " + last_modified[0].strip(b" \t") + b"\r\n"
+    return out
+
+
+def conditional_match(
+    method: bytes,
+    req_fields: Fields,
+    resp_fields: Fields,
+    response_time: float | None = None,
+) -> bool | None:
+    """
+    Evaluate a request's If-None-Match or If-Modified-Since against a stored 200 response
+    (RFC 9110 sections 13.1.2, 13.1.3, in the order of 13.2.2; RFC 9111 section 4.3.2).
+
+    @param method: The request method; only GET and HEAD are evaluated.
+    @param response_time: When the stored response was received: the modification date
+        used when it has neither Last-Modified nor Date (RFC 9111 section 4.3.2).
+    @return: L{True} to answer 304, L{False} to answer in full, L{None} when the request
+        has no precondition this evaluates (none, or only invalid ones).
+    """
+    if method not in (b"GET", b"HEAD"):
+        return None
+    tags = [
+        member
+        for member in field_values(req_fields, b"if-none-match")
+        if member == b"*" or parse_entity_tag(member) is not None
+    ]
+    if tags:
+        if b"*" in tags:
+            return True
+        # Weak comparison (RFC 9110 section 8.8.3.2): the opaque tags are equal.
+        stored = _etag(resp_fields)
+        stored_tag = parse_entity_tag(stored) if stored is not None else None
+        if stored_tag is None:
+            return False
+        opaque = {tag[1] for tag in map(parse_entity_tag, tags) if tag is not None}
+        return stored_tag[1] in opaque
+    # Section 13.1.3: ignored unless it is one valid HTTP-date (and when If-None-Match is
+    # present, which returned above when it held any valid member).
+    lines = field_lines(req_fields, b"if-modified-since")
+    if len(lines) != 1:
+        return None
+    since = parse_http_date(lines[0], response_time)
+    if since is None:
+        return None
+    modified = _first_date(resp_fields, b"last-modified", response_time)
+    if modified is None:
+        modified = _first_date(resp_fields, b"date", response_time)
+    if modified is None:
+        modified = response_time
+    if modified is None:
+        return False
+    return modified <= since
+
+
+def not_modified_fields(resp_fields: Fields) -> list[tuple[bytes, bytes]]:
+    """
+    The stored fields a 304 answered from the cache repeats (RFC 9110 section 15.4.5):
+    Content-Location, Date, ETag, Vary, Cache-Control and Expires, in stored order.
+    """
+    return [(n, v) for n, v in resp_fields if n.lower() in _NOT_MODIFIED_FIELDS]
+
+
+def stored_fields(resp_fields: Fields) -> list[tuple[bytes, bytes]]:
+    """
+    The fields of a response to keep in the cache (RFC 9111 section 3.1).
+
+    Dropped: hop-by-hop fields and those the Connection field names (RFC 9110 section
+    7.6.1), Proxy-Authenticate, Proxy-Authentication-Info and Proxy-Authorization, Age
+    (recomputed on each use), Content-Length (the stored content gives it), and the fields
+    named by a qualified C{no-cache} or C{private} directive (sections 5.2.2.4, 5.2.2.7).
+    """
+    drop = set(_NOT_STORED)
+    drop.update(value.lower() for value in field_values(resp_fields, b"connection"))
+    cc = parse_cache_control(resp_fields)
+    for directive in ("no-cache", "private"):
+        names = cc.get(directive)
+        if names:
+            drop.update(n.strip(" \t").lower().encode("latin-1") for n in names.split(","))
+    return [(n, v) for n, v in resp_fields if n.lower() not in drop]
+
+
+def updated_fields(stored: Fields, fresh: Fields) -> list[tuple[bytes, bytes]]:
+    """
+    A stored response's fields updated from a 304 or HEAD response (RFC 9111 section 3.2).
+
+    Every field of C{fresh} that may be stored (L{stored_fields}) replaces all stored lines
+    of that name, in the place of the first one; new names are appended. Fields the update
+    names in a qualified no-cache or private directive are dropped afterwards.
+    """
+    incoming: dict[bytes, list[tuple[bytes, bytes]]] = {}
+    for name, value in stored_fields(fresh):
+        incoming.setdefault(name.lower(), []).append((name, value))
+    merged: list[tuple[bytes, bytes]] = []
+    for name, value in stored:
+        lname = name.lower()
+        if lname not in incoming:
+            merged.append((name, value))
+        elif incoming[lname]:
+            merged.extend(incoming[lname])
+            incoming[lname] = []
+    for lines in incoming.values():
+        merged.extend(lines)
+    return stored_fields(merged)
+
+
+def is_unsafe(method: bytes) -> bool:
+    """Whether a method is unsafe (RFC 9110 section 9.2.1): not GET, HEAD, OPTIONS, TRACE."""
+    return method not in _SAFE_METHODS
+
+
+def _origin(key: bytes) -> bytes:
+    """The scheme and authority part of a cache key."""
+    start = key.find(b"://") + 3
+    end = key.find(b"/", start)
+    return key if end < 0 else key[:end]
+
+
+def _key_of_uri(uri: bytes) -> bytes | None:
+    """The cache key of an absolute http(s) URI, or L{None} if it is not one."""
+    m = _ABSOLUTE_URI.fullmatch(uri)
+    if m is None:
+        return None
+    scheme, authority, path = m.groups()
+    scheme = scheme.lower()
+    default = _DEFAULT_PORTS.get(scheme)
+    host_port = _V6_HOST_PORT.fullmatch(authority) or _HOST_PORT.fullmatch(authority)
+    if default is None or host_port is None:
+        return None
+    host, port_text = host_port.groups()
+    if authority.startswith(b"["):
+        try:
+            host = str(ipaddress.IPv6Address(host.decode("ascii"))).encode("ascii")
+        except ValueError:
+            return None
+    port = default
+    if port_text:
+        port = int(port_text) if len(port_text) <= 5 else 0
+        if not 0 < port < 65536:
+            return None
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return cache_key(scheme, host, port, path)
+
+
+def invalidation_keys(method: bytes, status: int, key: bytes, resp_fields: Fields) -> list[bytes]:
+    """
+    The cache keys an unsafe request's response invalidates (RFC 9111 section 4.4).
+
+    @param key: The request's L{cache_key}.
+    @return: For an unsafe method answered with 2xx or 3xx, C{key} and the keys of the
+        Location and Content-Location URIs that share its origin (absolute, or references
+        resolved against C{key}); C{[]} otherwise.
+    """
+    if not is_unsafe(method) or not 200 <= status < 400:
+        return []
+    keys = [key]
+    origin = _origin(key)
+    for lname in (b"location", b"content-location"):
+        for line in field_lines(resp_fields, lname):
+            ref = line.strip(b" \t").partition(b"#")[0]
+            if not ref:
+                continue
+            if ref.startswith(b"/") and not ref.startswith(b"//"):
+                candidate: bytes | None = origin + ref
+            else:
+                candidate = _key_of_uri(ref if b"://" in ref else urljoin(key, ref))
+            if candidate is not None and _origin(candidate) == origin and candidate not in keys:
+                keys.append(candidate)
+    return keys
+
+
+def _range_number(digits: bytes) -> int:
+    """A range position; a longer number than any length is capped (int() has limits)."""
+    return int(digits) if len(digits) <= 18 else 10**18
+
+
+def parse_range(
+    req_fields: Fields, resp_fields: Fields, length: int
+) -> tuple[int, int] | int | None:
+    """
+    The byte range to answer from a stored complete response (RFC 9110 sections 14.1.1,
+    14.2, 13.1.5).
+
+    @param length: The stored content's length.
+    @return: (first, last) inclusive, clipped to C{length}, for a satisfiable single range;
+        C{416} when it is unsatisfiable; L{None} to answer the full response: no Range,
+        several ranges or lines, another unit, a malformed or invalid range, a failed
+        If-Range, or a suffix range of an empty representation (a 200 of the whole, empty,
+        content serves it).
+    """
+    lines = field_lines(req_fields, b"range")
+    if len(lines) != 1:
+        return None
+    m = _RANGE.fullmatch(lines[0].strip(b" \t"))
+    if m is None:
+        return None
+    if not _if_range_holds(req_fields, resp_fields):
+        return None
+    first_text, last_text = m.groups()
+    if first_text:
+        first = _range_number(first_text)
+        if last_text and _range_number(last_text) < first:
+            return None
+        if first >= length:
+            return 416
+        last = _range_number(last_text) if last_text else length - 1
+        return first, min(last, length - 1)
+    if not last_text:
+        return None
+    suffix = _range_number(last_text)
+    if suffix == 0:
+        return 416
+    if length == 0:
+        return None
+    return max(0, length - suffix), length - 1
+
+
+def _if_range_holds(req_fields: Fields, resp_fields: Fields) -> bool:
+    """
+    Whether If-Range, if present, lets the range apply (RFC 9110 section 13.1.5): a strong
+    entity tag strongly equal to the stored one, or a date equal to the stored
+    Last-Modified when that is a strong validator for an intermediate cache (section
+    8.8.2.2: at least 60 seconds before the stored Date).
+    """
+    lines = field_lines(req_fields, b"if-range")
+    if not lines:
+        return True
+    if len(lines) > 1:
+        return False
+    value = lines[0].strip(b" \t")
+    tag = parse_entity_tag(value)
+    if tag is not None:
+        stored = _etag(resp_fields)
+        stored_tag = parse_entity_tag(stored) if stored is not None else None
+        return not tag[0] and stored_tag is not None and not stored_tag[0] and stored_tag == tag
+    when = parse_http_date(value)
+    modified = _first_date(resp_fields, b"last-modified", None)
+    date = _first_date(resp_fields, b"date", None)
+    if when is None or modified is None or date is None:
+        return False
+    return when == modified and modified <= date - 60
