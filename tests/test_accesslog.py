@@ -588,3 +588,41 @@ class CombinedProcessTests(SynchronousTestCase):
             ' "http://ref.example/p" "Wget/1.21.4" ',
             line,
         )
+
+
+class CacheFieldTests(SynchronousTestCase):
+    """With the cache on, every format says what it did (issue #14)."""
+
+    def record(self, cache: str | None) -> Exchange:
+        """A finished GET with the cache result C{cache}."""
+        return Exchange(
+            0.0,
+            "127.0.0.1",
+            None,
+            "GET",
+            "http://a.example/",
+            200,
+            10,
+            0,
+            0.0,
+            "direct",
+            None,
+            cache=cache,
+        )
+
+    def test_squid_code_is_the_cache_result(self) -> None:
+        """The squid format's code is the cache's result (TCP_MEM_HIT), not TCP_MISS."""
+        line = accesslog.format_squid(self.record("TCP_MEM_HIT"))
+        self.assertIn(" TCP_MEM_HIT/200 ", line)
+        self.assertIn(" TCP_MISS/200 ", accesslog.format_squid(self.record(None)))
+
+    def test_combined_and_json_carry_cache(self) -> None:
+        """combined ends with cache=RESULT and json has a cache key, only with a cache."""
+        self.assertTrue(
+            accesslog.format_combined(self.record("TCP_HIT")).endswith(" cache=TCP_HIT\n")
+        )
+        self.assertNotIn("cache=", accesslog.format_combined(self.record(None)))
+        self.assertEqual(
+            json.loads(accesslog.format_json(self.record("TCP_MISS")))["cache"], "TCP_MISS"
+        )
+        self.assertNotIn("cache", json.loads(accesslog.format_json(self.record(None))))

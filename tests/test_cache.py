@@ -109,7 +109,9 @@ class CacheTests(ProxyTestCase):
         attempt = self.connector.attempts[-1]
         upstream = attempt.succeed()
         self.assertIn(b'If-None-Match: "v1"\r\n', upstream.value())
-        attempt.respond(b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nCache-Control: max-age=120\r\n\r\n')
+        attempt.respond(
+            b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nCache-Control: max-age=120\r\n\r\n'
+        )
         got = client.value()
         self.assertTrue(got.startswith(b"HTTP/1.1 200 OK\r\n"), got)
         self.assertIn(b"Cache-Status: aproxy; fwd=stale; fwd-status=304; ttl=120\r\n", got)
@@ -190,7 +192,9 @@ class CacheTests(ProxyTestCase):
     def test_request_no_cache_revalidates(self) -> None:
         """A client's no-cache makes the cache check with the origin first."""
         self.ask(get(), ok(b"hello", FRESH, b'ETag: "v1"'))
-        _, sent = self.ask(get(URL, b"Cache-Control: no-cache"), b"HTTP/1.1 304 Not Modified\r\n\r\n")
+        _, sent = self.ask(
+            get(URL, b"Cache-Control: no-cache"), b"HTTP/1.1 304 Not Modified\r\n\r\n"
+        )
         assert sent is not None
         self.assertIn(b'If-None-Match: "v1"', sent)
 

@@ -93,6 +93,7 @@ class Stage:
         self.resp_filter = response_filter
         self.later: Deferred[Answer | None] | None = None
         self.cancelled: list[StageRequest] = []
+        self.ended: list[StageRequest] = []
         self.source = Source()
         self.replacement: Answer | None = None
 
@@ -116,6 +117,10 @@ class Stage:
     def replace_response(self, request: StageRequest, head: ResponseHead) -> Answer | None:
         """The replacement set, for a 304."""
         return self.replacement if head.status == 304 else None
+
+    def finished(self, request: StageRequest) -> None:
+        """Note it."""
+        self.ended.append(request)
 
     def request_filter(self, request: StageRequest) -> Upper | None:
         """The request filter given, if any."""
@@ -274,6 +279,7 @@ class StageSeamTests(ProxyTestCase):
         self.proto.dataReceived(b"GET http://a.example/later HTTP/1.1\r\nHost: a\r\n\r\n")
         self.proto.connectionLost()
         self.assertEqual(stage.cancelled, stage.requests)
+        self.assertEqual(stage.ended, stage.requests)
 
     def test_later_answer_times_out_504(self) -> None:
         """A stage that never answers is bounded by the read timeout: 504."""
@@ -305,6 +311,7 @@ class StageSeamTests(ProxyTestCase):
         attempt, _ = self.forward(GET_A)
         attempt.respond(OK_5)
         self.assertTrue(self.client.value().endswith(b"hello"))
+        self.assertEqual(len(stage.ended), 2)
 
     def test_streamed_answer_stopped_when_client_leaves(self) -> None:
         """A client that leaves mid-answer stops the source (it releases what it holds)."""

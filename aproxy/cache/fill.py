@@ -220,8 +220,7 @@ class StoreFilter:
                 return True
             length = fill.meta.length if fill.meta is not None else -1
             if length >= 0 and (
-                length - fill.received < QUICK_ABORT_MIN
-                or fill.received > QUICK_ABORT_PCT * length
+                length - fill.received < QUICK_ABORT_MIN or fill.received > QUICK_ABORT_PCT * length
             ):
                 return True
         fill.give_up()

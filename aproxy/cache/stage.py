@@ -157,7 +157,9 @@ class CacheStage:
             state.fill = Fill(key, _ignore)
         return None
 
-    def _find(self, key: bytes, fields: Sequence[tuple[bytes, bytes]]) -> tuple[_Found | None, bool]:
+    def _find(
+        self, key: bytes, fields: Sequence[tuple[bytes, bytes]]
+    ) -> tuple[_Found | None, bool]:
         """
         The stored variant of C{key} that the request's fields select (memory first),
         with its body at hand; and whether any variant of C{key} is stored at all.
@@ -266,7 +268,9 @@ class CacheStage:
         file = found.file
         assert file is not None
         found.file = None
-        return Answer(status, reason, fields, source=FileSource(file, size, first, last), length=size)
+        return Answer(
+            status, reason, fields, source=FileSource(file, size, first, last), length=size
+        )
 
     def _not_cached(self, request: StageRequest, key: bytes) -> Answer:
         """C{only-if-cached} and nothing fits: 504 (RFC 9111 section 5.2.1.7)."""
@@ -352,7 +356,11 @@ class CacheStage:
         state.found = None
         now = self.clock.seconds()
         old = found.meta
-        fields = tuple(rules.updated_fields(old.fields, head.fields))
+        fresh = head.fields
+        if not rules.field_lines(fresh, b"date"):
+            # RFC 9110 section 6.6.1: the time it was received stands in for its Date.
+            fresh = [*fresh, (b"Date", rules.http_date(now))]
+        fields = tuple(rules.updated_fields(old.fields, fresh))
         meta = old.with_fields(fields, state.sent_at, now)
         if self.memory is not None and found.memory:
             self.memory.update(meta)
@@ -521,9 +529,7 @@ def _client_refresh(fields: Sequence[tuple[bytes, bytes]]) -> bool:
     cc = rules.parse_cache_control(fields)
     if cc:
         return "no-cache" in cc or cc.get("max-age") == "0"
-    return any(
-        name.lower() == b"pragma" and b"no-cache" in value.lower() for name, value in fields
-    )
+    return any(name.lower() == b"pragma" and b"no-cache" in value.lower() for name, value in fields)
 
 
 def _ignore(fill: Fill) -> None:

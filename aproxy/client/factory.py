@@ -25,9 +25,9 @@ from aproxy.access.auth import HtpasswdAuthenticator, IAuthenticator
 from aproxy.access.loops import LoopGuard
 from aproxy.access.policy import AccessPolicy, IPolicy
 from aproxy.access.throttle import LoginThrottle
+from aproxy.cache.stage import open_cache
 from aproxy.client.protocol import ProxyProtocol
 from aproxy.client.runtime import Runtime
-from aproxy.cache.stage import CacheStage, open_cache
 from aproxy.client.stages import IRequestStage
 from aproxy.config import ProxyConfig
 from aproxy.errors import Forbidden

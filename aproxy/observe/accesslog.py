@@ -254,7 +254,8 @@ def format_json(record: Exchange) -> str:
     (string or C{null}), C{method}, C{target}, C{status} (C{0}: the client left before
     a response), C{bytes_to_client}, C{bytes_to_origin} (heads included), C{duration_ms}
     (a number, to the microsecond), C{upstream} and C{error} (the RFC 9209 error type or
-    C{null}), and with the cache on C{cache} (its result, as in Squid's log). The output is ASCII (other characters are C{\\u} escaped), without spaces.
+    C{null}), and with the cache on C{cache} (its result, as in Squid's log). The
+    output is ASCII (other characters are C{\\u} escaped), without spaces.
 
     @param record: The finished exchange.
     @return: One line, ending in C{"\\n"}.
