@@ -322,3 +322,31 @@ class DiskCacheTests(ProxyTestCase):
                     f.truncate(10)
         _, went = self.fetch(self.factory, ok(b"y" * 1000, FRESH))
         self.assertTrue(went)
+
+
+class CacheMetricsTests(ProxyTestCase):
+    """The cache's figures in /metrics."""
+
+    config = ProxyConfig(cache_memory="1MiB", pool_size=0)
+
+    def test_metrics(self) -> None:
+        """Requests by result, bytes and objects by tier appear in the metrics."""
+        from aproxy.observe.metrics import Metrics
+
+        metrics = Metrics(self.factory, self.clock)
+        self.factory.observers.append(metrics)
+        for _ in range(2):
+            client, proto = self.connect_client()
+            proto.dataReceived(get())
+        attempt = self.connector.attempts[-1]
+        attempt.succeed()
+        attempt.respond(ok(b"hello", FRESH))
+        client, proto = self.connect_client()
+        proto.dataReceived(get())
+        text = metrics.render().decode()
+        self.assertIn('aproxy_cache_requests_total{result="TCP_MISS"} 1.0', text)
+        self.assertIn('aproxy_cache_requests_total{result="TCP_MEM_HIT"} 1.0', text)
+        self.assertIn('aproxy_cache_requests_total{result="TCP_CF_HIT"} 1.0', text)
+        self.assertIn('aproxy_cache_objects{tier="memory"} 1.0', text)
+        self.assertIn("aproxy_cache_collapsed_total 1.0", text)
+        self.assertIn("aproxy_cache_saved_bytes_total 5.0", text)

@@ -375,3 +375,19 @@ class SnapshotSocketTests(TestCase):
         self.assertEqual(os.stat(parent.directory).st_mode & 0o777, 0o700)
         parent.close()
         self.assertFalse(os.path.exists(parent.directory))
+
+
+class SharedDiskGaugeTests(SynchronousTestCase):
+    """The disk cache is one store for all workers: its gauges are counted once."""
+
+    def test_disk_tier_taken_once_memory_summed(self) -> None:
+        """Two workers reporting the same disk figures give that figure, not twice it."""
+        totals = Totals()
+        for worker, memory in ((1, 10.0), (2, 30.0)):
+            family = Family("aproxy_cache_bytes", "gauge", "bytes")
+            family.samples[("aproxy_cache_bytes", (("tier", "disk"),))] = 500.0
+            family.samples[("aproxy_cache_bytes", (("tier", "memory"),))] = memory
+            totals.update(worker, Snapshot(worker, (family,), ()))
+        [summed] = totals.families()
+        self.assertEqual(summed.samples[("aproxy_cache_bytes", (("tier", "disk"),))], 500.0)
+        self.assertEqual(summed.samples[("aproxy_cache_bytes", (("tier", "memory"),))], 40.0)

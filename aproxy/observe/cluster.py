@@ -69,6 +69,10 @@ _MAX_SNAPSHOT = 64 * 1024 * 1024
 _CUMULATIVE = frozenset({"counter", "histogram", "summary"})
 _SEQUENCE = itertools.count(1)
 
+SHARED_LABEL = "tier"
+"""Gauge samples labelled C{tier="disk"} describe the one disk cache all workers share:
+the totals take them once (the largest), not once per worker."""
+
 SampleKey = tuple[str, tuple[tuple[str, str], ...]]
 """A sample's name and its labels, sorted."""
 
@@ -189,6 +193,10 @@ def _add(into: dict[str, Family], families: Iterable[Family], zero_gauges: bool 
             total = into[family.name] = Family(family.name, family.type, family.help)
         keep = not zero_gauges or family.type in _CUMULATIVE
         for key, value in family.samples.items():
+            if (SHARED_LABEL, "disk") in key[1]:
+                # One store for every worker: each reports the same figure, taken once.
+                total.samples[key] = max(total.samples.get(key, 0.0), value if keep else 0.0)
+                continue
             total.samples[key] = total.samples.get(key, 0.0) + (value if keep else 0.0)
 
 

@@ -114,6 +114,38 @@ class _FactoryCollector:
             "Requests sent on a reused idle upstream connection.",
             value=reused,
         )
+        cache = self._factory.cache
+        if cache is None:
+            return
+        figures = cache.figures()
+        size = GaugeMetricFamily(
+            "aproxy_cache_bytes",
+            "Body bytes stored, by tier (the disk tier is shared by all workers).",
+            labels=["tier"],
+        )
+        objects = GaugeMetricFamily(
+            "aproxy_cache_objects", "Objects stored, by tier.", labels=["tier"]
+        )
+        for tier in ("memory", "disk"):
+            size.add_metric([tier], figures[f"{tier}_bytes"])
+            objects.add_metric([tier], figures[f"{tier}_objects"])
+        yield size
+        yield objects
+        yield CounterMetricFamily(
+            "aproxy_cache_evictions",
+            "Objects evicted to stay within the cache's sizes (by this process).",
+            value=figures["evictions"],
+        )
+        yield CounterMetricFamily(
+            "aproxy_cache_collapsed",
+            "Requests that followed another request's fetch of the same URL.",
+            value=cache.collapsed,
+        )
+        yield CounterMetricFamily(
+            "aproxy_cache_saved_bytes",
+            "Body bytes answered from the cache instead of fetched.",
+            value=cache.saved,
+        )
 
 
 class Metrics:
@@ -162,6 +194,12 @@ class Metrics:
             ["error"],
             registry=registry,
         )
+        self._cache = Counter(
+            "aproxy_cache_requests_total",
+            "Requests the cache saw, by Squid result code (TCP_HIT, TCP_MISS, ...).",
+            ["result"],
+            registry=registry,
+        )
         self._duration = Histogram(
             "aproxy_request_duration_seconds",
             "Seconds from a complete request head to the end of the exchange.",
@@ -184,6 +222,8 @@ class Metrics:
         self._to_origin.inc(record.bytes_to_origin)
         if record.error is not None:
             self._errors.labels(error=record.error).inc()
+        if record.cache is not None:
+            self._cache.labels(result=record.cache).inc()
         self._duration.observe(max(record.duration, 0.0))
         now = self._clock.seconds()
         self.history.record(now, record)
