@@ -313,6 +313,16 @@ class DiskCacheTests(ProxyTestCase):
         self.assertTrue(got.endswith(b"x" * 100_000))
         self.assertIn(b"Cache-Status: aproxy; hit", got)
 
+    def test_large_object_revalidated_streams_from_disk(self) -> None:
+        """A stale object on disk answered after a 304 streams its whole body."""
+        body = b"z" * 600_000
+        self.fetch(self.factory, ok(body, b"Cache-Control: max-age=1", b'ETag: "e"'))
+        self.clock.advance(5)
+        got, went = self.fetch(self.factory, b"HTTP/1.1 304 Not Modified\r\n\r\n")
+        self.assertTrue(went)
+        self.assertIn(b"fwd-status=304", got)
+        self.assertTrue(got.endswith(body), len(got))
+
     def test_truncated_file_is_a_miss(self) -> None:
         """An object whose file was cut short is never served."""
         self.fetch(self.factory, ok(b"y" * 1000, FRESH))

@@ -119,7 +119,9 @@ class AnswerHalf:
             return
         self.answering = source
         self.answer_closing = closing
-        conn.move(Phase.FORWARDING)
+        if conn.phase is not Phase.FORWARDING:
+            # (A response a stage replaced is already forwarding.)
+            conn.move(Phase.FORWARDING)
         conn.output.attach(source)
         conn.set_deadline(DEADLINE_READ, self.runtime.config.read_timeout)
         source.start(self)
