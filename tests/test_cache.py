@@ -360,3 +360,36 @@ class CacheMetricsTests(ProxyTestCase):
         self.assertIn('aproxy_cache_objects{tier="memory"} 1.0', text)
         self.assertIn("aproxy_cache_collapsed_total 1.0", text)
         self.assertIn("aproxy_cache_saved_bytes_total 5.0", text)
+
+
+class CacheEdgeTests(ProxyTestCase):
+    """Limits and the requests the cache leaves to the origin."""
+
+    config = ProxyConfig(cache_memory="64KiB", pool_size=0)
+
+    def ask(self, request: bytes, response: bytes | None) -> tuple[bytes, bool]:
+        """Send C{request}; answer an origin request with C{response}."""
+        client, proto = self.connect_client()
+        before = len(self.connector.attempts)
+        proto.dataReceived(request)
+        went = len(self.connector.attempts) > before
+        if went and response is not None:
+            attempt = self.connector.attempts[-1]
+            attempt.succeed()
+            attempt.respond(response)
+        return client.value(), went
+
+    def test_memory_only_object_bound(self) -> None:
+        """Without a disk, an object over a quarter of the memory tier is not stored."""
+        got, _ = self.ask(get(), ok(b"q" * 20_000, FRESH))
+        self.assertIn(b"detail=too-large", got)
+        _, went = self.ask(get(), ok(b"q" * 20_000, FRESH))
+        self.assertTrue(went)
+
+    def test_if_match_goes_to_origin(self) -> None:
+        """A request with If-Match is the origin's to evaluate, even when a copy is fresh."""
+        self.ask(get(), ok(b"hello", FRESH, b'ETag: "v1"'))
+        _, went = self.ask(get(URL, b'If-Match: "v1"'), ok(b"hello"))
+        self.assertTrue(went)
+        _, went = self.ask(get(), None)
+        self.assertFalse(went)

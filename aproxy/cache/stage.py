@@ -39,6 +39,7 @@ _SMALL = 64 * 1024
 _PROMOTE = 256 * 1024
 _CONDITIONALS = (b"if-none-match", b"if-modified-since", b"if-range", b"range")
 _TEXT = (b"Content-Type", b"text/plain; charset=utf-8")
+_UNEVALUATED = frozenset({b"if-match", b"if-unmodified-since"})
 
 
 @dataclass
@@ -96,6 +97,9 @@ class CacheStage:
         self.memory = memory
         self.disk = disk
         self.max_object = config.cache_max_object
+        # Without a disk, an object is held in memory while it arrives: bounded by what
+        # the memory tier keeps of one object.
+        self.limit = memory.max_object if disk is None and memory is not None else self.max_object
         self.purge_from = [ipaddress.ip_network(n, strict=False) for n in config.cache_purge_from]
         self.fills: dict[bytes, Fill] = {}
         self.results: Counter[str] = Counter()
@@ -115,13 +119,20 @@ class CacheStage:
         if method not in (b"GET", b"HEAD") or target.scheme not in (b"http", b"https"):
             request.state[self] = _State(key, "method")
             return None
-        if head.values(b"upgrade"):
+        fields = head.fields
+        if head.values(b"upgrade") or _has_any(fields, _UNEVALUATED):
+            # A protocol switch, or preconditions the cache does not evaluate: the origin
+            # answers (RFC 9110 section 13.2.1 leaves them to it).
             request.state[self] = _State(key, "pass", fwd="bypass")
             return None
-        fields = head.fields
         now = self.clock.seconds()
         no_store, only_if_cached = rules.request_cc_flags(fields)
-        found, any_variant = self._find(key, fields)
+        try:
+            found, any_variant = self._find(key, fields)
+        except (OSError, sqlite3.Error) as e:
+            # A store that can't be read (a locked index, a disk error): a miss, not a 500.
+            self.log.warn("cache: lookup of {key} failed: {why}", key=key, why=e)
+            found, any_variant = None, False
         if found is None:
             if only_if_cached:
                 return self._not_cached(request, key)
@@ -407,7 +418,7 @@ class CacheStage:
             why = "not-stored"
         else:
             why = rules.storable(method, status, request.head.fields, head.fields)
-            if why is None and (head.content_length or 0) > self.max_object:
+            if why is None and (head.content_length or 0) > self.limit:
                 why = "too-large"
             if why is None and head.status == 206:
                 why = "partial"
@@ -445,7 +456,7 @@ class CacheStage:
         fill.begin(meta, writer, keep)
         value = rules.cache_status(fwd=fwd, fwd_status=status, stored=True)
         request.response_fields += b"Cache-Status: " + value + b"\r\n"
-        return StoreFilter(fill, self.max_object, self._commit)
+        return StoreFilter(fill, self.limit, self._commit)
 
     def _commit(self, fill: Fill) -> None:
         """A fill's body is complete: make it visible in the tiers it was kept for."""
@@ -505,7 +516,10 @@ class CacheStage:
             out["memory_objects"] = self.memory.objects
             evictions += self.memory.evictions
         if self.disk is not None:
-            out["disk_bytes"], out["disk_objects"] = self.disk.stats()
+            try:
+                out["disk_bytes"], out["disk_objects"] = self.disk.stats()
+            except sqlite3.Error:
+                pass
             evictions += self.disk.evictions
         out["evictions"] = evictions
         return out
@@ -522,6 +536,11 @@ _RESULTS = {
     "TCP_MISS": "miss",
     "TCP_DENIED": "denied",
 }
+
+
+def _has_any(fields: Sequence[tuple[bytes, bytes]], names: frozenset[bytes]) -> bool:
+    """Whether any of C{fields} has one of the lowercase C{names}."""
+    return any(name.lower() in names for name, _ in fields)
 
 
 def _client_refresh(fields: Sequence[tuple[bytes, bytes]]) -> bool:
