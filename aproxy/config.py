@@ -9,6 +9,7 @@ L{aproxy.options.OPTIONS}.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,10 @@ def _deprecated(old: str) -> None:
         DeprecationWarning,
         stacklevel=3,
     )
+
+
+# A TCP listening description with an interface (colons in it escaped with backslashes).
+_TCP_LISTEN = re.compile(r"tcp6?:(?P<port>\d+):(?:.*:)?interface=(?P<host>(?:\\:|[^:])+)")
 
 
 # init=False: __init__ below takes every field by keyword, in any form the options take.
@@ -131,6 +136,8 @@ class ProxyConfig:
         L{None} for none.
     @ivar route: C{PATTERN=TARGET} rules choosing a parent proxy (or C{direct}) per
         destination host, first match wins (see L{aproxy.upstream.routes.parse_route}).
+    @ivar fleet_self: This proxy's URL in a fleet's member list, or L{None} to find it by
+        the listening addresses.
     @ivar upstream: A parent proxy URL for everything no route matched (the same as a
         last route C{*=URL}), or L{None}.
     @ivar ca_file: A PEM file of certificate authorities trusted for TLS to origins and
@@ -175,6 +182,7 @@ class ProxyConfig:
     cache_purge_from: tuple[str, ...]
     metrics: str | None
     route: tuple[str, ...]
+    fleet_self: str | None
     upstream: str | None
     ca_file: str | None
     insecure_host: tuple[str, ...]
@@ -215,6 +223,24 @@ class ProxyConfig:
         if self.upstream is None:
             return self.route
         return (*self.route, "*=" + self.upstream)
+
+    @property
+    def own_addresses(self) -> tuple[tuple[str, int], ...]:
+        """
+        The (host, port) pairs this proxy answers on, as a fleet's member list would name
+        it: C{fleet_self}, and each TCP listening port with its interface.
+        """
+        found: list[tuple[str, int]] = []
+        if self.fleet_self is not None:
+            from aproxy.upstream.routes import parse_parent
+
+            me = parse_parent(self.fleet_self)
+            found.append((me.host, me.port))
+        for description in self.port:
+            match = _TCP_LISTEN.match(description)
+            if match is not None:
+                found.append((match["host"].replace("\\", ""), int(match["port"])))
+        return tuple(found)
 
     def connect_allowed(self, port: int) -> bool:
         """Whether a CONNECT tunnel may go to C{port}."""

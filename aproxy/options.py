@@ -410,8 +410,18 @@ OPTIONS: tuple[Option, ...] = (
         (),
         """PATTERN=TARGET (repeatable, first match wins): send requests for hosts
         matching PATTERN (a host name, *.suffix or *) to TARGET, a parent proxy URL as for
-        --upstream or direct. E.g. --route '*.corp.example=http://10.1.2.3:3128' --route
+        --upstream, direct, or hash:URL,URL,... (a cache fleet: each URL goes to the one
+        member that owns it by rendezvous hashing; this proxy's own URL in the list means
+        serve it here). E.g. --route '*.corp.example=http://10.1.2.3:3128' --route
         '*=direct'. Hosts no route matches go directly (or to --upstream).""",
+    ),
+    _row(
+        "fleet-self",
+        "str",
+        values.optional(values.parent),
+        None,
+        """This proxy's own URL in the member lists of --route PATTERN=hash:URL,URL,...
+        (a cache fleet), when its listening addresses don't show which member it is.""",
     ),
     _row(
         "upstream",

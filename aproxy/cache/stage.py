@@ -113,9 +113,11 @@ class CacheStage:
         head = request.head
         method = head.method
         target = request.target
-        key = rules.cache_key(target.scheme, target.host.encode("idna"), target.port, target.path)
+        key = rules.cache_key(target.scheme, target.host.encode(), target.port, target.path)
         if method == b"PURGE":
             return self._purge(request, key)
+        if request.peer:
+            return None  # the fleet member that owns the URL caches it
         if method not in (b"GET", b"HEAD") or target.scheme not in (b"http", b"https"):
             request.state[self] = _State(key, "method")
             return None
@@ -323,7 +325,7 @@ class CacheStage:
             return fits(fill)
         return fill.wait(fits)
 
-    def _purge(self, request: StageRequest, key: bytes) -> Answer:
+    def _purge(self, request: StageRequest, key: bytes) -> Answer | None:
         """C{PURGE}: remove every stored variant of the URL, for the networks allowed."""
         client = request.client
         try:
@@ -340,6 +342,10 @@ class CacheStage:
             )
         removed = self._remove(key)
         request.notes["cache"] = "TCP_MISS"
+        if request.peer:
+            # Also at the fleet member that owns the URL (it must allow this proxy's
+            # address in its own --cache-purge-from).
+            return None
         if removed:
             return Answer(200, b"OK", [_TEXT], b"purged %d object(s)\n" % removed)
         return Answer(404, b"Not Found", [_TEXT], b"not in the cache\n")

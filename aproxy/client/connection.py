@@ -234,7 +234,11 @@ class ClientConnection(Protocol):
             count = factory.clients_per_ip.get(client_ip, 0) + 1
             factory.clients_per_ip[client_ip] = count
             self._counted = True
-            if count > config.max_clients_per_ip:
+            if (
+                count > config.max_clients_per_ip
+                and client_ip not in self.runtime.dialer.router.fleet_hosts
+            ):
+                # (A cache fleet member carries its own clients' requests.)
                 return ServiceUnavailable(
                     "too many connections from your address", "connection_limit_reached"
                 )

@@ -59,7 +59,7 @@ from aproxy.http.head import (
 )
 from aproxy.observe.records import Exchange
 from aproxy.upstream.connector import connect_error
-from aproxy.upstream.dialer import Hop
+from aproxy.upstream.dialer import FleetRoute, Hop
 from aproxy.upstream.protocol import DISCARD, UpstreamProtocol
 from aproxy.workpool import as_client
 
@@ -117,6 +117,7 @@ class ClientExchange(AnswerHalf, ResponseHalf):
     _pauser: ClientPauser | None = None
     # What stages see of this request, and their body filters (none by default).
     view: StageRequest | None = None
+    fleet: FleetRoute | None = None  # (a cache fleet's URL)
     req_filter: IBodyFilter | None = None
     resp_filter: IBodyFilter | None = None
 
@@ -153,10 +154,41 @@ class ClientExchange(AnswerHalf, ResponseHalf):
         check_http_port(rt.config, target.port)
         factory.check_destination(target.host, target.port, rt)
         hop = rt.dialer.plan(target.scheme, target.host, target.port, False)
+        if rt.dialer.router.fleets:
+            # A cache fleet's URL goes to the member that owns it.
+            self.fleet = route = rt.dialer.fleet_route(target, head)
+            if route is not None:
+                hop = route.hop(self.conn.clock.seconds())
         self.hop = hop
         if rt.stages and self._stage_a(rest):
             return
         self._forward(rest)
+
+    def fleet_failover(self) -> bool:
+        """
+        The fleet member this request was dialing failed: dial the URL's next owner
+        (nothing of the request was sent). Return whether it did.
+        """
+        route, hop, conn, target = self.fleet, self.hop, self.conn, self.target
+        hop = route.failed(hop, conn.clock.seconds()) if route and hop else None
+        if hop is None or target is None:
+            return False
+        if self.connecting is not None:
+            d, self.connecting = self.connecting, None
+            d.cancel()
+        self.hop = hop
+        if hop.parent is None and self.view is not None:
+            # Served here after all: the stages (the cache) see it anew, as their own.
+            conn.unpause_for(PAUSE_DIAL)
+            self.ended()
+            if not self._stage_a(b""):
+                self._forward(b"")
+            return True
+        self.out_head = plan_request(
+            self.head, target, hop, self.runtime, conn.client_ip, self.req_filter, self.view
+        ).head
+        self._dial(hop)
+        return True
 
     def _forward(self, rest: bytes) -> None:
         """Decide what goes upstream, and reuse or dial an upstream connection for it."""
@@ -166,18 +198,8 @@ class ClientExchange(AnswerHalf, ResponseHalf):
         target = self.target
         hop = self.hop
         assert target is not None and hop is not None
-        view = self.view
         req_filter = self.req_filter
-        plan = plan_request(
-            head,
-            target,
-            hop,
-            rt,
-            conn.client_ip,
-            req_filter is not None and not req_filter.observe_only,
-            view.upstream_fields if view is not None else b"",
-            view.upstream_drop if view is not None else (),
-        )
+        plan = plan_request(head, target, hop, rt, conn.client_ip, req_filter, self.view)
         if plan.answer_locally:
             self._answer_locally(rest)
             return
@@ -211,7 +233,9 @@ class ClientExchange(AnswerHalf, ResponseHalf):
         conn = self.conn
         head = self.head
         assert self.target is not None
-        self.view = view = StageRequest(head, self.target, conn.client_ip or "unix", conn.user)
+        peer = self.fleet is not None and self.hop is not None and self.hop.parent is not None
+        view = StageRequest(head, self.target, conn.client_ip or "unix", conn.user, peer=peer)
+        self.view = view
         stages = self.runtime.stages
         if head.codings is not None or head.content_length:
             self.req_filter = request_filter(stages, view)
@@ -281,7 +305,8 @@ class ClientExchange(AnswerHalf, ResponseHalf):
 
     def _dial(self, hop: Hop) -> None:
         conn = self.conn
-        conn.move(Phase.DIALING)
+        if conn.phase is not Phase.DIALING:  # (it is, when a fleet member failed)
+            conn.move(Phase.DIALING)
         self.dial_started = conn.clock.seconds()
         conn.pause_for(PAUSE_DIAL)
         conn.set_deadline(DEADLINE_CONNECT, self.runtime.config.connect_timeout)
@@ -324,6 +349,8 @@ class ClientExchange(AnswerHalf, ResponseHalf):
     def _connect_failed(self, failure: Failure) -> None:
         self.connecting = None
         if failure.check(CancelledError) or self.conn.phase is not Phase.DIALING:
+            return
+        if self.fleet_failover():
             return
         target = self.target
         assert target is not None

@@ -170,12 +170,20 @@ class ProxyFactory(Factory):
             if own
             else connector
         )
+        router = Router(config.all_routes, config.own_addresses)
+        for fleet in router.fleets:
+            if fleet.own is None:
+                self.log.warn(
+                    "cache fleet {members}: none of them is this proxy by its listening"
+                    " addresses; if it is a member, name it with --fleet-self URL",
+                    members=", ".join(m.name for m in fleet.members),
+                )
         dialer = Dialer(
             connector,
             parent_connector,
             tls if tls is not None else ClientTLS(config.ca_file, config.insecure_host),
             self._upstream_factory,
-            Router(config.all_routes),
+            router,
         )
         via = self.loops.via(config.via)
         name = (config.via or "aproxy").encode("ascii")

@@ -49,14 +49,16 @@ _R, _A, _D, _F, _W, _T, _C, _S = (
 # From each phase, the phases a connection may move to. READING -> READING and WAITING
 # are the requests the proxy answers itself (Max-Forwards: 0); DIALING -> TUNNEL is a
 # CONNECT; FORWARDING -> DIALING is the one retry on a fresh connection when a pooled one
-# turns out closed; FORWARDING -> TUNNEL is a 101. STAGE is a request waiting for a stage's
+# turns out closed; FORWARDING -> TUNNEL is a 101. DIALING -> READING, WAITING or STAGE is
+# a cache fleet member that could not be reached, whose URL is then served here: the
+# stages may answer it after all. STAGE is a request waiting for a stage's
 # answer (a cache waiting for a fetch in progress): then it is answered (in one write, or
 # streamed while FORWARDING) or goes upstream.
 ALLOWED: dict[Phase, frozenset[Phase]] = {
     _R: frozenset({_R, _A, _D, _F, _W, _C, _S}),
     _A: frozenset({_R, _D, _F, _W, _C, _S}),
     _S: frozenset({_R, _D, _F, _W, _C}),
-    _D: frozenset({_F, _T, _C}),
+    _D: frozenset({_R, _F, _W, _T, _C, _S}),
     _F: frozenset({_R, _W, _D, _T, _C}),
     _W: frozenset({_R, _C}),
     _T: frozenset({_C}),

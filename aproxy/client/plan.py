@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from aproxy.client.runtime import Runtime
+from aproxy.client.stages import IBodyFilter, StageRequest
 from aproxy.config import ProxyConfig
 from aproxy.errors import BadRequest, Forbidden
 from aproxy.http.body import ChunkedDecoder, LengthDecoder, UntilCloseDecoder, chunk
@@ -106,22 +107,24 @@ def plan_request(
     hop: Hop,
     runtime: Runtime,
     client_ip: str | None,
-    reframe: bool = False,
-    stage_fields: bytes = b"",
-    stage_drop: tuple[bytes, ...] = (),
+    req_filter: IBodyFilter | None = None,
+    view: StageRequest | None = None,
 ) -> RequestPlan:
     """
     Decide what goes upstream for C{head}: Max-Forwards, the one case Upgrade is passed
     on, X-Forwarded-For, a parent's own credentials, and the body's decoder.
 
-    @param reframe: Send the body chunked (a filter may change its length).
-    @param stage_fields: Field lines stages add (see L{aproxy.client.stages.StageRequest}).
-    @param stage_drop: Lowercase names of the client's fields stages leave out.
+    @param req_filter: The stage body filter of the request: unless it only observes, the
+        body goes chunked (its length may change).
+    @param view: What the stages saw of the request, with the fields they add and drop.
 
     @raise BadRequest: For a malformed Max-Forwards.
     """
-    extra = stage_fields
-    drop: tuple[bytes, ...] = stage_drop
+    reframe = req_filter is not None and not req_filter.observe_only
+    extra = hop.fields
+    if view is not None:
+        extra += view.upstream_fields
+    drop: tuple[bytes, ...] = view.upstream_drop if view is not None else ()
     if head.method in (b"OPTIONS", b"TRACE"):
         values = head.values(b"max-forwards")
         if values:

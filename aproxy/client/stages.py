@@ -69,6 +69,8 @@ class StageRequest:
     @ivar notes: What stages say of the request for its record (e.g. C{"cache"}).
     @ivar state: Each stage's own state for this request, under the stage itself: it
         lives exactly as long as the request.
+    @ivar peer: The request goes to the member of a cache fleet that owns its URL (see
+        L{aproxy.upstream.routes.Fleet}): a cache neither answers nor stores it here.
     """
 
     head: RequestHead
@@ -80,6 +82,7 @@ class StageRequest:
     response_fields: bytes = b""
     notes: dict[str, str] = field(default_factory=dict)
     state: dict[object, Any] = field(default_factory=dict)
+    peer: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,19 +23,23 @@ from typing import Any
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import alsoProvides
 
 from aproxy.errors import BadGateway, ProxyError
-from aproxy.http.target import format_authority
+from aproxy.http.head import RequestHead
+from aproxy.http.target import Target, format_authority
 from aproxy.upstream.connector import IUpstreamConnector, connect_error
 from aproxy.upstream.handshakes import HttpConnectHandshake, ParentHandshake, Socks5Handshake
 from aproxy.upstream.protocol import UpstreamFactory, UpstreamProtocol
-from aproxy.upstream.routes import Parent, Router
+from aproxy.upstream.routes import FLEET_FIELD, Fleet, Parent, Router, fleet_forwarded, fleet_key
 from aproxy.upstream.tls import ClientTLS, VerifyNote, tls_failure
 
-__all__ = ["Dialer", "Hop"]
+__all__ = ["Dialer", "FleetRoute", "Hop"]
+
+_log = Logger()
 
 # How many plans the dialer remembers (they never change until a reload).
 _CACHE_SIZE = 1024
@@ -54,9 +58,13 @@ class Hop:
         (absolute-form target, the parent's C{Proxy-Authorization}) rather than through a
         tunnel to the origin.
     @ivar label: C{"direct"} or the parent's name, for logs.
+    @ivar fields: Field lines every request through it carries (a fleet member's
+        C{CDN-Loop}: see L{FleetRoute}).
     """
 
-    __slots__ = ("absolute", "host", "key", "label", "parent", "port", "tls")
+    __slots__ = ("absolute", "fields", "host", "key", "label", "parent", "port", "tls")
+
+    fields: bytes
 
     def __init__(
         self,
@@ -74,6 +82,7 @@ class Hop:
         self.parent = parent
         self.absolute = absolute
         self.label = parent.name if parent is not None else "direct"
+        self.fields = b""
 
 
 class Dialer:
@@ -127,6 +136,19 @@ class Dialer:
             self._plans.clear()
         self._plans[cache_key] = hop
         return hop
+
+    def fleet_route(self, target: Target, head: RequestHead) -> FleetRoute | None:
+        """
+        The L{FleetRoute} of request C{head} for C{target} when a route sends its host to
+        a cache fleet, unless another member sent it here (its C{CDN-Loop} says so): this
+        proxy then serves it itself.
+        """
+        fleet = self.router.fleet_for(target.host)
+        if fleet is None:
+            return None
+        if fleet_forwarded([value for name, value in head.fields if name.lower() == b"cdn-loop"]):
+            return None
+        return FleetRoute(self, fleet, target)
 
     def open(self, hop: Hop) -> Deferred[UpstreamProtocol]:
         """
@@ -294,3 +316,53 @@ class _Attempt:
             connecting.cancel()
         else:
             self._abort()
+
+
+class FleetRoute:
+    """
+    A request for a URL of a cache fleet (L{aproxy.upstream.routes.Fleet}): it goes to
+    the member that owns the URL, as a proxy request (absolute form, C{https://} targets
+    too, so the member caches them) on the member's shared connections; or here, to the
+    origin, when this proxy owns it.
+
+    @ivar fleet: The fleet.
+    @ivar key: What the fleet hashes for this URL.
+    """
+
+    __slots__ = ("_dialer", "_target", "fleet", "key")
+
+    def __init__(self, dialer: Dialer, fleet: Fleet, target: Target) -> None:
+        self._dialer = dialer
+        self._target = target
+        self.fleet = fleet
+        self.key = fleet_key(target.scheme, target.host, target.port, target.path)
+
+    def hop(self, now: float) -> Hop:
+        """The L{Hop} to the URL's owner at C{now}."""
+        target = self._target
+        owner = self.fleet.owner(self.key, now)
+        if owner is None:
+            return self._dialer.plan(target.scheme, target.host, target.port, False)
+        hop = Hop(("parent", owner), target.host, target.port, False, owner, True)
+        hop.fields = FLEET_FIELD
+        return hop
+
+    def failed(self, hop: Hop, now: float) -> Hop | None:
+        """
+        C{hop}'s member could not be reached (refused, unreachable, timed out): mark it
+        down and return the hop to the URL's next owner; L{None} if C{hop} went to no
+        member. Each failure marks one member down, so the retries end, at the latest
+        with the URL served here.
+        """
+        member = hop.parent
+        if member is None:
+            return None
+        self.fleet.failed(member, now)
+        hop = self.hop(now)
+        _log.info(
+            "cache fleet member {member} failed: {url} goes to {next}",
+            member=member.name,
+            url=self.key,
+            next=hop.label,
+        )
+        return hop

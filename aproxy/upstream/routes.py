@@ -5,21 +5,74 @@ A route sends the requests for matching destination hosts either directly or thr
 parent proxy: an HTTP proxy (C{http://}, or C{https://} with TLS to the parent) or a SOCKS5
 proxy (C{socks5://}, RFC 1928, with RFC 1929 username/password). The first matching route
 wins; a destination no route matches goes directly.
+
+A route to C{hash:URL,URL,...} makes a cache fleet (L{Fleet}): each URL has one owner
+among the members, by rendezvous (highest random weight) hashing, so every member sends
+a given URL to the same one and the fleet caches it once.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 from aproxy.access.policy import parse_host_pattern
 
-__all__ = ["Parent", "Router", "parse_parent", "parse_route", "without_credentials"]
+__all__ = [
+    "FLEET_DOWN",
+    "FLEET_FIELD",
+    "FLEET_LOOP",
+    "Fleet",
+    "Parent",
+    "Router",
+    "fleet_forwarded",
+    "fleet_key",
+    "parse_parent",
+    "parse_route",
+    "without_credentials",
+]
+
+FLEET_DOWN = 30.0
+"""Seconds a fleet member that refused or timed out is skipped (only its share moves)."""
+
+FLEET_LOOP = b"aproxy-fleet"
+"""The C{CDN-Loop} (RFC 8586) token a member adds to requests it sends another member: the
+receiver serves them itself, so members that disagree about who is down can't loop."""
+
+FLEET_FIELD = b"CDN-Loop: " + FLEET_LOOP + b"\r\n"
+"""The field line a member adds to what it sends the owner of a URL."""
 
 _DEFAULT_PARENT_PORTS = {"http": 80, "https": 443, "socks5": 1080}
+_URL_PORTS = {b"http": 80, b"https": 443}
+
+
+def fleet_key(scheme: bytes, host: str, port: int, path: bytes) -> bytes:
+    """
+    What a fleet hashes to find a URL's owner: the URL as the cache keys it (scheme and
+    host lowercased, the default port left out, path and query as sent), so every member
+    sends one URL to one owner, whatever spelling of the authority its clients used.
+    """
+    authority = host.lower().encode()
+    if _URL_PORTS.get(scheme) != port:
+        authority += b":%d" % port
+    return scheme + b"://" + authority + path
+
+
+def fleet_forwarded(cdn_loop: list[bytes]) -> bool:
+    """
+    Whether C{cdn_loop} (the request's C{CDN-Loop} field values) says another member sent
+    it here: then this proxy serves it itself.
+    """
+    for line in cdn_loop:
+        for member in line.split(b","):
+            if member.split(b";", 1)[0].strip().lower() == FLEET_LOOP:
+                return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -108,13 +161,78 @@ def parse_parent(url: str) -> Parent:
     return Parent(scheme, host, port or _DEFAULT_PARENT_PORTS[scheme], username, password)
 
 
-def parse_route(text: str) -> tuple[str, Parent | None]:
+class Fleet:
+    """
+    The members of a cache fleet and who owns each URL (see the module docstring).
+
+    @ivar members: The members' URLs, this proxy's own among them (or not).
+    @ivar own: The index of this proxy in C{members}, or L{None}.
+    """
+
+    def __init__(self, members: tuple[Parent, ...]) -> None:
+        self.members = members
+        self.own: int | None = None
+        self._seeds = [m.name.encode() for m in members]
+        self._down: dict[int, float] = {}
+
+    @property
+    def name(self) -> str:
+        """The fleet as a route names it: C{hash:} and the members (without credentials)."""
+        return "hash:" + ",".join(m.name for m in self.members)
+
+    def owner(self, url: bytes, now: float) -> Parent | None:
+        """
+        The member that owns C{url}: L{None} when it is this proxy (serve it here), or
+        when every other member able to is down.
+        """
+        best = -1
+        best_score = b""
+        down = self._down
+        for index, seed in enumerate(self._seeds):
+            if index != self.own and down.get(index, 0.0) > now:
+                continue
+            score = hashlib.blake2b(seed + b"\x00" + url, digest_size=8).digest()
+            if score > best_score:
+                best, best_score = index, score
+        if best < 0 or best == self.own:
+            return None
+        return self.members[best]
+
+    def failed(self, member: Parent, now: float) -> None:
+        """C{member} refused or timed out: skip it for L{FLEET_DOWN} seconds."""
+        for index, candidate in enumerate(self.members):
+            if candidate == member and index != self.own:
+                self._down[index] = now + FLEET_DOWN
+
+    def place(self, own: Iterable[tuple[str, int]]) -> None:
+        """Find this proxy among the members by its (host, port) addresses."""
+        wanted = {(host.lower().strip("[]"), port) for host, port in own}
+        for index, member in enumerate(self.members):
+            if (member.host, member.port) in wanted:
+                self.own = index
+                return
+
+
+def _parse_fleet(text: str) -> Fleet:
+    """The members of a C{hash:URL,URL,...} route target."""
+    members = tuple(parse_parent(url) for url in text.split(",") if url.strip())
+    if len(members) < 2:
+        raise ValueError("a hash: route needs at least two member URLs")
+    for member in members:
+        if member.scheme not in ("http", "https"):
+            raise ValueError(f"fleet member {member.name}: must be an http:// or https:// proxy")
+    if len({(m.host, m.port) for m in members}) != len(members):
+        raise ValueError("a hash: route names a member twice")
+    return Fleet(members)
+
+
+def parse_route(text: str) -> tuple[str, Parent | Fleet | None]:
     """
     Parse a C{--route PATTERN=TARGET} value: PATTERN is a host name, C{*.suffix} (its
     subdomains), C{.suffix} (the domain and its subdomains) or C{*} (anything); TARGET a
-    parent proxy URL or C{direct}.
+    parent proxy URL, C{direct}, or C{hash:URL,URL,...} (a cache fleet).
 
-    @return: The pattern and the parent (L{None} for C{direct}).
+    @return: The pattern and the parent (L{None} for C{direct}) or fleet.
     @raise ValueError: For a malformed value.
     """
     pattern, sep, target = text.partition("=")
@@ -129,6 +247,8 @@ def parse_route(text: str) -> tuple[str, Parent | None]:
             raise ValueError(str(e)) from None
     if target.lower() == "direct":
         return pattern, None
+    if target.lower().startswith("hash:"):
+        return pattern, _parse_fleet(target[5:])
     return pattern, parse_parent(target)
 
 
@@ -137,19 +257,29 @@ class Router:
     Picks the route for a destination host: the first pattern that matches, else direct.
 
     @param routes: C{PATTERN=TARGET} strings as for L{parse_route}, in order.
+    @param own: This proxy's (host, port) addresses, to find itself in a fleet.
+    @ivar fleets: The fleets the routes name.
+    @ivar fleet_hosts: The hosts of the other members of every fleet.
     """
 
-    def __init__(self, routes: tuple[str, ...] = ()) -> None:
-        self._rules: list[tuple[str, str, Parent | None]] = []
+    def __init__(self, routes: tuple[str, ...] = (), own: Iterable[tuple[str, int]] = ()) -> None:
+        self._rules: list[tuple[str, str, Parent | Fleet | None]] = []
+        own = tuple(own)
         for text in routes:
             pattern, parent = parse_route(text)
+            if isinstance(parent, Fleet):
+                parent.place(own)
             if pattern == "*":
                 self._rules.append(("any", "", parent))
                 continue
             kind, value = parse_host_pattern(pattern)
             self._rules.append((kind, str(value), parent))
         self.parents: tuple[Parent, ...] = tuple(
-            {p: None for _, _, p in self._rules if p is not None}
+            {p: None for _, _, p in self._rules if isinstance(p, Parent)}
+        )
+        self.fleets = tuple(p for _, _, p in self._rules if isinstance(p, Fleet))
+        self.fleet_hosts = frozenset(
+            m.host for f in self.fleets for i, m in enumerate(f.members) if i != f.own
         )
 
     def __bool__(self) -> bool:
@@ -157,7 +287,19 @@ class Router:
         return bool(self._rules)
 
     def parent_for(self, host: str) -> Parent | None:
-        """The parent for C{host} (as the client wrote it), or L{None} for direct."""
+        """
+        The parent for C{host} (as the client wrote it), or L{None} for direct (and for a
+        fleet's hosts, whose owner is chosen per URL: see L{fleet_for}).
+        """
+        found = self._match(host)
+        return found if isinstance(found, Parent) else None
+
+    def fleet_for(self, host: str) -> Fleet | None:
+        """The fleet whose route C{host} takes, or L{None}."""
+        found = self._match(host) if self.fleets else None
+        return found if isinstance(found, Fleet) else None
+
+    def _match(self, host: str) -> Parent | Fleet | None:
         host = host.lower().rstrip(".")
         for kind, value, parent in self._rules:
             if kind == "any" or (kind == "exact" and host == value):
