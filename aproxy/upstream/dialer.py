@@ -362,7 +362,7 @@ class FleetRoute:
         _log.info(
             "cache fleet member {member} failed: {url} goes to {next}",
             member=member.name,
-            url=self.key,
-            next=hop.label,
+            url=self.key.decode("ascii", "replace"),
+            next="the origin" if hop.parent is None else hop.label,
         )
         return hop
