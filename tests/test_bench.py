@@ -113,10 +113,10 @@ class BenchTypingTests(SynchronousTestCase):
     """The benchmark's package and programs stay mypy --strict clean, like aproxy's code."""
 
     def test_mypy(self) -> None:
-        """mypy --strict finds nothing in bench/aproxybench, bench/run.py and bench/programs."""
+        """mypy --strict finds nothing in bench/aproxybench, its scripts and bench/programs."""
         if not SCRIPT.exists():
             self.skipTest("not running from a checkout")
-        paths = ["bench/aproxybench", "bench/run.py", "bench/programs"]
+        paths = ["bench/aproxybench", "bench/run.py", "bench/cache_bench.py", "bench/programs"]
         result = subprocess.run(
             [sys.executable, "-m", "mypy", "--strict", *paths],
             cwd=ROOT,

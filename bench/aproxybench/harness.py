@@ -96,7 +96,9 @@ class Harness:
             work = self.tmp / "nginx"
             work.mkdir()
             conf = work / "nginx.conf"
-            conf.write_text(render("nginx.conf", work=work, port=self.origin_port, data=data))
+            conf.write_text(
+                render("nginx.conf", work=work, port=self.origin_port, data=data, location="")
+            )
             argv = [nginx, "-p", str(work), "-e", str(work / "error.log"), "-c", str(conf)]
             self.origin_kind = "nginx (1 worker)"
             self.versions["nginx"] = tool_output([nginx, "-v"])

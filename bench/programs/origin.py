@@ -1,8 +1,11 @@
 """
 Fallback benchmark origin (no nginx): serves the files of one directory over HTTP/1.1.
 
-Run by the benchmark as C{python origin.py PORT DIR} on 127.0.0.1 when nginx is not
-installed (or C{--no-nginx}); standard library only.
+Run by the benchmark as C{python origin.py PORT DIR [MAX_AGE]} on 127.0.0.1 when nginx is
+not installed (or C{--no-nginx}); standard library only. With C{MAX_AGE} every 200 answer
+says C{Cache-Control: max-age=MAX_AGE} (bench/cache_bench.py's cacheable origin, as nginx's
+C{expires}); a query string is ignored when looking up the file (as nginx's C{$uri}), so
+C{/100k?n=1} and C{/100k?n=2} are distinct URLs for a cache but the same file.
 """
 
 from __future__ import annotations
@@ -12,8 +15,13 @@ import os
 import sys
 
 
-async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, root: str) -> None:
-    """Answer the requests of one connection with the files in C{root} (404 otherwise)."""
+async def handle(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, root: str, cache: bytes
+) -> None:
+    """
+    Answer the requests of one connection with the files in C{root} (404 otherwise);
+    C{cache} is an extra header line for 200 answers (or empty).
+    """
     loop = asyncio.get_running_loop()
     try:
         while True:
@@ -27,7 +35,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, roo
                     close = b"close" in value.lower()
             if target.startswith(b"http://"):
                 target = b"/" + target.split(b"/", 3)[3] if target.count(b"/") >= 3 else b"/"
-            name = target.decode("ascii", "replace").lstrip("/")
+            name = target.split(b"?", 1)[0].decode("ascii", "replace").lstrip("/")
             path = os.path.join(root, name)
             conn = b"Connection: close\r\n" if close else b""
             if "/" in name or not name or not os.path.isfile(path):
@@ -36,7 +44,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, roo
                 size = os.path.getsize(path)
                 writer.write(
                     b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                    b"Content-Length: %d\r\n%s\r\n" % (size, conn)
+                    b"Content-Length: %d\r\n%s%s\r\n" % (size, cache, conn)
                 )
                 if method != b"HEAD":
                     with open(path, "rb") as f:
@@ -57,8 +65,9 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, roo
 async def main() -> None:
     """Serve C{sys.argv[2]} on 127.0.0.1:C{sys.argv[1]} until killed."""
     port, root = int(sys.argv[1]), sys.argv[2]
+    cache = b"Cache-Control: max-age=%d\r\n" % int(sys.argv[3]) if len(sys.argv) > 3 else b""
     server = await asyncio.start_server(
-        lambda r, w: handle(r, w, root), "127.0.0.1", port, backlog=4096
+        lambda r, w: handle(r, w, root, cache), "127.0.0.1", port, backlog=4096
     )
     async with server:
         await server.serve_forever()
