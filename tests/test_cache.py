@@ -81,6 +81,31 @@ class CacheTests(ProxyTestCase):
         self.assertTrue(got.endswith(b"\r\n\r\nhello"))
         self.assertEqual([r.cache for r in self.records], ["TCP_MISS", "TCP_MEM_HIT"])
 
+    def test_received_age_counts(self) -> None:
+        """
+        The Age an origin (itself a cache) sends starts the stored response's age: a hit
+        says the sum, once, and a response older than its max-age is stale at once.
+        """
+        self.ask(get(), ok(b"hello", b"Cache-Control: max-age=100", b"Age: 30"))
+        self.clock.advance(5)
+        got, sent = self.ask(get())
+        self.assertIsNone(sent)
+        self.assertEqual(got.count(b"\r\nAge: "), 1)
+        self.assertIn(b"\r\nAge: 35\r\n", got)
+        self.assertIn(b"Cache-Status: aproxy; hit; ttl=65\r\n", got)
+        old = b"http://a.example/old"
+        self.ask(get(old), ok(b"x", b"Cache-Control: max-age=100", b"Age: 500"))
+        _, sent = self.ask(get(old), ok(b"x"))
+        self.assertIsNotNone(sent)
+
+    def test_stale_on_arrival_without_validator_not_stored(self) -> None:
+        """A response no later request could use or revalidate is not written at all."""
+        for fields in ((b"Cache-Control: max-age=0",), (b"Expires: 0",)):
+            got, _ = self.ask(get(), ok(b"x", *fields))
+            self.assertIn(b"detail=stale-on-arrival", got, fields)
+        got, _ = self.ask(get(), ok(b"x", b"Cache-Control: max-age=0", b'ETag: "v"'))
+        self.assertIn(b"; stored\r\n", got)
+
     def test_no_store_and_private_not_stored(self) -> None:
         """no-store and private responses go to the origin every time."""
         for directive in (b"no-store", b"private", b"max-age=60, no-store"):
@@ -303,6 +328,15 @@ class DiskCacheTests(ProxyTestCase):
             attempt.succeed()
             attempt.respond(response)
         return client.value(), went
+
+    def test_object_over_the_store_size_not_written(self) -> None:
+        """A response larger than the whole disk store is relayed, not written and lost."""
+        config = ProxyConfig(cache_dir=self.dir, cache_size="64KiB", pool_size=0)
+        factory = ProxyFactory(config, self.clock, self.connector)
+        got, went = self.fetch(factory, ok(b"x" * 100_000, FRESH))
+        self.assertTrue(went)
+        self.assertIn(b"detail=too-large", got)
+        self.assertTrue(got.endswith(b"x" * 100_000))
 
     def test_hit_after_restart(self) -> None:
         """An object stored by one factory is a hit for another on the same directory."""

@@ -761,8 +761,9 @@ class StoredFieldsTests(SynchronousTestCase):
 
     def test_hop_by_hop_and_proxy_fields_dropped(self) -> None:
         """Connection and the fields it names, hop-by-hop fields, Proxy-Authenticate,
-        Proxy-Authentication-Info, Proxy-Authorization, Age and Content-Length are not
-        stored; the rest are, in order (section 3.1)."""
+        Proxy-Authentication-Info, Proxy-Authorization and Content-Length are not stored;
+        the rest are, in order (section 3.1), Age included (the age computation starts
+        from it; answers replace it)."""
         resp = [
             (b"Content-Type", b"text/plain"),
             (b"Connection", b"X-Hop, close"),
@@ -785,10 +786,18 @@ class StoredFieldsTests(SynchronousTestCase):
             stored_fields(resp),
             [
                 (b"Content-Type", b"text/plain"),
+                (b"Age", b"5"),
                 (b"X-Unknown", b"kept"),
                 (b"Content-Encoding", b"gzip"),
             ],
         )
+
+    def test_update_without_age_drops_the_stored_age(self) -> None:
+        """A 304 without Age leaves no Age of the first response behind (its age is
+        computed afresh from the 304's exchange)."""
+        stored = [(b"Age", b"30"), (b"ETag", b'"a"')]
+        self.assertEqual(updated_fields(stored, [(b"ETag", b'"a"')]), [(b"ETag", b'"a"')])
+        self.assertEqual(rules.without_age(stored), [(b"ETag", b'"a"')])
 
     def test_qualified_directives_drop_fields(self) -> None:
         """Fields named by qualified no-cache or private are not stored (sections
@@ -831,9 +840,9 @@ class StoredFieldsTests(SynchronousTestCase):
         )
 
     def test_update_exclusions(self) -> None:
-        """Content-Length, Age, hop-by-hop fields (and those Connection names) and
+        """Content-Length, hop-by-hop fields (and those Connection names) and
         Proxy-Authenticate in the 304 do not update the stored response (sections 3.1,
-        3.2)."""
+        3.2); its Age does, and a stored Age goes when the 304 has none."""
         stored = [(b"Content-Type", b"text/plain"), (b"X-Hop", b"stored")]
         fresh = [
             (b"Content-Length", b"0"),
@@ -846,7 +855,12 @@ class StoredFieldsTests(SynchronousTestCase):
         ]
         self.assertEqual(
             updated_fields(stored, fresh),
-            [(b"Content-Type", b"text/plain"), (b"X-Hop", b"stored"), (b"ETag", b'"new"')],
+            [
+                (b"Content-Type", b"text/plain"),
+                (b"X-Hop", b"stored"),
+                (b"Age", b"30"),
+                (b"ETag", b'"new"'),
+            ],
         )
 
     def test_update_with_new_qualified_no_cache(self) -> None:

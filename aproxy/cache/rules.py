@@ -36,6 +36,7 @@ __all__ = [
     "STALE_OK",
     "VALIDATE",
     "Fields",
+    "Freshness",
     "cache_key",
     "cache_status",
     "choose",
@@ -61,6 +62,7 @@ __all__ = [
     "validation_fields",
     "vary_key",
     "vary_names",
+    "without_age",
 ]
 
 #: L{choose}: the stored response is fresh enough for the request; serve it.
@@ -87,10 +89,11 @@ _HOP_BY_HOP: Final = frozenset(
     | {b"transfer-encoding", b"upgrade"}
 )
 # Fields about the proxy a cache forwards through, never stored (RFC 9111 section 3.1);
-# Age is recomputed on each use and Content-Length from the stored content.
+# Content-Length comes from the stored content. (Age is stored as received: the age
+# computation of section 4.2.3 starts from it. Answers send the current age instead.)
 _NOT_STORED: Final = (
     _HOP_BY_HOP
-    | {b"age", b"content-length"}
+    | {b"content-length"}
     | {b"proxy-authenticate", b"proxy-authentication-info", b"proxy-authorization"}
 )
 # The fields a 304 carries over from the 200 it stands for (RFC 9110 section 15.4.5).
@@ -242,6 +245,39 @@ def current_age(
     @param now: The time of the use.
     @return: Seconds.
     """
+    return _initial_age(resp_fields, request_time, response_time) + now - response_time
+
+
+class Freshness:
+    """
+    What a stored response's own fields say about its freshness, worked out once and kept
+    with the object (a hit then costs no parsing of its fields).
+
+    @ivar lifetime: Its L{freshness_lifetime}.
+    @ivar no_cache: Its C{Cache-Control} says C{no-cache}: every use is validated.
+    @ivar no_stale: It may never be served stale (C{must-revalidate},
+        C{proxy-revalidate} or C{s-maxage}: RFC 9111 sections 5.2.2.2, 5.2.2.8, 5.2.2.10).
+    """
+
+    __slots__ = ("_initial", "_response_time", "lifetime", "no_cache", "no_stale")
+
+    def __init__(
+        self, status: int, resp_fields: Fields, request_time: float, response_time: float
+    ) -> None:
+        self._initial = _initial_age(resp_fields, request_time, response_time)
+        self._response_time = response_time
+        self.lifetime = freshness_lifetime(status, resp_fields, response_time)
+        cc = parse_cache_control(resp_fields)
+        self.no_cache = "no-cache" in cc
+        self.no_stale = any(d in cc for d in ("must-revalidate", "proxy-revalidate", "s-maxage"))
+
+    def age(self, now: float) -> float:
+        """Its L{current_age} at C{now}."""
+        return self._initial + now - self._response_time
+
+
+def _initial_age(resp_fields: Fields, request_time: float, response_time: float) -> float:
+    """The corrected initial age of RFC 9111 section 4.2.3 (the age when it was received)."""
     ages = field_values(resp_fields, b"age")
     age_value = delta_seconds(ages[0].decode("latin-1")) if ages else None
     date_value = _first_date(resp_fields, b"date", response_time)
@@ -250,9 +286,7 @@ def current_age(
     apparent_age = max(0.0, response_time - date_value)
     response_delay = response_time - request_time
     corrected_age_value = (age_value or 0) + response_delay
-    corrected_initial_age = max(apparent_age, corrected_age_value)
-    resident_time = now - response_time
-    return corrected_initial_age + resident_time
+    return max(apparent_age, corrected_age_value)
 
 
 def vary_names(resp_fields: Fields) -> tuple[bytes, ...] | None:
@@ -440,8 +474,8 @@ def stored_fields(resp_fields: Fields) -> list[tuple[bytes, bytes]]:
     The fields of a response to keep in the cache (RFC 9111 section 3.1).
 
     Dropped: hop-by-hop fields and those the Connection field names (RFC 9110 section
-    7.6.1), Proxy-Authenticate, Proxy-Authentication-Info and Proxy-Authorization, Age
-    (recomputed on each use), Content-Length (the stored content gives it), and the fields
+    7.6.1), Proxy-Authenticate, Proxy-Authentication-Info and Proxy-Authorization,
+    Content-Length (the stored content gives it), and the fields
     named by a qualified C{no-cache} or C{private} directive (sections 5.2.2.4, 5.2.2.7).
     """
     drop = set(_NOT_STORED)
@@ -468,6 +502,9 @@ def updated_fields(stored: Fields, fresh: Fields) -> list[tuple[bytes, bytes]]:
     merged: list[tuple[bytes, bytes]] = []
     for name, value in stored:
         lname = name.lower()
+        if lname == b"age" and lname not in incoming:
+            # The refreshed response's age starts from its own Age: none means none.
+            continue
         if lname not in incoming:
             merged.append((name, value))
         elif incoming[lname]:
@@ -476,6 +513,11 @@ def updated_fields(stored: Fields, fresh: Fields) -> list[tuple[bytes, bytes]]:
     for lines in incoming.values():
         merged.extend(lines)
     return stored_fields(merged)
+
+
+def without_age(fields: Fields) -> list[tuple[bytes, bytes]]:
+    """Stored fields as an answer sends them: without the Age received (it sends its own)."""
+    return [(n, v) for n, v in fields if n.lower() != b"age"]
 
 
 def is_unsafe(method: bytes) -> bool:

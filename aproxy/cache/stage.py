@@ -13,11 +13,12 @@ result in Squid's words for the access log (C{TCP_HIT}, C{TCP_MISS}, ...).
 from __future__ import annotations
 
 import ipaddress
+import re
 import sqlite3
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -25,37 +26,23 @@ from zope.interface import implementer
 
 from aproxy.cache import rules
 from aproxy.cache.disk import DiskStore
-from aproxy.cache.fill import BytesSource, FileSource, Fill, FillReader, StoreFilter
+from aproxy.cache.fill import Fill, FillReader, StoreFilter
+from aproxy.cache.hits import Found, Prepared, answer_from
 from aproxy.cache.store import MemoryTier, Meta
 from aproxy.client.stages import Answer, IBodyFilter, IRequestStage, StageRequest
 from aproxy.config import ProxyConfig
-from aproxy.http.head import ResponseHead
+from aproxy.http.head import RequestHead, ResponseHead
 
 __all__ = ["CacheStage", "open_cache"]
 
-# Objects at most this large are answered in one write from memory; larger ones stream.
-_SMALL = 64 * 1024
 # Objects at most this large found on disk are also kept in memory (when there is one).
 _PROMOTE = 256 * 1024
 _CONDITIONALS = (b"if-none-match", b"if-modified-since", b"if-range", b"range")
 _TEXT = (b"Content-Type", b"text/plain; charset=utf-8")
 _UNEVALUATED = frozenset({b"if-match", b"if-unmodified-since"})
-
-
-@dataclass
-class _Found:
-    """A stored variant chosen for a request, and its body (bytes, or an open file)."""
-
-    meta: Meta
-    memory: bool
-    body: bytes | None = None
-    file: BinaryIO | None = None
-
-    def close(self) -> None:
-        """Close the body's file, if one was opened and not handed over."""
-        file, self.file = self.file, None
-        if file is not None:
-            file.close()
+# A request field line that can change what the cache does with it: a directive, a
+# precondition, a range or a protocol switch.
+_DIRECTED = re.compile(rb"(?:^|\n)(?:cache-control|pragma|if-[a-z-]*|range|upgrade):", re.I)
 
 
 @dataclass
@@ -66,7 +53,7 @@ class _State:
     kind: str  # "lead" (a miss that may be stored), "validate", "pass", "method"
     fwd: str = "uri-miss"
     fill: Fill | None = None
-    found: _Found | None = None
+    found: Found | None = None
     sent_at: float = 0.0
     client_refresh: bool = False
 
@@ -96,7 +83,12 @@ class CacheStage:
         self.clock = clock
         self.memory = memory
         self.disk = disk
-        self.max_object = config.cache_max_object
+        # (An object larger than the whole disk store could only be thrown away.)
+        self.max_object = (
+            min(config.cache_max_object, config.cache_size)
+            if disk is not None
+            else config.cache_max_object
+        )
         # Without a disk, an object is held in memory while it arrives: bounded by what
         # the memory tier keeps of one object.
         self.limit = memory.max_object if disk is None and memory is not None else self.max_object
@@ -121,16 +113,22 @@ class CacheStage:
         if method not in (b"GET", b"HEAD") or target.scheme not in (b"http", b"https"):
             request.state[self] = _State(key, "method")
             return None
-        fields = head.fields
-        if head.values(b"upgrade") or _has_any(fields, _UNEVALUATED):
-            # A protocol switch, or preconditions the cache does not evaluate: the origin
-            # answers (RFC 9110 section 13.2.1 leaves them to it).
-            request.state[self] = _State(key, "pass", fwd="bypass")
-            return None
+        # Most requests carry no directive, precondition or range: then their fields need
+        # no parsing at all (unless a stored response varies on them).
+        plain = _DIRECTED.search(head.block) is None
+        if plain:
+            no_store = only_if_cached = False
+        else:
+            fields = head.fields
+            if head.values(b"upgrade") or _has_any(fields, _UNEVALUATED):
+                # A protocol switch, or preconditions the cache does not evaluate: the
+                # origin answers (RFC 9110 section 13.2.1 leaves them to it).
+                request.state[self] = _State(key, "pass", fwd="bypass")
+                return None
+            no_store, only_if_cached = rules.request_cc_flags(fields)
         now = self.clock.seconds()
-        no_store, only_if_cached = rules.request_cc_flags(fields)
         try:
-            found, any_variant = self._find(key, fields)
+            found, any_variant = self._find(key, head)
         except (OSError, sqlite3.Error) as e:
             # A store that can't be read (a locked index, a disk error): a miss, not a 500.
             self.log.warn("cache: lookup of {key} failed: {why}", key=key, why=e)
@@ -149,16 +147,21 @@ class CacheStage:
             request.state[self] = state
             return None
         meta = found.meta
-        age = rules.current_age(meta.fields, meta.request_time, meta.response_time, now)
-        lifetime = rules.freshness_lifetime(meta.status, meta.fields, meta.response_time)
-        choice = rules.choose(fields, meta.fields, lifetime, age)
-        if choice != rules.VALIDATE:
-            return self._hit(request, found, age, lifetime, None)
+        fresh = found.prepared.freshness
+        age = fresh.age(now)
+        lifetime = fresh.lifetime
+        if plain:
+            # What choose() decides for a request without directives.
+            fresh_enough = not fresh.no_cache and age < lifetime
+        else:
+            fresh_enough = rules.choose(head.fields, meta.fields, lifetime, age) != rules.VALIDATE
+        if fresh_enough:
+            return self._hit(request, found, age, lifetime, None, plain)
         if only_if_cached:
             found.close()
             return self._not_cached(request, key)
         state = _State(key, "validate", fwd="stale", found=found, sent_at=now)
-        state.client_refresh = _client_refresh(fields)
+        state.client_refresh = not plain and _client_refresh(head.fields)
         request.state[self] = state
         validators = rules.validation_fields(meta.fields)
         if validators:
@@ -170,9 +173,7 @@ class CacheStage:
             state.fill = Fill(key, _ignore)
         return None
 
-    def _find(
-        self, key: bytes, fields: Sequence[tuple[bytes, bytes]]
-    ) -> tuple[_Found | None, bool]:
+    def _find(self, key: bytes, head: RequestHead) -> tuple[Found | None, bool]:
         """
         The stored variant of C{key} that the request's fields select (memory first),
         with its body at hand; and whether any variant of C{key} is stored at all.
@@ -182,15 +183,18 @@ class CacheStage:
         if memory is not None:
             for meta in memory.variants(key):
                 seen = True
-                if rules.vary_key(meta.vary_names, fields) == meta.vary:
-                    got = memory.get(key, meta.vary)
-                    if got is not None:
-                        return _Found(got[0], True, body=got[1]), True
+                if not meta.vary_names or rules.vary_key(meta.vary_names, head.fields) == meta.vary:
+                    entry = memory.entry(key, meta.vary)
+                    if entry is not None:
+                        prepared = entry.prepared
+                        if prepared is None:
+                            prepared = entry.prepared = Prepared(entry.meta)
+                        return Found(entry.meta, prepared, True, body=entry.body), True
         disk = self.disk
         if disk is not None:
             for meta in disk.variants(key):
                 seen = True
-                if rules.vary_key(meta.vary_names, fields) != meta.vary:
+                if meta.vary_names and rules.vary_key(meta.vary_names, head.fields) != meta.vary:
                     continue
                 file = disk.open(meta)
                 if file is None:
@@ -200,90 +204,25 @@ class CacheStage:
                     file.close()
                     if len(body) == meta.length:
                         memory.put(meta, body)
-                        return _Found(meta, False, body=body), True
+                        return Found(meta, Prepared(meta), False, body=body), True
                     continue
-                return _Found(meta, False, file=file), True
+                return Found(meta, Prepared(meta), False, file=file), True
         return None, seen
 
     def _hit(
         self,
         request: StageRequest,
-        found: _Found,
+        found: Found,
         age: float,
         lifetime: float,
         fwd_status: int | None,
+        plain: bool = False,
     ) -> Answer:
-        """Answer from C{found}: a 304, a 206, or the whole stored response."""
-        meta = found.meta
-        head = request.head
-        fields = head.fields
-        ttl = lifetime - age
-        if fwd_status is None:
-            status_value = rules.cache_status(hit=True, ttl=ttl)
-            result = "TCP_MEM_HIT" if found.memory else "TCP_HIT"
-        else:
-            status_value = rules.cache_status(fwd="stale", fwd_status=fwd_status, ttl=ttl)
-            result = "TCP_REFRESH_UNMODIFIED"
-        extra = [(b"Age", b"%d" % int(age)), (b"Cache-Status", status_value)]
-        if meta.status == 200 and rules.conditional_match(head.method, fields, meta.fields):
-            found.close()
-            request.notes["cache"] = "TCP_INM_HIT" if fwd_status is None else result
-            return Answer(304, b"Not Modified", rules.not_modified_fields(meta.fields) + extra)
-        length = meta.length
-        stored = list(meta.fields)
-        if meta.status == 200 and head.method == b"GET":
-            wanted = rules.parse_range(fields, meta.fields, length)
-            if isinstance(wanted, int):
-                found.close()
-                request.notes["cache"] = result
-                return Answer(
-                    416,
-                    b"Range Not Satisfiable",
-                    [(b"Content-Range", b"bytes */%d" % length), *extra],
-                )
-            if wanted is not None:
-                first, last = wanted
-                request.notes["cache"] = result
-                self.saved += last - first + 1
-                part = [(n, v) for n, v in stored if n.lower() != b"content-range"]
-                part.append((b"Content-Range", b"bytes %d-%d/%d" % (first, last, length)))
-                return self._answer(
-                    found, 206, b"Partial Content", part + extra, first, last, head.method
-                )
+        """Answer from C{found} (see L{answer_from}), and count it."""
+        answer, result, saved = answer_from(found, request.head, age, lifetime, fwd_status, plain)
         request.notes["cache"] = result
-        if head.method == b"GET":
-            self.saved += length
-        return self._answer(
-            found, meta.status, meta.reason, stored + extra, 0, length - 1, head.method
-        )
-
-    def _answer(
-        self,
-        found: _Found,
-        status: int,
-        reason: bytes,
-        fields: list[tuple[bytes, bytes]],
-        first: int,
-        last: int,
-        method: bytes,
-    ) -> Answer:
-        """An answer with the body bytes C{first}..C{last} of C{found}."""
-        size = last - first + 1
-        if method == b"HEAD":
-            found.close()
-            return Answer(status, reason, fields, length=size)
-        body = found.body
-        if body is not None:
-            part = body[first : last + 1] if (first, last + 1) != (0, len(body)) else body
-            if size <= _SMALL:
-                return Answer(status, reason, fields, part)
-            return Answer(status, reason, fields, source=BytesSource(part), length=size)
-        file = found.file
-        assert file is not None
-        found.file = None
-        return Answer(
-            status, reason, fields, source=FileSource(file, size, first, last), length=size
-        )
+        self.saved += saved
+        return answer
 
     def _not_cached(self, request: StageRequest, key: bytes) -> Answer:
         """C{only-if-cached} and nothing fits: 504 (RFC 9111 section 5.2.1.7)."""
@@ -314,7 +253,14 @@ class CacheStage:
             self.collapsed += 1
             request.notes["cache"] = "TCP_CF_HIT"
             status_value = rules.cache_status(fwd="uri-miss", collapsed=True)
-            out = [*meta.fields, (b"Age", b"0"), (b"Cache-Status", status_value)]
+            age = rules.current_age(
+                meta.fields, meta.request_time, meta.response_time, self.clock.seconds()
+            )
+            out = [
+                *rules.without_age(meta.fields),
+                (b"Age", b"%d" % int(age)),
+                (b"Cache-Status", status_value),
+            ]
             if method == b"HEAD":
                 return Answer(meta.status, meta.reason, out, length=meta.length)
             return Answer(
@@ -384,9 +330,9 @@ class CacheStage:
         if self.disk is not None and not found.memory:
             self.disk.update(meta)
         found.meta = meta
-        age = rules.current_age(meta.fields, meta.request_time, meta.response_time, now)
-        lifetime = rules.freshness_lifetime(meta.status, meta.fields, meta.response_time)
-        return self._hit(request, found, age, lifetime, 304)
+        found.prepared = prepared = Prepared(meta)
+        fresh_now = prepared.freshness
+        return self._hit(request, found, fresh_now.age(now), fresh_now.lifetime, 304)
 
     def response_filter(self, request: StageRequest, head: ResponseHead) -> IBodyFilter | None:
         """
@@ -428,6 +374,8 @@ class CacheStage:
                 why = "too-large"
             if why is None and head.status == 206:
                 why = "partial"
+            if why is None and _useless(status, head.fields, state.sent_at, self.clock.seconds()):
+                why = "stale-on-arrival"
         fwd = state.fwd
         if why is not None or fill is None:
             if fill is not None:
@@ -555,6 +503,17 @@ def _client_refresh(fields: Sequence[tuple[bytes, bytes]]) -> bool:
     if cc:
         return "no-cache" in cc or cc.get("max-age") == "0"
     return any(name.lower() == b"pragma" and b"no-cache" in value.lower() for name, value in fields)
+
+
+def _useless(status: int, fields: Sequence[tuple[bytes, bytes]], sent: float, now: float) -> bool:
+    """
+    Whether a response would be stored for nothing: stale already (C{max-age=0}, an
+    invalid or past C{Expires}, a 404 without C{Last-Modified}, ...) and without a
+    validator, so no later request could use it or revalidate it. (Else each request for
+    it would write it again.)
+    """
+    fresh = rules.Freshness(status, fields, sent, now)
+    return fresh.age(now) >= fresh.lifetime and not rules.validation_fields(fields)
 
 
 def _ignore(fill: Fill) -> None:

@@ -19,9 +19,11 @@ import math
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "OBJECT_OVERHEAD",
+    "Entry",
     "MemoryTier",
     "Meta",
     "decode_meta",
@@ -201,15 +203,25 @@ Python objects and dictionary slots that hold it, roughly.
 """
 
 
-class _Entry:
-    """One object in the memory tier: its metadata, body and the bytes it is counted as."""
+class Entry:
+    """
+    One object in the memory tier.
 
-    __slots__ = ("body", "meta", "size")
+    @ivar meta: Its metadata.
+    @ivar body: Its body.
+    @ivar size: The bytes it is counted as.
+    @ivar prepared: What a user of the tier worked out from C{meta} once and keeps with
+        the object (the cache: its freshness and serialized head); L{None} until then,
+        and again when C{meta} is replaced.
+    """
+
+    __slots__ = ("body", "meta", "prepared", "size")
 
     def __init__(self, meta: Meta, body: bytes, size: int) -> None:
         self.meta = meta
         self.body = body
         self.size = size
+        self.prepared: Any = None
 
 
 def _size(meta: Meta, body: bytes) -> int:
@@ -242,7 +254,7 @@ class MemoryTier:
         self.bytes = 0
         self.evictions = 0
         # Least recently used first.
-        self._lru: OrderedDict[tuple[bytes, bytes], _Entry] = OrderedDict()
+        self._lru: OrderedDict[tuple[bytes, bytes], Entry] = OrderedDict()
         # key -> its varies, least recently stored first.
         self._variants: dict[bytes, dict[bytes, None]] = {}
 
@@ -272,11 +284,15 @@ class MemoryTier:
         @param vary: The secondary key of the variant wanted.
         @return: Its metadata and body, or L{None} if it is not held.
         """
+        entry = self.entry(key, vary)
+        return None if entry is None else (entry.meta, entry.body)
+
+    def entry(self, key: bytes, vary: bytes) -> Entry | None:
+        """Like L{get}, but the L{Entry} itself (not to be changed but for C{prepared})."""
         entry = self._lru.get((key, vary))
-        if entry is None:
-            return None
-        self._lru.move_to_end((key, vary))
-        return entry.meta, entry.body
+        if entry is not None:
+            self._lru.move_to_end((key, vary))
+        return entry
 
     def put(self, meta: Meta, body: bytes) -> bool:
         """
@@ -299,7 +315,7 @@ class MemoryTier:
         if len(body) > self.max_object or size > self.capacity:
             return False
         self._make_room(size)
-        self._lru[meta.key, meta.vary] = _Entry(meta, body, size)
+        self._lru[meta.key, meta.vary] = Entry(meta, body, size)
         self._variants.setdefault(meta.key, {})[meta.vary] = None
         self.bytes += size
         return True
@@ -319,6 +335,7 @@ class MemoryTier:
         self.bytes += size - entry.size
         entry.meta = meta
         entry.size = size
+        entry.prepared = None
         if self.bytes > self.capacity:
             # Grown fields: make room among the others, then drop this one too if it
             # alone is over the capacity now.

@@ -98,6 +98,8 @@ class Answer:
     @ivar source: Where a streamed body comes from, or L{None} for C{body}.
     @ivar length: The C{Content-Length} to announce when it is not C{len(body)}: the
         length of a streamed body, or of the body a C{HEAD} answer describes.
+    @ivar block: Field lines already written out (each ending in CRLF), sent before
+        C{fields}: a stored response's, serialized once rather than per answer.
     """
 
     status: int
@@ -106,6 +108,7 @@ class Answer:
     body: bytes = b""
     source: Any = None
     length: int | None = None
+    block: bytes = b""
 
 
 class IAnswerSink(Interface):
@@ -264,7 +267,7 @@ def answer_bytes(
     @param closing: Whether the connection closes after it.
     @param head_only: The request was a C{HEAD}: the head alone.
     """
-    lines = [b"HTTP/1.1 %d %s\r\n" % (answer.status, answer.reason)]
+    lines = [b"HTTP/1.1 %d %s\r\n" % (answer.status, answer.reason), answer.block]
     lines += [name + b": " + value + b"\r\n" for name, value in answer.fields]
     length = answer.length if answer.length is not None else len(answer.body)
     if answer.status not in (204, 304):
