@@ -13,6 +13,7 @@ import tempfile
 
 from twisted.internet.address import IPv4Address
 
+from aproxy.cache.stage import SYNC_INTERVAL
 from aproxy.client.factory import ProxyFactory
 from aproxy.config import ProxyConfig
 from aproxy.observe.records import Exchange
@@ -337,6 +338,35 @@ class DiskCacheTests(ProxyTestCase):
         self.assertTrue(went)
         self.assertIn(b"detail=too-large", got)
         self.assertTrue(got.endswith(b"x" * 100_000))
+
+    def test_purge_reaches_the_memory_of_other_workers(self) -> None:
+        """
+        With --workers, each worker has its own memory tier over the shared disk: a
+        PURGE through one worker removes the others' memory copies within SYNC_INTERVAL.
+        """
+        config = ProxyConfig(
+            cache_dir=self.dir,
+            cache_memory="1MiB",
+            pool_size=0,
+            cache_purge_from=("127.0.0.1/32",),
+        )
+        one = ProxyFactory(config, self.clock, self.connector)
+        two = ProxyFactory(config, self.clock, self.connector)
+        self.fetch(one, ok(b"old", FRESH))
+        got, went = self.fetch(two, None)
+        self.assertFalse(went)
+        self.assertIn(b"Cache-Status: aproxy; hit", got)
+        got, went = self.fetch(two, None)  # now from two's memory
+        self.assertFalse(went)
+        proto = one.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+        client = HalfCloseTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
+        proto.makeConnection(client)
+        proto.dataReceived(get(method=b"PURGE"))
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 200 OK"), client.value())
+        self.clock.advance(SYNC_INTERVAL)
+        got, went = self.fetch(two, ok(b"new", FRESH))
+        self.assertTrue(went)
+        self.assertTrue(got.endswith(b"new"))
 
     def test_hit_after_restart(self) -> None:
         """An object stored by one factory is a hit for another on the same directory."""

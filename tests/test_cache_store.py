@@ -15,7 +15,7 @@ import tempfile
 from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy.cache import disk
-from aproxy.cache.disk import DiskStore
+from aproxy.cache.disk import REMOVALS_KEPT, DiskStore
 from aproxy.cache.store import OBJECT_OVERHEAD, MemoryTier, Meta, decode_meta, encode_meta
 
 
@@ -576,6 +576,44 @@ class SharingAndCrashTests(DiskCase):
         self.assertEqual(one.stats(), (4, 1))
         self.assertEqual(one.remove(meta.key), 1)
         self.assertEqual(two.variants(meta.key), [])
+
+    def test_removals_are_a_log_other_processes_read(self) -> None:
+        """What one process removes, another learns from removed_since, in order."""
+        one, two = self.open_store(), self.open_store()
+        start = two.last_removal()
+        self.assertEqual(two.removed_since(start), ([], start, True))
+        one.remove(b"http://a/1")
+        one.remove(b"http://a/2")
+        keys, seq, complete = two.removed_since(start)
+        self.assertEqual((keys, complete), ([b"http://a/1", b"http://a/2"], True))
+        self.assertEqual(two.removed_since(seq), ([], seq, True))
+
+    def test_reader_that_fell_behind_is_told(self) -> None:
+        """Removals older than REMOVALS_KEPT are forgotten: a reader behind them is told
+        its list is incomplete (and drops every memory copy)."""
+        one, two = self.open_store(), self.open_store()
+        start = two.last_removal()
+        one.remove(b"http://a/1")
+        self.clock.time += REMOVALS_KEPT + 1
+        one.remove(b"http://a/2")
+        keys, seq, complete = two.removed_since(start)
+        self.assertEqual((keys, complete), ([b"http://a/2"], False))
+        self.assertEqual(two.removed_since(seq), ([], seq, True))
+
+    def test_version_1_index_gains_the_removals_log(self) -> None:
+        """An index made before the removals log is upgraded in place, objects kept."""
+        store = self.open_store()
+        meta = make_meta()
+        self.store_body(store, meta, b"abc")
+        store.close()
+        db = sqlite3.connect(os.path.join(self.dir, "index.sqlite3"))
+        db.executescript("DROP TABLE removals; PRAGMA user_version = 1;")
+        db.close()
+        again = self.open_store()
+        self.assertFalse(again.reset)
+        self.assertEqual(self.read(again, meta), b"abc")
+        again.remove(meta.key)
+        self.assertEqual(again.removed_since(0)[0], [meta.key])
 
     def test_survives_restart(self) -> None:
         """Objects are there after the store is closed and opened again."""

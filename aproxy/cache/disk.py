@@ -37,15 +37,29 @@ from typing import BinaryIO
 
 from aproxy.cache.store import Meta, decode_meta, encode_meta
 
-__all__ = ["DiskStore", "DiskWriter"]
+__all__ = ["REMOVALS_KEPT", "DiskStore", "DiskWriter"]
 
 INDEX_NAME = "index.sqlite3"
 
 # "apxy": marks the index file as ours, so a foreign SQLite file is set aside, not used.
 _APPLICATION_ID = 0x61707879
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 
-_SCHEMA = """
+# Removals (PURGE, invalidations) as a log other processes read to drop their memory
+# copies (see DiskStore.removed_since); added in version 2.
+_REMOVALS = """
+CREATE TABLE IF NOT EXISTS removals (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    key BLOB NOT NULL,
+    at REAL NOT NULL
+);
+"""
+# How long, in seconds, a removal stays in the log.
+REMOVALS_KEPT = 600.0
+
+_SCHEMA = (
+    _REMOVALS
+    + """
 CREATE TABLE IF NOT EXISTS objects (
     id INTEGER PRIMARY KEY,
     key BLOB NOT NULL,
@@ -74,6 +88,7 @@ CREATE TRIGGER IF NOT EXISTS objects_resized AFTER UPDATE OF length ON objects B
     UPDATE totals SET bytes = bytes - OLD.length + NEW.length WHERE id = 0;
 END;
 """
+)
 
 # Told apart from every other failure: these mean the file is not a usable index.
 _UNUSABLE = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
@@ -204,6 +219,10 @@ class DiskStore:
                     f"BEGIN IMMEDIATE; {_SCHEMA}"
                     f" PRAGMA application_id = {_APPLICATION_ID};"
                     f" PRAGMA user_version = {_SCHEMA_VERSION}; COMMIT;"
+                )
+            elif application_id == _APPLICATION_ID and version == 1:
+                db.executescript(
+                    f"BEGIN IMMEDIATE; {_REMOVALS} PRAGMA user_version = {_SCHEMA_VERSION}; COMMIT;"
                 )
             elif application_id != _APPLICATION_ID or version != _SCHEMA_VERSION:
                 raise _Unusable(f"application_id {application_id}, version {version}")
@@ -485,10 +504,13 @@ class DiskStore:
         @raise sqlite3.OperationalError: If the index stayed busy past the busy timeout,
             so the objects may still be there.
         """
+        now = self._now()
         try:
             self._db.execute("BEGIN IMMEDIATE")
             names = self._db.execute("SELECT name FROM objects WHERE key = ?", (key,)).fetchall()
             self._db.execute("DELETE FROM objects WHERE key = ?", (key,))
+            self._db.execute("INSERT INTO removals (key, at) VALUES (?, ?)", (key, now))
+            self._db.execute("DELETE FROM removals WHERE at < ?", (now - REMOVALS_KEPT,))
             self._db.execute("COMMIT")
         except BaseException:
             self._rollback()
@@ -497,6 +519,27 @@ class DiskStore:
             if _valid_name(name):
                 _unlink(self._object_path(name))
         return len(names)
+
+    def last_removal(self) -> int:
+        """The sequence number of the latest removal (0: none yet), to read on from."""
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'removals'").fetchone()
+        return int(row[0]) if row else 0
+
+    def removed_since(self, seq: int) -> tuple[list[bytes], int, bool]:
+        """
+        The keys any process removed (L{remove}) after removal C{seq}: another process's
+        memory copies of them must go.
+
+        @return: The keys, the sequence number to read on from, and whether the list is
+            complete: removals older than L{REMOVALS_KEPT} seconds are forgotten, and a
+            reader that fell that far behind must drop every memory copy instead.
+        """
+        rows = self._db.execute(
+            "SELECT seq, key FROM removals WHERE seq > ? ORDER BY seq", (seq,)
+        ).fetchall()
+        last = self.last_removal()
+        complete = rows[0][0] == seq + 1 if rows else last == seq
+        return [bytes(key) for _, key in rows], max(last, seq), complete
 
     def close(self) -> None:
         """Write the remembered uses and close the index; idempotent. Writers still open

@@ -33,13 +33,16 @@ from aproxy.client.stages import Answer, IBodyFilter, IRequestStage, StageReques
 from aproxy.config import ProxyConfig
 from aproxy.http.head import RequestHead, ResponseHead
 
-__all__ = ["CacheStage", "open_cache"]
+__all__ = ["SYNC_INTERVAL", "CacheStage", "open_cache"]
 
 # Objects at most this large found on disk are also kept in memory (when there is one).
 _PROMOTE = 256 * 1024
 _CONDITIONALS = (b"if-none-match", b"if-modified-since", b"if-range", b"range")
 _TEXT = (b"Content-Type", b"text/plain; charset=utf-8")
 _UNEVALUATED = frozenset({b"if-match", b"if-unmodified-since"})
+SYNC_INTERVAL = 0.25
+"""Seconds between two looks at what other workers removed from the shared disk store."""
+
 # A request field line that can change what the cache does with it: a directive, a
 # precondition, a range or a protocol switch.
 _DIRECTED = re.compile(rb"(?:^|\n)(?:cache-control|pragma|if-[a-z-]*|range|upgrade):", re.I)
@@ -94,6 +97,9 @@ class CacheStage:
         self.limit = memory.max_object if disk is None and memory is not None else self.max_object
         self.purge_from = [ipaddress.ip_network(n, strict=False) for n in config.cache_purge_from]
         self.fills: dict[bytes, Fill] = {}
+        # Where this process is in the disk store's log of removals (see _sync).
+        self._removals = disk.last_removal() if disk is not None and memory is not None else 0
+        self._next_sync = 0.0
         self.results: Counter[str] = Counter()
         self.collapsed = 0
         self.saved = 0
@@ -127,6 +133,8 @@ class CacheStage:
                 return None
             no_store, only_if_cached = rules.request_cc_flags(fields)
         now = self.clock.seconds()
+        if now >= self._next_sync and self.memory is not None and self.disk is not None:
+            self._sync(now)
         try:
             found, any_variant = self._find(key, head)
         except (OSError, sqlite3.Error) as e:
@@ -172,6 +180,26 @@ class CacheStage:
             state.kind = "lead"
             state.fill = Fill(key, _ignore)
         return None
+
+    def _sync(self, now: float) -> None:
+        """
+        Drop the memory copies of what other processes (C{--workers}) removed from the
+        shared disk store since the last look (a PURGE, an invalidation), at most every
+        L{SYNC_INTERVAL} seconds while requests come; all of them if this process fell
+        behind the store's log.
+        """
+        assert self.memory is not None and self.disk is not None
+        self._next_sync = now + SYNC_INTERVAL
+        try:
+            keys, self._removals, complete = self.disk.removed_since(self._removals)
+        except sqlite3.Error as e:
+            self.log.warn("cache: could not read the removals of other workers: {why}", why=e)
+            return
+        if not complete:
+            self.memory.clear()
+            return
+        for key in keys:
+            self.memory.remove(key)
 
     def _find(self, key: bytes, head: RequestHead) -> tuple[Found | None, bool]:
         """

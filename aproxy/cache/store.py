@@ -356,6 +356,12 @@ class MemoryTier:
             self.bytes -= self._lru.pop((key, vary)).size
         return len(varies)
 
+    def clear(self) -> None:
+        """Drop every object (not counted as evictions)."""
+        self._lru.clear()
+        self._variants.clear()
+        self.bytes = 0
+
     def _drop(self, key: bytes, vary: bytes) -> None:
         """Forget one object, if held."""
         entry = self._lru.pop((key, vary), None)
