@@ -16,7 +16,14 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy.cache import disk
 from aproxy.cache.disk import REMOVALS_KEPT, DiskStore
-from aproxy.cache.store import OBJECT_OVERHEAD, MemoryTier, Meta, decode_meta, encode_meta
+from aproxy.cache.store import (
+    MAX_VARIANTS,
+    OBJECT_OVERHEAD,
+    MemoryTier,
+    Meta,
+    decode_meta,
+    encode_meta,
+)
 
 
 def make_meta(
@@ -142,6 +149,18 @@ class MemoryTierTests(SynchronousTestCase):
     def put(self, key: bytes, vary: bytes = b"", body: bytes = b"abc") -> bool:
         """Store C{body} under C{key} and C{vary}."""
         return self.tier.put(make_meta(key, len(body), vary), body)
+
+    def test_variants_per_url_bounded(self) -> None:
+        """A URL keeps at most MAX_VARIANTS variants in memory, the newest."""
+        tier = MemoryTier(capacity=1 << 20, max_object=100)
+        for i in range(MAX_VARIANTS + 2):
+            self.assertTrue(tier.put(make_meta(b"k", 3, b"v%d" % i), b"abc"))
+        varies = [meta.vary for meta in tier.variants(b"k")]
+        self.assertEqual(len(varies), MAX_VARIANTS)
+        self.assertNotIn(b"v0", varies)
+        self.assertNotIn(b"v1", varies)
+        self.assertIn(b"v%d" % (MAX_VARIANTS + 1), varies)
+        self.assertEqual(tier.objects, MAX_VARIANTS)
 
     def test_get_returns_what_was_put(self) -> None:
         """A stored object comes back with its metadata, and is counted."""
@@ -614,6 +633,18 @@ class SharingAndCrashTests(DiskCase):
         self.assertEqual(self.read(again, meta), b"abc")
         again.remove(meta.key)
         self.assertEqual(again.removed_since(0)[0], [meta.key])
+
+    def test_variants_per_url_bounded(self) -> None:
+        """A URL keeps at most MAX_VARIANTS variants on disk, the newest."""
+        store = self.open_store(capacity=10_000)
+        metas = [make_meta(vary=b"v%d" % i, when=float(i)) for i in range(MAX_VARIANTS + 3)]
+        for meta in metas:
+            self.clock.time += 1
+            self.assertTrue(self.store_body(store, meta))
+        kept = store.variants(metas[0].key)
+        self.assertEqual(len(kept), MAX_VARIANTS)
+        self.assertEqual({m.vary for m in kept}, {m.vary for m in metas[3:]})
+        self.assertEqual(len(self.object_files()), MAX_VARIANTS)
 
     def test_survives_restart(self) -> None:
         """Objects are there after the store is closed and opened again."""

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from typing import BinaryIO
 
-from aproxy.cache.store import Meta, decode_meta, encode_meta
+from aproxy.cache.store import MAX_VARIANTS, Meta, decode_meta, encode_meta
 
 __all__ = ["REMOVALS_KEPT", "DiskStore", "DiskWriter"]
 
@@ -435,6 +435,14 @@ class DiskStore:
                 (meta.key, meta.vary, name, meta.length, blob, now, now),
             )
             evicted = self._evict_rows(keep=cursor.lastrowid)
+            crowded = self._db.execute(
+                "SELECT id, name FROM objects WHERE key = ? ORDER BY stored DESC, id DESC"
+                " LIMIT -1 OFFSET ?",
+                (meta.key, MAX_VARIANTS),
+            ).fetchall()
+            if crowded:
+                self._db.executemany("DELETE FROM objects WHERE id = ?", [(r[0],) for r in crowded])
+                evicted += [victim for _, victim in crowded]
             self._db.execute("COMMIT")
         except sqlite3.OperationalError:
             self._rollback()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "MAX_VARIANTS",
     "OBJECT_OVERHEAD",
     "Entry",
     "MemoryTier",
@@ -79,6 +80,11 @@ class Meta:
             self, fields=fields, request_time=request_time, response_time=response_time
         )
 
+
+MAX_VARIANTS = 32
+"""The most variants (by Vary) of one URL each tier keeps, the oldest going first: every
+lookup of the URL reads them all, and a client that controls a field the origin varies
+on (User-Agent, Cookie) could otherwise make any number."""
 
 # A record: magic and format version, fixed numbers, then length-prefixed byte strings.
 _MAGIC = b"AXM\x01"
@@ -316,8 +322,12 @@ class MemoryTier:
             return False
         self._make_room(size)
         self._lru[meta.key, meta.vary] = Entry(meta, body, size)
-        self._variants.setdefault(meta.key, {})[meta.vary] = None
+        varies = self._variants.setdefault(meta.key, {})
+        varies[meta.vary] = None
         self.bytes += size
+        if len(varies) > MAX_VARIANTS:
+            self._drop(meta.key, next(iter(varies)))
+            self.evictions += 1
         return True
 
     def update(self, meta: Meta) -> None:
