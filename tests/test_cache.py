@@ -255,6 +255,9 @@ class CacheTests(ProxyTestCase):
         own.succeed()
         own.respond(ok(b"yours", b"Cache-Control: no-store"))
         self.assertTrue(second.value().endswith(b"yours"))
+        self.assertIn(
+            b"Cache-Status: aproxy; fwd=uri-miss; fwd-status=200; detail=no-store", second.value()
+        )
 
     def test_leader_leaves_follower_gets_all(self) -> None:
         """A client that leaves does not stop a fetch another client follows."""
@@ -290,6 +293,7 @@ class CacheTests(ProxyTestCase):
         got, sent = self.ask(get(method=b"PURGE"))
         self.assertIsNone(sent)
         self.assertTrue(got.startswith(b"HTTP/1.1 200 "), got)
+        self.assertIn(b"Cache-Status: aproxy; detail=purge\r\n", got)
         got, _ = self.ask(get(method=b"PURGE"))
         self.assertTrue(got.startswith(b"HTTP/1.1 404 "), got)
         _, sent = self.ask(get(), ok(b"hello", FRESH))

@@ -39,6 +39,7 @@ __all__ = ["SYNC_INTERVAL", "CacheStage", "open_cache"]
 _PROMOTE = 256 * 1024
 _CONDITIONALS = (b"if-none-match", b"if-modified-since", b"if-range", b"range")
 _TEXT = (b"Content-Type", b"text/plain; charset=utf-8")
+_PURGE_STATUS = (b"Cache-Status", rules.cache_status(detail="purge"))
 _UNEVALUATED = frozenset({b"if-match", b"if-unmodified-since"})
 SYNC_INTERVAL = 0.25
 """Seconds between two looks at what other workers removed from the shared disk store."""
@@ -297,7 +298,14 @@ class CacheStage:
 
         if fill.meta is not None:
             return fits(fill)
-        return fill.wait(fits)
+
+        def upstream(answer: Answer | None) -> Answer | None:
+            # A fill that gave up (not storable, say) sends its followers upstream.
+            if answer is None:
+                request.state.setdefault(self, _State(key, "pass"))
+            return answer
+
+        return fill.wait(fits).addCallback(upstream)
 
     def _purge(self, request: StageRequest, key: bytes) -> Answer | None:
         """C{PURGE}: remove every stored variant of the URL, for the networks allowed."""
@@ -311,7 +319,7 @@ class CacheStage:
             return Answer(
                 403,
                 b"Forbidden",
-                [_TEXT],
+                [_TEXT, _PURGE_STATUS],
                 b"PURGE is not allowed from your address (see --cache-purge-from)\n",
             )
         removed = self._remove(key)
@@ -321,8 +329,8 @@ class CacheStage:
             # address in its own --cache-purge-from).
             return None
         if removed:
-            return Answer(200, b"OK", [_TEXT], b"purged %d object(s)\n" % removed)
-        return Answer(404, b"Not Found", [_TEXT], b"not in the cache\n")
+            return Answer(200, b"OK", [_TEXT, _PURGE_STATUS], b"purged %d object(s)\n" % removed)
+        return Answer(404, b"Not Found", [_TEXT, _PURGE_STATUS], b"not in the cache\n")
 
     def _remove(self, key: bytes) -> int:
         removed = 0
@@ -395,7 +403,7 @@ class CacheStage:
         if state.kind == "validate" and 200 <= status < 600 and status != 304:
             fill = state.fill = Fill(state.key, _ignore)
         if fill is None:
-            why = "not-stored"
+            why = rules.storable(method, status, request.head.fields, head.fields) or "not-stored"
         else:
             why = rules.storable(method, status, request.head.fields, head.fields)
             if why is None and (head.content_length or 0) > self.limit:
