@@ -241,6 +241,41 @@ class CacheTests(ProxyTestCase):
         self.assertTrue(second.value().endswith(b"helloworld"))
         self.assertEqual(self.factory.cache.collapsed, 1)  # type: ignore[union-attr]
 
+    def test_collapsed_onto_a_fetch_without_length(self) -> None:
+        """
+        Followers of a chunked response (its length unknown until its end) follow it
+        too: chunked to an HTTP/1.1 client, delimited by the close to HTTP/1.0.
+        """
+        first, p1 = self.connect_client()
+        p1.dataReceived(get())
+        attempt = self.connector.attempts[-1]
+        attempt.succeed()
+        second, p2 = self.connect_client()
+        p2.dataReceived(get())
+        old, p3 = self.connect_client()
+        p3.dataReceived(get().replace(b"HTTP/1.1", b"HTTP/1.0"))
+        attempt.respond(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n" + FRESH + b"\r\n\r\n5\r\nhello\r\n"
+        )
+        self.assertEqual(len(self.connector.attempts), 1)
+        attempt.respond(b"5\r\nworld\r\n0\r\n\r\n")
+        got = second.value()
+        self.assertIn(b"\r\nTransfer-Encoding: chunked\r\n", got)
+        self.assertNotIn(b"Content-Length", got)
+        self.assertIn(b"collapsed", got)
+        self.assertTrue(got.endswith(b"\r\n\r\n5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n"), got)
+        got = old.value()
+        self.assertNotIn(b"Content-Length", got)
+        self.assertNotIn(b"chunked", got)
+        self.assertTrue(got.endswith(b"\r\n\r\nhelloworld"), got)
+        self.assertTrue(old.disconnecting)
+        self.assertFalse(second.disconnecting)
+        self.assertEqual(self.factory.cache.collapsed, 2)  # type: ignore[union-attr]
+        # And it was stored, with its length now known.
+        got, sent = self.ask(get())
+        self.assertIsNone(sent)
+        self.assertIn(b"Content-Length: 10\r\n", got)
+
     def test_collapsed_but_not_storable_goes_upstream(self) -> None:
         """Followers of a response that can't be stored get their own origin request."""
         first, p1 = self.connect_client()

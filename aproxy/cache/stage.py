@@ -222,12 +222,12 @@ class CacheStage:
         disk = self.disk
         if disk is not None:
             for meta in disk.variants(key):
-                seen = True
                 if meta.vary_names and rules.vary_key(meta.vary_names, head.fields) != meta.vary:
+                    seen = True
                     continue
                 file = disk.open(meta)
                 if file is None:
-                    continue
+                    continue  # (its file is missing or short: gone, not another variant)
                 if memory is not None and meta.length <= _PROMOTE:
                     body = file.read()
                     file.close()
@@ -273,8 +273,8 @@ class CacheStage:
             meta = fill.meta
             if (
                 meta is None
-                or meta.length < 0
                 or wants_range
+                or (method == b"HEAD" and meta.length < 0)  # (no length to describe yet)
                 or rules.vary_key(meta.vary_names, fields) != meta.vary
             ):
                 request.state[self] = _State(key, "pass")
@@ -292,9 +292,9 @@ class CacheStage:
             ]
             if method == b"HEAD":
                 return Answer(meta.status, meta.reason, out, length=meta.length)
-            return Answer(
-                meta.status, meta.reason, out, source=FillReader(fill), length=meta.length
-            )
+            # (A length not known yet, -1, streams chunked: see answer_bytes.)
+            length = meta.length if meta.length >= 0 else None
+            return Answer(meta.status, meta.reason, out, source=FillReader(fill), length=length)
 
         if fill.meta is not None:
             return fits(fill)

@@ -47,6 +47,7 @@ class AnswerHalf:
     response_started: bool
     answering: Any = None
     answer_closing = False
+    answer_chunked = False
 
     def emit(self, status: int, error: str | None) -> None:
         """Report the exchange (the exchange does it)."""
@@ -104,13 +105,19 @@ class AnswerHalf:
         head = self.head
         closing = not head.keep_alive or head.codings is not None or bool(head.content_length)
         head_only = head.method == b"HEAD"
-        data = answer_bytes(answer, self.runtime.via, head.minor, closing, head_only)
+        source = answer.source
+        chunked = False
+        if source is not None and answer.length is None and not head_only:
+            # A streamed body of a length not known yet (a fetch in progress without
+            # Content-Length): chunked to HTTP/1.1, delimited by the close to HTTP/1.0.
+            chunked = head.minor >= 1
+            closing = closing or not chunked
+        data = answer_bytes(answer, self.runtime.via, head.minor, closing, head_only, chunked)
         self.to_client += len(data)
         self.status = answer.status
         self.response_started = True
         write_soon(conn.transport, data)
         conn.stash(rest)
-        source = answer.source
         if source is None or head_only:
             if source is not None:
                 source.stopProducing()
@@ -119,6 +126,7 @@ class AnswerHalf:
             return
         self.answering = source
         self.answer_closing = closing
+        self.answer_chunked = chunked
         if conn.phase is not Phase.FORWARDING:
             # (A response a stage replaced is already forwarding.)
             conn.move(Phase.FORWARDING)
@@ -132,6 +140,8 @@ class AnswerHalf:
         if self.answering is None or conn.phase is not Phase.FORWARDING:
             return
         conn.extend_deadline(self.runtime.config.read_timeout)
+        if self.answer_chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
         self.to_client += len(data)
         conn.transport.write(data)
 
@@ -141,6 +151,9 @@ class AnswerHalf:
             return
         self.answering = None
         conn = self.conn
+        if self.answer_chunked:
+            self.to_client += 5
+            conn.transport.write(b"0\r\n\r\n")
         conn.output.source = None
         self.emit(self.status, None)
         conn.exchange_done(not self.answer_closing)

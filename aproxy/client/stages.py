@@ -97,7 +97,8 @@ class Answer:
     @ivar body: The whole body (when it is not streamed from C{source}).
     @ivar source: Where a streamed body comes from, or L{None} for C{body}.
     @ivar length: The C{Content-Length} to announce when it is not C{len(body)}: the
-        length of a streamed body, or of the body a C{HEAD} answer describes.
+        length of a streamed body (L{None}: not known yet; it then goes chunked), or of
+        the body a C{HEAD} answer describes.
     @ivar block: Field lines already written out (each ending in CRLF), sent before
         C{fields}: a stored response's, serialized once rather than per answer.
     """
@@ -255,7 +256,12 @@ def response_filter(
 
 
 def answer_bytes(
-    answer: Answer, via: bytes | None, minor: int, closing: bool, head_only: bool = False
+    answer: Answer,
+    via: bytes | None,
+    minor: int,
+    closing: bool,
+    head_only: bool = False,
+    chunked: bool = False,
 ) -> bytes:
     """
     Write C{answer} as an HTTP/1.1 response, framed by C{Content-Length} (none on a 304
@@ -266,12 +272,20 @@ def answer_bytes(
     @param minor: The request's HTTP minor version (for C{Via}).
     @param closing: Whether the connection closes after it.
     @param head_only: The request was a C{HEAD}: the head alone.
+    @param chunked: The streamed body goes chunked (its length is not known): no
+        C{Content-Length}. A streamed body of unknown length that is not chunked is
+        delimited by the close.
     """
     lines = [b"HTTP/1.1 %d %s\r\n" % (answer.status, answer.reason), answer.block]
     lines += [name + b": " + value + b"\r\n" for name, value in answer.fields]
-    length = answer.length if answer.length is not None else len(answer.body)
-    if answer.status not in (204, 304):
-        lines.append(b"Content-Length: %d\r\n" % length)
+    if chunked:
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    elif answer.status in (204, 304):
+        pass
+    elif answer.length is not None:
+        lines.append(b"Content-Length: %d\r\n" % answer.length)
+    elif answer.source is None:
+        lines.append(b"Content-Length: %d\r\n" % len(answer.body))
     if via is not None:
         lines.append(b"Via: 1.%d %s\r\n" % (minor, via))
     if closing:
