@@ -371,6 +371,25 @@ class HistoryTests(SynchronousTestCase):
         ]
         self.assertEqual(spread, [(500, 10), (1000, 20), (1000, 20), (500, 10)])
 
+    def test_cache_hits_and_bytes_saved(self) -> None:
+        """Requests the cache saw, those it answered and the bytes it sent are counted;
+        the status page shows the hit ratio and the bytes saved, as tiles and charts."""
+        history = History(1000.0)
+        history.record(1001.0, exchange(cache="TCP_MEM_HIT", bytes_to_client=400))
+        history.record(1002.0, exchange(cache="TCP_REFRESH_UNMODIFIED", bytes_to_client=100))
+        history.record(1003.0, exchange(cache="TCP_MISS", bytes_to_client=900))
+        history.record(1004.0, exchange(bytes_to_client=5))  # (no cache)
+        [bucket] = [b for _, b in history.window(1005.0) if b is not None]
+        self.assertEqual((bucket.cache_requests, bucket.cache_hits, bucket.saved), (3, 2, 500.0))
+        page = render_status(history, 1005.0, 0, 0, 0, 0, ProxyConfig(), "1").decode()
+        self.assertIn("cache hits<b>67%</b>", page)
+        self.assertIn("saved by cache<b>500 B</b>", page)
+        self.assertIn("cache hit ratio", page)
+        plain = History(1000.0)
+        plain.record(1001.0, exchange())
+        page = render_status(plain, 1005.0, 0, 0, 0, 0, ProxyConfig(), "1").decode()
+        self.assertNotIn("cache", page.split("<h2>Configuration</h2>")[0])
+
     def test_old_buckets_forgotten(self) -> None:
         """After 15 minutes a bucket's slot is reused and its counts are gone."""
         history = History(0.0)

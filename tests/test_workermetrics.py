@@ -212,6 +212,7 @@ class SnapshotFormatTests(SynchronousTestCase):
         clock.advance(START)
         worker = _Worker(clock)
         worker.requests(2, error="dns_timeout", target="http://x.example/")
+        worker.requests(1, target="http://x.example/", cache="TCP_MEM_HIT", bytes_to_client=70)
         snapshot = worker.snapshot()
         families = {f.name: f for f in snapshot.families}
         self.assertEqual(families["aproxy_requests"].type, "counter")
@@ -220,7 +221,8 @@ class SnapshotFormatTests(SynchronousTestCase):
             2.0,
         )
         [bucket] = snapshot.buckets
-        self.assertEqual((bucket.requests, dict(bucket.hosts)), (2, {"x.example": 2}))
+        self.assertEqual((bucket.requests, dict(bucket.hosts)), (3, {"x.example": 3}))
+        self.assertEqual((bucket.cache_requests, bucket.cache_hits, bucket.saved), (1, 1, 70.0))
         self.assertEqual(dict(bucket.errors), {"dns_timeout": 2})
         self.assertEqual(bucket.connections, 0)
 

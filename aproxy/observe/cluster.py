@@ -138,6 +138,9 @@ def encode_snapshot(metrics: Metrics, now: float) -> bytes:
             dict(b.hosts),
             b.connections,
             b.tunnels,
+            b.cache_requests,
+            b.cache_hits,
+            b.saved,
         ]
         for b in metrics.history.buckets()
     ]
@@ -168,10 +171,13 @@ def decode_snapshot(data: bytes) -> Snapshot:
             for f in document["families"]
         )
         buckets = []
-        for index, requests, to_client, to_origin, errors, hosts, conns, tunnels in document[
-            "history"
-        ]:
+        for row in document["history"]:
+            index, requests, to_client, to_origin, errors, hosts, conns, tunnels = row[:8]
+            cache_requests, cache_hits, saved = row[8:11] if len(row) >= 11 else (0, 0, 0.0)
             bucket = Bucket(int(index))
+            bucket.cache_requests = int(cache_requests)
+            bucket.cache_hits = int(cache_hits)
+            bucket.saved = float(saved)
             bucket.requests = int(requests)
             bucket.to_client = float(to_client)
             bucket.to_origin = float(to_origin)

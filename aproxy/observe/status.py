@@ -25,6 +25,7 @@ from aproxy.upstream.routes import without_credentials
 __all__ = [
     "BUCKETS",
     "BUCKET_SECONDS",
+    "CACHE_HITS",
     "Bucket",
     "History",
     "destination_host",
@@ -36,6 +37,12 @@ BUCKET_SECONDS = 10
 
 BUCKETS = 90
 """How many buckets a L{History} keeps: 15 minutes of 10-second buckets."""
+
+CACHE_HITS = frozenset(
+    {"TCP_HIT", "TCP_MEM_HIT", "TCP_INM_HIT", "TCP_CF_HIT", "TCP_REFRESH_UNMODIFIED"}
+)
+"""The cache results (Squid's codes) that count as hits: answered from what the cache
+holds (a revalidated object included), or from a fetch another request made."""
 
 # Distinct destinations (and error types) counted per bucket; beyond this a client
 # asking for ever new host names is counted under one "(other)" entry, so memory stays
@@ -88,14 +95,20 @@ class Bucket:
     @ivar hosts: Finished exchanges per destination host.
     @ivar connections: The most client connections sampled in it, or L{None}.
     @ivar tunnels: The most open tunnels sampled in it, or L{None}.
+    @ivar cache_requests: Finished exchanges the cache saw.
+    @ivar cache_hits: Those it answered from what it holds (L{CACHE_HITS}).
+    @ivar saved: Bytes sent to clients from the cache instead of fetched.
     """
 
     __slots__ = (
+        "cache_hits",
+        "cache_requests",
         "connections",
         "errors",
         "hosts",
         "index",
         "requests",
+        "saved",
         "to_client",
         "to_origin",
         "tunnels",
@@ -110,6 +123,9 @@ class Bucket:
         self.hosts: Counter[str] = Counter()
         self.connections: int | None = None
         self.tunnels: int | None = None
+        self.cache_requests = 0
+        self.cache_hits = 0
+        self.saved = 0.0
 
     def add(self, other: Bucket) -> None:
         """
@@ -126,6 +142,9 @@ class Bucket:
             _count(self.hosts, key, amount)
         self.connections = _add_samples(self.connections, other.connections)
         self.tunnels = _add_samples(self.tunnels, other.tunnels)
+        self.cache_requests += other.cache_requests
+        self.cache_hits += other.cache_hits
+        self.saved += other.saved
 
 
 def _add_samples(a: int | None, b: int | None) -> int | None:
@@ -177,6 +196,11 @@ class History:
         host = destination_host(exchange.method, exchange.target)
         if host is not None:
             _count(bucket.hosts, host)
+        if exchange.cache is not None:
+            bucket.cache_requests += 1
+            if exchange.cache in CACHE_HITS:
+                bucket.cache_hits += 1
+                bucket.saved += exchange.bytes_to_client
         duration = exchange.duration
         begin = now - duration
         first = max(int(begin // BUCKET_SECONDS), last - BUCKETS + 1)
@@ -249,6 +273,14 @@ def _rates(window: Sequence[tuple[float, Bucket | None]], attr: str) -> list[flo
             amount = getattr(bucket, attr) if bucket is not None else 0
             values.append(amount / max(seconds, 1.0))
     return values
+
+
+def _hit_ratio(window: Sequence[tuple[float, Bucket | None]]) -> list[float | None]:
+    """Per bucket, the share of the cache's requests it answered, in percent."""
+    return [
+        100.0 * b.cache_hits / b.cache_requests if b is not None and b.cache_requests else None
+        for _, b in window
+    ]
 
 
 def _samples(window: Sequence[tuple[float, Bucket | None]], attr: str) -> list[float | None]:
@@ -413,6 +445,11 @@ def render_status(
         ("idle upstream", str(pooled)),
         ("upstream reused", str(reused)),
     ]
+    cache_requests = sum(b.cache_requests for b in present)
+    if cache_requests:
+        hits = sum(b.cache_hits for b in present)
+        tiles.append(("cache hits", f"{100 * hits / cache_requests:.0f}%"))
+        tiles.append(("saved by cache", _si(sum(b.saved for b in present), "B")))
     if workers is not None:
         tiles.append(("workers", str(workers)))
     tile_html = "".join(
@@ -429,6 +466,14 @@ def render_status(
                     ("to clients", _rates(window, "to_client")),
                     ("to origins", _rates(window, "to_origin")),
                 ],
+            ),
+            *(
+                [
+                    _chart("cache hit ratio", "%", [("hits", _hit_ratio(window))]),
+                    _chart("saved by cache", "B/s", [("saved", _rates(window, "saved"))]),
+                ]
+                if cache_requests
+                else []
             ),
             _chart(
                 "open (sampled)",
