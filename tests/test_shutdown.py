@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -95,6 +97,21 @@ class ServiceStopTests(SynchronousTestCase):
         d = service.stopService()
         self.successResultOf(d)
         self.assertEqual(len(factory.connections), 0)
+
+
+    def test_stop_closes_the_disk_cache(self) -> None:
+        """The disk store is closed at the end of a stop: its index left checkpointed."""
+        reactor = MemoryReactorClock()
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        config = ProxyConfig(port=("tcp:8111:interface=127.0.0.1",), cache_dir=directory)
+        service = makeService(config, reactor)
+        service.startService()
+        cache = service.factory.cache  # type: ignore[attr-defined]
+        cache.disk.remove(b"http://a.example/")  # (a write, so there is a log to fold in)
+        self.successResultOf(service.stopService())
+        self.assertFalse(os.path.exists(os.path.join(directory, "index.sqlite3-wal")))
+        self.assertEqual(cache.figures()["disk_objects"], 0)  # (closed: no error either)
 
 
 class SignalTests(SynchronousTestCase):

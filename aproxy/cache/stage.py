@@ -497,6 +497,17 @@ class CacheStage:
 
     # -- figures ----------------------------------------------------------------------
 
+    def close(self) -> None:
+        """
+        At shutdown, after the connections drained: give up the fills still going (their
+        objects are incomplete) and close the disk store, writing the remembered uses and
+        checkpointing its index (the last process leaves no write-ahead log behind).
+        """
+        for fill in list(self.fills.values()):
+            fill.give_up()
+        if self.disk is not None:
+            self.disk.close()
+
     def figures(self) -> dict[str, int]:
         """Bytes and objects per tier, evictions, for the metrics."""
         out = {"memory_bytes": 0, "memory_objects": 0, "disk_bytes": 0, "disk_objects": 0}

@@ -202,6 +202,8 @@ class ProxyService(MultiService):
         await self.factory.drain(self.factory.config.shutdown_timeout)
         if self.factory.access_log is not None:
             self.factory.access_log.close()
+        if self.factory.cache is not None:
+            self.factory.cache.close()
 
 
 class _AdoptedService(Service):
