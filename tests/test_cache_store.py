@@ -12,10 +12,12 @@ import sqlite3
 import struct
 import tempfile
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.task import Clock as TaskClock
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from aproxy.cache import disk
 from aproxy.cache.disk import REMOVALS_KEPT, DiskStore
+from aproxy.cache.heap import TRIM_DELAY, HeapTrimmer, malloc_trim
 from aproxy.cache.store import (
     MAX_VARIANTS,
     OBJECT_OVERHEAD,
@@ -776,3 +778,41 @@ class SharingAndCrashTests(DiskCase):
         os.utime(kept, (1.0, 1.0))
         self.assertEqual(store.sweep_orphans(), 1)
         self.assertEqual(self.object_files(), [kept])
+
+
+class HeapTrimmerTests(SynchronousTestCase):
+    """L{HeapTrimmer}: one trim shortly after a burst of evictions."""
+
+    def test_one_trim_per_burst(self) -> None:
+        """Drops within TRIM_DELAY share one trim; a later drop schedules another."""
+        clock = TaskClock()
+        calls: list[None] = []
+        trimmer = HeapTrimmer(clock, lambda: calls.append(None))
+        trimmer.freed()
+        trimmer.freed()
+        clock.advance(TRIM_DELAY / 2)
+        trimmer.freed()
+        self.assertEqual(calls, [])
+        clock.advance(TRIM_DELAY / 2)
+        self.assertEqual(len(calls), 1)
+        trimmer.freed()
+        clock.advance(TRIM_DELAY)
+        self.assertEqual(len(calls), 2)
+
+    def test_stop_and_no_trim(self) -> None:
+        """A stopped trimmer trims no more; without malloc_trim nothing is scheduled."""
+        clock = TaskClock()
+        calls: list[None] = []
+        trimmer = HeapTrimmer(clock, lambda: calls.append(None))
+        trimmer.freed()
+        trimmer.stop()
+        clock.advance(1)
+        self.assertEqual(calls, [])
+        HeapTrimmer(clock, None).freed()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_this_libc_has_malloc_trim(self) -> None:
+        """On glibc (this project's platform) the real function is found and runs."""
+        if malloc_trim is None:
+            raise SkipTest("no malloc_trim in this C library")
+        malloc_trim()

@@ -98,7 +98,6 @@ class ServiceStopTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(len(factory.connections), 0)
 
-
     def test_stop_closes_the_disk_cache(self) -> None:
         """The disk store is closed at the end of a stop: its index left checkpointed."""
         reactor = MemoryReactorClock()

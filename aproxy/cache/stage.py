@@ -27,6 +27,7 @@ from zope.interface import implementer
 from aproxy.cache import rules
 from aproxy.cache.disk import DiskStore
 from aproxy.cache.fill import Fill, FillReader, StoreFilter
+from aproxy.cache.heap import HeapTrimmer
 from aproxy.cache.hits import Found, Prepared, answer_from
 from aproxy.cache.store import MemoryTier, Meta
 from aproxy.client.stages import Answer, IBodyFilter, IRequestStage, StageRequest
@@ -98,6 +99,7 @@ class CacheStage:
         self.limit = memory.max_object if disk is None and memory is not None else self.max_object
         self.purge_from = [ipaddress.ip_network(n, strict=False) for n in config.cache_purge_from]
         self.fills: dict[bytes, Fill] = {}
+        self.trimmer = HeapTrimmer(clock)
         # Where this process is in the disk store's log of removals (see _sync).
         self._removals = disk.last_removal() if disk is not None and memory is not None else 0
         self._next_sync = 0.0
@@ -198,9 +200,11 @@ class CacheStage:
             return
         if not complete:
             self.memory.clear()
+            self.trimmer.freed()
             return
         for key in keys:
-            self.memory.remove(key)
+            if self.memory.remove(key):
+                self.trimmer.freed()
 
     def _find(self, key: bytes, head: RequestHead) -> tuple[Found | None, bool]:
         """
@@ -470,8 +474,12 @@ class CacheStage:
         writer = fill.writer
         if writer is not None and not writer.commit(meta):
             self.log.info("cache: {key} was not stored on disk", key=meta.key)
-        if fill.memory is not None and self.memory is not None:
-            self.memory.put(meta, b"".join(fill.memory))
+        memory = self.memory
+        if fill.memory is not None and memory is not None:
+            evictions = memory.evictions
+            memory.put(meta, b"".join(fill.memory))
+            if memory.evictions != evictions:
+                self.trimmer.freed()
         fill.memory = None if writer is not None else fill.memory
         fill.finish()
 
@@ -505,6 +513,7 @@ class CacheStage:
         """
         for fill in list(self.fills.values()):
             fill.give_up()
+        self.trimmer.stop()
         if self.disk is not None:
             self.disk.close()
 
