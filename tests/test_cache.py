@@ -276,6 +276,15 @@ class CacheTests(ProxyTestCase):
         self.assertIsNone(sent)
         self.assertIn(b"Content-Length: 10\r\n", got)
 
+    def test_range_request_does_not_follow_a_full_fetch(self) -> None:
+        """A Range request during a fetch of the whole gets its own origin request."""
+        first, p1 = self.connect_client()
+        p1.dataReceived(get())
+        self.connector.attempts[-1].succeed()
+        second, p2 = self.connect_client()
+        p2.dataReceived(get(URL, b"Range: bytes=0-1"))
+        self.assertEqual(len(self.connector.attempts), 2)
+
     def test_collapsed_but_not_storable_goes_upstream(self) -> None:
         """Followers of a response that can't be stored get their own origin request."""
         first, p1 = self.connect_client()
@@ -321,6 +330,18 @@ class CacheTests(ProxyTestCase):
         self.assertTrue(upstream.disconnecting)
         _, sent = self.ask(get())
         self.assertIsNotNone(sent)
+
+    def test_several_ranges_go_to_the_origin(self) -> None:
+        """A stored object answers a single range; several ranges are the origin's to
+        answer (multipart/byteranges), and nothing is stored from that."""
+        self.ask(get(), ok(b"hello world", FRESH))
+        got, sent = self.ask(get(URL, b"Range: bytes=0-1"))
+        self.assertIsNone(sent)
+        self.assertTrue(got.startswith(b"HTTP/1.1 206 "), got)
+        for ranges in (b"Range: bytes=0-1,4-5", b"Range: bytes=0-1\r\nRange: bytes=4-5"):
+            got, sent = self.ask(get(URL, ranges), ok(b"multipart", status=b"206 Partial Content"))
+            self.assertIsNotNone(sent)
+            self.assertIn(b"Cache-Status: aproxy; fwd=request; fwd-status=206", got)
 
     def test_purge(self) -> None:
         """PURGE from an allowed network removes the URL; the next request is a miss."""

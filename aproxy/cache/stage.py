@@ -125,6 +125,7 @@ class CacheStage:
         # Most requests carry no directive, precondition or range: then their fields need
         # no parsing at all (unless a stored response varies on them).
         plain = _DIRECTED.search(head.block) is None
+        ranges: list[bytes] = []
         if plain:
             no_store = only_if_cached = False
         else:
@@ -133,6 +134,13 @@ class CacheStage:
                 # A protocol switch, or preconditions the cache does not evaluate: the
                 # origin answers (RFC 9110 section 13.2.1 leaves them to it).
                 request.state[self] = _State(key, "pass", fwd="bypass")
+                return None
+            # (Range is not among the fields the parser notes: head.values can't see it.)
+            ranges = rules.field_lines(fields, b"range")
+            if len(ranges) > 1 or (ranges and b"," in ranges[0]):
+                # Several ranges: the origin answers (a multipart/byteranges response is
+                # its to make; the cache answers single ranges only).
+                request.state[self] = _State(key, "pass", fwd="request")
                 return None
             no_store, only_if_cached = rules.request_cc_flags(fields)
         now = self.clock.seconds()
@@ -148,10 +156,10 @@ class CacheStage:
             if only_if_cached:
                 return self._not_cached(request, key)
             fill = self.fills.get(key)
-            if fill is not None and not fill.over:
+            if fill is not None and not fill.over and not ranges:
                 return self._follow(request, key, fill)
             state = _State(key, "pass", fwd="vary-miss" if any_variant else "uri-miss")
-            if method == b"GET" and not no_store and not head.values(b"range"):
+            if method == b"GET" and not no_store and not ranges:
                 state.kind = "lead"
                 state.fill = self.fills[key] = Fill(key, self._fill_over)
             state.sent_at = now
@@ -271,7 +279,7 @@ class CacheStage:
         """Collapse onto C{fill}: follow it once its head shows it fits, else go upstream."""
         fields = request.head.fields
         method = request.head.method
-        wants_range = bool(request.head.values(b"range"))
+        wants_range = bool(rules.field_lines(fields, b"range"))
 
         def fits(fill: Fill) -> Answer | None:
             meta = fill.meta
