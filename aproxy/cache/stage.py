@@ -41,6 +41,18 @@ _PROMOTE = 256 * 1024
 _CONDITIONALS = (b"if-none-match", b"if-modified-since", b"if-range", b"range")
 _TEXT = (b"Content-Type", b"text/plain; charset=utf-8")
 _PURGE_STATUS = (b"Cache-Status", rules.cache_status(detail="purge"))
+_NOT_CACHED = Answer(
+    504,
+    b"Gateway Timeout",
+    (_TEXT, (b"Cache-Status", rules.cache_status(fwd="miss", detail="only-if-cached"))),
+    b"only-if-cached: no stored response fits this request\n",
+)
+_PURGE_DENIED = Answer(
+    403,
+    b"Forbidden",
+    (_TEXT, _PURGE_STATUS),
+    b"PURGE is not allowed from your address (see --cache-purge-from)\n",
+)
 _UNEVALUATED = frozenset({b"if-match", b"if-unmodified-since"})
 SYNC_INTERVAL = 0.25
 """Seconds between two looks at what other workers removed from the shared disk store."""
@@ -268,12 +280,7 @@ class CacheStage:
     def _not_cached(self, request: StageRequest, key: bytes) -> Answer:
         """C{only-if-cached} and nothing fits: 504 (RFC 9111 section 5.2.1.7)."""
         request.notes["cache"] = "TCP_MISS"
-        return Answer(
-            504,
-            b"Gateway Timeout",
-            [_TEXT, (b"Cache-Status", rules.cache_status(fwd="miss", detail="only-if-cached"))],
-            b"only-if-cached: no stored response fits this request\n",
-        )
+        return _NOT_CACHED
 
     def _follow(self, request: StageRequest, key: bytes, fill: Fill) -> Any:
         """Collapse onto C{fill}: follow it once its head shows it fits, else go upstream."""
@@ -321,19 +328,9 @@ class CacheStage:
 
     def _purge(self, request: StageRequest, key: bytes) -> Answer | None:
         """C{PURGE}: remove every stored variant of the URL, for the networks allowed."""
-        client = request.client
-        try:
-            address = ipaddress.ip_address(client)
-        except ValueError:
-            address = None
-        if address is None or not any(address in net for net in self.purge_from):
+        if not _in_networks(request.client, self.purge_from):
             request.notes["cache"] = "TCP_DENIED"
-            return Answer(
-                403,
-                b"Forbidden",
-                [_TEXT, _PURGE_STATUS],
-                b"PURGE is not allowed from your address (see --cache-purge-from)\n",
-            )
+            return _PURGE_DENIED
         removed = self._remove(key)
         request.notes["cache"] = "TCP_MISS"
         if request.peer:
@@ -559,6 +556,15 @@ _RESULTS = {
 def _has_any(fields: Sequence[tuple[bytes, bytes]], names: frozenset[bytes]) -> bool:
     """Whether any of C{fields} has one of the lowercase C{names}."""
     return any(name.lower() in names for name, _ in fields)
+
+
+def _in_networks(client: str, networks: Sequence[Any]) -> bool:
+    """Whether the address C{client} (C{"unix"} for a unix socket: never) is in C{networks}."""
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return False
+    return any(address in net for net in networks)
 
 
 def _client_refresh(fields: Sequence[tuple[bytes, bytes]]) -> bool:
