@@ -144,6 +144,11 @@ class ProxyConfig:
         parents, in addition to the system's trust store.
     @ivar insecure_host: Hosts whose TLS certificates are not verified (named one by
         one; there is no switch for all).
+    @ivar intercept: Host patterns whose CONNECT tunnels are intercepted (TLS decrypted
+        with aproxy's CA); empty: none.
+    @ivar no_intercept: Host patterns never intercepted.
+    @ivar ca_dir: The directory of the interception CA, or L{None} for the default
+        (L{aproxy.intercept.ca.default_ca_dir}).
     """
 
     port: tuple[str, ...]
@@ -186,6 +191,9 @@ class ProxyConfig:
     upstream: str | None
     ca_file: str | None
     insecure_host: tuple[str, ...]
+    intercept: tuple[str, ...]
+    no_intercept: tuple[str, ...]
+    ca_dir: str | None
 
     def __init__(self, **values: Any) -> None:
         """

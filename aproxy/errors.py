@@ -14,6 +14,7 @@ __all__ = [
     "GatewayTimeout",
     "HeaderTooLarge",
     "InternalError",
+    "MisdirectedRequest",
     "NotImplementedByProxy",
     "ProxyAuthRequired",
     "ProxyError",
@@ -123,6 +124,15 @@ class BadGateway(ProxyError):
 
     status = 502
     error_type = "proxy_internal_error"
+
+
+class MisdirectedRequest(ProxyError):
+    """
+    A request on an intercepted TLS connection for another host than the connection's
+    (421, RFC 9110 section 15.5.20): the client should open a connection for that host.
+    """
+
+    status = 421
 
 
 class ServiceUnavailable(ProxyError):

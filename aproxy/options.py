@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aproxy import values
-from aproxy.access.policy import parse_host_pattern
+from aproxy.access.policy import check_host_pattern, parse_host_pattern
 from aproxy.values import DEFAULT_HTTP_PORTS, DEFAULT_PORT, Coerce, format_port_list
 
 __all__ = [
@@ -447,6 +447,34 @@ OPTIONS: tuple[Option, ...] = (
         (),
         """Do not verify the TLS certificate of this origin or parent host (repeatable;
         there is no switch for all hosts). A warning is logged at start.""",
+    ),
+    _row(
+        "intercept",
+        "list",
+        values.each(check_host_pattern),
+        (),
+        """Intercept HTTPS to hosts matching this pattern (repeatable; the pattern forms
+        of --deny-host, or * for every host): CONNECT tunnels to them are decrypted with
+        certificates signed by aproxy's own CA (see --ca-dir), so their requests are
+        logged, filtered and cached like plain ones. Clients must trust that CA. Off
+        by default.""",
+    ),
+    _row(
+        "no-intercept",
+        "list",
+        values.each(check_host_pattern),
+        (),
+        """Never intercept hosts matching this pattern (repeatable), even when --intercept
+        matches them: for clients that pin certificates.""",
+    ),
+    _row(
+        "ca-dir",
+        "str",
+        values.optional(values.text),
+        None,
+        """Where the interception CA is kept: ca.pem (the certificate clients must
+        trust) and ca-key.pem (its key, mode 0600). Made at the first start with
+        --intercept. Default: ~/.local/share/aproxy. A new CA needs a restart.""",
     ),
 )
 

@@ -19,9 +19,11 @@ from aproxy.errors import Forbidden
 
 __all__ = [
     "AccessPolicy",
+    "HostPatterns",
     "IPAddress",
     "IPolicy",
     "Network",
+    "check_host_pattern",
     "embedded_ipv4",
     "is_private",
     "normalize_address",
@@ -272,3 +274,38 @@ def _name_matches(name: str, kind: str, value: object) -> bool:
     if kind == "subdomains":
         return name.endswith(suffix)
     return name == value or name.endswith(suffix)
+
+
+def check_host_pattern(text: str) -> None:
+    """Accept C{*} (any host) or a L{parse_host_pattern} form; else raise L{ValueError}."""
+    if text.strip() != "*":
+        parse_host_pattern(text)
+
+
+class HostPatterns:
+    """
+    A list of host patterns in the forms of L{parse_host_pattern}, and C{*} for any host:
+    does a destination match any of them?
+    """
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        self._any = any(text.strip() == "*" for text in texts)
+        self._rules = [parse_host_pattern(text) for text in texts if text.strip() != "*"]
+
+    def __bool__(self) -> bool:
+        """Whether there is any pattern."""
+        return self._any or bool(self._rules)
+
+    def matches(self, host: str) -> bool:
+        """Whether C{host} (a name, or an IP address without brackets) matches."""
+        if self._any:
+            return True
+        host = host.lower().rstrip(".")
+        address = normalize_address(host)
+        for kind, value in self._rules:
+            if kind == "address":
+                if address is not None and address in value:
+                    return True
+            elif address is None and _name_matches(host, kind, value):
+                return True
+        return False

@@ -26,6 +26,7 @@ from aproxy.client.side import ClientSide
 from aproxy.client.stages import Answer, IAnswerSink, IBodyFilter, answer_bytes
 from aproxy.client.wire import write_soon
 from aproxy.errors import BadGateway, ProxyError
+from aproxy.http.answers import local_answer
 from aproxy.http.body import UntilCloseDecoder
 from aproxy.http.head import RequestHead
 from aproxy.upstream.protocol import DISCARD, UpstreamProtocol
@@ -93,6 +94,18 @@ class AnswerHalf:
         if failure.check(CancelledError) or self.conn.phase is not Phase.STAGE:
             return
         self.internal_error(failure)
+
+    def _answer_locally(self, rest: bytes) -> None:
+        """Answer a request for the proxy itself (C{Max-Forwards: 0}): TRACE or OPTIONS."""
+        head = self.head
+        conn = self.conn
+        closing = not head.keep_alive or head.codings is not None or bool(head.content_length)
+        answer = local_answer(head, closing)
+        self.to_client += len(answer)
+        conn.transport.write(answer)
+        self.emit(200, None)
+        conn.stash(rest)
+        conn.exchange_done(not closing)
 
     def send_answer(self, answer: Answer, rest: bytes) -> None:
         """

@@ -49,7 +49,6 @@ from aproxy.client.stages import (
 )
 from aproxy.client.wire import bulk_reads, write_soon
 from aproxy.errors import BadGateway, BadRequest, Forbidden, ProxyError
-from aproxy.http.answers import local_answer
 from aproxy.http.body import ChunkedDecoder, UntilCloseDecoder, chunk
 from aproxy.http.head import (
     RequestHead,
@@ -57,6 +56,7 @@ from aproxy.http.head import (
     Target,
     parse_authority,
 )
+from aproxy.intercept.session import peek
 from aproxy.observe.records import Exchange
 from aproxy.upstream.connector import connect_error
 from aproxy.upstream.dialer import FleetRoute, Hop
@@ -118,6 +118,7 @@ class ClientExchange(AnswerHalf, ResponseHalf):
     # What stages see of this request, and their body filters (none by default).
     view: StageRequest | None = None
     fleet: FleetRoute | None = None  # (a cache fleet's URL)
+    established = False  # (a CONNECT's 200 went before the dial: see intercept.session)
     req_filter: IBodyFilter | None = None
     resp_filter: IBodyFilter | None = None
 
@@ -259,20 +260,18 @@ class ClientExchange(AnswerHalf, ResponseHalf):
         check_connect_port(rt.config, port)
         self.is_connect = True
         self.status = 200
-        self.conn.stash(rest)
+        conn = self.conn
+        conn.stash(rest)
         self.hop = hop = rt.dialer.plan(b"", host, port, True)
+        if rt.interceptor is not None and rt.interceptor.wants(host):
+            peek(self, rt.interceptor, host, port)  # (answered now: see intercept.session)
+            return
         self._dial(hop)
 
-    def _answer_locally(self, rest: bytes) -> None:
-        head = self.head
-        conn = self.conn
-        closing = not head.keep_alive or head.codings is not None or bool(head.content_length)
-        answer = local_answer(head, closing)
-        self.to_client += len(answer)
-        conn.transport.write(answer)
-        self.emit(200, None)
-        conn.stash(rest)
-        conn.exchange_done(not closing)
+    def dial_tunnel(self) -> None:
+        """Dial the upstream end of this CONNECT's tunnel (after a look at its bytes)."""
+        assert self.hop is not None
+        self._dial(self.hop)
 
     def request_data(self, data: bytes) -> None:
         """Client bytes while forwarding: request body (re-framed) or the next request."""
@@ -338,8 +337,9 @@ class ClientExchange(AnswerHalf, ResponseHalf):
             return
         conn.unpause_for(PAUSE_DIAL)
         if self.is_connect:
-            self.to_client += len(_ESTABLISHED)
-            conn.transport.write(_ESTABLISHED)
+            if not self.established:
+                self.to_client += len(_ESTABLISHED)
+                conn.transport.write(_ESTABLISHED)
             conn.open_tunnel(up, conn.take_pending(), b"")
             return
         conn.move(Phase.FORWARDING)

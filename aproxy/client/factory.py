@@ -23,7 +23,7 @@ from zope.interface import implementer
 
 from aproxy.access.auth import HtpasswdAuthenticator, IAuthenticator
 from aproxy.access.loops import LoopGuard
-from aproxy.access.policy import AccessPolicy, IPolicy
+from aproxy.access.policy import AccessPolicy, HostPatterns, IPolicy
 from aproxy.access.throttle import LoginThrottle
 from aproxy.cache.stage import open_cache
 from aproxy.client.protocol import ProxyProtocol
@@ -32,6 +32,9 @@ from aproxy.client.stages import IRequestStage
 from aproxy.config import ProxyConfig
 from aproxy.errors import Forbidden
 from aproxy.http.head import Target, parse_absolute_target
+from aproxy.intercept.ca import CAError, default_ca_dir, load_or_create
+from aproxy.intercept.leaves import LeafContexts
+from aproxy.intercept.session import Interceptor
 from aproxy.observe.accesslog import AccessLog
 from aproxy.observe.records import ExchangeObserver
 from aproxy.upstream.connector import EndpointConnector, IUpstreamConnector
@@ -96,6 +99,7 @@ class ProxyFactory(Factory):
         config = config if config is not None else ProxyConfig()
         self.cache = open_cache(config, reactor)
         self._stages = ((self.cache,) if self.cache is not None else ()) + tuple(stages)
+        self._leaves: LeafContexts | None = None
         self.clock: IReactorTime = reactor
         # What outlives a reload, handed from one runtime to the next:
         # bounded, fairly shared password hashes and name lookups (so their bounds count
@@ -197,6 +201,32 @@ class ProxyFactory(Factory):
             name,
             self._stages,
             policy.needs_address_check(),
+            interceptor=self._interceptor(config),
+        )
+
+    def _interceptor(self, config: ProxyConfig) -> Interceptor | None:
+        """
+        What C{--intercept} asks for; the CA is loaded (or made) once per factory, at
+        the first configuration that intercepts: a new CA needs a restart.
+
+        @raise ValueError: If the CA can't be used (one line, see L{CAError}).
+        """
+        if not config.intercept:
+            return None
+        if self._leaves is None:
+            try:
+                ca = load_or_create(config.ca_dir or default_ca_dir())
+            except CAError as e:
+                raise ValueError(f"ca-dir: {e}") from None
+            self.log.info(
+                "intercepting HTTPS with the CA {path} (SHA-256 {fingerprint}){made}",
+                path=ca.path,
+                fingerprint=ca.fingerprint,
+                made=", made now: clients must trust it (see the README)" if ca.created else "",
+            )
+            self._leaves = LeafContexts(ca)
+        return Interceptor(
+            self._leaves, HostPatterns(config.intercept), HostPatterns(config.no_intercept)
         )
 
     # What the runtime in force holds, for the code that asks the factory.

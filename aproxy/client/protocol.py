@@ -82,8 +82,13 @@ class ProxyProtocol(ClientConnection):
     log = Logger()
     transport: Any
 
-    def __init__(self, factory: ProxyContext, addr: IAddress | None = None) -> None:
+    def __init__(
+        self, factory: ProxyContext, addr: IAddress | None = None, session: Any = None
+    ) -> None:
         super().__init__(factory, addr)
+        # An intercepted TLS session this connection reads the requests of, if any (see
+        # aproxy.intercept.session): admitted and authenticated by the CONNECT already.
+        self.session = session
         config = self.config
         self._reader = HeadReader(config.max_head_size, config.max_request_line)
         self.phase = _READING
@@ -124,6 +129,9 @@ class ProxyProtocol(ClientConnection):
             # Behind a PROXY protocol listener the client's address is known only once
             # the load balancer's header has been read.
             self.dataReceived = self._admit_then_receive  # type: ignore[method-assign]
+            return
+        if self.session is not None:
+            self.client_ip, self.user = self.session.client_ip, self.session.user
             return
         refusal = self._admit()
         if refusal is not None:
@@ -309,9 +317,12 @@ class ProxyProtocol(ClientConnection):
     def _start_request(self, head: RequestHead, rest: bytes) -> None:
         # The whole request runs on the configuration in force now (see Runtime).
         self.runtime = rt = self.factory.runtime
+        session = self.session
+        if session is not None:
+            session.absolutize(head)
         self._x = x = ClientExchange(self, rt, head)
         auth = rt.authenticator
-        if auth is None:
+        if auth is None or session is not None:
             x.authorized(rest)
             return
         self.move(_AUTHENTICATING)
@@ -363,13 +374,26 @@ class ProxyProtocol(ClientConnection):
 
     def open_tunnel(self, up: UpstreamProtocol, to_origin: bytes, to_client: bytes) -> None:
         """Switch this connection to a raw relay with C{up} (after a CONNECT or a 101)."""
+        tunnel = Tunnel(
+            self.transport, up, self.clock, self.config.tunnel_idle_timeout, self._tunnel_closed
+        )
+        self.adopt_tunnel(tunnel, to_origin, to_client)
+
+    def inner_protocol(self, session: Any) -> ProxyProtocol:
+        """A protocol reading the requests of C{session}, intercepted on this connection."""
+        return ProxyProtocol(self.factory, self.client_address, session)
+
+    def adopt_tunnel(self, tunnel: Any, to_origin: bytes, to_client: bytes = b"") -> None:
+        """
+        Hand this connection to C{tunnel}: a L{Tunnel}, or an intercepted TLS session
+        (L{aproxy.intercept.session.InterceptedSession}), which has the same methods.
+        """
         assert self._x is not None
         self._x.detach()
         self.cancel_timer()
         self.move(_TUNNEL)
-        tunnel = Tunnel(
-            self.transport, up, self.clock, self.config.tunnel_idle_timeout, self._tunnel_closed
-        )
+        if getattr(tunnel, "on_close", False) is None:
+            tunnel.on_close = self._tunnel_closed
         self._tunnel = tunnel
         self.factory.tunnels += 1
         # The tunnel registers the two transports as each other's producers.

@@ -13,6 +13,7 @@ thread pools for lookups and hashes, and what the proxy knows of its own address
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from aproxy.access.auth import IAuthenticator
 from aproxy.access.policy import IPolicy
@@ -44,6 +45,8 @@ class Runtime:
         loop check: remembered per runtime, so a reload's stricter rules start afresh.
     @ivar allowed_peers: (host, address) pairs of pooled connections that passed this
         runtime's address rules.
+    @ivar interceptor: Which CONNECT tunnels are intercepted, and their certificates (an
+        L{aproxy.intercept.session.Interceptor}); L{None} without C{--intercept}.
     """
 
     config: ProxyConfig
@@ -57,3 +60,4 @@ class Runtime:
     address_check: bool = False
     allowed: set[tuple[str, int]] = field(default_factory=set)
     allowed_peers: set[tuple[str, str]] = field(default_factory=set)
+    interceptor: Any = None  # (Any: the intercept package sits above this layer)

@@ -21,6 +21,7 @@ from twisted.python import usage
 
 from aproxy.access.auth import HtpasswdAuthenticator
 from aproxy.config import ProxyConfig, check_proxy_protocol, listen_description
+from aproxy.intercept.ca import CAError, default_ca_dir, load_or_create
 from aproxy.observe.accesslog import AccessLogError
 from aproxy.options import OPTIONS, Option, option, toml_kinds
 from aproxy.run.configfile import ConfigFileError, load_config_file
@@ -195,6 +196,13 @@ class Options(usage.Options):
             ClientTLS(self["ca-file"])
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+        config = self["proxy-config"]
+        if config.intercept:
+            try:
+                # Made (or checked) here, in the parent, before any worker starts.
+                load_or_create(config.ca_dir or default_ca_dir())
+            except CAError as e:
+                raise usage.UsageError(f"--ca-dir: {e}") from None
 
     def _fields(self) -> dict[str, Any]:
         """
