@@ -10,6 +10,7 @@ import shutil
 import ssl
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -288,6 +289,71 @@ class InterceptIntegrationTests(TLSTestCase):
             self.assertEqual(self.factory.runtime.interceptor.leaves.minted, 1)
 
         return gatherResults(clients).addCallback(check)
+
+    def test_websockets_over_wss(self) -> Deferred[None]:
+        """The websockets client over wss:// through an intercepted tunnel: Upgrade inside."""
+        try:
+            from websockets.sync.client import connect as ws_connect
+            from websockets.sync.server import serve as ws_serve
+        except ImportError:
+            raise SkipTest("websockets is not installed") from None
+        cert = self.ca.issue_cert("localhost")
+        origin_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        cert.configure_cert(origin_tls)
+
+        def echo(ws: Any) -> None:
+            for message in ws:
+                ws.send(message)
+
+        server = ws_serve(echo, "127.0.0.1", 0, ssl=origin_tls)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+
+        def stop() -> None:
+            server.shutdown()
+            thread.join()
+
+        self.addCleanup(deferToThread, stop)
+        ws_port = server.socket.getsockname()[1]
+        port = self.intercepting_proxy()
+
+        def run() -> list[str | bytes]:
+            client_tls = ssl.create_default_context(cafile=self.proxy_ca)
+            with ws_connect(
+                f"wss://localhost:{ws_port}/",
+                proxy=f"http://127.0.0.1:{port}",
+                ssl=client_tls,
+                open_timeout=10,
+                close_timeout=10,
+            ) as ws:
+                echoes: list[str | bytes] = []
+                for message in ("one", b"\x00two", "three" * 10000):
+                    ws.send(message)
+                    echoes.append(ws.recv(timeout=10))
+                return echoes
+
+        def check(echoes: list[str | bytes]) -> Deferred[None]:
+            self.assertEqual(echoes, ["one", b"\x00two", "three" * 10000])
+            return until(
+                lambda: any(r.target.startswith("https://localhost") for r in self.records)
+            )
+
+        return deferToThread(run).addCallback(check)
+
+    def test_reload_changes_the_patterns(self) -> None:
+        """A reload takes new patterns and keeps the CA (a new CA needs a restart)."""
+        self.intercepting_proxy(intercept=("a.example",))
+        before = self.factory.runtime.interceptor
+        self.assertTrue(before.wants("a.example"))
+        self.factory.reconfigure(
+            ProxyConfig(intercept=("b.example",), ca_dir=self.ca_dir, connect_ports=None)
+        )
+        after = self.factory.runtime.interceptor
+        self.assertFalse(after.wants("a.example"))
+        self.assertTrue(after.wants("b.example"))
+        self.assertIs(after.leaves, before.leaves)
+        self.factory.reconfigure(ProxyConfig(connect_ports=None))
+        self.assertIsNone(self.factory.runtime.interceptor)
 
     def test_curl(self) -> Deferred[None]:
         """curl --cacert with aproxy's CA fetches through the intercepted session."""

@@ -716,3 +716,27 @@ class ScreenshotTests(SynchronousTestCase):
         # "CONSOLE(...)" lines; the page has no script, so there must be none.
         self.assertNotIn("CONSOLE", result.stderr)
         self.assertNotIn("Uncaught", result.stderr)
+
+
+class CACertificatePageTests(SynchronousTestCase):
+    """With --intercept the metrics site serves the CA certificate (never its key)."""
+
+    def test_ca_pem(self) -> None:
+        """/ca.pem is the CA certificate; /status links it; without --intercept, 404."""
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        clock = Clock()
+        config = ProxyConfig(intercept=("*",), ca_dir=directory)
+        factory = ProxyFactory(config, clock, connector=RecordingConnector())
+        site = metrics_site(Metrics(factory, clock, CollectorRegistry()), factory)
+        status, headers, body = fetch(site, b"/ca.pem")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers[b"content-type"], b"application/x-pem-file")
+        with open(os.path.join(directory, "ca.pem"), "rb") as f:
+            self.assertEqual(body, f.read())
+        self.assertNotIn(b"PRIVATE", body)
+        _, _, page = fetch(site, b"/status")
+        self.assertIn(b'<a href="ca.pem">', page)
+        plain = ProxyFactory(ProxyConfig(), clock, connector=RecordingConnector())
+        plain_site = metrics_site(Metrics(plain, clock, CollectorRegistry()), plain)
+        self.assertEqual(fetch(plain_site, b"/ca.pem")[0], 404)

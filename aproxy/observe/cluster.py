@@ -458,4 +458,10 @@ class WorkerTotals:
 
     def site(self) -> Site:
         """The HTTP site: C{/metrics} and C{/status} (see L{aproxy.observe.metrics.pages_site})."""
-        return pages_site(self.render_metrics, self.render_status, self.reactor)
+        ca_pem = None
+        if self.config.intercept:
+            from aproxy.intercept.ca import default_ca_dir, load_or_create
+
+            # (Made or checked when the options were parsed, before any worker started.)
+            ca_pem = load_or_create(self.config.ca_dir or default_ca_dir()).pem
+        return pages_site(self.render_metrics, self.render_status, self.reactor, ca_pem)

@@ -355,10 +355,14 @@ def metrics_site(metrics: Metrics, factory: ProxyFactory) -> Site:
     @param metrics: The metrics to serve.
     @param factory: The proxy; its clock drives the site's timeouts.
     """
-    return pages_site(metrics.render, metrics.render_status, factory.clock)
+    interceptor = factory.runtime.interceptor
+    ca_pem = interceptor.leaves.ca.pem if interceptor is not None else None
+    return pages_site(metrics.render, metrics.render_status, factory.clock, ca_pem)
 
 
-def pages_site(render_metrics: Page, render_status: Page, clock: IReactorTime) -> Site:
+def pages_site(
+    render_metrics: Page, render_status: Page, clock: IReactorTime, ca_pem: bytes | None = None
+) -> Site:
     """
     The C{--metrics} site (see L{metrics_site}) for any source of the two pages; with
     C{--workers} the parent serves the workers' totals with it.
@@ -366,11 +370,13 @@ def pages_site(render_metrics: Page, render_status: Page, clock: IReactorTime) -
     @param render_metrics: Renders C{/metrics} (Prometheus text format).
     @param render_status: Renders C{/status} (HTML).
     @param clock: Drives the site's timeouts.
+    @param ca_pem: With C{--intercept}, the interception CA's certificate (never its
+        key), served at C{/ca.pem} for clients to install.
     """
-    root = _Pages(
-        {
-            b"metrics": (METRICS_CONTENT_TYPE, render_metrics),
-            b"status": (b"text/html; charset=utf-8", render_status),
-        }
-    )
-    return _QuietSite(root, reactor=clock)
+    pages = {
+        b"metrics": (METRICS_CONTENT_TYPE, render_metrics),
+        b"status": (b"text/html; charset=utf-8", render_status),
+    }
+    if ca_pem is not None:
+        pages[b"ca.pem"] = (b"application/x-pem-file", lambda: ca_pem)
+    return _QuietSite(_Pages(pages), reactor=clock)

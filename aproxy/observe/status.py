@@ -511,6 +511,12 @@ def render_status(
         )
         + "</table>"
     )
+    ca_link = (
+        "<p>HTTPS is intercepted for some hosts: clients must trust "
+        '<a href="ca.pem">the interception CA certificate</a>.</p>\n'
+        if config.intercept
+        else ""
+    )
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
     up = _duration(now - history.start)
     page = f"""<!DOCTYPE html>
@@ -530,7 +536,7 @@ def render_status(
 <section><h2>Errors <span class="muted">last {html.escape(span)}</span></h2>
 {error_table}</section>
 </div>
-<h2>Configuration</h2>
+{ca_link}<h2>Configuration</h2>
 {config_table}
 </body></html>
 """
