@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import tempfile
@@ -243,6 +244,45 @@ class InterceptIntegrationTests(TLSTestCase):
         port = self.intercepting_proxy(no_intercept=("localhost",))
         d = deferToThread(intercepted_get, port, f"localhost:{origin}", self.ca_path)
         return d.addCallback(lambda result: self.assertEqual(result[2], TLS_BODY))
+
+    def test_h2_only_is_a_blind_tunnel(self) -> Deferred[None]:
+        """A client offering only h2 (not spoken inside) reaches the origin's own TLS."""
+        # A TLS origin of the standard library's, which ignores ALPN (Twisted's TLS server
+        # refuses a client offering only h2 with an alert).
+        cert = self.ca.issue_cert("localhost")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        cert.configure_cert(context)
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        origin = listener.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with context.wrap_socket(conn, server_side=True) as tls:
+                tls.sendall(b"220 origin ready\r\n")
+                tls.recv(100)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 10)
+        port = self.intercepting_proxy()
+
+        def client() -> tuple[str, bytes]:
+            sock, _ = open_tunnel(port, f"localhost:{origin}")
+            context = ssl.create_default_context(cafile=self.ca_path)
+            context.set_alpn_protocols(["h2"])
+            with context.wrap_socket(sock, server_hostname="localhost") as tls:
+                issuer = str(tls.getpeercert() or {})
+                banner = SockReader(tls).read_until(b"\r\n")
+                tls.sendall(b"QUIT\r\n")
+                return issuer, banner
+
+        def check(result: tuple[str, bytes]) -> None:
+            issuer, banner = result
+            self.assertNotIn("aproxy", issuer)
+            self.assertEqual(banner, b"220 origin ready\r\n")
+
+        return deferToThread(client).addCallback(check)
 
     def test_not_tls_is_a_blind_tunnel(self) -> Deferred[None]:
         """A client that sends something else than TLS gets a plain relay, bytes intact."""
