@@ -29,7 +29,7 @@ from aproxy.intercept import session as session_module
 from aproxy.intercept.hello import Hello
 from aproxy.intercept.session import InterceptedSession, Interceptor
 from aproxy.observe.records import Exchange
-from tests.tlsharness import TLSTestCase
+from tests.tlsharness import CREDENTIALS, USER, TLSTestCase
 from tests.tunnels import (
     TLS_BODY,
     Banner,
@@ -209,6 +209,49 @@ class InterceptIntegrationTests(TLSTestCase):
             self.assertIn(("CONNECT", authority), targets)
 
         d = deferToThread(intercepted_get, port, authority, self.proxy_ca, "/x")
+        return d.addCallback(check)
+
+    def test_login_of_the_connect_covers_the_requests(self) -> Deferred[None]:
+        """Under --auth the CONNECT logs in; the requests inside carry its user."""
+        origin, _ = self.tls_origin(self.ca.issue_cert("localhost"))
+        port = self.intercepting_proxy(auth=self.auth_file())
+        authority = f"localhost:{origin}"
+
+        def client() -> tuple[int, dict[str, str], bytes]:
+            sock = dial(port)
+            with sock:
+                sock.sendall(
+                    f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+                    f"Proxy-Authorization: Basic {CREDENTIALS}\r\n\r\n".encode()
+                )
+                reader = SockReader(sock)
+                assert reader.read_until(b"\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+                context = ssl.create_default_context(cafile=self.proxy_ca)
+                with context.wrap_socket(sock, server_hostname="localhost") as tls:
+                    tls.sendall(
+                        f"GET /in HTTP/1.1\r\nHost: {authority}\r\n"
+                        "Connection: close\r\n\r\n".encode()
+                    )
+                    return parse_response(SockReader(tls).read_to_eof())
+
+        def check(result: tuple[int, dict[str, str], bytes]) -> None:
+            self.assertEqual(result[0], 200)
+            [inner] = [r for r in self.records if r.method == "GET"]
+            self.assertEqual((inner.user, inner.target), (USER, f"https://{authority}/in"))
+
+        return deferToThread(client).addCallback(check)
+
+    def test_origin_certificate_error_is_a_502_inside(self) -> Deferred[None]:
+        """The origin's certificate is still verified: a bad one is a 502 in the session."""
+        origin, _ = self.tls_origin(self.ca.issue_cert("wrong.example"))
+        port = self.intercepting_proxy()
+
+        def check(result: tuple[int, dict[str, str], bytes]) -> None:
+            status, fields, _ = result
+            self.assertEqual(status, 502)
+            self.assertIn("error=tls_certificate_error", fields["proxy-status"])
+
+        d = deferToThread(intercepted_get, port, f"localhost:{origin}", self.proxy_ca)
         return d.addCallback(check)
 
     def test_host_of_another_authority_is_421(self) -> Deferred[None]:

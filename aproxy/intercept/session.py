@@ -81,7 +81,12 @@ class Interceptor:
         if sni is not None and not by_address and sni != connect_host.lower().rstrip("."):
             raise Forbidden(f"TLS server name {sni} in a CONNECT to {connect_host}")
         if hello.protocols and b"http/1.1" not in hello.protocols:
-            return None  # (only h2, say: not spoken inside)
+            _log.info(
+                "tunnel to {host} relayed, not intercepted: the client offers only {offered}",
+                host=connect_host,
+                offered=b", ".join(hello.protocols).decode("ascii", "replace"),
+            )
+            return None
         name = sni if sni is not None and by_address else connect_host.lower().rstrip(".")
         if self._exempt.matches(name) or not self._intercept.matches(name):
             return None
