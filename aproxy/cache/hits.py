@@ -7,6 +7,7 @@ stored response, with its body in memory or streamed from memory or its file.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -82,7 +83,9 @@ def answer_from(
     meta = found.meta
     ttl = lifetime - age
     if fwd_status is None:
-        status_value = rules.cache_status(hit=True, ttl=ttl)
+        # (What rules.cache_status(hit=True, ttl=ttl) writes, without its general case:
+        # a hit's one field value that changes per request.)
+        status_value = b"aproxy; hit; ttl=%d" % math.floor(ttl)
         result = "TCP_MEM_HIT" if found.memory else "TCP_HIT"
     else:
         status_value = rules.cache_status(fwd="stale", fwd_status=fwd_status, ttl=ttl)

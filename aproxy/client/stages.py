@@ -85,7 +85,9 @@ class StageRequest:
     peer: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen (a frozen dataclass's __init__ costs twice as much, once per cache hit):
+# an Answer is still not changed once made.
+@dataclass(slots=True)
 class Answer:
     """
     A response a stage gives in place of the origin's.
