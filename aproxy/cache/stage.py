@@ -111,6 +111,7 @@ class CacheStage:
         self.limit = memory.max_object if disk is None and memory is not None else self.max_object
         self.purge_from = [ipaddress.ip_network(n, strict=False) for n in config.cache_purge_from]
         self.fills: dict[bytes, Fill] = {}
+        self._keys: dict[object, bytes] = {}
         self.trimmer = HeapTrimmer(clock)
         # Where this process is in the disk store's log of removals (see _sync).
         self._removals = disk.last_removal() if disk is not None and memory is not None else 0
@@ -126,7 +127,14 @@ class CacheStage:
         head = request.head
         method = head.method
         target = request.target
-        key = rules.cache_key(target.scheme, target.host.encode(), target.port, target.path)
+        key = self._keys.get(target)
+        if key is None:
+            # (The factory hands out one Target per target text it saw lately: their keys
+            # are remembered by identity, a few hundred at most.)
+            if len(self._keys) >= 512:
+                self._keys.clear()
+            key = rules.cache_key(target.scheme, target.host.encode(), target.port, target.path)
+            self._keys[target] = key
         if method == b"PURGE":
             return self._purge(request, key)
         if request.peer:
