@@ -412,8 +412,13 @@ OPTIONS: tuple[Option, ...] = (
         matching PATTERN (a host name, *.suffix or *) to TARGET, a parent proxy URL as for
         --upstream, direct, or hash:URL,URL,... (a cache fleet: each URL goes to the one
         member that owns it by rendezvous hashing; this proxy's own URL in the list means
-        serve it here). E.g. --route '*.corp.example=http://10.1.2.3:3128' --route
-        '*=direct'. Hosts no route matches go directly (or to --upstream).""",
+        serve it here), or a parent pool STRATEGY:MEMBER,MEMBER,... where STRATEGY is rr
+        (round robin), least (fewest in flight), random or client (one member per client)
+        and each MEMBER a parent URL or direct, with an optional #weight=N; a member that
+        fails is skipped (for 30 s, doubling to 5 min while it keeps failing) and the
+        request goes to the next. E.g. --route '*.corp.example=http://10.1.2.3:3128'
+        --route '*=rr:http://p1:3128,http://p2:3128'. Hosts no route matches go
+        directly (or to --upstream).""",
     ),
     _row(
         "fleet-self",
@@ -426,11 +431,12 @@ OPTIONS: tuple[Option, ...] = (
     _row(
         "upstream",
         "str",
-        values.optional(values.parent),
+        values.optional(values.upstream),
         None,
         """Send everything through a parent proxy: http://[user:pass@]host:port,
         https://... (TLS to the parent) or socks5://[user:pass@]host:port (names resolved
-        by the parent). The same as a last --route '*=URL'.""",
+        by the parent); or through a pool of them, STRATEGY:MEMBER,MEMBER,... (see
+        --route). The same as a last --route '*=URL'.""",
     ),
     _row(
         "ca-file",

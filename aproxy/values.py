@@ -380,6 +380,15 @@ def routes(name: str, value: Any) -> tuple[str, ...]:
     return routes
 
 
+def upstream(name: str, value: Any) -> str:
+    """C{--upstream}: a parent proxy URL, or a pool (C{STRATEGY:MEMBER,...})."""
+    try:
+        Router(("*=" + text(name, value),))
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    return str(value)
+
+
 def parent(name: str, value: Any) -> str:
     try:
         parse_parent(text(name, value))

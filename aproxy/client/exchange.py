@@ -38,6 +38,7 @@ from aproxy.client.plan import (
     plan_request,
 )
 from aproxy.client.response import ResponseHalf
+from aproxy.client.routing import RouteHalf
 from aproxy.client.runtime import Runtime
 from aproxy.client.side import ClientSide
 from aproxy.client.stages import (
@@ -59,7 +60,7 @@ from aproxy.http.head import (
 from aproxy.intercept.session import peek
 from aproxy.observe.records import Exchange
 from aproxy.upstream.connector import connect_error
-from aproxy.upstream.dialer import FleetRoute, Hop
+from aproxy.upstream.dialer import Hop
 from aproxy.upstream.protocol import DISCARD, UpstreamProtocol
 from aproxy.workpool import as_client
 
@@ -69,7 +70,7 @@ _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE
 _ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 
-class ClientExchange(AnswerHalf, ResponseHalf):
+class ClientExchange(AnswerHalf, ResponseHalf, RouteHalf):
     """
     One request/response exchange (see the module docstring).
 
@@ -117,7 +118,6 @@ class ClientExchange(AnswerHalf, ResponseHalf):
     _pauser: ClientPauser | None = None
     # What stages see of this request, and their body filters (none by default).
     view: StageRequest | None = None
-    fleet: FleetRoute | None = None  # (a cache fleet's URL)
     established = False  # (a CONNECT's 200 went before the dial: see intercept.session)
     req_filter: IBodyFilter | None = None
     resp_filter: IBodyFilter | None = None
@@ -154,42 +154,12 @@ class ClientExchange(AnswerHalf, ResponseHalf):
         self.target = target
         check_http_port(rt.config, target.port)
         factory.check_destination(target.host, target.port, rt)
-        hop = rt.dialer.plan(target.scheme, target.host, target.port, False)
-        if rt.dialer.router.fleets:
-            # A cache fleet's URL goes to the member that owns it.
-            self.fleet = route = rt.dialer.fleet_route(target, head)
-            if route is not None:
-                hop = route.hop(self.conn.clock.seconds())
-        self.hop = hop
+        self.hop = self._routed(
+            rt.dialer.plan(target.scheme, target.host, target.port, False), False
+        )
         if rt.stages and self._stage_a(rest):
             return
         self._forward(rest)
-
-    def fleet_failover(self) -> bool:
-        """
-        The fleet member this request was dialing failed: dial the URL's next owner
-        (nothing of the request was sent). Return whether it did.
-        """
-        route, hop, conn, target = self.fleet, self.hop, self.conn, self.target
-        hop = route.failed(hop, conn.clock.seconds()) if route and hop else None
-        if hop is None or target is None:
-            return False
-        if self.connecting is not None:
-            d, self.connecting = self.connecting, None
-            d.cancel()
-        self.hop = hop
-        if hop.parent is None and self.view is not None:
-            # Served here after all: the stages (the cache) see it anew, as their own.
-            conn.unpause_for(PAUSE_DIAL)
-            self.ended()
-            if not self._stage_a(b""):
-                self._forward(b"")
-            return True
-        self.out_head = plan_request(
-            self.head, target, hop, self.runtime, conn.client_ip, self.req_filter, self.view
-        ).head
-        self._dial(hop)
-        return True
 
     def _forward(self, rest: bytes) -> None:
         """Decide what goes upstream, and reuse or dial an upstream connection for it."""
@@ -234,7 +204,13 @@ class ClientExchange(AnswerHalf, ResponseHalf):
         conn = self.conn
         head = self.head
         assert self.target is not None
-        peer = self.fleet is not None and self.hop is not None and self.hop.parent is not None
+        route = self.route
+        peer = (
+            route is not None
+            and route.peer
+            and self.hop is not None
+            and self.hop.parent is not None
+        )
         view = StageRequest(head, self.target, conn.client_ip or "unix", conn.user, peer=peer)
         self.view = view
         stages = self.runtime.stages
@@ -262,7 +238,7 @@ class ClientExchange(AnswerHalf, ResponseHalf):
         self.status = 200
         conn = self.conn
         conn.stash(rest)
-        self.hop = hop = rt.dialer.plan(b"", host, port, True)
+        self.hop = hop = self._routed(rt.dialer.plan(b"", host, port, True), True)
         if rt.interceptor is not None and rt.interceptor.wants(host):
             peek(self, rt.interceptor, host, port)  # (answered now: see intercept.session)
             return
@@ -350,11 +326,11 @@ class ClientExchange(AnswerHalf, ResponseHalf):
         self.connecting = None
         if failure.check(CancelledError) or self.conn.phase is not Phase.DIALING:
             return
-        if self.fleet_failover():
+        if self.failover():
             return
         target = self.target
         assert target is not None
-        err = connect_error(failure, target.host, target.port)
+        err = self.route_error(connect_error(failure, target.host, target.port))
         self.log.info(
             "upstream {host}:{port} failed: {why}",
             host=target.host,
@@ -395,7 +371,8 @@ class ClientExchange(AnswerHalf, ResponseHalf):
         return up
 
     def ended(self) -> None:
-        """The exchange is over: the stages that saw it are told (once)."""
+        """The exchange is over: the stages that saw it, and its route, are told (once)."""
+        self.route_done()
         view = self.view
         if view is not None:
             self.view = None

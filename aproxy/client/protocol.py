@@ -276,8 +276,8 @@ class ProxyProtocol(ClientConnection):
         elif kind == DEADLINE_HEAD:
             self.fail(RequestTimeout("request head not received within the header timeout"))
         elif kind == DEADLINE_CONNECT:
-            if x is not None and x.fleet_failover():
-                return  # a cache fleet member did not answer: the URL's next owner
+            if x is not None and x.failover():
+                return  # a fleet's or a pool's member did not answer: the next one
             target = x.target if x is not None else None
             where = f"{target.host}:{target.port}" if target else "origin"
             hop = x.hop if x is not None else None

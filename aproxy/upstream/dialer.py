@@ -34,10 +34,18 @@ from aproxy.http.target import Target, format_authority
 from aproxy.upstream.connector import IUpstreamConnector, connect_error
 from aproxy.upstream.handshakes import HttpConnectHandshake, ParentHandshake, Socks5Handshake
 from aproxy.upstream.protocol import UpstreamFactory, UpstreamProtocol
-from aproxy.upstream.routes import FLEET_FIELD, Fleet, Parent, Router, fleet_forwarded, fleet_key
+from aproxy.upstream.routes import (
+    FLEET_FIELD,
+    Fleet,
+    Parent,
+    Pool,
+    Router,
+    fleet_forwarded,
+    fleet_key,
+)
 from aproxy.upstream.tls import ClientTLS, VerifyNote, tls_failure
 
-__all__ = ["Dialer", "FleetRoute", "Hop"]
+__all__ = ["Dialer", "FleetRoute", "Hop", "PoolRoute"]
 
 _log = Logger()
 
@@ -121,21 +129,43 @@ class Dialer:
         if hop is not None:
             return hop
         parent = self.router.parent_for(host) if self.router else None
-        tls = scheme == b"https" and not tunnel
-        key: Hashable
-        if parent is None:
-            key = ("https", host, port) if tls else (host, port)
-            hop = Hop(key, host, port, tls)
-        elif parent.scheme != "socks5" and not tls and not tunnel:
-            # Plain requests to an HTTP parent share its connections, whatever the origin.
-            hop = Hop(("parent", parent), host, port, False, parent, True)
-        else:
-            key = ("via", parent, "https" if tls else "http", host, port)
-            hop = Hop(key, host, port, tls, parent)
+        hop = self.via(parent, scheme, host, port, tunnel)
         if len(self._plans) >= _CACHE_SIZE:
             self._plans.clear()
         self._plans[cache_key] = hop
         return hop
+
+    def via(self, parent: Parent | None, scheme: bytes, host: str, port: int, tunnel: bool) -> Hop:
+        """The L{Hop} to C{scheme://host:port} through C{parent} (L{None}: directly)."""
+        tls = scheme == b"https" and not tunnel
+        key: Hashable
+        if parent is None:
+            key = ("https", host, port) if tls else (host, port)
+            return Hop(key, host, port, tls)
+        if parent.scheme != "socks5" and not tls and not tunnel:
+            # Plain requests to an HTTP parent share its connections, whatever the origin.
+            return Hop(("parent", parent), host, port, False, parent, True)
+        key = ("via", parent, "https" if tls else "http", host, port)
+        return Hop(key, host, port, tls, parent)
+
+    def route_for(
+        self, target: Target, head: RequestHead, client: str, tunnel: bool
+    ) -> FleetRoute | PoolRoute | None:
+        """
+        The per-request route of a request whose host a route sends to a cache fleet
+        (not for tunnels) or a parent pool; L{None} for a single parent or direct.
+
+        @param client: The client's user, else its address (for the C{client} strategy).
+        """
+        router = self.router
+        if router.fleets and not tunnel:
+            route = self.fleet_route(target, head)
+            if route is not None:
+                return route
+        pool = router.pool_for(target.host) if router.pools else None
+        if pool is None:
+            return None
+        return PoolRoute(self, pool, target, client, tunnel)
 
     def fleet_route(self, target: Target, head: RequestHead) -> FleetRoute | None:
         """
@@ -331,6 +361,8 @@ class FleetRoute:
 
     __slots__ = ("_dialer", "_target", "fleet", "key")
 
+    peer = True  # (its member serves the URL from its own cache: see StageRequest.peer)
+
     def __init__(self, dialer: Dialer, fleet: Fleet, target: Target) -> None:
         self._dialer = dialer
         self._target = target
@@ -366,3 +398,92 @@ class FleetRoute:
             next="the origin" if hop.parent is None else hop.label,
         )
         return hop
+
+    def done(self) -> None:
+        """The request is over (nothing to count for a fleet)."""
+
+    def final_error(self, err: ProxyError) -> ProxyError:
+        """The error for the client when no member is left: the last one's."""
+        return err
+
+
+class PoolRoute:
+    """
+    A request through a parent pool (L{aproxy.upstream.routes.Pool}): the member the
+    pool's strategy picks, then, each time one fails before anything of the request was
+    sent, the next member not tried yet; when all failed, one 502 naming them all.
+    """
+
+    __slots__ = ("_client", "_dialer", "_target", "_tunnel", "index", "pool", "tried", "why")
+
+    peer = False
+
+    def __init__(
+        self, dialer: Dialer, pool: Pool, target: Target, client: str, tunnel: bool
+    ) -> None:
+        self._dialer = dialer
+        self._target = target
+        self._client = client
+        self._tunnel = tunnel
+        self.pool = pool
+        self.tried: set[int] = set()
+        self.index: int | None = None
+        self.why: list[str] = []
+
+    def hop(self, now: float) -> Hop:
+        """The L{Hop} through the member the strategy picks now (the first pick)."""
+        hop = self._next(now)
+        assert hop is not None  # (a pool has members, none tried yet)
+        return hop
+
+    def _next(self, now: float) -> Hop | None:
+        index = self.pool.pick(now, self._client, self.tried)
+        self.index = index
+        if index is None:
+            return None
+        self.tried.add(index)
+        member = self.pool.members[index]
+        member.in_flight += 1
+        target = self._target
+        return self._dialer.via(
+            member.parent, target.scheme, target.host, target.port, self._tunnel
+        )
+
+    def failed(self, hop: Hop, now: float) -> Hop | None:
+        """
+        The member of C{hop} failed (refused, timed out, its handshake refused): mark it
+        down and return the hop through the next member, or L{None} when all were tried.
+        """
+        index = self.index
+        if index is None:
+            return None
+        member = self.pool.members[index]
+        member.in_flight -= 1
+        self.why.append(member.name)
+        self.pool.failed(index, now, "connection failed")
+        hop_next = self._next(now)
+        _log.info(
+            "parent {member} failed: {target} goes to {next}",
+            member=member.name,
+            target=format_authority(self._target.host, self._target.port),
+            next=hop_next.label if hop_next is not None else "no other member",
+        )
+        return hop_next
+
+    def done(self) -> None:
+        """The request is over: its member served it (up again), and is one less busy."""
+        index, self.index = self.index, None
+        if index is not None:
+            self.pool.members[index].in_flight -= 1
+            self.pool.succeeded(index)
+
+    def final_error(self, err: ProxyError) -> ProxyError:
+        """The error for the client when every member failed: a 502 naming them all."""
+        if len(self.why) < 2:
+            return err
+        names = ", ".join(self.why)
+        return BadGateway(
+            f"every parent of the pool failed: {names} ({err.reason})",
+            err.error_type or "destination_unavailable",
+            details=f"parents {names}",
+        )

@@ -16,6 +16,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
+import math
+import random
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,12 +29,18 @@ __all__ = [
     "FLEET_DOWN",
     "FLEET_FIELD",
     "FLEET_LOOP",
+    "RETRY",
+    "RETRY_MAX",
+    "STRATEGIES",
     "Fleet",
+    "Member",
     "Parent",
+    "Pool",
     "Router",
     "fleet_forwarded",
     "fleet_key",
     "parse_parent",
+    "parse_pool",
     "parse_route",
     "without_credentials",
 ]
@@ -226,13 +234,14 @@ def _parse_fleet(text: str) -> Fleet:
     return Fleet(members)
 
 
-def parse_route(text: str) -> tuple[str, Parent | Fleet | None]:
+def parse_route(text: str) -> tuple[str, Parent | Fleet | Pool | None]:
     """
     Parse a C{--route PATTERN=TARGET} value: PATTERN is a host name, C{*.suffix} (its
     subdomains), C{.suffix} (the domain and its subdomains) or C{*} (anything); TARGET a
-    parent proxy URL, C{direct}, or C{hash:URL,URL,...} (a cache fleet).
+    parent proxy URL, C{direct}, C{hash:URL,URL,...} (a cache fleet) or
+    C{STRATEGY:MEMBER,...} (a parent pool, see L{Pool}).
 
-    @return: The pattern and the parent (L{None} for C{direct}) or fleet.
+    @return: The pattern and the parent (L{None} for C{direct}), fleet or pool.
     @raise ValueError: For a malformed value.
     """
     pattern, sep, target = text.partition("=")
@@ -249,6 +258,9 @@ def parse_route(text: str) -> tuple[str, Parent | Fleet | None]:
         return pattern, None
     if target.lower().startswith("hash:"):
         return pattern, _parse_fleet(target[5:])
+    strategy, colon, members = target.partition(":")
+    if colon and strategy.lower() in STRATEGIES:
+        return pattern, parse_pool(strategy.lower(), members)
     return pattern, parse_parent(target)
 
 
@@ -259,11 +271,12 @@ class Router:
     @param routes: C{PATTERN=TARGET} strings as for L{parse_route}, in order.
     @param own: This proxy's (host, port) addresses, to find itself in a fleet.
     @ivar fleets: The fleets the routes name.
+    @ivar pools: The parent pools the routes name.
     @ivar fleet_hosts: The hosts of the other members of every fleet.
     """
 
     def __init__(self, routes: tuple[str, ...] = (), own: Iterable[tuple[str, int]] = ()) -> None:
-        self._rules: list[tuple[str, str, Parent | Fleet | None]] = []
+        self._rules: list[tuple[str, str, Parent | Fleet | Pool | None]] = []
         own = tuple(own)
         for text in routes:
             pattern, parent = parse_route(text)
@@ -278,6 +291,7 @@ class Router:
             {p: None for _, _, p in self._rules if isinstance(p, Parent)}
         )
         self.fleets = tuple(p for _, _, p in self._rules if isinstance(p, Fleet))
+        self.pools = tuple(p for _, _, p in self._rules if isinstance(p, Pool))
         self.fleet_hosts = frozenset(
             m.host for f in self.fleets for i, m in enumerate(f.members) if i != f.own
         )
@@ -299,7 +313,12 @@ class Router:
         found = self._match(host) if self.fleets else None
         return found if isinstance(found, Fleet) else None
 
-    def _match(self, host: str) -> Parent | Fleet | None:
+    def pool_for(self, host: str) -> Pool | None:
+        """The parent pool whose route C{host} takes, or L{None}."""
+        found = self._match(host) if self.pools else None
+        return found if isinstance(found, Pool) else None
+
+    def _match(self, host: str) -> Parent | Fleet | Pool | None:
         host = host.lower().rstrip(".")
         for kind, value, parent in self._rules:
             if kind == "any" or (kind == "exact" and host == value):
@@ -315,3 +334,167 @@ class Router:
                 except ValueError:
                     continue
         return None
+
+
+# -- parent pools --------------------------------------------------------------
+# Parent pools: a route to several parents (or C{direct}) with a strategy that picks one
+# per request, and failover with health: C{--route PATTERN=STRATEGY:MEMBER,MEMBER,...}.
+#
+# Strategies: C{rr} (smooth weighted round robin), C{least} (fewest requests in flight for
+# its weight), C{random} (weighted), C{client} (by client address or user: one client keeps
+# one member while it is up; weighted rendezvous hashing, so a member's loss moves only its
+# clients). A member is a parent URL as for C{--upstream}, or C{direct}, and may carry a
+# weight: C{http://p:3128#weight=3}.
+#
+# A member that refuses, times out or fails its handshake is marked down and skipped for
+# L{RETRY} seconds, doubling while it keeps failing, up to L{RETRY_MAX}, and back to L{RETRY}
+# after a success. The state is per process (per worker).
+
+RETRY = 30.0
+"""Seconds a member that failed is skipped at first."""
+
+RETRY_MAX = 300.0
+"""The longest a member that keeps failing is skipped."""
+
+STRATEGIES = ("rr", "least", "random", "client")
+"""The strategies of a parent pool (C{hash:} is the cache fleet's, see routes.Fleet)."""
+
+
+@dataclass
+class Member:
+    """
+    One member of a pool and its health.
+
+    @ivar parent: The parent proxy, or L{None} for C{direct}.
+    @ivar weight: Its share (1 by default).
+    @ivar down_until: Until when it is skipped (0: up).
+    @ivar backoff: How long the next failure makes it skipped.
+    @ivar in_flight: Requests sent through it and not finished (for C{least}).
+    @ivar last_error: Why it last failed, for the status page.
+    """
+
+    parent: Parent | None
+    weight: int = 1
+    down_until: float = 0.0
+    backoff: float = RETRY
+    in_flight: int = 0
+    current: float = 0.0  # (smooth round robin's running score)
+    last_error: str = ""
+
+    @property
+    def name(self) -> str:
+        """C{direct}, or the parent's URL without credentials."""
+        return "direct" if self.parent is None else self.parent.name
+
+    def up(self, now: float) -> bool:
+        """Whether it may be picked at C{now}."""
+        return self.down_until <= now
+
+
+class Pool:
+    """
+    The members of one pooled route and the strategy that picks among them.
+
+    @ivar strategy: One of L{STRATEGIES}.
+    @ivar members: The members, in the order given.
+    """
+
+    def __init__(self, strategy: str, members: list[Member]) -> None:
+        self.strategy = strategy
+        self.members = members
+        self._random = random.Random()
+
+    @property
+    def name(self) -> str:
+        """The pool as a route names it."""
+        return (
+            self.strategy
+            + ":"
+            + ",".join(
+                m.name + (f"#weight={m.weight}" if m.weight != 1 else "") for m in self.members
+            )
+        )
+
+    def pick(self, now: float, client: str, tried: set[int]) -> int | None:
+        """
+        The member for a request, by the strategy, among those up and not in C{tried};
+        when every untried one is down, the one whose retry comes first (it may be back).
+
+        @param client: The client's user or address (for C{client}).
+        @return: The member's index, or L{None} when every member was tried.
+        """
+        candidates = [i for i in range(len(self.members)) if i not in tried]
+        if not candidates:
+            return None
+        up = [i for i in candidates if self.members[i].up(now)]
+        if not up:
+            return min(candidates, key=lambda i: self.members[i].down_until)
+        if len(up) == 1:
+            return up[0]
+        members = self.members
+        strategy = self.strategy
+        if strategy == "rr":
+            total = sum(members[i].weight for i in up)
+            for i in up:
+                members[i].current += members[i].weight
+            best = max(up, key=lambda i: members[i].current)
+            members[best].current -= total
+            return best
+        if strategy == "least":
+            return min(up, key=lambda i: (members[i].in_flight / members[i].weight, i))
+        if strategy == "random":
+            weights = [members[i].weight for i in up]
+            return self._random.choices(up, weights)[0]
+        # client: weighted rendezvous hashing of the client over the members up.
+        key = client.encode("utf-8", "replace")
+
+        def score(i: int) -> float:
+            digest = hashlib.blake2b(
+                members[i].name.encode() + b"\x00" + key, digest_size=8
+            ).digest()
+            unit = (int.from_bytes(digest, "big") + 1) / 2.0**64
+            return -members[i].weight / math.log(unit)
+
+        return max(up, key=score)
+
+    def failed(self, index: int, now: float, why: str) -> None:
+        """Member C{index} failed: skip it for its backoff, which doubles (to a limit)."""
+        member = self.members[index]
+        member.down_until = now + member.backoff
+        member.backoff = min(member.backoff * 2, RETRY_MAX)
+        member.last_error = why
+
+    def succeeded(self, index: int) -> None:
+        """Member C{index} served a connection: it is up, its backoff back to the start."""
+        member = self.members[index]
+        member.down_until = 0.0
+        member.backoff = RETRY
+
+
+def parse_pool(strategy: str, text: str) -> Pool:
+    """
+    The pool of a C{STRATEGY:MEMBER,MEMBER,...} route target.
+
+    @raise ValueError: For an unknown strategy, fewer than two members, a bad member or
+        weight, or a member named twice.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown pool strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
+    members = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        url, _, option = item.partition("#")
+        weight = 1
+        if option:
+            key, _, value = option.partition("=")
+            if key != "weight" or not value.isdigit() or not 0 < int(value) <= 1000:
+                raise ValueError(f"pool member {url}: a weight is #weight=N, N from 1 to 1000")
+            weight = int(value)
+        parent = None if url.lower() == "direct" else parse_parent(url)
+        members.append(Member(parent, weight))
+    if len(members) < 2:
+        raise ValueError(f"a {strategy}: pool needs at least two members")
+    if len({m.name for m in members}) != len(members):
+        raise ValueError(f"a {strategy}: pool names a member twice")
+    return Pool(strategy, members)

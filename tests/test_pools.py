@@ -1,0 +1,184 @@
+"""Parent pools (C{--route PATTERN=STRATEGY:MEMBER,...}): strategies, health, failover."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from twisted.internet import error
+from twisted.trial.unittest import SynchronousTestCase
+
+from aproxy.config import ProxyConfig
+from aproxy.upstream.routes import RETRY, RETRY_MAX, Pool, Router, parse_pool, parse_route
+from tests.support import ProxyTestCase
+
+A, B, C = "http://192.0.2.1:3128", "http://192.0.2.2:3128", "http://192.0.2.3:3128"
+
+
+def names(pool: Pool, picks: list[int | None]) -> list[str]:
+    """The member names of C{picks}."""
+    return [pool.members[i].name if i is not None else "-" for i in picks]
+
+
+class ParseTests(SynchronousTestCase):
+    """Pool route targets: members, weights, direct; mistakes are one line."""
+
+    def test_members_and_weights(self) -> None:
+        """Members in order, weights where given, direct allowed."""
+        _, pool = parse_route(f"*=rr:{A}#weight=3, direct")
+        assert isinstance(pool, Pool)
+        self.assertEqual([(m.name, m.weight) for m in pool.members], [(A, 3), ("direct", 1)])
+        self.assertEqual(pool.name, f"rr:{A}#weight=3,direct")
+
+    def test_refused(self) -> None:
+        """One member, a bad weight, a member twice, or a bad URL is refused."""
+        for bad in (f"rr:{A}", f"rr:{A}#weight=0,{B}", f"rr:{A}#w=2,{B}", f"rr:{A},{A}", "rr:x,y"):
+            with self.assertRaises(ValueError, msg=bad):
+                parse_route("*=" + bad)
+
+    def test_upstream_takes_a_pool(self) -> None:
+        """--upstream STRATEGY:... is a pool for everything no route matched."""
+        config = ProxyConfig(upstream=f"least:{A},{B}")
+        [pool] = Router(config.all_routes).pools
+        self.assertEqual(pool.strategy, "least")
+        with self.assertRaisesRegex(ValueError, "^upstream: "):
+            ProxyConfig(upstream=f"rr:{A}")
+
+
+class StrategyTests(SynchronousTestCase):
+    """How each strategy spreads requests over the members that are up."""
+
+    def test_round_robin_weighted_and_smooth(self) -> None:
+        """rr takes members in turn, weights respected and interleaved."""
+        pool = parse_pool("rr", f"{A},{B}#weight=3")
+        picks = names(pool, [pool.pick(0, "c", set()) for _ in range(8)])
+        self.assertEqual(Counter(picks), {A: 2, B: 6})
+        self.assertNotIn([B, B, B, B], [picks[i : i + 4] for i in range(5)])
+        even = parse_pool("rr", f"{A},{B},{C}")
+        self.assertEqual(names(even, [even.pick(0, "c", set()) for _ in range(3)]), [A, B, C])
+
+    def test_least_in_flight(self) -> None:
+        """least picks the member with the fewest requests in flight for its weight."""
+        pool = parse_pool("least", f"{A},{B}#weight=2")
+        pool.members[1].in_flight = 1
+        self.assertEqual(pool.pick(0, "c", set()), 0)
+        pool.members[0].in_flight = 1
+        self.assertEqual(pool.pick(0, "c", set()), 1)  # 1/2 < 1/1
+
+    def test_random_weighted(self) -> None:
+        """random follows the weights."""
+        pool = parse_pool("random", f"{A},{B}#weight=3")
+        counts = Counter(pool.pick(0, "c", set()) for _ in range(4000))
+        self.assertTrue(800 < counts[0] < 1200, counts)
+
+    def test_client_sticky(self) -> None:
+        """client keeps each client on one member; a member's loss moves only its clients."""
+        pool = parse_pool("client", f"{A},{B},{C}")
+        clients = [f"10.0.0.{i}" for i in range(300)]
+        first = {c: pool.pick(0, c, set()) for c in clients}
+        self.assertEqual(first, {c: pool.pick(0, c, set()) for c in clients})
+        self.assertEqual(set(first.values()), {0, 1, 2})
+        pool.failed(0, 0.0, "refused")
+        after = {c: pool.pick(1, c, set()) for c in clients}
+        for c in clients:
+            if first[c] != 0:
+                self.assertEqual(after[c], first[c])
+            else:
+                self.assertIn(after[c], (1, 2))
+
+
+class HealthTests(SynchronousTestCase):
+    """A member that fails is skipped for a while that doubles, and is back on success."""
+
+    def test_backoff_doubles_and_resets(self) -> None:
+        """30 s, 60 s, ... up to 5 minutes; a success starts over."""
+        pool = parse_pool("rr", f"{A},{B}")
+        now = 0.0
+        for expected in (RETRY, 2 * RETRY, 4 * RETRY, 8 * RETRY, RETRY_MAX, RETRY_MAX):
+            pool.failed(0, now, "refused")
+            self.assertEqual(pool.members[0].down_until - now, expected)
+            now = pool.members[0].down_until
+        pool.succeeded(0)
+        self.assertTrue(pool.members[0].up(now))
+        pool.failed(0, now, "refused")
+        self.assertEqual(pool.members[0].down_until - now, RETRY)
+
+    def test_down_members_skipped_then_tried_last(self) -> None:
+        """A down member is not picked; when all are down the first to retry is."""
+        pool = parse_pool("rr", f"{A},{B}")
+        pool.failed(0, 0.0, "refused")
+        self.assertEqual({pool.pick(1.0, "c", set()) for _ in range(4)}, {1})
+        pool.failed(1, 5.0, "refused")
+        self.assertEqual(pool.pick(6.0, "c", set()), 0)
+        self.assertIsNone(pool.pick(6.0, "c", {0, 1}))
+
+
+class PoolProxyTests(ProxyTestCase):
+    """A proxy whose route is a pool of two parents, on fake transports."""
+
+    config = ProxyConfig(route=(f"*=rr:{A},{B}",), pool_size=0, connect_ports=None, via=None)
+
+    def request(self, connect: bool = False) -> tuple[object, object]:
+        """A GET (or a CONNECT) on a new client connection; its client and dial."""
+        client, proto = self.connect_client()
+        if connect:
+            proto.dataReceived(b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        else:
+            proto.dataReceived(b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        return client, self.connector.attempts[-1]
+
+    def test_requests_take_turns(self) -> None:
+        """Two requests go to the two parents in turn, in absolute form."""
+        hosts = []
+        for _ in range(2):
+            _, attempt = self.request()
+            hosts.append(attempt.host)  # type: ignore[attr-defined]
+            sent = attempt.succeed().value()  # type: ignore[attr-defined]
+            self.assertTrue(sent.startswith(b"GET http://a.example/ HTTP/1.1\r\n"))
+        self.assertEqual(hosts, ["192.0.2.1", "192.0.2.2"])
+
+    def test_refused_member_fails_over(self) -> None:
+        """A parent that refuses is skipped: the other serves the request, no 502."""
+        client, attempt = self.request()
+        attempt.deferred.errback(error.ConnectionRefusedError())  # type: ignore[attr-defined]
+        retry = self.connector.attempts[-1]
+        self.assertEqual(retry.host, "192.0.2.2")
+        retry.succeed()
+        retry.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 200 OK"))  # type: ignore[attr-defined]
+        # The next request skips the member that failed.
+        _, attempt = self.request()
+        self.assertEqual(attempt.host, "192.0.2.2")  # type: ignore[attr-defined]
+
+    def test_every_member_failed_is_one_502_naming_them(self) -> None:
+        """Only when both parents fail does the client get a 502, naming both."""
+        client, attempt = self.request()
+        attempt.deferred.errback(error.ConnectionRefusedError())  # type: ignore[attr-defined]
+        self.connector.attempts[-1].deferred.errback(error.ConnectionRefusedError())
+        value = client.value()  # type: ignore[attr-defined]
+        self.assertTrue(value.startswith(b"HTTP/1.1 502 "), value)
+        self.assertIn(A.encode(), value)
+        self.assertIn(B.encode(), value)
+
+    def test_connect_fails_over(self) -> None:
+        """A CONNECT through a pool goes to the next parent when the first refuses."""
+        client, attempt = self.request(connect=True)
+        attempt.deferred.errback(error.ConnectionRefusedError())  # type: ignore[attr-defined]
+        retry = self.connector.attempts[-1]
+        self.assertEqual(retry.host, "192.0.2.2")
+        self.assertEqual(client.value(), b"")  # type: ignore[attr-defined]
+
+
+class DirectMemberTests(ProxyTestCase):
+    """A pool may mix parents and direct."""
+
+    config = ProxyConfig(route=(f"*=rr:direct,{A}",), pool_size=0, via=None)
+
+    def test_direct_then_parent(self) -> None:
+        """rr over direct and a parent: the origin itself, then the parent."""
+        client, proto = self.connect_client()
+        proto.dataReceived(b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        first = self.connector.attempts[-1]
+        self.assertEqual((first.host, first.port), ("a.example", 80))
+        client, proto = self.connect_client()
+        proto.dataReceived(b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        self.assertEqual(self.connector.attempts[-1].host, "192.0.2.1")
