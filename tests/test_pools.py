@@ -182,3 +182,31 @@ class DirectMemberTests(ProxyTestCase):
         client, proto = self.connect_client()
         proto.dataReceived(b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n")
         self.assertEqual(self.connector.attempts[-1].host, "192.0.2.1")
+
+
+class PoolMetricsTests(ProxyTestCase):
+    """aproxy_parent_up and aproxy_parent_requests_total."""
+
+    config = ProxyConfig(route=(f"*=rr:{A},{B}",), pool_size=0, via=None)
+
+    def test_up_and_requests(self) -> None:
+        """A member that failed is 0 until its retry; requests are counted per parent."""
+        from prometheus_client import CollectorRegistry
+
+        from aproxy.observe.metrics import Metrics
+
+        registry = CollectorRegistry()
+        metrics = Metrics(self.factory, self.clock, registry)
+        self.factory.observers.append(metrics)
+        client, proto = self.connect_client()
+        proto.dataReceived(b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        self.connector.attempts[-1].deferred.errback(error.ConnectionRefusedError())
+        retry = self.connector.attempts[-1]
+        retry.succeed()
+        retry.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        up = registry.get_sample_value
+        self.assertEqual(up("aproxy_parent_up", {"parent": A}), 0.0)
+        self.assertEqual(up("aproxy_parent_up", {"parent": B}), 1.0)
+        self.assertEqual(up("aproxy_parent_requests_total", {"parent": B, "result": "ok"}), 1.0)
+        self.clock.advance(RETRY)
+        self.assertEqual(up("aproxy_parent_up", {"parent": A}), 1.0)

@@ -114,6 +114,19 @@ class _FactoryCollector:
             "Requests sent on a reused idle upstream connection.",
             value=reused,
         )
+        router = self._factory.runtime.dialer.router
+        if router.pools:
+            up = GaugeMetricFamily(
+                "aproxy_parent_up",
+                "Whether each member of a parent pool is up (1) or skipped after failing (0).",
+                labels=["parent"],
+            )
+            now = self._factory.clock.seconds()
+            for pool in router.pools:
+                for member in pool.members:
+                    if member.parent is not None:
+                        up.add_metric([member.name], 1.0 if member.up(now) else 0.0)
+            yield up
         cache = self._factory.cache
         if cache is None:
             return
@@ -200,6 +213,12 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        self._parent = Counter(
+            "aproxy_parent_requests_total",
+            "Requests and tunnels through each parent proxy, by result (ok, or the error).",
+            ["parent", "result"],
+            registry=registry,
+        )
         self._duration = Histogram(
             "aproxy_request_duration_seconds",
             "Seconds from a complete request head to the end of the exchange.",
@@ -224,6 +243,9 @@ class Metrics:
             self._errors.labels(error=record.error).inc()
         if record.cache is not None:
             self._cache.labels(result=record.cache).inc()
+        if record.upstream != "direct":
+            result = "ok" if record.error is None else record.error
+            self._parent.labels(parent=record.upstream, result=result).inc()
         self._duration.observe(max(record.duration, 0.0))
         now = self._clock.seconds()
         self.history.record(now, record)
