@@ -6,6 +6,7 @@ modules import from here, never from each other.
 
 from __future__ import annotations
 
+import http.client
 import socket
 import ssl
 import threading
@@ -189,3 +190,17 @@ def origin(cert_file: str | None = None) -> Iterator[int]:
         server.shutdown()
         server.server_close()
         thread.join(ORIGIN_STOP_TIMEOUT)
+
+
+def fetch_all(port: int, paths: list[str], origin_port: int) -> list[tuple[int, bytes]]:
+    """GET each path of the origin through the proxy at C{port}, on one connection."""
+    conn = http.client.HTTPConnection(LOCAL, port, timeout=CLIENT_TIMEOUT)
+    out = []
+    try:
+        for path in paths:
+            conn.request("GET", f"http://{LOCAL}:{origin_port}{path}")
+            response = conn.getresponse()
+            out.append((response.status, response.read()))
+    finally:
+        conn.close()
+    return out

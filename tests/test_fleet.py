@@ -6,7 +6,6 @@ proxies on loopback.
 
 from __future__ import annotations
 
-import http.client
 from collections import Counter
 from collections.abc import Generator
 from typing import Any
@@ -32,7 +31,7 @@ from aproxy.upstream.routes import (
     parse_parent,
     parse_route,
 )
-from tests.loopback import CLIENT_TIMEOUT, LOCAL
+from tests.loopback import LOCAL, fetch_all
 from tests.origin import Origin, OriginProtocol, OriginRequest, respond
 from tests.support import ProxyTestCase
 from tests.tracking import ConnectionTracking
@@ -361,20 +360,6 @@ class _Late(Factory):
     def buildProtocol(self, addr: Any) -> Any:
         assert self.target is not None
         return self.target.buildProtocol(addr)
-
-
-def fetch_all(port: int, paths: list[str], origin_port: int) -> list[tuple[int, bytes]]:
-    """GET each path of the origin through the proxy at C{port}, on one connection."""
-    conn = http.client.HTTPConnection(LOCAL, port, timeout=CLIENT_TIMEOUT)
-    out = []
-    try:
-        for path in paths:
-            conn.request("GET", f"http://{LOCAL}:{origin_port}{path}")
-            response = conn.getresponse()
-            out.append((response.status, response.read()))
-    finally:
-        conn.close()
-    return out
 
 
 class FleetIntegrationTests(ConnectionTracking, TestCase):

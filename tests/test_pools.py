@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Generator
+from typing import Any
 
-from twisted.internet import error
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import error, reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from aproxy import ProxyFactory
 from aproxy.config import ProxyConfig
 from aproxy.upstream.routes import RETRY, RETRY_MAX, Pool, Router, parse_pool, parse_route
+from tests.loopback import LOCAL, fetch_all
+from tests.origin import Origin, OriginProtocol, OriginRequest, respond
 from tests.support import ProxyTestCase
+from tests.tracking import ConnectionTracking
 
 A, B, C = "http://192.0.2.1:3128", "http://192.0.2.2:3128", "http://192.0.2.3:3128"
 
@@ -210,3 +219,48 @@ class PoolMetricsTests(ProxyTestCase):
         self.assertEqual(up("aproxy_parent_requests_total", {"parent": B, "result": "ok"}), 1.0)
         self.clock.advance(RETRY)
         self.assertEqual(up("aproxy_parent_up", {"parent": A}), 1.0)
+
+
+class PoolIntegrationTests(ConnectionTracking, TestCase):
+    """Two real parents on loopback behind a pool; one is stopped in the middle of a run."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_no_request_fails_when_a_member_stops(self) -> Generator[Any, Any, None]:
+        """Keep-alive GETs through an rr pool: stopping one parent fails none of them."""
+
+        def handler(request: OriginRequest, proto: OriginProtocol) -> None:
+            respond(proto, request.target)
+
+        origin = Origin(b"origin", handler)
+        self.track(origin)
+        listening = yield serverFromString(reactor, f"tcp:0:interface={LOCAL}").listen(origin)
+        self.addCleanup(listening.stopListening)
+        oport = listening.getHost().port
+        parents = []
+        for _ in range(2):
+            parent = ProxyFactory(ProxyConfig(), reactor)
+            parent.clients = self.track(parent)  # type: ignore[attr-defined]
+            self.track(parent.upstream_factory)
+            port = yield serverFromString(reactor, f"tcp:0:interface={LOCAL}").listen(parent)
+            self.addCleanup(port.stopListening)
+            parents.append((parent, port))
+        members = ",".join(f"http://{LOCAL}:{p.getHost().port}" for _, p in parents)
+        child = ProxyFactory(ProxyConfig(upstream=f"rr:{members}"), reactor)
+        self.track(child)
+        self.track(child.upstream_factory)
+        child_port = yield serverFromString(reactor, f"tcp:0:interface={LOCAL}").listen(child)
+        self.addCleanup(child_port.stopListening)
+        cport = child_port.getHost().port
+        paths = [f"/{i}" for i in range(20)]
+        got = yield deferToThread(fetch_all, cport, paths, oport)
+        self.assertEqual(got, [(200, p.encode()) for p in paths])
+        # Stop the first parent: its listener and the connections it has.
+        first, first_port = parents[0]
+        yield first_port.stopListening()
+        for proto in first.clients:  # type: ignore[attr-defined]
+            if proto.transport is not None:
+                proto.transport.abortConnection()
+        got = yield deferToThread(fetch_all, cport, paths, oport)
+        self.assertEqual(got, [(200, p.encode()) for p in paths])
