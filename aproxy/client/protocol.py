@@ -49,7 +49,7 @@ from aproxy.errors import (
 )
 from aproxy.http.answers import error_response
 from aproxy.http.head import HeadReader, RequestHead, parse_request_head
-from aproxy.upstream.protocol import UpstreamProtocol
+from aproxy.upstream.protocol import UpstreamProtocol, no_delay
 
 __all__ = ["ProxyProtocol"]
 
@@ -122,6 +122,7 @@ class ProxyProtocol(ClientConnection):
         timer: a new client must send a request head promptly.
         """
         self.factory.connections.add(self)
+        no_delay(self.transport)
         self.transport.registerProducer(self.output, True)
         self._gated = True
         self.set_deadline(DEADLINE_HEAD, self.config.header_timeout)
