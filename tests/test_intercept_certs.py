@@ -187,24 +187,3 @@ class HelloTests(SynchronousTestCase):
             b"\x16\x03\x01\x00\x04\x02\x00\x00\x00",
         ):
             self.assertEqual(read_hello(data), NOT_TLS, data)
-
-
-class LeafBenchTests(SynchronousTestCase):
-    """bench/intercept_bench.py runs and prints its rows (the figures are its own job)."""
-
-    def test_rows(self) -> None:
-        """A short run prints the new-leaf and cached-leaf rows."""
-        import contextlib
-        import importlib.util
-        import io
-
-        path = os.path.join(os.path.dirname(__file__), "..", "bench", "intercept_bench.py")
-        spec = importlib.util.spec_from_file_location("intercept_bench", path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            module.main(["--count", "20"])
-        self.assertIn("| new leaf (sign + TLS context) | 20 |", out.getvalue())
-        self.assertIn("| leaf already made (LRU) | 20 |", out.getvalue())
