@@ -222,7 +222,15 @@ class ProxyFactory(Factory):
                 "intercepting HTTPS with the CA {path} (SHA-256 {fingerprint}){made}",
                 path=ca.path,
                 fingerprint=ca.fingerprint,
-                made=", made now: clients must trust it (see the README)" if ca.created else "",
+                made=(
+                    ", made now. Clients must trust it: copy it to"
+                    " /usr/local/share/ca-certificates/aproxy.crt and run"
+                    " update-ca-certificates, or give it to each client (curl --cacert,"
+                    " REQUESTS_CA_BUNDLE, NODE_EXTRA_CA_CERTS, a browser's authorities);"
+                    " see the README"
+                    if ca.created
+                    else ""
+                ),
             )
             self._leaves = LeafContexts(ca)
         return Interceptor(
