@@ -121,6 +121,22 @@ class HealthTests(SynchronousTestCase):
         self.assertIsNone(pool.pick(6.0, "c", {0, 1}))
 
 
+class ReloadTests(ProxyTestCase):
+    """A reload keeps the health of the members whose URL is unchanged."""
+
+    config = ProxyConfig(route=(f"*=rr:{A},{B}",), pool_size=0)
+
+    def test_down_member_stays_down(self) -> None:
+        """A member down before the reload is down after it; a new member starts up."""
+        [pool] = self.factory.runtime.dialer.router.pools
+        pool.failed(0, self.clock.seconds(), "refused")
+        self.factory.reconfigure(ProxyConfig(route=(f"*=least:{A},{C}",), pool_size=0))
+        [after] = self.factory.runtime.dialer.router.pools
+        now = self.clock.seconds()
+        self.assertEqual([m.up(now) for m in after.members], [False, True])
+        self.assertEqual(after.members[0].last_error, "refused")
+
+
 class PoolProxyTests(ProxyTestCase):
     """A proxy whose route is a pool of two parents, on fake transports."""
 

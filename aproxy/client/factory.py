@@ -306,6 +306,7 @@ class ProxyFactory(Factory):
         """
         runtime = self._build_runtime(config)
         self._swap_access_log(config)
+        runtime.dialer.router.keep_health(self.runtime.dialer.router)
         self.runtime = runtime
         self._targets.clear()
         self.upstream_factory.max_head_size = config.max_head_size

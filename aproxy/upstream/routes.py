@@ -313,6 +313,20 @@ class Router:
         found = self._match(host) if self.fleets else None
         return found if isinstance(found, Fleet) else None
 
+    def keep_health(self, old: Router) -> None:
+        """
+        Take over the health of the pool members C{old} (the router before a reload)
+        also has, by URL: a member that was down stays down; a new one starts up.
+        """
+        known = {m.name: m for pool in old.pools for m in pool.members}
+        for pool in self.pools:
+            for member in pool.members:
+                before = known.get(member.name)
+                if before is not None:
+                    member.down_until = before.down_until
+                    member.backoff = before.backoff
+                    member.last_error = before.last_error
+
     def pool_for(self, host: str) -> Pool | None:
         """The parent pool whose route C{host} takes, or L{None}."""
         found = self._match(host) if self.pools else None
