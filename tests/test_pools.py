@@ -7,13 +7,18 @@ from collections.abc import Generator
 from typing import Any
 
 from twisted.internet import error, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from aproxy import ProxyFactory
+from aproxy.client.stages import IRequestStage, StageRequest
 from aproxy.config import ProxyConfig
+from aproxy.testing import HalfCloseTransport, RecordingConnector
 from aproxy.upstream.routes import RETRY, RETRY_MAX, Pool, Router, parse_pool, parse_route
 from tests.loopback import LOCAL, fetch_all
 from tests.origin import Origin, OriginProtocol, OriginRequest, respond
@@ -280,3 +285,81 @@ class PoolIntegrationTests(ConnectionTracking, TestCase):
                 proto.transport.abortConnection()
         got = yield deferToThread(fetch_all, cport, paths, oport)
         self.assertEqual(got, [(200, p.encode()) for p in paths])
+
+
+class DiedBeforeAnsweringTests(ProxyTestCase):
+    """A member whose connection dies before any response byte: the next member."""
+
+    config = ProxyConfig(route=(f"*=rr:{A},{B}",), pool_size=0, via=None)
+
+    def test_idempotent_request_goes_to_the_next(self) -> None:
+        """A GET sent to a member that closes without answering is sent to the other."""
+        client, proto = self.connect_client()
+        proto.dataReceived(b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        first = self.connector.attempts[-1]
+        first.succeed()
+        first.close()
+        second = self.connector.attempts[-1]
+        self.assertIsNot(second, first)
+        self.assertEqual(second.host, "192.0.2.2")
+        second.succeed()
+        second.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 200 OK"))
+
+    def test_request_with_a_body_is_not_sent_twice(self) -> None:
+        """A POST whose member died is a 502: it may have been acted on."""
+        client, proto = self.connect_client()
+        proto.dataReceived(
+            b"POST http://a.example/ HTTP/1.1\r\nHost: a.example\r\nContent-Length: 2\r\n\r\nhi"
+        )
+        first = self.connector.attempts[-1]
+        first.succeed()
+        first.close()
+        self.assertEqual(len(self.connector.attempts), 1)
+        self.assertTrue(client.value().startswith(b"HTTP/1.1 502 "))
+
+
+@implementer(IRequestStage)
+class _Exit:
+    """A stand-in for an addon that picks each request's exit (the StageRequest.parent seam)."""
+
+    name = "exit"
+
+    def __init__(self, choice: str) -> None:
+        self.choice = choice
+
+    def answer(self, request: StageRequest) -> None:
+        request.parent = self.choice
+
+    def replace_response(self, request: StageRequest, head: Any) -> None:
+        return None
+
+    def finished(self, request: StageRequest) -> None:
+        pass
+
+    def request_filter(self, request: StageRequest) -> None:
+        return None
+
+    def response_filter(self, request: StageRequest, head: Any) -> None:
+        return None
+
+
+class StageChoosesTheExitTests(SynchronousTestCase):
+    """Code picks the exit per request: a stage sets StageRequest.parent at stage A."""
+
+    def dial_for(self, choice: str) -> tuple[str, int]:
+        """Where a GET goes when the stage chooses C{choice} (routes say a pool)."""
+        clock = MemoryReactorClock()
+        connector = RecordingConnector()
+        config = ProxyConfig(route=(f"*=rr:{A},{B}",), pool_size=0)
+        factory = ProxyFactory(config, clock, connector, stages=[_Exit(choice)])
+        proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+        proto.makeConnection(HalfCloseTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000)))
+        proto.dataReceived(b"GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        attempt = connector.attempts[-1]
+        return attempt.host, attempt.port
+
+    def test_parent_or_direct(self) -> None:
+        """The stage's parent URL, or direct, wins over the routes."""
+        self.assertEqual(self.dial_for(C), ("192.0.2.3", 3128))
+        self.assertEqual(self.dial_for("direct"), ("a.example", 80))

@@ -167,7 +167,7 @@ class ClientExchange(AnswerHalf, ResponseHalf, RouteHalf):
         head = self.head
         rt = self.runtime
         target = self.target
-        hop = self.hop
+        self.hop = hop = self._stage_route(self.hop)
         assert target is not None and hop is not None
         req_filter = self.req_filter
         plan = plan_request(head, target, hop, rt, conn.client_ip, req_filter, self.view)
@@ -458,18 +458,16 @@ class ClientExchange(AnswerHalf, ResponseHalf, RouteHalf):
         self.detach()
         conn = self.conn
         if self.resp is None:
-            if (
-                self.reused
-                and not self.retried
-                and not up.reader.pending
-                and not self.req_had_body
-                and self.head.method in _IDEMPOTENT
-            ):
+            again = not up.reader.pending and not self.req_had_body
+            again = again and self.head.method in _IDEMPOTENT
+            if again and self.reused and not self.retried:
                 # A pooled connection the origin had closed: try once on a fresh one.
                 self.retried = True
                 assert self.hop is not None
                 self._dial(self.hop)
                 return
+            if again and self.failover():
+                return  # (a pool's member that died before answering: the next one)
             conn.fail(
                 BadGateway(
                     "the origin closed the connection without a complete response",

@@ -18,10 +18,11 @@ from aproxy.client.connection import PAUSE_DIAL
 from aproxy.client.plan import plan_request
 from aproxy.client.runtime import Runtime
 from aproxy.client.side import ClientSide
-from aproxy.errors import ProxyError
+from aproxy.errors import InternalError, ProxyError
 from aproxy.http.head import RequestHead
 from aproxy.http.target import Target
 from aproxy.upstream.dialer import Hop
+from aproxy.upstream.routes import parse_parent
 
 __all__ = ["RouteHalf"]
 
@@ -68,6 +69,26 @@ class RouteHalf:
             return hop
         self.route = route
         return route.hop(conn.clock.seconds())
+
+    def _stage_route(self, hop: Hop | None) -> Hop | None:
+        """
+        C{hop}, or the one a stage chose for this request at stage A
+        (C{StageRequest.parent}: a parent proxy URL, or C{direct}): the seam through
+        which code picks the exit of each request.
+
+        @raise InternalError: If the stage's choice is not a parent URL.
+        """
+        view = self.view
+        choice = view.parent if view is not None else None
+        if choice is None or self.target is None:
+            return hop
+        try:
+            parent = None if choice == "direct" else parse_parent(choice)
+        except ValueError as e:
+            raise InternalError(f"a stage chose a bad parent: {e}") from None
+        self.route_done()
+        target = self.target
+        return self.runtime.dialer.via(parent, target.scheme, target.host, target.port, False)
 
     def route_done(self) -> None:
         """The exchange is over: its route's member is one request less busy."""

@@ -71,6 +71,8 @@ class StageRequest:
         lives exactly as long as the request.
     @ivar peer: The request goes to the member of a cache fleet that owns its URL (see
         L{aproxy.upstream.routes.Fleet}): a cache neither answers nor stores it here.
+    @ivar parent: The exit a stage chose for this request (at stage A): a parent proxy
+        URL as for C{--upstream}, or C{"direct"}; L{None} leaves it to the routes.
     """
 
     head: RequestHead
@@ -83,6 +85,7 @@ class StageRequest:
     notes: dict[str, str] = field(default_factory=dict)
     state: dict[object, Any] = field(default_factory=dict)
     peer: bool = False
+    parent: str | None = None
 
 
 # Not frozen (a frozen dataclass's __init__ costs twice as much, once per cache hit):
