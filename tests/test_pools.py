@@ -363,3 +363,25 @@ class StageChoosesTheExitTests(SynchronousTestCase):
         """The stage's parent URL, or direct, wins over the routes."""
         self.assertEqual(self.dial_for(C), ("192.0.2.3", 3128))
         self.assertEqual(self.dial_for("direct"), ("a.example", 80))
+
+
+class PoolStatusPageTests(SynchronousTestCase):
+    """/status lists pool members with their state and last error."""
+
+    def test_members_listed(self) -> None:
+        """A member that failed shows down, when it is retried, and why."""
+        from aproxy.observe.status import History, render_status
+
+        pool = parse_pool("rr", f"{A},direct")
+        pool.failed(0, 100.0, "connection refused")
+        page = render_status(
+            History(0.0), 110.0, 0, 0, 0, 0, ProxyConfig(), "1", pools=[pool]
+        ).decode()
+        self.assertIn("<h2>Parent pools</h2>", page)
+        self.assertIn(f"<td>rr</td><td>{A}</td><td>down, retried in 20 s</td>", page)
+        self.assertIn("<td>connection refused</td>", page)
+        self.assertIn("<td>direct</td><td>up</td>", page)
+        self.assertNotIn(
+            "Parent pools",
+            render_status(History(0.0), 110.0, 0, 0, 0, 0, ProxyConfig(), "1").decode(),
+        )

@@ -287,6 +287,7 @@ class Metrics:
             factory.pool.reused,
             factory.config,
             VERSION,
+            pools=factory.runtime.dialer.router.pools,
         )
 
 

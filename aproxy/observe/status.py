@@ -16,6 +16,7 @@ import html
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 from aproxy.config import ProxyConfig
@@ -406,6 +407,7 @@ def render_status(
     version: str,
     top: int = 10,
     workers: int | None = None,
+    pools: Sequence[Any] = (),
 ) -> bytes:
     """
     Render the status page.
@@ -421,6 +423,8 @@ def render_status(
     @param top: How many destinations to list.
     @param workers: With C{--workers}, how many worker processes the figures (totals
         over all of them) come from; shown as a tile.
+    @param pools: The parent pools of the routes (L{aproxy.upstream.routes.Pool}): their
+        members are listed with their state and last error.
     @return: A UTF-8 HTML document.
     """
     window = history.window(now)
@@ -511,6 +515,22 @@ def render_status(
         )
         + "</table>"
     )
+    members = [
+        (
+            pool.strategy,
+            member.name,
+            "up" if member.up(now) else f"down, retried in {member.down_until - now:.0f} s",
+            member.last_error or "-",
+        )
+        for pool in pools
+        for member in pool.members
+    ]
+    pool_table = (
+        "<h2>Parent pools</h2><table><tr><th>strategy</th><th>member</th><th>state</th>"
+        "<th>last error</th></tr>" + _rows(members, numeric=False) + "</table>\n"
+        if members
+        else ""
+    )
     ca_link = (
         "<p>HTTPS is intercepted for some hosts: clients must trust "
         '<a href="ca.pem">the interception CA certificate</a>.</p>\n'
@@ -536,7 +556,7 @@ def render_status(
 <section><h2>Errors <span class="muted">last {html.escape(span)}</span></h2>
 {error_table}</section>
 </div>
-{ca_link}<h2>Configuration</h2>
+{pool_table}{ca_link}<h2>Configuration</h2>
 {config_table}
 </body></html>
 """
