@@ -140,6 +140,8 @@ class ProxyConfig:
         the listening addresses.
     @ivar upstream: A parent proxy URL for everything no route matched (the same as a
         last route C{*=URL}), or L{None}.
+    @ivar parent_check: Seconds between active checks of the parent pools' members, or
+        L{None} for none.
     @ivar ca_file: A PEM file of certificate authorities trusted for TLS to origins and
         parents, in addition to the system's trust store.
     @ivar insecure_host: Hosts whose TLS certificates are not verified (named one by
@@ -189,6 +191,7 @@ class ProxyConfig:
     route: tuple[str, ...]
     fleet_self: str | None
     upstream: str | None
+    parent_check: float | None
     ca_file: str | None
     insecure_host: tuple[str, ...]
     intercept: tuple[str, ...]

@@ -439,6 +439,16 @@ OPTIONS: tuple[Option, ...] = (
         --route). The same as a last --route '*=URL'.""",
     ),
     _row(
+        "parent-check",
+        "float",
+        values.optional(values.seconds),
+        None,
+        """Every this many seconds, check each member of the parent pools (see --route)
+        with a TCP connection, so a member that was down comes back without costing a
+        client request, and one that went down is skipped before a client meets it.
+        Off by default.""",
+    ),
+    _row(
         "ca-file",
         "str",
         values.optional(values.text),

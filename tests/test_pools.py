@@ -385,3 +385,43 @@ class PoolStatusPageTests(SynchronousTestCase):
             "Parent pools",
             render_status(History(0.0), 110.0, 0, 0, 0, 0, ProxyConfig(), "1").decode(),
         )
+
+
+class ActiveCheckTests(ProxyTestCase):
+    """--parent-check: members are checked with a TCP connection every S seconds."""
+
+    config = ProxyConfig(route=(f"*=rr:{A},{B}",), pool_size=0, parent_check=5)
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.factory.startFactory()
+        self.addCleanup(self.factory.stopFactory)
+        [self.pool] = self.factory.runtime.dialer.router.pools
+
+    def test_check_brings_a_member_back_and_takes_one_out(self) -> None:
+        """A down member that connects is up again; an up one that doesn't is down."""
+        from twisted.internet.protocol import Protocol
+
+        self.pool.failed(0, self.clock.seconds(), "refused")
+        self.clock.advance(5)
+        first, second = self.connector.attempts[-2:]
+        self.assertEqual({first.host, second.host}, {"192.0.2.1", "192.0.2.2"})
+        by_host = {a.host: a for a in (first, second)}
+        by_host["192.0.2.1"].deferred.callback(Protocol())
+        by_host["192.0.2.2"].deferred.errback(error.ConnectionRefusedError())
+        now = self.clock.seconds()
+        self.assertTrue(self.pool.members[0].up(now))
+        self.assertFalse(self.pool.members[1].up(now))
+        self.assertEqual(self.pool.members[1].last_error, "failed its check")
+        # The next round comes 5 s later; the stop cancels what is in flight.
+        self.clock.advance(5)
+        self.assertEqual(len(self.connector.attempts), 4)
+
+    def test_off_by_default(self) -> None:
+        """Without --parent-check nothing is dialled."""
+        factory = ProxyFactory(ProxyConfig(route=(f"*=rr:{A},{B}",)), self.clock, self.connector)
+        factory.startFactory()
+        self.addCleanup(factory.stopFactory)
+        before = len(self.connector.attempts)
+        self.clock.advance(3600)
+        self.assertEqual(len(self.connector.attempts), before + 2)  # (this class's own)

@@ -10,15 +10,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
     IProtocolNegotiationFactory,
     IReactorTime,
 )
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from aproxy.access.auth import HtpasswdAuthenticator, IAuthenticator
@@ -486,6 +487,85 @@ class ProxyFactory(Factory):
         """Make the protocol for one client connection."""
         return ProxyProtocol(self, addr)
 
+    def startFactory(self) -> None:
+        """Start the active checks of the parent pools, if asked (C{--parent-check})."""
+        self._checks = ParentChecks(self)
+        self._checks.start()
+
     def stopFactory(self) -> None:
         """Close the idle upstream connections when the last listener stops."""
         self.pool.close()
+        checks = getattr(self, "_checks", None)
+        if checks is not None:
+            checks.stop()
+
+
+class ParentChecks:
+    """
+    C{--parent-check S}: every S seconds (of the configuration in force), a TCP
+    connection to each parent of the pools; one that connects is up (its backoff reset),
+    one that does not is down as after a failed request. At most one check per member is
+    in flight, and the checks stop with the factory.
+    """
+
+    log = Logger()
+
+    def __init__(self, factory: ProxyFactory) -> None:
+        self.factory = factory
+        self._timer: Any = None
+        self._pending: dict[tuple[int, int], Deferred[Any]] = {}
+
+    def start(self) -> None:
+        """Schedule the next round (when checks are on)."""
+        interval = self.factory.config.parent_check
+        if interval is not None:
+            self._timer = self.factory.clock.callLater(interval, self._round)
+
+    def stop(self) -> None:
+        """Cancel the next round and the checks in flight."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        for d in list(self._pending.values()):
+            d.cancel()
+
+    def _round(self) -> None:
+        self._timer = None
+        dialer = self.factory.runtime.dialer
+        for pool in dialer.router.pools:
+            for index, member in enumerate(pool.members):
+                key = (id(pool), index)
+                if member.parent is None or key in self._pending:
+                    continue
+                parent = member.parent
+                connect: Any = dialer.parent_connector.connect
+                d: Deferred[Any] = connect(parent.host, parent.port, _CHECK_FACTORY)
+                self._pending[key] = d
+                d.addCallbacks(
+                    self._reached,
+                    self._missed,
+                    callbackArgs=(pool, index),
+                    errbackArgs=(pool, index),
+                )
+                d.addBoth(self._settled, key)
+        self.start()
+
+    def _settled(self, result: object, key: tuple[int, int]) -> None:
+        self._pending.pop(key, None)
+
+    def _reached(self, proto: Any, pool: Any, index: int) -> None:
+        transport = getattr(proto, "transport", None)
+        if transport is not None:
+            transport.loseConnection()
+        pool.succeeded(index)
+
+    def _missed(self, failure: Failure, pool: Any, index: int) -> None:
+        if failure.check(CancelledError):
+            return
+        member = pool.members[index]
+        if member.up(self.factory.clock.seconds()):
+            self.log.info("parent {member} failed its check: skipped", member=member.name)
+            pool.failed(index, self.factory.clock.seconds(), "failed its check")
+
+
+_CHECK_FACTORY = Factory.forProtocol(Protocol)
