@@ -142,6 +142,8 @@ class ProxyConfig:
         last route C{*=URL}), or L{None}.
     @ivar parent_check: Seconds between active checks of the parent pools' members, or
         L{None} for none.
+    @ivar parent_check_target: C{HOST:PORT} the checks reach through each member with a
+        CONNECT, or L{None} for a bare TCP connection.
     @ivar ca_file: A PEM file of certificate authorities trusted for TLS to origins and
         parents, in addition to the system's trust store.
     @ivar insecure_host: Hosts whose TLS certificates are not verified (named one by
@@ -192,6 +194,7 @@ class ProxyConfig:
     fleet_self: str | None
     upstream: str | None
     parent_check: float | None
+    parent_check_target: str | None
     ca_file: str | None
     insecure_host: tuple[str, ...]
     intercept: tuple[str, ...]

@@ -449,6 +449,15 @@ OPTIONS: tuple[Option, ...] = (
         Off by default.""",
     ),
     _row(
+        "parent-check-target",
+        "str",
+        values.optional(values.authority),
+        None,
+        """HOST:PORT: with --parent-check, check each member with a CONNECT (or SOCKS5
+        CONNECT) to this destination rather than a bare TCP connection, so a parent that
+        accepts connections but can't reach anything counts as down.""",
+    ),
+    _row(
         "ca-file",
         "str",
         values.optional(values.text),

@@ -380,6 +380,18 @@ def routes(name: str, value: Any) -> tuple[str, ...]:
     return routes
 
 
+def authority(name: str, value: Any) -> str:
+    """C{HOST:PORT}, as a C{CONNECT} names its destination."""
+    from aproxy.errors import ProxyError
+    from aproxy.http.target import parse_authority
+
+    try:
+        parse_authority(text(name, value).encode("ascii"))
+    except (ValueError, UnicodeError, ProxyError):
+        raise ValueError(f"{name} must be HOST:PORT, not {value!r}") from None
+    return str(value)
+
+
 def upstream(name: str, value: Any) -> str:
     """C{--upstream}: a parent proxy URL, or a pool (C{STRATEGY:MEMBER,...})."""
     try:

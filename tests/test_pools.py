@@ -49,6 +49,15 @@ class ParseTests(SynchronousTestCase):
             with self.assertRaises(ValueError, msg=bad):
                 parse_route("*=" + bad)
 
+    def test_check_target_is_host_port(self) -> None:
+        """--parent-check-target must be HOST:PORT: anything else is one line."""
+        self.assertEqual(
+            ProxyConfig(parent_check_target="a.example:443").parent_check_target, "a.example:443"
+        )
+        for bad in ("a.example", "a.example:x", "http://a.example/"):
+            with self.assertRaisesRegex(ValueError, "^parent-check-target must be HOST:PORT"):
+                ProxyConfig(parent_check_target=bad)
+
     def test_upstream_takes_a_pool(self) -> None:
         """--upstream STRATEGY:... is a pool for everything no route matched."""
         config = ProxyConfig(upstream=f"least:{A},{B}")
@@ -425,3 +434,43 @@ class ActiveCheckTests(ProxyTestCase):
         before = len(self.connector.attempts)
         self.clock.advance(3600)
         self.assertEqual(len(self.connector.attempts), before + 2)  # (this class's own)
+
+
+class TargetCheckTests(ProxyTestCase):
+    """--parent-check-target: the check is a CONNECT through each member."""
+
+    config = ProxyConfig(
+        route=(f"*=rr:{A},{B}",),
+        pool_size=0,
+        parent_check=5,
+        parent_check_target="check.example:443",
+    )
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.factory.startFactory()
+        self.addCleanup(self.factory.stopFactory)
+        [self.pool] = self.factory.runtime.dialer.router.pools
+
+    def connect(self, attempt: Any) -> tuple[Any, HalfCloseTransport]:
+        """Complete a dial on a fake transport; the outermost layer and transport."""
+        layer = attempt.factory.buildProtocol(None)
+        transport = HalfCloseTransport(peerAddress=IPv4Address("TCP", "192.0.2.9", 3128))
+        layer.makeConnection(transport)
+        attempt.deferred.callback(layer)
+        return layer, transport
+
+    def test_connect_answered_or_refused(self) -> None:
+        """A member whose CONNECT is accepted is up; one that refuses it is down."""
+        self.pool.failed(0, self.clock.seconds(), "refused")
+        self.clock.advance(5)
+        by_host = {a.host: a for a in self.connector.attempts[-2:]}
+        layer, transport = self.connect(by_host["192.0.2.1"])
+        self.assertTrue(transport.value().startswith(b"CONNECT check.example:443 HTTP/1.1\r\n"))
+        layer.dataReceived(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        other, _ = self.connect(by_host["192.0.2.2"])
+        other.dataReceived(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+        now = self.clock.seconds()
+        self.assertTrue(self.pool.members[0].up(now))
+        self.assertFalse(self.pool.members[1].up(now))
+        self.assertTrue(transport.disconnecting)

@@ -33,6 +33,7 @@ from aproxy.client.stages import IRequestStage
 from aproxy.config import ProxyConfig
 from aproxy.errors import Forbidden
 from aproxy.http.head import Target, parse_absolute_target
+from aproxy.http.target import parse_authority
 from aproxy.intercept.ca import CAError, default_ca_dir, load_or_create
 from aproxy.intercept.leaves import LeafContexts
 from aproxy.intercept.session import Interceptor
@@ -537,9 +538,7 @@ class ParentChecks:
                 key = (id(pool), index)
                 if member.parent is None or key in self._pending:
                     continue
-                parent = member.parent
-                connect: Any = dialer.parent_connector.connect
-                d: Deferred[Any] = connect(parent.host, parent.port, _CHECK_FACTORY)
+                d = self._check(dialer, member.parent)
                 self._pending[key] = d
                 d.addCallbacks(
                     self._reached,
@@ -549,6 +548,15 @@ class ParentChecks:
                 )
                 d.addBoth(self._settled, key)
         self.start()
+
+    def _check(self, dialer: Dialer, parent: Any) -> Deferred[Any]:
+        """One check of C{parent}: a TCP connection, or a tunnel to the check target."""
+        target = self.factory.config.parent_check_target
+        if target is None:
+            connect: Any = dialer.parent_connector.connect
+            return connect(parent.host, parent.port, _CHECK_FACTORY)  # type: ignore[no-any-return]
+        host, port = parse_authority(target.encode("ascii"))
+        return dialer.open(dialer.via(parent, b"", host, port, True))
 
     def _settled(self, result: object, key: tuple[int, int]) -> None:
         self._pending.pop(key, None)
