@@ -393,3 +393,13 @@ class SharedDiskGaugeTests(SynchronousTestCase):
         [summed] = totals.families()
         self.assertEqual(summed.samples[("aproxy_cache_bytes", (("tier", "disk"),))], 500.0)
         self.assertEqual(summed.samples[("aproxy_cache_bytes", (("tier", "memory"),))], 40.0)
+
+    def test_parent_up_is_any_worker(self) -> None:
+        """A pool member is up in the totals when any worker has it up (not 2 for two)."""
+        totals = Totals()
+        for worker, up in ((1, 1.0), (2, 1.0), (3, 0.0)):
+            family = Family("aproxy_parent_up", "gauge", "up")
+            family.samples[("aproxy_parent_up", (("parent", "http://p:1"),))] = up
+            totals.update(worker, Snapshot(worker, (family,), ()))
+        [summed] = totals.families()
+        self.assertEqual(summed.samples[("aproxy_parent_up", (("parent", "http://p:1"),))], 1.0)

@@ -45,6 +45,7 @@ from aproxy.observe.metrics import Metrics, pages_site
 from aproxy.observe.status import Bucket, History, render_status
 
 __all__ = [
+    "ANY_WORKER",
     "SNAPSHOT_TIMEOUT",
     "Family",
     "NoFigures",
@@ -72,6 +73,10 @@ _SEQUENCE = itertools.count(1)
 SHARED_LABEL = "tier"
 """Gauge samples labelled C{tier="disk"} describe the one disk cache all workers share:
 the totals take them once (the largest), not once per worker."""
+
+ANY_WORKER = frozenset({"aproxy_parent_up"})
+"""Gauges that say whether something is up, as each worker sees it: the totals take the
+largest (1 when any worker has it up), not the sum."""
 
 SampleKey = tuple[str, tuple[tuple[str, str], ...]]
 """A sample's name and its labels, sorted."""
@@ -199,8 +204,9 @@ def _add(into: dict[str, Family], families: Iterable[Family], zero_gauges: bool 
             total = into[family.name] = Family(family.name, family.type, family.help)
         keep = not zero_gauges or family.type in _CUMULATIVE
         for key, value in family.samples.items():
-            if (SHARED_LABEL, "disk") in key[1]:
-                # One store for every worker: each reports the same figure, taken once.
+            if (SHARED_LABEL, "disk") in key[1] or family.name in ANY_WORKER:
+                # One store for every worker: each reports the same figure, taken once
+                # (and a member is up when any worker has it up).
                 total.samples[key] = max(total.samples.get(key, 0.0), value if keep else 0.0)
                 continue
             total.samples[key] = total.samples.get(key, 0.0) + (value if keep else 0.0)
