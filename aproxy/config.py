@@ -140,6 +140,11 @@ class ProxyConfig:
         the listening addresses.
     @ivar upstream: A parent proxy URL for everything no route matched (the same as a
         last route C{*=URL}), or L{None}.
+    @ivar pac: A PAC file to serve at /proxy.pac and /wpad.dat, or L{None} to serve a
+        generated one (see L{aproxy.access.pac}).
+    @ivar pac_direct: Host patterns the generated PAC file sends DIRECT.
+    @ivar pac_proxy: C{HOST:PORT} the generated PAC file names, or L{None} for the Host
+        the client used.
     @ivar parent_check: Seconds between active checks of the parent pools' members, or
         L{None} for none.
     @ivar parent_check_target: C{HOST:PORT} the checks reach through each member with a
@@ -193,6 +198,9 @@ class ProxyConfig:
     route: tuple[str, ...]
     fleet_self: str | None
     upstream: str | None
+    pac: str | None
+    pac_direct: tuple[str, ...]
+    pac_proxy: str | None
     parent_check: float | None
     parent_check_target: str | None
     ca_file: str | None

@@ -439,6 +439,31 @@ OPTIONS: tuple[Option, ...] = (
         --route). The same as a last --route '*=URL'.""",
     ),
     _row(
+        "pac",
+        "str",
+        values.optional(values.readable_file),
+        None,
+        """Serve this proxy auto-configuration (PAC) file at /proxy.pac and /wpad.dat
+        (re-read on SIGHUP). Without it aproxy serves one it generates: plain host names,
+        loopback and --pac-direct hosts DIRECT, everything else through this proxy.""",
+    ),
+    _row(
+        "pac-direct",
+        "list",
+        values.each(check_host_pattern),
+        (),
+        """A destination the generated PAC file sends DIRECT (repeatable; the pattern
+        forms of --deny-host).""",
+    ),
+    _row(
+        "pac-proxy",
+        "str",
+        values.optional(values.authority),
+        None,
+        """HOST:PORT the generated PAC file names as the proxy. Default: the Host the
+        client fetched the file with (on the metrics port: the first --port).""",
+    ),
+    _row(
         "parent-check",
         "float",
         values.optional(values.seconds),

@@ -380,6 +380,17 @@ def routes(name: str, value: Any) -> tuple[str, ...]:
     return routes
 
 
+def readable_file(name: str, value: Any) -> str:
+    """The path of a file this process can read."""
+    path = text(name, value)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{name}: cannot read {path}: {e.strerror or e}") from None
+    return path
+
+
 def authority(name: str, value: Any) -> str:
     """C{HOST:PORT}, as a C{CONNECT} names its destination."""
     from aproxy.errors import ProxyError

@@ -19,18 +19,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.server import Site
 
 from aproxy.client.factory import ProxyFactory
 from aproxy.config import ProxyConfig
 from aproxy.observe.metrics import Metrics, metrics_site, pages_site
 from aproxy.observe.status import BUCKET_SECONDS, BUCKETS, History, destination_host, render_status
 from aproxy.testing import RecordingConnector
+from tests.sites import Collect, fetch
 from tests.support import GET_A, OK_5, ProxyTestCase, exchange
 
 CONNECT_A = b"CONNECT secure.example:443 HTTP/1.1\r\nHost: secure.example:443\r\n\r\n"
@@ -44,40 +43,6 @@ def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
-
-
-class _Collect(Protocol):
-    """A client that keeps every byte it receives."""
-
-    def __init__(self) -> None:
-        self.data = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        """Keep the bytes."""
-        self.data += data
-
-
-def fetch(site: Site, path: bytes, method: bytes = b"GET") -> tuple[int, dict[bytes, bytes], bytes]:
-    """
-    Send one request to C{site} over in-memory transports and parse the answer.
-
-    @return: The status code, the header fields (lower-cased names) and the body.
-    """
-    server = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 9090))
-    client = _Collect()
-    transport = iosim.makeFakeClient(client)
-    pump = iosim.connect(server, iosim.makeFakeServer(server), client, transport, greet=False)
-    transport.write(
-        method + b" " + path + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    pump.flush()
-    head, _, body = client.data.partition(b"\r\n\r\n")
-    status_line, *lines = head.split(b"\r\n")
-    headers = {}
-    for line in lines:
-        name, _, value = line.partition(b":")
-        headers[name.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), headers, body
 
 
 class MetricsTests(SynchronousTestCase):
@@ -599,10 +564,10 @@ class LaterPagesTests(SynchronousTestCase):
         self.pending: Deferred[bytes] = Deferred()
         self.site = pages_site(lambda: self.pending, lambda: b"<p>now</p>", self.clock)
 
-    def start(self, method: bytes = b"GET") -> tuple[_Collect, iosim.IOPump]:
+    def start(self, method: bytes = b"GET") -> tuple[Collect, iosim.IOPump]:
         """Send a request for /metrics; the answer waits for C{self.pending}."""
         server = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 9090))
-        client = _Collect()
+        client = Collect()
         transport = iosim.makeFakeClient(client)
         pump = iosim.connect(server, iosim.makeFakeServer(server), client, transport, greet=False)
         transport.write(method + b" /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from aproxy.access.auth import HtpasswdAuthenticator, IAuthenticator
 from aproxy.access.loops import LoopGuard
+from aproxy.access.pac import read_pac
 from aproxy.access.policy import AccessPolicy, HostPatterns, IPolicy
 from aproxy.access.throttle import LoginThrottle
 from aproxy.cache.stage import open_cache
@@ -204,6 +205,7 @@ class ProxyFactory(Factory):
             self._stages,
             policy.needs_address_check(),
             interceptor=self._interceptor(config),
+            pac_file=read_pac(config),
         )
 
     def _interceptor(self, config: ProxyConfig) -> Interceptor | None:

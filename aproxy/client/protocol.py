@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from aproxy.access.auth import basic_challenge
+from aproxy.access.pac import PAC_CONTENT_TYPE, PAC_PATHS, pac_body
 from aproxy.client.connection import (
     DEADLINE_CONNECT,
     DEADLINE_HEAD,
@@ -36,6 +37,7 @@ from aproxy.client.exchange import ClientExchange, report_refused
 from aproxy.client.guard import guarded
 from aproxy.client.login import LoginCheck
 from aproxy.client.phases import ALLOWED, Phase, check_move
+from aproxy.client.stages import Answer
 from aproxy.client.tunnel import Tunnel
 from aproxy.errors import (
     BadRequest,
@@ -322,6 +324,14 @@ class ProxyProtocol(ClientConnection):
         if session is not None:
             session.absolutize(head)
         self._x = x = ClientExchange(self, rt, head)
+        if session is None and head.target in PAC_PATHS and head.method in (b"GET", b"HEAD"):
+            # The proxy's own PAC file: for anyone (clients fetch it before they know
+            # the proxy, so before any login).
+            hosts = head.values(b"host")
+            host = hosts[0].decode("ascii", "replace") if hosts else None
+            fields = ((b"Content-Type", PAC_CONTENT_TYPE), (b"Cache-Control", b"max-age=300"))
+            x.send_answer(Answer(200, b"OK", fields, pac_body(rt.config, rt.pac_file, host)), rest)
+            return
         auth = rt.authenticator
         if auth is None or session is not None:
             x.authorized(rest)

@@ -47,6 +47,7 @@ class Runtime:
         runtime's address rules.
     @ivar interceptor: Which CONNECT tunnels are intercepted, and their certificates (an
         L{aproxy.intercept.session.Interceptor}); L{None} without C{--intercept}.
+    @ivar pac_file: The C{--pac} file as read for this configuration, or L{None}.
     """
 
     config: ProxyConfig
@@ -61,3 +62,4 @@ class Runtime:
     allowed: set[tuple[str, int]] = field(default_factory=set)
     allowed_peers: set[tuple[str, str]] = field(default_factory=set)
     interceptor: Any = None  # (Any: the intercept package sits above this layer)
+    pac_file: bytes | None = None

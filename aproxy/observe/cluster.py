@@ -40,6 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
+from aproxy.access.pac import pac_body, read_pac
 from aproxy.config import ProxyConfig
 from aproxy.observe.metrics import Metrics, pages_site
 from aproxy.observe.status import Bucket, History, render_status
@@ -470,4 +471,9 @@ class WorkerTotals:
 
             # (Made or checked when the options were parsed, before any worker started.)
             ca_pem = load_or_create(self.config.ca_dir or default_ca_dir()).pem
-        return pages_site(self.render_metrics, self.render_status, self.reactor, ca_pem)
+        config = self.config
+
+        def pac() -> bytes:
+            return pac_body(config, read_pac(config), None)
+
+        return pages_site(self.render_metrics, self.render_status, self.reactor, ca_pem, pac)

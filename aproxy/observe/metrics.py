@@ -23,6 +23,7 @@ from twisted.web import http, pages
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from aproxy.access.pac import PAC_CONTENT_TYPE, pac_body
 from aproxy.observe.records import Exchange
 from aproxy.observe.status import History, render_status
 
@@ -380,11 +381,20 @@ def metrics_site(metrics: Metrics, factory: ProxyFactory) -> Site:
     """
     interceptor = factory.runtime.interceptor
     ca_pem = interceptor.leaves.ca.pem if interceptor is not None else None
-    return pages_site(metrics.render, metrics.render_status, factory.clock, ca_pem)
+
+    def pac() -> bytes:
+        runtime = factory.runtime
+        return pac_body(runtime.config, runtime.pac_file, None)
+
+    return pages_site(metrics.render, metrics.render_status, factory.clock, ca_pem, pac)
 
 
 def pages_site(
-    render_metrics: Page, render_status: Page, clock: IReactorTime, ca_pem: bytes | None = None
+    render_metrics: Page,
+    render_status: Page,
+    clock: IReactorTime,
+    ca_pem: bytes | None = None,
+    pac: Page | None = None,
 ) -> Site:
     """
     The C{--metrics} site (see L{metrics_site}) for any source of the two pages; with
@@ -395,6 +405,8 @@ def pages_site(
     @param clock: Drives the site's timeouts.
     @param ca_pem: With C{--intercept}, the interception CA's certificate (never its
         key), served at C{/ca.pem} for clients to install.
+    @param pac: Renders the proxy auto-configuration file, served at C{/proxy.pac} and
+        C{/wpad.dat} (see L{aproxy.access.pac}).
     """
     pages = {
         b"metrics": (METRICS_CONTENT_TYPE, render_metrics),
@@ -402,4 +414,6 @@ def pages_site(
     }
     if ca_pem is not None:
         pages[b"ca.pem"] = (b"application/x-pem-file", lambda: ca_pem)
+    if pac is not None:
+        pages[b"proxy.pac"] = pages[b"wpad.dat"] = (PAC_CONTENT_TYPE, pac)
     return _QuietSite(_Pages(pages), reactor=clock)
