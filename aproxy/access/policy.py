@@ -285,16 +285,13 @@ def check_host_pattern(text: str) -> None:
 class HostPatterns:
     """
     A list of host patterns in the forms of L{parse_host_pattern}, and C{*} for any host:
-    does a destination match any of them?
+    does a destination match any of them? (Routes, interception and the destination
+    rules' name forms all match hosts this way.)
     """
 
     def __init__(self, texts: Sequence[str]) -> None:
         self._any = any(text.strip() == "*" for text in texts)
         self._rules = [parse_host_pattern(text) for text in texts if text.strip() != "*"]
-
-    def __bool__(self) -> bool:
-        """Whether there is any pattern."""
-        return self._any or bool(self._rules)
 
     def matches(self, host: str) -> bool:
         """Whether C{host} (a name, or an IP address without brackets) matches."""

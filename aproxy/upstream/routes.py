@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
-from aproxy.access.policy import parse_host_pattern
+from aproxy.access.policy import HostPatterns, parse_host_pattern
 
 __all__ = [
     "FLEET_DOWN",
@@ -276,22 +276,18 @@ class Router:
     """
 
     def __init__(self, routes: tuple[str, ...] = (), own: Iterable[tuple[str, int]] = ()) -> None:
-        self._rules: list[tuple[str, str, Parent | Fleet | Pool | None]] = []
+        self._rules: list[tuple[HostPatterns, Parent | Fleet | Pool | None]] = []
         own = tuple(own)
         for text in routes:
             pattern, parent = parse_route(text)
             if isinstance(parent, Fleet):
                 parent.place(own)
-            if pattern == "*":
-                self._rules.append(("any", "", parent))
-                continue
-            kind, value = parse_host_pattern(pattern)
-            self._rules.append((kind, str(value), parent))
+            self._rules.append((HostPatterns((pattern,)), parent))
         self.parents: tuple[Parent, ...] = tuple(
-            {p: None for _, _, p in self._rules if isinstance(p, Parent)}
+            {p: None for _, p in self._rules if isinstance(p, Parent)}
         )
-        self.fleets = tuple(p for _, _, p in self._rules if isinstance(p, Fleet))
-        self.pools = tuple(p for _, _, p in self._rules if isinstance(p, Pool))
+        self.fleets = tuple(p for _, p in self._rules if isinstance(p, Fleet))
+        self.pools = tuple(p for _, p in self._rules if isinstance(p, Pool))
         self.fleet_hosts = frozenset(
             m.host for f in self.fleets for i, m in enumerate(f.members) if i != f.own
         )
@@ -333,20 +329,9 @@ class Router:
         return found if isinstance(found, Pool) else None
 
     def _match(self, host: str) -> Parent | Fleet | Pool | None:
-        host = host.lower().rstrip(".")
-        for kind, value, parent in self._rules:
-            if kind == "any" or (kind == "exact" and host == value):
+        for patterns, parent in self._rules:
+            if patterns.matches(host):
                 return parent
-            if kind == "subdomains" and host.endswith("." + value):
-                return parent
-            if kind == "domain" and (host == value or host.endswith("." + value)):
-                return parent
-            if kind == "address":
-                try:
-                    if ipaddress.ip_address(host) in ipaddress.ip_network(value):
-                        return parent
-                except ValueError:
-                    continue
         return None
 
 
