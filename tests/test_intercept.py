@@ -493,3 +493,39 @@ class CAStartTests(SynchronousTestCase):
         os.chmod(os.path.join(directory, CA_KEY), 0o644)
         with self.assertRaisesRegex(usage.UsageError, "chmod 600"):
             Options().parseOptions(["--intercept", "*", "--ca-dir", directory])
+
+
+class PeekFailureTests(SynchronousTestCase):
+    """A bug while deciding a tunnel ends that connection, and nothing reaches the reactor."""
+
+    def test_bug_after_the_silent_wait(self) -> None:
+        """An error in the decision the 2 s timer takes is an internal error of that client."""
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import MemoryReactorClock
+
+        from aproxy import ProxyFactory
+        from aproxy.testing import HalfCloseTransport, RecordingConnector
+
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        clock = MemoryReactorClock()
+        factory = ProxyFactory(
+            ProxyConfig(intercept=("*",), ca_dir=directory, connect_ports=None),
+            clock,
+            RecordingConnector(),
+        )
+        proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+        client = HalfCloseTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
+        proto.makeConnection(client)
+        proto.dataReceived(b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        x = proto.exchange
+        assert x is not None
+
+        def broken() -> None:
+            raise RuntimeError("a bug")
+
+        x.dial_tunnel = broken  # type: ignore[method-assign]
+        clock.advance(session_module.PEEK_TIMEOUT)
+        self.assertTrue(client.disconnecting)
+        [error] = self.flushLoggedErrors(RuntimeError)
+        self.assertIn("a bug", str(error.value))

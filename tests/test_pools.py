@@ -426,6 +426,19 @@ class ActiveCheckTests(ProxyTestCase):
         self.clock.advance(5)
         self.assertEqual(len(self.connector.attempts), 4)
 
+    def test_a_failing_round_does_not_stop_the_checks(self) -> None:
+        """A bug in one round is logged; the next round still comes."""
+
+        def broken(*args: object) -> None:
+            raise RuntimeError("a bug")
+
+        self.patch(self.connector, "connect", broken)
+        self.clock.advance(5)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.patch(self.connector, "connect", type(self.connector).connect.__get__(self.connector))
+        self.clock.advance(5)
+        self.assertEqual(len(self.connector.attempts), 2)
+
     def test_off_by_default(self) -> None:
         """Without --parent-check nothing is dialled."""
         factory = ProxyFactory(ProxyConfig(route=(f"*=rr:{A},{B}",)), self.clock, self.connector)

@@ -534,6 +534,13 @@ class ParentChecks:
 
     def _round(self) -> None:
         self._timer = None
+        try:
+            self._check_all()
+        except Exception:
+            self.log.failure("parent checks failed")
+        self.start()
+
+    def _check_all(self) -> None:
         dialer = self.factory.runtime.dialer
         for pool in dialer.router.pools:
             for index, member in enumerate(pool.members):
@@ -549,7 +556,6 @@ class ParentChecks:
                     errbackArgs=(pool, index),
                 )
                 d.addBoth(self._settled, key)
-        self.start()
 
     def _check(self, dialer: Dialer, parent: Any) -> Deferred[Any]:
         """One check of C{parent}: a TCP connection, or a tunnel to the check target."""

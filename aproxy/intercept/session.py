@@ -144,19 +144,27 @@ class Peek:
             del self.conn.dataReceived
 
     def feed(self, data: bytes) -> None:
-        """Client bytes: decide once they show what they are."""
+        """Client bytes: decide once they show what they are (at most L{MAX_HELLO})."""
         self.buffer += data
-        try:
-            result = read_hello(self.buffer)
-            if result is not None:
-                self._decide(result)
-        except Exception:
-            self._stop()
-            self.conn.internal_error(Failure())
+        self._decide_safely(None)
 
     def _silent(self) -> None:
         self._timer = None
-        self._decide(NOT_TLS)
+        self._decide_safely(NOT_TLS)
+
+    def _decide_safely(self, result: Hello | str | None) -> None:
+        """Decide on C{result}, or on what the bytes so far show (L{None})."""
+        # (Called by the reactor, as the connection's dataReceived or a timer: a bug here
+        # ends this connection, not the reactor's loop.)
+        try:
+            if result is None:
+                result = read_hello(self.buffer)
+                if result is None:
+                    return
+            self._decide(result)
+        except Exception:
+            self._stop()
+            self.conn.internal_error(Failure())
 
     def _decide(self, result: Hello | str) -> None:
         self._stop()
