@@ -9,6 +9,12 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from aproxy.cache import control, rules
+from aproxy.cache.preconditions import (
+    conditional_match,
+    not_modified_fields,
+    parse_range,
+    validation_fields,
+)
 from aproxy.cache.rules import (
     FRESH,
     MAX_DELTA,
@@ -18,7 +24,6 @@ from aproxy.cache.rules import (
     cache_key,
     cache_status,
     choose,
-    conditional_match,
     current_age,
     delta_seconds,
     field_values,
@@ -27,15 +32,12 @@ from aproxy.cache.rules import (
     http_date,
     invalidation_keys,
     is_unsafe,
-    not_modified_fields,
     parse_cache_control,
     parse_http_date,
-    parse_range,
     request_cc_flags,
     storable,
     stored_fields,
     updated_fields,
-    validation_fields,
     vary_key,
     vary_names,
 )

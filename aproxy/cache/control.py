@@ -24,6 +24,7 @@ __all__ = [
     "delta_seconds",
     "field_lines",
     "field_values",
+    "first_date",
     "http_date",
     "parse_cache_control",
     "parse_entity_tag",
@@ -307,3 +308,9 @@ def cache_status(
     if detail is not None:
         parts.append("detail=" + _sf_item(detail))
     return "; ".join(parts).encode("ascii")
+
+
+def first_date(fields: Fields, lname: bytes, now: float | None) -> float | None:
+    """The first line of a date field, parsed; L{None} if absent or not an HTTP-date."""
+    lines = field_lines(fields, lname)
+    return parse_http_date(lines[0], now) if lines else None

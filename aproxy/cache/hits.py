@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from aproxy.cache import rules
+from aproxy.cache import preconditions, rules
 from aproxy.cache.fill import BytesSource, FileSource
 from aproxy.cache.store import Meta
 from aproxy.client.stages import Answer
@@ -94,12 +94,16 @@ def answer_from(
     length = meta.length
     if not plain and meta.status == 200:
         fields = head.fields
-        if rules.conditional_match(head.method, fields, meta.fields):
+        if preconditions.conditional_match(head.method, fields, meta.fields):
             found.close()
-            fields_304 = rules.not_modified_fields(meta.fields) + extra
+            fields_304 = preconditions.not_modified_fields(meta.fields) + extra
             answer = Answer(304, b"Not Modified", fields_304)
             return answer, "TCP_INM_HIT" if fwd_status is None else result, 0
-        wanted = rules.parse_range(fields, meta.fields, length) if head.method == b"GET" else None
+        wanted = (
+            preconditions.parse_range(fields, meta.fields, length)
+            if head.method == b"GET"
+            else None
+        )
         if isinstance(wanted, int):
             found.close()
             unsatisfiable = [(b"Content-Range", b"bytes */%d" % length), *extra]

@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from aproxy.cache import rules
+from aproxy.cache import preconditions, rules
 from aproxy.cache.disk import DiskStore
 from aproxy.cache.fill import Fill, FillReader, StoreFilter
 from aproxy.cache.heap import HeapTrimmer
@@ -202,7 +202,7 @@ class CacheStage:
         state = _State(key, "validate", fwd="stale", found=found, sent_at=now)
         state.client_refresh = not plain and _client_refresh(head.fields)
         request.state[self] = state
-        validators = rules.validation_fields(meta.fields)
+        validators = preconditions.validation_fields(meta.fields)
         if validators:
             request.upstream_fields = validators
             request.upstream_drop = _CONDITIONALS
@@ -591,7 +591,7 @@ def _useless(status: int, fields: Sequence[tuple[bytes, bytes]], sent: float, no
     it would write it again.)
     """
     fresh = rules.Freshness(status, fields, sent, now)
-    return fresh.age(now) >= fresh.lifetime and not rules.validation_fields(fields)
+    return fresh.age(now) >= fresh.lifetime and not preconditions.validation_fields(fields)
 
 
 def _ignore(fill: Fill) -> None:
