@@ -40,7 +40,6 @@ import http.client
 import os
 import shlex
 import shutil
-import signal
 import socket
 import statistics
 import sys
@@ -55,13 +54,13 @@ from typing import Any
 from aproxybench.httpio import Target
 from aproxybench.loads import download, load
 from aproxybench.procs import (
-    Abort,
     Child,
     RssSampler,
+    abort_on_signals,
     free_port,
     log,
-    raise_abort,
     rss_kib,
+    run_bench,
     sbin,
     settle,
     tool_output,
@@ -787,25 +786,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     mode = SMOKE_MODE if args.smoke else QUICK if args.quick else FULL
     args.connections = mode.connections
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
-        signal.signal(sig, raise_abort)
-    signal.alarm(mode.max_seconds)
+    abort_on_signals(mode.max_seconds)
     bench = CacheBench(args, mode)
-    started = time.monotonic()
-    status = 0
-    try:
-        bench.run()
-    except (KeyboardInterrupt, Abort) as e:
-        bench.failures.append(f"run aborted: {e!r}")
-        status = 130
-    except Exception as e:  # report what we have, then fail
-        bench.failures.append(f"run stopped: {e}")
-        status = 1
-    finally:
-        signal.alarm(0)
-        bench.cleanup()
-    log(f"finished in {time.monotonic() - started:.1f} s")
+    status = run_bench(bench)
     print(bench.report(), end="")
     return 1 if status == 0 and bench.failures else status
 

@@ -60,12 +60,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from aproxybench.procs import (
-    Abort,
     Child,
+    abort_on_signals,
     cpu_seconds,
     free_port,
     log,
-    raise_abort,
+    run_bench,
     sbin,
     tool_output,
 )
@@ -677,25 +677,9 @@ def main(argv: list[str] | None = None) -> int:
         serve_origin(int(port), directory, cert, key)
         return 0
     mode = SMOKE_MODE if args.smoke else QUICK if args.quick else FULL
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
-        signal.signal(sig, raise_abort)
-    signal.alarm(mode.max_seconds)
+    abort_on_signals(mode.max_seconds)
     bench = InterceptBench(args, mode)
-    started = time.monotonic()
-    status = 0
-    try:
-        bench.run()
-    except (KeyboardInterrupt, Abort) as e:
-        bench.failures.append(f"run aborted: {e!r}")
-        status = 130
-    except Exception as e:  # report what we have, then fail
-        bench.failures.append(f"run stopped: {e}")
-        status = 1
-    finally:
-        signal.alarm(0)
-        bench.cleanup()
-    log(f"finished in {time.monotonic() - started:.1f} s")
+    status = run_bench(bench)
     print(bench.report(), end="")
     return 1 if status == 0 and bench.failures else status
 

@@ -6,12 +6,10 @@ import argparse
 import json
 import resource
 import shutil
-import signal
-import time
 from pathlib import Path
 from typing import Any
 
-from .procs import Abort, log, raise_abort
+from .procs import abort_on_signals, log, run_bench
 from .report import render
 from .runner import Bench
 from .settings import FULL, QUICK, SMOKE, Settings
@@ -134,28 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # inherited by the children
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
-        signal.signal(sig, raise_abort)
-    signal.alarm(s.max_seconds)
+    abort_on_signals(s.max_seconds)
     for name, why in skipped.items():
         log(f"{name}: {why}")
     log(f"targets: {', '.join(targets)}; time budget {s.max_seconds} s")
     bench = Bench(args, s, targets, skipped)
-    started = time.monotonic()
-    status = 0
-    try:
-        bench.run()
-    except (KeyboardInterrupt, Abort) as e:
-        bench.failures.append(f"run aborted: {e!r}")
-        status = 130
-    except Exception as e:  # report what we have, then fail
-        bench.failures.append(f"run stopped: {e}")
-        status = 1
-    finally:
-        signal.alarm(0)
-        bench.cleanup()
-    log(f"finished in {time.monotonic() - started:.1f} s")
+    status = run_bench(bench)
     print(render(bench), end="")
     if args.json:
         Path(args.json).write_text(

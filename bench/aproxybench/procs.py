@@ -58,6 +58,38 @@ def raise_abort(signum: int, _frame: Any) -> None:
     raise Abort(reason)
 
 
+def abort_on_signals(max_seconds: int) -> None:
+    """Turn Ctrl-C, SIGTERM, SIGHUP and the time budget (C{max_seconds}) into L{Abort}."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
+        signal.signal(sig, raise_abort)
+    signal.alarm(max_seconds)
+
+
+def run_bench(bench: Any) -> int:
+    """
+    Run C{bench} (its C{run}, then always its C{cleanup}), within the budget set by
+    L{abort_on_signals}; what went wrong goes to C{bench.failures}.
+
+    @return: 0 when it ran through, 1 when it stopped on an error, 130 when aborted.
+    """
+    started = time.monotonic()
+    status = 0
+    try:
+        bench.run()
+    except (KeyboardInterrupt, Abort) as e:
+        bench.failures.append(f"run aborted: {e!r}")
+        status = 130
+    except Exception as e:  # report what we have, then fail
+        bench.failures.append(f"run stopped: {e}")
+        status = 1
+    finally:
+        signal.alarm(0)
+        bench.cleanup()
+    log(f"finished in {time.monotonic() - started:.1f} s")
+    return status
+
+
 # --------------------------------------------------------------------------------------------
 # child processes
 
