@@ -158,6 +158,9 @@ class ProxyConfig:
     @ivar no_intercept: Host patterns never intercepted.
     @ivar ca_dir: The directory of the interception CA, or L{None} for the default
         (L{aproxy.intercept.ca.default_ca_dir}).
+    @ivar addon: Addons to load, as C{MODULE:NAME} or C{path/to/file.py:NAME} (see
+        L{aproxy.addons.load}); loaded once, by the factory.
+    @ivar addon_timeout: Seconds a request waits for a hook that answers later.
     """
 
     port: tuple[str, ...]
@@ -208,6 +211,8 @@ class ProxyConfig:
     intercept: tuple[str, ...]
     no_intercept: tuple[str, ...]
     ca_dir: str | None
+    addon: tuple[str, ...]
+    addon_timeout: float
 
     def __init__(self, **values: Any) -> None:
         """
