@@ -319,3 +319,88 @@ class CacheInterplayTests(ProxyTestCase):
         self.get(origin)
         addon.deny_path = "/page"
         self.assertTrue(self.get(None).startswith(b"HTTP/1.1 403 "))
+
+
+class ExampleAddonTests(ProxyTestCase):
+    """Each example of examples/addons on the in-memory proxy (the real-client runs are
+    in test_addon_clients)."""
+
+    def install(self, name: str, cls: str) -> Any:
+        """A factory with the example C{name}.py's C{cls}; the addon object."""
+        factory = ProxyFactory(
+            ProxyConfig(addon=[f"{EXAMPLES / name}.py:{cls}"], pool_size=0),
+            self.clock,
+            self.connector,
+        )
+        factory.via = b"aproxy"
+        self.factory = factory
+        self.client, self.proto = self.connect_client()
+        return factory.runtime.addons.addons[0].obj
+
+    def fetch(self, response: bytes, target: bytes = URL) -> tuple[bytes, bytes]:
+        """GET C{target}, answered by C{response}: (what the origin got, the response)."""
+        self.proto.dataReceived(b"GET " + target + b" HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        attempt = self.connector.attempts[-1]
+        upstream = attempt.succeed()
+        attempt.respond(response)
+        return upstream.value(), self.take(self.client)
+
+    def test_headers(self) -> None:
+        """A request id upstream; Server and X-Powered-By gone, nosniff added."""
+        self.install("headers", "Headers")
+        sent, got = self.fetch(
+            b"HTTP/1.1 200 OK\r\nServer: x\r\nX-Powered-By: y\r\nContent-Length: 2\r\n\r\nok"
+        )
+        self.assertIn(b"X-Request-Id: 1\r\n", sent)
+        self.assertNotIn(b"Server", got)
+        self.assertNotIn(b"X-Powered-By", got)
+        self.assertIn(b"X-Content-Type-Options: nosniff\r\n", got)
+
+    def test_block_types_by_type_and_size(self) -> None:
+        """An executable and an announced 60 MiB body are refused; a page is not."""
+        self.install("block_types", "BlockTypes")
+        _, exe = self.fetch(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/x-msdownload\r\n"
+            b"Content-Length: 2\r\n\r\nMZ"
+        )
+        self.assertTrue(exe.startswith(b"HTTP/1.1 403 "), exe)
+        _, big = self.fetch(b"HTTP/1.1 200 OK\r\nContent-Length: 62914560\r\n\r\n")
+        self.assertTrue(big.startswith(b"HTTP/1.1 403 "), big)
+        _, page = self.fetch(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 2\r\n\r\nhi"
+        )
+        self.assertTrue(page.startswith(b"HTTP/1.1 200 "), page)
+
+    def test_rewrite_html_only_html(self) -> None:
+        """text/html is rewritten across a chunk cut; other types pass untouched."""
+        self.install("rewrite_html", "RewriteHtml")
+        self.proto.dataReceived(b"GET " + URL + b" HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        attempt = self.connector.attempts[-1]
+        attempt.succeed()
+        attempt.respond(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 14\r\n\r\nin the c"
+        )
+        attempt.respond(b"loud.\n")
+        self.assertEqual(dechunk(self.take(self.client)), b"in other people's computers.\n")
+        _, text = self.fetch(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 9\r\n\r\nthe cloud"
+        )
+        self.assertTrue(
+            text.endswith(b"Content-Length: 9\r\nVia: 1.1 aproxy\r\n\r\nthe cloud"), text
+        )
+
+    def test_local_page_and_counts(self) -> None:
+        """proxy.test is answered by the proxy; counts.proxy.test shows the counts."""
+        self.install("local_page", "LocalPage")
+        self.proto.dataReceived(b"GET http://proxy.test/ HTTP/1.1\r\nHost: proxy.test\r\n\r\n")
+        self.assertIn(b"this page comes from the proxy", self.take(self.client))
+        self.assertEqual(self.connector.attempts, [])
+        counter = self.install("count_users", "CountUsers")
+        self.fetch(OK_TWO)
+        self.fetch(OK_TWO)
+        self.proto.dataReceived(b"GET http://counts.proxy.test/ HTTP/1.1\r\nHost: c\r\n\r\n")
+        self.assertTrue(self.take(self.client).endswith(b'{"127.0.0.1": 2}\n'))
+        self.assertEqual(counter.requests["127.0.0.1"], 2)
+
+
+OK_TWO = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
