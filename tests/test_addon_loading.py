@@ -194,6 +194,19 @@ class BodyHelperTests(SynchronousTestCase):
         bytewise = self.feed_all(Replace({"cloud": "SKY"}), [bytes([b]) for b in text])
         self.assertEqual(bytewise, expected)
 
+    def test_replace_self_overlapping_and_several(self) -> None:
+        """Patterns that can overlap themselves, and several at once, at every split."""
+        for mapping, text in (
+            ({"aba": "X"}, b"abababa xaba abab"),
+            ({"aa": "b"}, b"aaaaa aaa"),
+            ({"cloud": "sky", "sky": "cloud"}, b"cloud sky clouds skyline"),
+        ):
+            whole = self.feed_all(Replace(mapping), [text])
+            for cut in range(1, len(text)):
+                out = self.feed_all(Replace(mapping), [text[:cut], text[cut:]])
+                self.assertEqual(out, whole, (mapping, cut))
+        self.assertEqual(self.feed_all(Replace({"aba": "X"}), [b"ababa"]), b"Xba")
+
     def test_replace_longest_first(self) -> None:
         """Of two patterns starting at one place, the longer wins."""
         out = self.feed_all(Replace({"ab": "1", "abc": "2"}), [b"xabcx", b"ab"])

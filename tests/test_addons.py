@@ -7,11 +7,13 @@ hooks.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
+from twisted.trial.unittest import SkipTest
 
 from aproxy.addons.api import AddonExchange
 from aproxy.addons.bodies import Replace
@@ -572,3 +574,35 @@ class NotificationTests(AddonTestCase):
         self.proto.connectionLost()
         self.assertEqual(addon.calls, ["tunnel_open", "tunnel_close", "done"])
         self.assertEqual(counts, [(5, 3)])
+
+
+class BigBodyTests(AddonTestCase):
+    """A large body through a transformer stays out of memory."""
+
+    def test_one_gib_through_a_transformer_rss_flat(self) -> None:
+        """1 GiB rewritten as it streams: the process's RSS grows by less than 64 MiB."""
+        if not os.path.exists("/proc/self/status"):
+            raise SkipTest("needs /proc to read the RSS")
+        self.install(Hooks(response_body=lambda ex: Replace({"cloud": "sky!!"})))
+        attempt, _ = self.forward(GET_A)
+        total, piece = 1 << 30, (b"the cloud " * 26215)[: 256 * 1024]
+        attempt.respond(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        start = peak = rss()
+        got = 0
+        for index in range(total // len(piece)):
+            attempt.respond(piece)
+            got += len(self.take(self.client))
+            if index % 256 == 0:
+                peak = max(peak, rss())
+        self.assertTrue(self.take(self.client).endswith(b"0\r\n\r\n") or got > total)
+        self.assertGreater(got, total)  # (each "cloud" became "sky!!": same length, + framing)
+        self.assertLess(peak - start, 64 << 20)
+
+
+def rss() -> int:
+    """This process's resident set size in bytes (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS line")

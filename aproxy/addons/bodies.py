@@ -42,11 +42,28 @@ class Replace:
         self._re = re.compile(b"|".join(re.escape(k) for k in ordered))
         self._keep = len(ordered[0]) - 1
         self._held = b""
+        # One pattern that can't overlap itself (a word, as usual): bytes.replace does the
+        # work at C speed, with no Python call per match.
+        self._single: tuple[bytes, bytes] | None = None
+        if len(ordered) == 1 and not _overlaps(ordered[0]):
+            self._single = (ordered[0], self._map[ordered[0]])
 
     def feed(self, chunk: bytes) -> bytes:
         """The chunk with its complete matches replaced, less a possible match's start."""
         buf = self._held + chunk if self._held else chunk
         safe = len(buf) - self._keep
+        single = self._single
+        if single is not None:
+            old, new = single
+            # Only a match starting in the last len(old) - 1 bytes before `safe` can
+            # reach past it; the first one there (there is room for one) ends the part
+            # replaced now.
+            cut = max(safe, 0)
+            found = buf.find(old, max(safe - self._keep, 0), len(buf))
+            if 0 <= found < safe:
+                cut = found + len(old)
+            self._held = buf[cut:]
+            return buf[:cut].replace(old, new)
         out = []
         pos = 0
         for m in self._re.finditer(buf):
@@ -64,6 +81,11 @@ class Replace:
         """What was held back, replaced."""
         held, self._held = self._held, b""
         return self._re.sub(lambda m: self._map[m.group()], held)
+
+
+def _overlaps(pattern: bytes) -> bool:
+    """Whether two occurrences of C{pattern} can overlap (a proper suffix is a prefix)."""
+    return any(pattern.endswith(pattern[:n]) for n in range(1, len(pattern)))
 
 
 class _Decoded:
