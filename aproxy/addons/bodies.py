@@ -33,10 +33,14 @@ class Replace:
     @param replacements: What to replace (C{str} patterns and replacements are UTF-8).
     """
 
-    def __init__(self, replacements: Mapping[str | bytes, str | bytes]) -> None:
+    def __init__(
+        self,
+        replacements: Mapping[str, str] | Mapping[bytes, bytes] | Mapping[str | bytes, str | bytes],
+    ) -> None:
         if not replacements or not all(replacements):
             raise ValueError("Replace needs at least one non-empty pattern")
-        self._map = {_as_bytes(k): _as_bytes(v) for k, v in replacements.items()}
+        pairs: Any = replacements.items()
+        self._map = {_as_bytes(k): _as_bytes(v) for k, v in pairs}
         # Longest first, so that of two patterns starting at one place the longer wins.
         ordered = sorted(self._map, key=len, reverse=True)
         self._re = re.compile(b"|".join(re.escape(k) for k in ordered))
