@@ -195,6 +195,35 @@ class RequestHookTests(AddonTestCase):
         self.assertEqual((attempt.host, attempt.port), ("parent.example", 3128))
         self.assertTrue(upstream.value().startswith(b"GET http://a.example/x?y=%20 HTTP/1.1"))
 
+    def test_pool_chosen_with_failover_and_health(self) -> None:
+        """A pool picked by name rotates, fails over, and remembers a member that failed."""
+
+        def request(ex: AddonExchange) -> None:
+            ex.parent = "rr:http://p1.example:3128,http://p2.example:3128"
+
+        self.install(Hooks(request=request), pool_size=0)
+        self.proto.dataReceived(GET_A)
+        first = self.connector.attempts[-1]
+        first.deferred.errback(ConnectionRefusedError())
+        second = self.connector.attempts[-1]
+        self.assertEqual([first.host, second.host], ["p1.example", "p2.example"])
+        second.succeed()
+        second.respond(OK_5)
+        self.assertTrue(self.take(self.client).endswith(b"hello"))
+        # p1 is down now: the next request goes to p2 at once.
+        self.proto.dataReceived(GET_A)
+        self.assertEqual(self.connector.attempts[-1].host, "p2.example")
+        self.assertEqual(len(self.connector.attempts), 3)
+
+    def test_pool_named_like_a_route_shares_its_health(self) -> None:
+        """The spec of a --route pool names that very pool."""
+        spec = "rr:http://p1.example:3128,http://p2.example:3128"
+        self.install(Hooks(request=lambda ex: None), route=[f"*.other.example={spec}"])
+        router = self.factory.runtime.dialer.router
+        [route_pool] = router.pools
+        self.assertIs(router.exit_named(spec), route_pool)
+        self.assertIsNone(router.exit_named("direct"))
+
     def test_bad_parent_is_a_failure(self) -> None:
         """A parent that isn't a URL is the addon's failure (500), not a crash."""
 

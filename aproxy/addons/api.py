@@ -305,7 +305,9 @@ class AddonExchange:
     @ivar response: The response, once known (see L{ResponseView}); L{None} before.
     @ivar notes: The addons' own notes on this exchange, kept from hook to hook.
     @ivar parent: Set by a C{request} hook: the exit for this request, a parent proxy URL
-        (as for C{--upstream}) or C{"direct"}; L{None} leaves it to the routes.
+        (as for C{--upstream}), a pool as a route names it (C{"rr:URL,URL"}: the same
+        string is the same pool, health and all) or C{"direct"}; L{None} leaves it to
+        the routes.
     @ivar intercepted: Whether the request came inside an intercepted HTTPS tunnel.
     """
 

@@ -46,7 +46,6 @@ from aproxy.http.head import (
     with_fields,
 )
 from aproxy.upstream.protocol import UpstreamProtocol
-from aproxy.upstream.routes import parse_parent
 
 __all__ = ["HookHalf"]
 
@@ -277,8 +276,8 @@ class HookHalf:
         try:
             if fields.changed:
                 self.head = with_fields(self.head, fields.to_bytes())
-            if ex.parent is not None and ex.parent != "direct":
-                parse_parent(ex.parent)
+            if ex.parent is not None:
+                self.runtime.dialer.router.exit_named(ex.parent)
         except (ValueError, ProxyError) as e:
             self._edit_failed("its request", e)
             return

@@ -23,8 +23,8 @@ from aproxy.errors import InternalError, ProxyError
 from aproxy.http.head import RequestHead
 from aproxy.http.target import Target
 from aproxy.intercept.session import peek
-from aproxy.upstream.dialer import Hop
-from aproxy.upstream.routes import parse_parent
+from aproxy.upstream.dialer import Hop, PoolRoute
+from aproxy.upstream.routes import Pool
 
 __all__ = ["RouteHalf"]
 
@@ -95,8 +95,9 @@ class RouteHalf:
     def _stage_route(self, hop: Hop | None) -> Hop | None:
         """
         C{hop}, or the one a stage chose for this request at stage A
-        (C{StageRequest.parent}: a parent proxy URL, or C{direct}): the seam through
-        which code picks the exit of each request.
+        (C{StageRequest.parent}) or an addon's request hook did (C{exchange.parent}): a
+        parent proxy URL, a pool (C{STRATEGY:MEMBER,...}, with failover) or C{direct};
+        the seam through which code picks the exit of each request.
 
         @raise InternalError: If the stage's choice is not a parent URL.
         """
@@ -106,14 +107,20 @@ class RouteHalf:
             choice = self.addon_parent  # (an addon's request hook chose it)
         if choice is None or self.target is None:
             return hop
+        dialer = self.runtime.dialer
         try:
-            parent = None if choice == "direct" else parse_parent(choice)
+            chosen = dialer.router.exit_named(choice)
         except ValueError as e:
             raise InternalError(f"a stage chose a bad parent: {e}") from None
         self.route_done()
         target = self.target
         tunnel = target.scheme == b""  # (a CONNECT's)
-        return self.runtime.dialer.via(parent, target.scheme, target.host, target.port, tunnel)
+        if isinstance(chosen, Pool):
+            conn = self.conn
+            client = conn.user or conn.client_ip or ""
+            self.route = route = PoolRoute(dialer, chosen, target, client, tunnel)
+            return route.hop(conn.clock.seconds())
+        return dialer.via(chosen, target.scheme, target.host, target.port, tunnel)
 
     def route_done(self) -> None:
         """The exchange is over: its route's member is one request less busy."""
