@@ -450,6 +450,13 @@ class ProxyProtocol(ClientConnection):
             self._truncate(x, err)
             return
         extra = b""
+        view = x.view if x is not None else None
+        if view is not None:
+            # What a stage says of an error answer (a cache: Cache-Status, and 504 when
+            # it holds a response it may not serve stale).
+            extra = view.error_fields
+            if view.gateway_timeout and err.status == 502:
+                err = GatewayTimeout(err.reason, err.error_type, err.details)
         authenticator = self.runtime.authenticator
         if isinstance(err, ProxyAuthRequired) and authenticator is not None:
             extra = b"Proxy-Authenticate: " + basic_challenge(authenticator.realm) + b"\r\n"

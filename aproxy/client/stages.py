@@ -74,6 +74,10 @@ class StageRequest:
         L{aproxy.upstream.routes.Fleet}): a cache neither answers nor stores it here.
     @ivar parent: The exit a stage chose for this request (at stage A): a parent proxy
         URL as for C{--upstream}, or C{"direct"}; L{None} leaves it to the routes.
+    @ivar error_fields: Field lines a stage adds to the proxy's own error answer to the
+        request (an origin it could not reach: C{Cache-Status}).
+    @ivar gateway_timeout: An origin that can't be reached is answered 504, not 502 (a
+        cache that holds a response it may not serve stale, RFC 9111 section 4.2.4).
     """
 
     head: RequestHead
@@ -87,6 +91,8 @@ class StageRequest:
     state: dict[object, Any] = field(default_factory=dict)
     peer: bool = False
     parent: str | None = None
+    error_fields: bytes = b""
+    gateway_timeout: bool = False
 
 
 # Not frozen (a frozen dataclass's __init__ costs twice as much, once per cache hit):
