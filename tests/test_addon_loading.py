@@ -133,6 +133,8 @@ class LoadingTests(SynchronousTestCase):
             def helper(self) -> None:
                 pass
 
+            responses = 3  # (data, not a hook)
+
         self.assertEqual(misspelled(Typo()), [("requests", "request")])
 
     def test_factory_runs_file_addon(self) -> None:

@@ -111,10 +111,13 @@ def make_addon(obj: Any, name: str) -> Addon:
 
 
 def misspelled(obj: Any) -> list[tuple[str, str]]:
-    """(attribute, hook) for each public attribute of C{obj} close to a hook's name."""
+    """
+    (attribute, hook) for each public method of C{obj} whose name is close to a hook's
+    (data attributes are not hooks: a counter named C{requests} is fine).
+    """
     found = []
     for attr in dir(obj):
-        if attr.startswith("_") or attr in HOOKS:
+        if attr.startswith("_") or attr in HOOKS or not callable(getattr(obj, attr, None)):
             continue
         close = difflib.get_close_matches(attr.lower(), HOOKS, n=1, cutoff=0.8)
         if close:
