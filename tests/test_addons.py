@@ -272,6 +272,32 @@ class AsyncHookTests(AddonTestCase):
         timers = [c for c in self.clock.getDelayedCalls() if "_hook_timed_out" in repr(c)]
         self.assertEqual(timers, [])
 
+    def test_hooks_after_a_waiting_one_run_in_order(self) -> None:
+        """A sync hook, a waiting one, then two more: all run, in the addons' order."""
+        later: Deferred[None] = Deferred()
+        order: list[str] = []
+
+        def mark(name: str, result: Any = None) -> Callable[[AddonExchange], Any]:
+            def hook(ex: AddonExchange) -> Any:
+                order.append(name)
+                ex.request.fields.add("X-Order", name)
+                return result
+
+            return hook
+
+        self.install(
+            Hooks(request=mark("a")),
+            Hooks(request=mark("b", later)),
+            Hooks(request=mark("c")),
+            Hooks(request=mark("d", Deferred.fromCoroutine(_done()))),
+        )
+        self.proto.dataReceived(GET_A)
+        self.assertEqual(order, ["a", "b"])
+        later.callback(None)
+        self.assertEqual(order, ["a", "b", "c", "d"])
+        sent = self.connector.attempts[-1].succeed().value()
+        self.assertIn(b"X-Order: a\r\nX-Order: b\r\nX-Order: c\r\nX-Order: d\r\n", sent)
+
     def test_async_def_hook(self) -> None:
         """An async def hook awaiting a Deferred works the same way."""
         later: Deferred[None] = Deferred()
@@ -635,3 +661,7 @@ def rss() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS line")
+
+
+async def _done() -> None:
+    """A coroutine that is over at once (a hook's result already there)."""

@@ -59,6 +59,14 @@ def _failed(addon: str, hook: str, failure: Failure) -> AddonFailure:
     return AddonFailure(addon, hook)
 
 
+def _took(result: Any, name: str, exchange: AddonExchange, collect: list[Any] | None) -> bool:
+    """Keep a hook's C{result} (a transformer) in C{collect}; whether the hooks stop here
+    (an addon refused or answered)."""
+    if collect is not None and result is not None:
+        collect.append((name, result))
+    return exchange.reply is not None
+
+
 def _waits(result: Any) -> bool:
     return isinstance(result, Deferred) or inspect.isawaitable(result)
 
@@ -114,48 +122,37 @@ class AddonSet:
             except Exception:
                 raise _failed(name, hook, Failure()) from None
             if _waits(result):
-                rest = hooks[index + 1 :]
                 return Deferred.fromCoroutine(
-                    self._later(hook, name, result, rest, exchange, collect)
+                    self._later(hook, hooks, index, result, exchange, collect)
                 )
-            if collect is not None and result is not None:
-                collect.append((name, result))
-            if exchange.reply is not None:
+            if _took(result, name, exchange, collect):
                 return None
         return None
 
     async def _later(
         self,
         hook: str,
-        name: str,
+        hooks: Hooks,
+        index: int,
         waiting: Any,
-        rest: Hooks,
         exchange: AddonExchange,
         collect: list[Any] | None,
     ) -> None:
-        try:
-            result = await ensureDeferred(waiting)
-        except CancelledError:
-            raise
-        except Exception:
-            raise _failed(name, hook, Failure()) from None
-        if collect is not None and result is not None:
-            collect.append((name, result))
-        if exchange.reply is not None:
-            return
-        for name, method in rest:
+        """The rest of L{run} from C{hooks[index]}, whose result C{waiting} is awaited."""
+        result = waiting
+        for at in range(index, len(hooks)):
+            name, method = hooks[at]
             exchange.addon = name
             try:
-                result = method(exchange)
+                if at != index:
+                    result = method(exchange)
                 if _waits(result):
                     result = await ensureDeferred(result)
             except CancelledError:
                 raise
             except Exception:
                 raise _failed(name, hook, Failure()) from None
-            if collect is not None and result is not None:
-                collect.append((name, result))
-            if exchange.reply is not None:
+            if _took(result, name, exchange, collect):
                 return
 
     def phase(

@@ -236,24 +236,42 @@ class HookHalf:
             text_fields(head.fields, REQUEST_LOCKED),
         )
         intercepted = getattr(conn, "session", None) is not None
-        ex = self.hooks = AddonExchange(conn.client_ip or "unix", conn.user, view, intercepted)
+        self.hooks = AddonExchange(conn.client_ip or "unix", conn.user, view, intercepted)
         body = head.codings is not None or bool(head.content_length)
+        self._phase(
+            "request", body, lambda collect, rest: self._request_hooked(collect, rest, then), rest
+        )
+
+    def _phase(
+        self,
+        first: str,
+        body: bool,
+        done: Callable[[list[Any], bytes], None],
+        rest: bytes,
+        hold: Callable[[], Callable[[list[Any], bytes], None]] | None = None,
+    ) -> None:
+        """
+        Run the C{first} hooks (C{request} or C{response}) and, for a message with a
+        C{body}, the body hooks; then C{done(transformers, rest)}, at once or once the
+        hooks that answer later have. Without C{hold} the client waits meanwhile (its
+        bytes after the head are held); C{hold} holds the origin instead and returns
+        what to call in place of C{done}.
+        """
         collect: list[Any] = []
         try:
             later = self.runtime.addons.phase(
-                "request", "request_body" if body else None, ex, collect
+                first, f"{first}_body" if body else None, self.hooks, collect
             )
         except AddonFailure as e:
             self._addon_failed(e)
             return
         if later is None:
-            self._request_hooked(collect, rest, then)
+            done(collect, rest)
+        elif hold is None:
+            self._hook_wait(later, lambda: done(collect, self.conn.take_pending()), rest)
         else:
-            self._hook_wait(
-                later,
-                lambda: self._request_hooked(collect, self.conn.take_pending(), then),
-                rest,
-            )
+            resume = hold()
+            self._hook_wait(later, lambda: resume(collect, rest), None)
 
     def _request_hooked(
         self, collect: list[Any], rest: bytes, then: Callable[[bytes], None]
@@ -302,23 +320,22 @@ class HookHalf:
             resp.status not in _NO_BODY_HOOKS
             and response_body_kind(resp, self.head.method) != BODY_NONE
         )
-        collect: list[Any] = []
-        try:
-            later = self.runtime.addons.phase(
-                "response", "response_body" if body else None, ex, collect
-            )
-        except AddonFailure as e:
-            self._addon_failed(e)
-            return
-        if later is None:
-            self._response_hooked(resp, rest, collect)
-            return
-        up = self.up
-        assert up is not None
-        held = _Held()
-        up.hand_to(held)
-        up.transport.pauseProducing()
-        self._hook_wait(later, lambda: self._resume_held(resp, rest, collect, held), None)
+
+        def hold() -> Callable[[list[Any], bytes], None]:
+            up = self.up
+            assert up is not None
+            held = _Held()
+            up.hand_to(held)
+            up.transport.pauseProducing()
+            return lambda collect, rest: self._resume_held(resp, rest, collect, held)
+
+        self._phase(
+            "response",
+            body,
+            lambda collect, rest: self._response_hooked(resp, rest, collect),
+            rest,
+            hold,
+        )
 
     def _resume_held(
         self, resp: ResponseHead, rest: bytes, collect: list[Any], held: _Held
@@ -369,22 +386,12 @@ class HookHalf:
             and self.head.method != b"HEAD"
             and (answer.source is not None or bool(answer.body))
         )
-        collect: list[Any] = []
-        try:
-            later = self.runtime.addons.phase(
-                "response", "response_body" if body else None, ex, collect
-            )
-        except AddonFailure as e:
-            self._addon_failed(e)
-            return
-        if later is None:
-            self._answer_hooked(answer, rest, collect)
-        else:
-            self._hook_wait(
-                later,
-                lambda: self._answer_hooked(answer, self.conn.take_pending(), collect),
-                rest,
-            )
+        self._phase(
+            "response",
+            body,
+            lambda collect, rest: self._answer_hooked(answer, rest, collect),
+            rest,
+        )
 
     def _answer_hooked(self, answer: Answer, rest: bytes, collect: list[Any]) -> None:
         ex = self.hooks
