@@ -18,7 +18,7 @@ before the addon API (C{--before DIR}, a checkout of the commit before it) and m
      KiB (goal: >= 200 MB/s); the same rewrite of a body with a match every 64 bytes is
      measured too (the cost per match).
   c. A 1 GiB text body (a match every 64 bytes) through the rewriting addon (a fresh
-     aproxy) read by a slow-ish client (64 KiB receive buffer, paced to 50 MB/s, for
+     aproxy) read by a slow-ish client (64 KiB receive buffer, paced to 20 MB/s, for
      10 s): the proxy's RSS sampled meanwhile, start and peak; the same through aproxy
      with no addon. Goal: flat (peak - start <= 2 MiB).
 
@@ -99,8 +99,8 @@ class Mode:
     mitmproxy: bool
 
 
-FULL = Mode("full", 5, 50, 5, 100 * MIB, 5, 1024 * MIB, 10, 50_000_000, 600, True)
-QUICK = Mode("quick", 2, 50, 3, 100 * MIB, 3, 1024 * MIB, 4, 50_000_000, 240, True)
+FULL = Mode("full", 5, 50, 5, 100 * MIB, 5, 1024 * MIB, 10, 20_000_000, 600, True)
+QUICK = Mode("quick", 2, 50, 3, 100 * MIB, 3, 1024 * MIB, 4, 20_000_000, 240, True)
 SMOKE_MODE = Mode("smoke", 1, 10, 1, 4 * MIB, 1, 16 * MIB, 1, 4_000_000, 90, False)
 
 
