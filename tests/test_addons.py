@@ -450,7 +450,28 @@ class ResponseHookTests(AddonTestCase):
         attempt.respond(b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 5\r\n\r\nhello")
         value = self.client.value()
         self.assertNotIn(b"Server", value)
-        self.assertIn(b"X-Seen: yes\r\nContent-Length: 5\r\n", value)
+        self.assertIn(b"\r\nX-Seen: yes\r\n", value)
+        self.assertIn(b"\r\nContent-Length: 5\r\n", value)
+        self.assertTrue(value.endswith(b"\r\n\r\nhello"), value)
+
+    def test_edits_of_repeated_and_noted_fields(self) -> None:
+        """Every line of a removed name goes; a set name has its one new line."""
+
+        def response(ex: AddonExchange) -> None:
+            assert ex.response is not None
+            ex.response.fields.remove("Set-Cookie")
+            ex.response.fields.set("Cache-Control", "no-store")
+
+        self.install(Hooks(response=response))
+        attempt, _ = self.forward(GET_A)
+        attempt.respond(
+            b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nCache-Control: max-age=9\r\n"
+            b"Set-Cookie: b=2\r\nContent-Length: 5\r\n\r\nhello"
+        )
+        value = self.client.value()
+        self.assertNotIn(b"Set-Cookie", value)
+        self.assertNotIn(b"max-age", value)
+        self.assertEqual(value.count(b"Cache-Control: no-store\r\n"), 1)
 
     def test_replace_response(self) -> None:
         """A response hook's answer replaces the origin's; its connection is not reused."""

@@ -139,97 +139,136 @@ class Fields:
     The header fields of a request or response, in order, as text; names compare
     without case. Each change is checked (a name must be a token, a value one line of
     Latin-1), so an addon can't write a malformed or smuggling head.
+
+    The lines are kept as the bytes they are on the wire, decoded only when read: a hook
+    that sets one field does not pay for decoding all of them.
+
+    @ivar touched: The lowercase names (bytes) of the fields changed, added or removed.
     """
 
-    __slots__ = ("_items", "_locked", "changed")
+    __slots__ = ("_items", "_locked", "_source", "touched")
 
-    def __init__(self, items: Iterable[tuple[str, str]], locked: frozenset[str] = frozenset()):
-        self._items = list(items)
+    def __init__(
+        self, items: Iterable[tuple[str, str]] = (), locked: frozenset[str] = frozenset()
+    ) -> None:
+        self._items: list[tuple[bytes, bytes]] | None = [
+            (n.encode("latin-1"), v.encode("latin-1")) for n, v in items
+        ]
+        self._source: Any = None
         self._locked = locked
-        self.changed = False
+        self.touched: set[bytes] = set()
+
+    @classmethod
+    def of_head(cls, head: Any, locked: frozenset[str] = frozenset()) -> Fields:
+        """
+        L{Fields} over the field lines of a parsed head (its C{fields}, read only when
+        a hook first looks: a hook that never does costs no parsing).
+        """
+        fields = cls((), locked)
+        fields._items = None
+        fields._source = head
+        return fields
+
+    def _list(self) -> list[tuple[bytes, bytes]]:
+        items = self._items
+        if items is None:
+            items = self._items = self._source.fields
+        return items
+
+    @property
+    def changed(self) -> bool:
+        """Whether any field was changed, added or removed."""
+        return bool(self.touched)
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
-        return iter(list(self._items))
+        return iter([(n.decode("latin-1"), v.decode("latin-1")) for n, v in self._list()])
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._list())
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False
-        lname = name.lower()
-        return any(n.lower() == lname for n, _ in self._items)
+        lname = name.lower().encode("latin-1", "replace")
+        return any(n.lower() == lname for n, _ in self._list())
 
     def __repr__(self) -> str:
-        return f"Fields({self._items!r})"
+        return f"Fields({list(self)!r})"
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value of C{name}, or C{default}."""
-        lname = name.lower()
-        for n, v in self._items:
+        lname = name.lower().encode("latin-1", "replace")
+        for n, v in self._list():
             if n.lower() == lname:
-                return v
+                return v.decode("latin-1")
         return default
 
     def get_all(self, name: str) -> list[str]:
         """Every value of C{name}, in order."""
-        lname = name.lower()
-        return [v for n, v in self._items if n.lower() == lname]
+        lname = name.lower().encode("latin-1", "replace")
+        return [v.decode("latin-1") for n, v in self._list() if n.lower() == lname]
 
     def set(self, name: str, value: str) -> None:
         """Make C{value} the one value of C{name} (in place of the first, if any)."""
-        lname = self._check(name, value)
+        lname, line = self._check(name, value)
         items = []
         placed = False
-        for n, v in self._items:
-            if n.lower() != lname:
-                items.append((n, v))
+        for pair in self._list():
+            if pair[0].lower() != lname:
+                items.append(pair)
             elif not placed:
-                items.append((name, value))
+                items.append(line)
                 placed = True
         if not placed:
-            items.append((name, value))
+            items.append(line)
         self._items = items
-        self.changed = True
+        self.touched.add(lname)
 
     def add(self, name: str, value: str) -> None:
         """Add a field line C{name: value} at the end."""
-        self._check(name, value)
-        self._items.append((name, value))
-        self.changed = True
+        lname, line = self._check(name, value)
+        self._items = [*self._list(), line]
+        self.touched.add(lname)
 
     def remove(self, name: str) -> int:
         """Remove every line of C{name}. @return: How many there were."""
-        lname = self._check(name, "")
-        before = len(self._items)
-        self._items = [(n, v) for n, v in self._items if n.lower() != lname]
-        removed = before - len(self._items)
+        lname, _ = self._check(name, "")
+        before = len(self._list())
+        self._items = [pair for pair in self._list() if pair[0].lower() != lname]
+        removed = before - len(self._list())
         if removed:
-            self.changed = True
+            self.touched.add(lname)
         return removed
 
-    def _check(self, name: str, value: str) -> str:
+    def _check(self, name: str, value: str) -> tuple[bytes, tuple[bytes, bytes]]:
         if not isinstance(name, str) or _NAME.fullmatch(name) is None:
             raise ValueError(f"not a field name: {name!r}")
-        lname = name.lower()
-        if lname in self._locked:
+        if name.lower() in self._locked:
             raise ValueError(f"the proxy sets {name} itself: an addon can't change it")
         if not isinstance(value, str) or _BAD_VALUE.search(value) or value != value.strip():
             raise ValueError(f"not a field value for {name}: {value!r}")
         try:
-            value.encode("latin-1")
+            raw = value.encode("latin-1")
         except UnicodeEncodeError:
             raise ValueError(f"a field value must be Latin-1: {value!r}") from None
-        return lname
+        encoded = name.encode("ascii")
+        return encoded.lower(), (encoded, raw)
 
     def to_bytes(self) -> list[tuple[bytes, bytes]]:
         """The fields as (name, value) byte pairs."""
-        return [(n.encode("latin-1"), v.encode("latin-1")) for n, v in self._items]
+        return list(self._list())
+
+    def touched_lines(self) -> bytes:
+        """The field lines of the names changed, as they are now (each ending in CRLF)."""
+        touched = self.touched
+        return b"".join(n + b": " + v + b"\r\n" for n, v in self._list() if n.lower() in touched)
 
 
-def text_fields(pairs: Iterable[tuple[bytes, bytes]], locked: frozenset[str]) -> Fields:
-    """L{Fields} from (name, value) byte pairs as parsed."""
-    return Fields(((n.decode("latin-1"), v.decode("latin-1")) for n, v in pairs), locked)
+def text_fields(pairs: list[tuple[bytes, bytes]], locked: frozenset[str]) -> Fields:
+    """L{Fields} over (name, value) byte pairs as parsed (kept, not copied)."""
+    fields = Fields((), locked)
+    fields._items = pairs
+    return fields
 
 
 @dataclass(slots=True)

@@ -12,6 +12,7 @@ stays in the one exchange object; this class holds the code.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +51,9 @@ from aproxy.upstream.protocol import UpstreamProtocol
 __all__ = ["HookHalf"]
 
 log = Logger()
+
+# A Range or If-Range field line (looked for before the fields are read one by one).
+_RANGES = re.compile(rb"(?im)^(?:if-)?range[ \t]*:")
 
 # Statuses whose bodies no transformer sees: none (204, 304), or a part of one (206).
 _NO_BODY_HOOKS = frozenset((204, 206, 304))
@@ -118,6 +122,8 @@ class HookHalf:
     answer_error: str | None = None
     tunnel_opened = False
     failed_reason: str | None = None
+    # (Names dropped from the response head, and the lines added for them.)
+    resp_edit: tuple[tuple[bytes, ...], bytes] = ((), b"")
     _hook_timer: IDelayedCall | None = None
 
     def send_answer(self, answer: Answer, rest: bytes) -> None:
@@ -233,7 +239,7 @@ class HookHalf:
             target.host,
             target.port,
             f"HTTP/1.{head.minor}",
-            text_fields(head.fields, REQUEST_LOCKED),
+            Fields.of_head(head, REQUEST_LOCKED),
         )
         intercepted = getattr(conn, "session", None) is not None
         self.hooks = AddonExchange(conn.client_ip or "unix", conn.user, view, intercepted)
@@ -287,7 +293,7 @@ class HookHalf:
             self.send_answer(Answer(reply.status, reply.reason, reply.fields, reply.body), rest)
             return
         fields = ex.request.fields
-        if self.runtime.addons.ranges_whole:
+        if self.runtime.addons.ranges_whole and _RANGES.search(self.head.block):
             # A transformer sees whole bodies, never parts: ranges are answered in full.
             fields.remove("Range")
             fields.remove("If-Range")
@@ -315,7 +321,7 @@ class HookHalf:
         assert ex is not None
         self.response_hooked = True
         reason = resp.reason.decode("latin-1")
-        ex.response = ResponseView(resp.status, reason, text_fields(resp.fields, RESPONSE_LOCKED))
+        ex.response = ResponseView(resp.status, reason, Fields.of_head(resp, RESPONSE_LOCKED))
         body = (
             resp.status not in _NO_BODY_HOOKS
             and response_body_kind(resp, self.head.method) != BODY_NONE
@@ -365,11 +371,9 @@ class HookHalf:
             )
             _weaken(fields)
         if fields.changed:
-            try:
-                resp = with_fields(resp, fields.to_bytes())
-            except (ValueError, ProxyError) as e:
-                self._edit_failed("its response", e)
-                return
+            # The lines of the names changed go in place of the origin's (a checked edit
+            # can't change the framing: the head need not be parsed again).
+            self.resp_edit = (tuple(fields.touched), fields.touched_lines())
         self._relay_response(resp, rest)
 
     # -- answers (the cache's, a stage's) ---------------------------------------------

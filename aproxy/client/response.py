@@ -61,6 +61,7 @@ class ResponseHalf:
     resp_filter: IBodyFilter | None
     hooks: Any
     response_hooked: bool
+    resp_edit: tuple[tuple[bytes, ...], bytes]
     response_started: bool
     interims: int
     out_chunked: bool
@@ -203,6 +204,7 @@ class ResponseHalf:
         rt = self.runtime
         view = self.view
         extra = view.response_fields if view is not None else b""
+        drop, edited = self.resp_edit
         plan = plan_response(
             self.head,
             resp,
@@ -214,7 +216,9 @@ class ResponseHalf:
         # An origin that answered before the request body was complete may or may not
         # read the rest as body: never reuse such a connection.
         self.up_reusable = plan.reusable and self.req_body is None
-        head = serialize_response_head(resp, plan.framing + extra, rt.via, plan.connection)
+        head = serialize_response_head(
+            resp, plan.framing + extra + edited, rt.via, plan.connection, drop
+        )
         self.resp = resp
         self.response_started = True
         self.status = resp.status

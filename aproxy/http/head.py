@@ -610,14 +610,16 @@ def serialize_response_head(
     framing: bytes,
     via: bytes | None,
     connection: bytes | None,
+    drop: tuple[bytes, ...] = (),
 ) -> bytes:
     """
     Write the response head sent to the client: the proxy's own C{HTTP/1.1} status line,
-    hop-by-hop fields removed, C{framing} (as from L{framing_fields}), C{Via} appended and
-    an optional C{Connection} field of the proxy's own.
+    hop-by-hop fields and C{drop} (lowercase names) removed, C{framing} (as from
+    L{framing_fields}, with any lines that replace C{drop}'s), C{Via} appended and an
+    optional C{Connection} field of the proxy's own.
     """
     parts = [b"HTTP/1.1 %d %s\r\n" % (head.status, head.reason)]
-    parts.append(_forwarded_block(head, ()))
+    parts.append(_forwarded_block(head, drop))
     if framing:
         parts.append(framing)
     if via is not None:
