@@ -201,13 +201,27 @@ class BodyHelperTests(SynchronousTestCase):
         for mapping, text in (
             ({"aba": "X"}, b"abababa xaba abab"),
             ({"aa": "b"}, b"aaaaa aaa"),
+            ({"aab": "X"}, b"aaab aab aaaab ab aa"),
+            ({"fox": "wolf"}, b"fox fo fofox ffox f"),
             ({"cloud": "sky", "sky": "cloud"}, b"cloud sky clouds skyline"),
         ):
             whole = self.feed_all(Replace(mapping), [text])
+            if len(mapping) == 1:
+                [(pattern, replacement)] = mapping.items()
+                self.assertEqual(whole, text.replace(pattern.encode(), replacement.encode()))
             for cut in range(1, len(text)):
                 out = self.feed_all(Replace(mapping), [text[:cut], text[cut:]])
                 self.assertEqual(out, whole, (mapping, cut))
+            bytewise = self.feed_all(Replace(mapping), [bytes([b]) for b in text])
+            self.assertEqual(bytewise, whole, mapping)
+            for a in range(1, len(text)):
+                for b in range(a + 1, len(text)):
+                    pieces = [text[:a], text[a:b], text[b:]]
+                    self.assertEqual(self.feed_all(Replace(mapping), pieces), whole, (a, b))
         self.assertEqual(self.feed_all(Replace({"aba": "X"}), [b"ababa"]), b"Xba")
+        self.assertEqual(
+            self.feed_all(Replace({"aab": "X"}), [b"aaab aab"]), b"aaab aab".replace(b"aab", b"X")
+        )
 
     def test_replace_longest_first(self) -> None:
         """Of two patterns starting at one place, the longer wins."""

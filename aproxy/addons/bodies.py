@@ -54,20 +54,10 @@ class Replace:
 
     def feed(self, chunk: bytes) -> bytes:
         """The chunk with its complete matches replaced, less a possible match's start."""
+        if self._single is not None:
+            return self._feed_single(chunk, *self._single)
         buf = self._held + chunk if self._held else chunk
         safe = len(buf) - self._keep
-        single = self._single
-        if single is not None:
-            old, new = single
-            # Only a match starting in the last len(old) - 1 bytes before `safe` can
-            # reach past it; the first one there (there is room for one) ends the part
-            # replaced now.
-            cut = max(safe, 0)
-            found = buf.find(old, max(safe - self._keep, 0), len(buf))
-            if 0 <= found < safe:
-                cut = found + len(old)
-            self._held = buf[cut:]
-            return buf[:cut].replace(old, new)
         out = []
         pos = 0
         for m in self._re.finditer(buf):
@@ -80,6 +70,40 @@ class Replace:
         out.append(buf[pos:cut])
         self._held = buf[cut:]
         return b"".join(out)
+
+    def _feed_single(self, chunk: bytes, old: bytes, new: bytes) -> bytes:
+        """
+        L{feed} for one pattern that can't overlap itself: the chunk is replaced whole by
+        C{bytes.replace} (no copy before it), and only what the held bytes and the chunk's
+        first bytes may form together, or what its end may start, is handled apart.
+        """
+        held = self._held
+        out = b""
+        if held and len(chunk) < len(old) - 1:
+            chunk = held + chunk  # (a small chunk: taken with the held bytes as one)
+        elif held:
+            # A match that starts in the held bytes ends in the chunk's first bytes.
+            joint = held + chunk[: len(old) - 1]
+            found = joint.find(old)
+            if 0 <= found < len(held):
+                out = held[:found] + new
+                chunk = chunk[found + len(old) - len(held) :]
+            else:
+                out = held
+        # The longest end of the chunk that starts the pattern is held for the next one
+        # (it can't be part of a whole match there: the pattern can't overlap itself).
+        size = len(chunk)
+        keep = 0
+        for k in range(min(len(old) - 1, size), 0, -1):
+            if chunk.endswith(old[:k]):
+                keep = k
+                break
+        if keep:
+            self._held = chunk[size - keep :]
+            chunk = chunk[: size - keep]
+        else:
+            self._held = b""
+        return out + chunk.replace(old, new) if out else chunk.replace(old, new)
 
     def end(self) -> bytes:
         """What was held back, replaced."""
