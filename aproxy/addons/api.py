@@ -131,6 +131,10 @@ REQUEST_LOCKED = frozenset(("content-length", "transfer-encoding", "host", *_HOP
 RESPONSE_LOCKED = frozenset(("content-length", "transfer-encoding", *_HOP))
 
 _NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Field names checked already: (lowercase, as bytes, lowercase bytes) by name.
+_CHECKED: dict[str, tuple[str, bytes, bytes]] = {}
+# A field line of a name, by lowercase name (see Fields._absent).
+_LINE_OF: dict[bytes, re.Pattern[bytes]] = {}
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
@@ -140,13 +144,15 @@ class Fields:
     without case. Each change is checked (a name must be a token, a value one line of
     Latin-1), so an addon can't write a malformed or smuggling head.
 
-    The lines are kept as the bytes they are on the wire, decoded only when read: a hook
-    that sets one field does not pay for decoding all of them.
+    The lines are kept as the bytes they are on the wire, decoded only when read; over a
+    parsed head they are not even split until a hook reads them: setting or adding a
+    field the head does not have only notes the new line (the commonest edit costs a
+    search of the head, no parse).
 
     @ivar touched: The lowercase names (bytes) of the fields changed, added or removed.
     """
 
-    __slots__ = ("_items", "_locked", "_source", "touched")
+    __slots__ = ("_extra", "_items", "_locked", "_source", "touched")
 
     def __init__(
         self, items: Iterable[tuple[str, str]] = (), locked: frozenset[str] = frozenset()
@@ -155,6 +161,7 @@ class Fields:
             (n.encode("latin-1"), v.encode("latin-1")) for n, v in items
         ]
         self._source: Any = None
+        self._extra: list[tuple[bytes, bytes]] = []
         self._locked = locked
         self.touched: set[bytes] = set()
 
@@ -172,8 +179,34 @@ class Fields:
     def _list(self) -> list[tuple[bytes, bytes]]:
         items = self._items
         if items is None:
-            items = self._items = self._source.fields
+            items = self._items = [*self._source.fields, *self._extra]
+            self._extra = []
         return items
+
+    def _absent(self, lname: bytes) -> bool:
+        """Whether the head not read yet has no line of C{lname} (nor one added)."""
+        if self._items is not None:
+            return False
+        pattern = _LINE_OF.get(lname)
+        if pattern is None:
+            if len(_LINE_OF) >= 256:
+                _LINE_OF.clear()
+            pattern = _LINE_OF[lname] = re.compile(rb"(?im)^" + re.escape(lname) + rb"[ \t]*:")
+        if pattern.search(self._source.block) is not None:
+            return False
+        return all(n.lower() != lname for n, _ in self._extra)
+
+    def edit(self) -> tuple[tuple[bytes, ...], bytes]:
+        """
+        The changes as the names to leave out of the head as received and the lines to
+        add (each ending in CRLF): only the added lines while the head was not read,
+        else every line of each name touched.
+        """
+        if self._items is None:
+            return (), b"".join(n + b": " + v + b"\r\n" for n, v in self._extra)
+        touched = self.touched
+        lines = b"".join(n + b": " + v + b"\r\n" for n, v in self._items if n.lower() in touched)
+        return tuple(touched), lines
 
     @property
     def changed(self) -> bool:
@@ -211,6 +244,10 @@ class Fields:
     def set(self, name: str, value: str) -> None:
         """Make C{value} the one value of C{name} (in place of the first, if any)."""
         lname, line = self._check(name, value)
+        self.touched.add(lname)
+        if self._absent(lname):
+            self._extra.append(line)
+            return
         items = []
         placed = False
         for pair in self._list():
@@ -222,17 +259,21 @@ class Fields:
         if not placed:
             items.append(line)
         self._items = items
-        self.touched.add(lname)
 
     def add(self, name: str, value: str) -> None:
         """Add a field line C{name: value} at the end."""
         lname, line = self._check(name, value)
-        self._items = [*self._list(), line]
         self.touched.add(lname)
+        if self._items is None:
+            self._extra.append(line)
+        else:
+            self._items = [*self._items, line]
 
     def remove(self, name: str) -> int:
         """Remove every line of C{name}. @return: How many there were."""
         lname, _ = self._check(name, "")
+        if self._absent(lname):
+            return 0
         before = len(self._list())
         self._items = [pair for pair in self._list() if pair[0].lower() != lname]
         removed = before - len(self._list())
@@ -241,9 +282,15 @@ class Fields:
         return removed
 
     def _check(self, name: str, value: str) -> tuple[bytes, tuple[bytes, bytes]]:
-        if not isinstance(name, str) or _NAME.fullmatch(name) is None:
-            raise ValueError(f"not a field name: {name!r}")
-        if name.lower() in self._locked:
+        names = _CHECKED.get(name)
+        if names is None:
+            if not isinstance(name, str) or _NAME.fullmatch(name) is None:
+                raise ValueError(f"not a field name: {name!r}")
+            if len(_CHECKED) >= 256:
+                _CHECKED.clear()
+            encoded = name.encode("ascii")
+            names = _CHECKED[name] = (name.lower(), encoded, encoded.lower())
+        if names[0] in self._locked:
             raise ValueError(f"the proxy sets {name} itself: an addon can't change it")
         if not isinstance(value, str) or _BAD_VALUE.search(value) or value != value.strip():
             raise ValueError(f"not a field value for {name}: {value!r}")
@@ -251,17 +298,11 @@ class Fields:
             raw = value.encode("latin-1")
         except UnicodeEncodeError:
             raise ValueError(f"a field value must be Latin-1: {value!r}") from None
-        encoded = name.encode("ascii")
-        return encoded.lower(), (encoded, raw)
+        return names[2], (names[1], raw)
 
     def to_bytes(self) -> list[tuple[bytes, bytes]]:
         """The fields as (name, value) byte pairs."""
         return list(self._list())
-
-    def touched_lines(self) -> bytes:
-        """The field lines of the names changed, as they are now (each ending in CRLF)."""
-        touched = self.touched
-        return b"".join(n + b": " + v + b"\r\n" for n, v in self._list() if n.lower() in touched)
 
 
 def text_fields(pairs: list[tuple[bytes, bytes]], locked: frozenset[str]) -> Fields:
@@ -333,7 +374,7 @@ _REASONS = {200: "OK", 204: "No Content", 301: "Moved Permanently", 302: "Found"
 _REASONS.update({400: "Bad Request", 403: "Forbidden", 404: "Not Found", 451: "Unavailable"})
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class AddonExchange:
     """
     One exchange as its hooks see it: the same object for every hook of one request.

@@ -121,7 +121,7 @@ class AddonSet:
                 result = method(exchange)
             except Exception:
                 raise _failed(name, hook, Failure()) from None
-            if _waits(result):
+            if result is not None and _waits(result):
                 return Deferred.fromCoroutine(
                     self._later(hook, hooks, index, result, exchange, collect)
                 )

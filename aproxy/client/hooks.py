@@ -243,6 +243,12 @@ class HookHalf:
         )
         intercepted = getattr(conn, "session", None) is not None
         self.hooks = AddonExchange(conn.client_ip or "unix", conn.user, view, intercepted)
+        addons = self.runtime.addons
+        if not (addons.response or addons.response_body):
+            self.response_hooked = True  # (no hook for responses: none to run)
+        if not (addons.request or addons.request_body or addons.ranges_whole):
+            then(rest)  # (no hook for requests: nothing to run or apply)
+            return
         body = head.codings is not None or bool(head.content_length)
         self._phase(
             "request", body, lambda collect, rest: self._request_hooked(collect, rest, then), rest
@@ -373,7 +379,7 @@ class HookHalf:
         if fields.changed:
             # The lines of the names changed go in place of the origin's (a checked edit
             # can't change the framing: the head need not be parsed again).
-            self.resp_edit = (tuple(fields.touched), fields.touched_lines())
+            self.resp_edit = fields.edit()
         self._relay_response(resp, rest)
 
     # -- answers (the cache's, a stage's) ---------------------------------------------
@@ -443,8 +449,9 @@ class HookHalf:
         ex = self.hooks
         assert ex is not None
         addons = self.runtime.addons
-        if self.tunnel_opened:
+        if self.tunnel_opened and addons.tunnel_close:
             addons.notify("tunnel_close", addons.tunnel_close, ex, to_origin, to_client)
-        if error is not None and error != self.answer_error:
+        if error is not None and error != self.answer_error and addons.error:
             addons.notify("error", addons.error, ex, self.failed_reason or error)
-        addons.notify("done", addons.done, ex)
+        if addons.done:
+            addons.notify("done", addons.done, ex)
