@@ -158,6 +158,9 @@ class ProxyConfig:
     @ivar no_intercept: Host patterns never intercepted.
     @ivar ca_dir: The directory of the interception CA, or L{None} for the default
         (L{aproxy.intercept.ca.default_ca_dir}).
+    @ivar socks_port: Server endpoint descriptions to serve SOCKS5 on (none by default).
+    @ivar udp_ports: The ports SOCKS5 C{UDP ASSOCIATE} may send datagrams to, as
+        inclusive (low, high) ranges; L{None} allows any port.
     """
 
     port: tuple[str, ...]
@@ -208,6 +211,8 @@ class ProxyConfig:
     intercept: tuple[str, ...]
     no_intercept: tuple[str, ...]
     ca_dir: str | None
+    socks_port: tuple[str, ...]
+    udp_ports: tuple[tuple[int, int], ...] | None
 
     def __init__(self, **values: Any) -> None:
         """
@@ -267,6 +272,13 @@ class ProxyConfig:
     def connect_allowed(self, port: int) -> bool:
         """Whether a CONNECT tunnel may go to C{port}."""
         ranges = self.connect_ports
+        if ranges is None:
+            return True
+        return any(low <= port <= high for low, high in ranges)
+
+    def udp_port_allowed(self, port: int) -> bool:
+        """Whether a SOCKS5 UDP datagram may go to C{port}."""
+        ranges = self.udp_ports
         if ranges is None:
             return True
         return any(low <= port <= high for low, high in ranges)

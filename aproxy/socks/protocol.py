@@ -1,0 +1,531 @@
+"""
+L{SocksProtocol}: one SOCKS5 client connection, another front end of the proxy's pipeline.
+
+It is admitted like an HTTP client (L{aproxy.client.connection.ClientConnection}: the
+C{--allow} networks, C{--max-connections}, C{--max-clients-per-ip}), logs in through the
+same authenticator, cache and failed-login throttle, judges its destination by the same
+rules (C{check_destination}, C{--connect-ports}, the address checks of the connector),
+leaves through the same routes and dialer (a parent pool's failover included), and ends
+as the same L{aproxy.client.tunnel.Tunnel}; a C{UDP ASSOCIATE} gets a relay
+(L{aproxy.socks.udp}). Every refusal is a reply code (L{aproxy.socks.wire.reply_for})
+and one access log record.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from twisted.internet import error as ierror
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from aproxy.client.connection import (
+    DEADLINE_CONNECT,
+    DEADLINE_HEAD,
+    PAUSE_DIAL,
+    ClientConnection,
+)
+from aproxy.client.context import ProxyContext
+from aproxy.client.guard import guarded
+from aproxy.client.plan import check_connect_port
+from aproxy.client.tunnel import Tunnel
+from aproxy.errors import (
+    BadRequest,
+    Forbidden,
+    GatewayTimeout,
+    InternalError,
+    NotImplementedByProxy,
+    ProxyAuthRequired,
+    ProxyError,
+    RequestTimeout,
+)
+from aproxy.http.head import RequestHead
+from aproxy.http.target import Target, format_authority
+from aproxy.observe.records import Exchange
+from aproxy.socks.login import SocksLogin
+from aproxy.socks.shared import SocksShared
+from aproxy.socks.udp import UdpRelay
+from aproxy.socks.wire import (
+    ADDRESS_NOT_SUPPORTED,
+    CMD_CONNECT,
+    CMD_UDP_ASSOCIATE,
+    COMMAND_NOT_SUPPORTED,
+    GENERAL_FAILURE,
+    HOST_UNREACHABLE,
+    METHOD_NO_ACCEPTABLE,
+    NETWORK_UNREACHABLE,
+    REPLY_TEXT,
+    SUCCEEDED,
+    Credentials,
+    Greeting,
+    Request,
+    ServerHandshake,
+    SocksError,
+    reply,
+    reply_for,
+    select_method,
+)
+from aproxy.upstream.connector import connect_error
+from aproxy.upstream.dialer import Hop
+from aproxy.upstream.protocol import UpstreamProtocol, no_delay
+from aproxy.workpool import as_client
+
+__all__ = ["SocksProtocol"]
+
+# Where a connection is (a small set: the handshake's steps are the parser's).
+_HANDSHAKE, _LOGIN, _DIALING, _TUNNEL, _UDP, _CLOSING = range(6)
+# Client bytes held after the request while its destination is dialed, before the
+# client is paused (the parser already bounds what comes before the request).
+_HOLD_LIMIT = 65536
+_METHODS = {CMD_CONNECT: "CONNECT", CMD_UDP_ASSOCIATE: "UDP_ASSOCIATE", 2: "BIND"}
+
+
+@implementer(IHalfCloseableProtocol)
+class SocksProtocol(ClientConnection):
+    """
+    One SOCKS5 client connection (see the module docstring).
+
+    @ivar socks: The SOCKS listener's factory (its session and UDP counts).
+    @ivar user: The user it logged in as, if any.
+    @ivar to_client: Bytes written to the client (replies, then the tunnel's).
+    @ivar to_origin: Bytes written towards the destination.
+    """
+
+    log = Logger()
+    transport: Any
+
+    def __init__(self, factory: ProxyContext, socks: SocksShared, addr: IAddress | None) -> None:
+        super().__init__(factory, addr)
+        self.socks = socks
+        self.state = _HANDSHAKE
+        self.user: str | None = None
+        self.last = False
+        self._hs = ServerHandshake()
+        self._refusal: ProxyError | None = None
+        self._request: Request | None = None
+        self._started = self.clock.seconds()
+        self._checking: SocksLogin | None = None
+        self._connecting: Deferred[UpstreamProtocol] | None = None
+        self._hop: Hop | None = None
+        self._route: Any = None
+        self._pending = b""
+        self._tunnel: Tunnel | None = None
+        self.udp: UdpRelay | None = None
+        self._reported = False
+        self.to_client = 0
+        self.to_origin = 0
+
+    # -- Twisted protocol interface ---------------------------------------------------
+
+    def connectionMade(self) -> None:
+        """Admit the client and start the handshake timer (C{--header-timeout})."""
+        self.factory.connections.add(self)
+        self.socks.sessions += 1
+        no_delay(self.transport)
+        self.set_deadline(DEADLINE_HEAD, self.config.header_timeout)
+        # A refused client is told so in the reply to its request (0x02 for --allow,
+        # 0x01 for the limits), after a handshake that asks for no login.
+        self._refusal = self._admit()
+
+    @guarded
+    def dataReceived(self, data: bytes) -> None:
+        """Handshake bytes, or bytes held while the destination is dialed."""
+        state = self.state
+        if state in (_HANDSHAKE, _LOGIN):
+            try:
+                self._hs.feed(data)
+            except SocksError as e:
+                self._protocol_error(e)
+                return
+            self._advance()
+        elif state == _DIALING:
+            self._pending += data
+            if len(self._pending) > _HOLD_LIMIT:
+                self.pause_for(PAUSE_DIAL)
+        # (_UDP: the control connection carries nothing more; bytes are ignored.)
+
+    @guarded
+    def readConnectionLost(self) -> None:
+        """A half-close: passed on in a tunnel; otherwise the end of the session."""
+        if self._tunnel is not None:
+            self._tunnel.client_eof()
+        else:
+            self.close()
+
+    def writeConnectionLost(self) -> None:
+        """Our write side was shut down (a tunnel's half-close)."""
+
+    @guarded
+    def connectionLost(self, reason: Failure = Failure(ierror.ConnectionDone())) -> None:  # noqa: B008
+        """Stop everything the session started, and report it if nobody did yet."""
+        self._release_slot()
+        self.cancel_timer()
+        if self._tunnel is not None:
+            self._tunnel.client_lost()
+        self.state = _CLOSING
+        self._stop()
+        if self.udp is not None:
+            udp, self.udp = self.udp, None
+            udp.stop()
+            self._report(200, None, udp)
+        if self.to_client or self._request is not None:
+            # (A connection that never spoke SOCKS5, a port scan or a health check, is
+            # not a session: as for HTTP, no record.)
+            self._report(0, None)
+        self.socks.sessions -= 1
+        self.factory.connection_gone(self)
+
+    def drain(self) -> None:
+        """The proxy stops: close a session still in its handshake; let others finish."""
+        self.last = True
+        if self.state == _HANDSHAKE:
+            self.close()
+
+    def _is_closing(self) -> bool:
+        return self.state == _CLOSING
+
+    # -- the handshake ----------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Take the handshake's events until it needs bytes or an answer."""
+        while self.state == _HANDSHAKE:
+            try:
+                event = self._hs.next_event()
+            except SocksError as e:
+                self._protocol_error(e)
+                return
+            if event is None:
+                return
+            if isinstance(event, Greeting):
+                self._greeting(event)
+            elif isinstance(event, Credentials):
+                self._login(event)
+            else:
+                self._requested(event)
+
+    def _write(self, data: bytes) -> None:
+        self.to_client += len(data)
+        self.transport.write(data)
+
+    def _greeting(self, greeting: Greeting) -> None:
+        login = self.runtime.authenticator is not None and self._refusal is None
+        method = select_method(greeting.methods, login)
+        self._write(self._hs.choose(method))
+        if method == METHOD_NO_ACCEPTABLE:
+            err: ProxyError = (
+                ProxyAuthRequired("the client offers no username/password login")
+                if login
+                else BadRequest("the client offers no method without authentication")
+            )
+            self.log.info(
+                "SOCKS5 client {client} refused: {why}", client=self.client_ip, why=err.reason
+            )
+            self._report(err.status, err.error_type)
+            self.close()
+
+    def _protocol_error(self, e: SocksError) -> None:
+        """A message that can't be served: its reply (if any), a record, and a close."""
+        if self.state == _CLOSING:
+            return
+        status = 501 if e.reply in (COMMAND_NOT_SUPPORTED, ADDRESS_NOT_SUPPORTED) else 400
+        self.log.info("SOCKS5 client {client} refused: {why}", client=self.client_ip, why=e.reason)
+        if e.reply is not None:
+            self._write(reply(e.reply))
+        self._report(status, "http_request_error")
+        self.close()
+
+    # -- login (RFC 1929: see aproxy.socks.login) ------------------------------------
+
+    def _login(self, event: Credentials) -> None:
+        self.state = _LOGIN
+        self._checking = SocksLogin(self, event, self._logged_in)
+        self._checking.start()
+
+    def _logged_in(self, result: str | ProxyError) -> None:
+        self._checking = None
+        if self.state != _LOGIN:
+            return
+        if isinstance(result, ProxyError):
+            self._login_refused(result)
+            return
+        self.user = result
+        self._write(self._hs.login_result(True))
+        self.state = _HANDSHAKE
+        self._advance()
+
+    def _login_refused(self, err: ProxyError) -> None:
+        """RFC 1929: a failure status, then the connection is closed."""
+        self.log.info("SOCKS5 login from {client}: {why}", client=self.client_ip, why=err.reason)
+        self._write(self._hs.login_result(False))
+        self._report(err.status, err.error_type)
+        self.close()
+
+    # -- the request ------------------------------------------------------------------
+
+    def _requested(self, request: Request) -> None:
+        self._request = request
+        self._pending = self._hs.rest
+        # The request runs on the configuration in force now (see Runtime).
+        self.runtime = rt = self.factory.runtime
+        try:
+            if self._refusal is not None:
+                raise self._refusal
+            if request.command == CMD_CONNECT:
+                self.factory.check_destination(request.host, request.port, rt)
+                check_connect_port(rt.config, request.port)
+                self._connect(request)
+            elif request.command == CMD_UDP_ASSOCIATE:
+                self._associate(request)
+            else:
+                raise NotImplementedByProxy("SOCKS5 BIND is not supported")
+        except ProxyError as e:
+            self.refuse(e)
+
+    def refuse(self, err: ProxyError, code: int | None = None) -> None:
+        """Reply to the request with the code for C{err}, report it and close."""
+        if self.state == _CLOSING:
+            return
+        if code is None:
+            code = COMMAND_NOT_SUPPORTED if isinstance(err, NotImplementedByProxy) else None
+        code = reply_for(err) if code is None else code
+        self.log.info(
+            "SOCKS5 {method} {target} from {client} refused ({code}): {why}",
+            method=self._method(),
+            target=self._target(),
+            client=self.client_ip,
+            code=REPLY_TEXT[code],
+            why=err.reason,
+        )
+        self._write(reply(code))
+        self._report(err.status, err.error_type)
+        self.close()
+
+    def _connect(self, request: Request) -> None:
+        rt = self.runtime
+        host, port = request.host, request.port
+        hop = rt.dialer.plan(b"", host, port, True)
+        router = rt.dialer.router
+        if router.fleets or router.pools:
+            target = Target(b"", host, port, format_authority(host, port).encode("idna"), b"")
+            # (A tunnel's route never reads the request head.)
+            route = rt.dialer.route_for(
+                target, cast(RequestHead, None), self.user or self.client_ip or "", True
+            )
+            if route is not None:
+                self._route = route
+                hop = route.hop(self.clock.seconds())
+        self.state = _DIALING
+        self._dial(hop)
+
+    def _dial(self, hop: Hop) -> None:
+        self._hop = hop
+        self.pause_for(PAUSE_DIAL)
+        self.set_deadline(DEADLINE_CONNECT, self.config.connect_timeout)
+        d = as_client(self.client_ip, self.runtime.dialer.open, hop)
+        self._connecting = d
+        d.addCallbacks(self._connected, self._connect_failed)
+
+    def _failover(self) -> bool:
+        """A pool's member failed before anything was sent: dial the next one, if any."""
+        route, hop = self._route, self._hop
+        nxt = route.failed(hop, self.clock.seconds()) if route and hop else None
+        if nxt is None:
+            return False
+        if self._connecting is not None:
+            d, self._connecting = self._connecting, None
+            d.cancel()
+        self._dial(nxt)
+        return True
+
+    @guarded
+    def _connected(self, up: UpstreamProtocol) -> None:
+        self._connecting = None
+        if self.state != _DIALING:
+            up.transport.loseConnection()
+            return
+        try:
+            # The name may have led back to this proxy: a loop.
+            self.factory.loops.check_connected(up.transport.getPeer(), up.transport.getHost())
+        except Forbidden as loop:
+            up.transport.abortConnection()
+            self.refuse(loop)
+            return
+        self.cancel_timer()
+        bound = up.transport.getHost()
+        self._write(reply(SUCCEEDED, getattr(bound, "host", "0.0.0.0"), getattr(bound, "port", 0)))
+        tunnel = Tunnel(
+            self.transport, up, self.clock, self.config.tunnel_idle_timeout, self._tunnel_closed
+        )
+        self._tunnel = tunnel
+        self.state = _TUNNEL
+        self.factory.tunnels += 1
+        self.dataReceived = tunnel.from_client  # type: ignore[method-assign]
+        if self._paused:
+            self._paused = 0
+            self.transport.resumeProducing()
+        pending, self._pending = self._pending, b""
+        tunnel.start(pending, b"")
+
+    @guarded
+    def _connect_failed(self, failure: Failure) -> None:
+        self._connecting = None
+        if failure.check(CancelledError) or self.state != _DIALING:
+            return
+        if self._failover():
+            return
+        request = self._request
+        assert request is not None
+        err = connect_error(failure, request.host, request.port)
+        if self._route is not None:
+            err = self._route.final_error(err)
+        self.refuse(err, _unreachable(failure))
+
+    @guarded
+    def _tunnel_closed(self, tunnel: Tunnel) -> None:
+        self.factory.tunnels -= 1
+        self.state = _CLOSING
+        self.to_client += tunnel.to_client
+        self.to_origin += tunnel.to_origin
+        self._report(200, None)
+
+    # -- UDP ASSOCIATE ----------------------------------------------------------------
+
+    def _associate(self, request: Request) -> None:
+        client_ip = self.client_ip
+        if client_ip is None:
+            raise NotImplementedByProxy("UDP ASSOCIATE needs a TCP client")
+        local = self.transport.getHost()
+        relay = UdpRelay(self, client_ip, request.port, self.socks)
+        host, port = relay.start(self.socks.reactor, getattr(local, "host", "0.0.0.0"))
+        self.udp = relay
+        self.cancel_timer()
+        self.state = _UDP
+        self._write(reply(SUCCEEDED, host, port))
+
+    def udp_ended(self, why: str) -> None:
+        """The relay ended on its own (idle): end the control connection with it."""
+        self.log.info("SOCKS5 UDP relay for {client} closed: {why}", client=self.client_ip, why=why)
+        self.close()
+
+    # -- timers, errors and closing ---------------------------------------------------
+
+    @guarded
+    def _deadline_passed(self, kind: int) -> None:
+        if kind == DEADLINE_HEAD:
+            if self.state == _LOGIN:
+                err: ProxyError = RequestTimeout("SOCKS5 login not checked in time")
+                self._report(err.status, err.error_type)
+            elif self._hs.rest or self.to_client:
+                err = RequestTimeout("SOCKS5 handshake not completed in time")
+                self._report(err.status, err.error_type)
+            self.close()
+        elif kind == DEADLINE_CONNECT and self.state == _DIALING:
+            if self._failover():
+                return
+            request = self._request
+            assert request is not None
+            where = format_authority(request.host, request.port)
+            self.refuse(GatewayTimeout(f"connecting to {where} timed out", "connection_timeout"))
+
+    def fail(self, err: ProxyError) -> None:
+        """Refuse the request in flight with C{err} (see L{refuse})."""
+        self.refuse(err)
+
+    def internal_error(self, failure: Failure) -> None:
+        """A bug: log it once, answer a general failure if the reply is not sent, close."""
+        self.log.failure(
+            "internal error in the SOCKS5 session of {client}; that connection is closed",
+            failure,
+            client=self.client_ip,
+        )
+        try:
+            if self.state in (_DIALING, _HANDSHAKE) and self._request is not None:
+                self.refuse(InternalError("internal error in the proxy"), GENERAL_FAILURE)
+            else:
+                self.close()
+        except Exception:
+            self.transport.abortConnection()
+
+    def _stop(self) -> None:
+        """Cancel a login check or a dial in flight, and end the route's turn."""
+        if self._checking is not None:
+            checking, self._checking = self._checking, None
+            checking.cancel()
+        if self._connecting is not None:
+            connecting, self._connecting = self._connecting, None
+            connecting.cancel()
+        route, self._route = self._route, None
+        if route is not None:
+            route.done()
+
+    def close(self) -> None:
+        """Close once what was written to the client is sent."""
+        if self.state == _CLOSING:
+            if self._tunnel is None:
+                self.transport.loseConnection()
+            return
+        self.state = _CLOSING
+        self.cancel_timer()
+        self._stop()
+        if self.udp is not None:
+            udp, self.udp = self.udp, None
+            udp.stop()
+            self._report(200, None, udp)
+        if self._paused:
+            self._paused = 0
+            self.transport.resumeProducing()
+        self.transport.loseConnection()
+
+    # -- records ----------------------------------------------------------------------
+
+    def _method(self) -> str:
+        request = self._request
+        return _METHODS.get(request.command, "-") if request is not None else "-"
+
+    def _target(self) -> str:
+        request = self._request
+        return format_authority(request.host, request.port) if request is not None else "-"
+
+    def _report(self, status: int, error: str | None, udp: UdpRelay | None = None) -> None:
+        """Report the session, once, to the factory's observers (access log, metrics)."""
+        if self._reported:
+            return
+        self._reported = True
+        observers = self.factory.observers
+        if not observers:
+            return
+        to_client, to_origin = self.to_client, self.to_origin
+        if udp is not None:
+            to_client += udp.bytes_to_client
+            to_origin += udp.bytes_to_origin
+        hop = self._hop
+        record = Exchange(
+            self._started,
+            self.client_ip or "unix",
+            self.user,
+            self._method(),
+            self._target(),
+            status,
+            to_client,
+            to_origin,
+            self.clock.seconds() - self._started,
+            hop.label if hop is not None else "direct",
+            error,
+            "SOCKS5",
+            datagrams=udp.datagrams if udp is not None else None,
+        )
+        for observer in observers:
+            observer(record)
+
+
+def _unreachable(failure: Failure) -> int | None:
+    """The reply code for a connection error the HTTP side has no status for."""
+    if failure.check(ierror.NoRouteError):
+        return HOST_UNREACHABLE
+    value = failure.value
+    if isinstance(value, ierror.ConnectError) and "unreachable" in str(value).lower():
+        return NETWORK_UNREACHABLE if "network" in str(value).lower() else HOST_UNREACHABLE
+    return None
