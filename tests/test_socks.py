@@ -7,6 +7,8 @@ and the rules as the HTTP side applies them, the tunnel, the UDP relay and the r
 from __future__ import annotations
 
 import base64
+import shutil
+import tempfile
 from typing import Any
 
 from twisted.internet import error
@@ -536,3 +538,32 @@ class RoutedUdpTests(SocksTestCase):
         relay.datagramReceived(datagram_header("192.0.2.7", 53) + b"q", ("127.0.0.1", 6000))
         self.assertEqual(relay.transport.sent, [])
         self.assertEqual(self.socks.udp_dropped, {"routed": 1})
+
+
+class InterceptTests(SocksTestCase):
+    """--intercept looks at a SOCKS5 CONNECT's first bytes, as at an HTTP CONNECT's."""
+
+    def setUp(self) -> None:
+        ca_dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, ca_dir, True)
+        self.config = ProxyConfig(intercept=["*"], ca_dir=ca_dir)
+        super().setUp()
+
+    def test_not_tls_relayed_blind(self) -> None:
+        """Success at once; bytes that are not TLS are relayed after a dial, first."""
+        self.assertEqual(self.request(CONNECT_NAME), OK_METHOD + b"\x05\x00\x00\x01" + b"\0" * 6)
+        self.assertEqual(self.connector.attempts, [])
+        self.proto.dataReceived(b"SSH-2.0-client\r\n")
+        [attempt] = self.connector.attempts
+        upstream = attempt.succeed()
+        self.assertEqual(upstream.value(), b"SSH-2.0-client\r\n")
+        self.assertEqual(self.take(), b"")
+        self.assertEqual(self.factory.tunnels, 1)
+
+    def test_client_leaves_while_peeking(self) -> None:
+        """A client that leaves during the look: nothing is dialed, one record."""
+        self.request(CONNECT_NAME)
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.clock.advance(10)
+        self.assertEqual(self.connector.attempts, [])
+        self.assertEqual(len(self.records), 1)

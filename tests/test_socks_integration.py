@@ -38,6 +38,8 @@ from aproxy.socks.factory import SocksFactory
 from tests.hashes import SHA1
 from tests.processes import free_port, twistd, wait_for_line
 from tests.socksclient import SocksRefused, associate, connect, handshake, udp_exchange
+from tests.tlsharness import TLSTestCase
+from tests.tunnels import TLS_BODY, TrackingProxyFactory
 
 BODY = b"hello through socks\n"
 _DROP = ("GIT_SSL_CAINFO", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")
@@ -324,3 +326,41 @@ class SocksWorkersTests(TestCase):
                 return codes
 
         return deferToThread(go).addCallback(self.assertEqual, [2] * 6)
+
+
+class SocksInterceptTests(TLSTestCase):
+    """--intercept applies to SOCKS5 CONNECTs as to HTTP ones."""
+
+    def test_curl_intercepted(self) -> Deferred[None]:
+        """curl through SOCKS5 to an HTTPS origin, trusting aproxy's CA: decrypted."""
+        ca_dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, ca_dir, True)
+        records: list[Exchange] = []
+        config = ProxyConfig(
+            intercept=("*",), ca_dir=ca_dir, ca_file=self.ca_path, connect_ports=None
+        )
+        factory = TrackingProxyFactory(config, self.tracker)
+        factory.observers.append(records.append)
+        port = self.listen(SocksFactory(factory, reactor))
+        origin, _ = self.tls_origin(self.ca.issue_cert("localhost"))
+        url = f"https://localhost:{origin}/inside"
+        proxy_ca = os.path.join(ca_dir, "ca.pem")
+        args = ["curl", "-sS", "--socks5-hostname", f"127.0.0.1:{port}", "--cacert", proxy_ca]
+
+        def check(result: subprocess.CompletedProcess[bytes]) -> Deferred[None]:
+            self.assertEqual(result.stdout, TLS_BODY, result.stderr)
+            return _wait_for(lambda: not factory.connections).addCallback(records_seen)
+
+        def records_seen(ignored: object) -> None:
+            self.assertIn(url, [r.target for r in records])
+            self.assertIn(("CONNECT", "SOCKS5"), [(r.method, r.version) for r in records])
+
+        return deferToThread(run, [*args, url]).addCallback(check)
+
+
+@inlineCallbacks
+def _wait_for(condition: Any, seconds: float = 10) -> Any:
+    """Poll C{condition} on the reactor until it holds (bounded)."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        yield deferLater(reactor, 0.01, lambda: None)

@@ -31,6 +31,7 @@ from aproxy.client.connection import (
 from aproxy.client.context import ProxyContext
 from aproxy.client.guard import guarded
 from aproxy.client.plan import check_connect_port
+from aproxy.client.protocol import ProxyProtocol
 from aproxy.client.tunnel import Tunnel
 from aproxy.errors import (
     BadRequest,
@@ -44,6 +45,7 @@ from aproxy.errors import (
 )
 from aproxy.http.head import RequestHead
 from aproxy.http.target import Target, format_authority
+from aproxy.intercept.session import Peek
 from aproxy.observe.records import Exchange
 from aproxy.socks.login import SocksLogin
 from aproxy.socks.shared import SocksShared
@@ -90,6 +92,9 @@ class SocksProtocol(ClientConnection):
 
     @ivar socks: The SOCKS listener's factory (its session and UDP counts).
     @ivar user: The user it logged in as, if any.
+    @ivar started: When the connection was made, on the clock.
+    @ivar hop: How the destination of a CONNECT is reached, once it is known.
+    @ivar connecting: The dial (or the look at the client's first bytes) in flight.
     @ivar to_client: Bytes written to the client (replies, then the tunnel's).
     @ivar to_origin: Bytes written towards the destination.
     """
@@ -106,13 +111,14 @@ class SocksProtocol(ClientConnection):
         self._hs = ServerHandshake()
         self._refusal: ProxyError | None = None
         self._request: Request | None = None
-        self._started = self.clock.seconds()
+        self.started = self.clock.seconds()
         self._checking: SocksLogin | None = None
-        self._connecting: Deferred[UpstreamProtocol] | None = None
-        self._hop: Hop | None = None
+        self.connecting: Deferred[Any] | None = None
+        self._replied = False
+        self.hop: Hop | None = None
         self._route: Any = None
         self._pending = b""
-        self._tunnel: Tunnel | None = None
+        self._tunnel: Any = None  # (a Tunnel, or an intercepted TLS session)
         self.udp: UdpRelay | None = None
         self._reported = False
         self.to_client = 0
@@ -318,31 +324,65 @@ class SocksProtocol(ClientConnection):
                 self._route = route
                 hop = route.hop(self.clock.seconds())
         self.state = _DIALING
+        self.hop = hop
+        interceptor = rt.interceptor
+        if interceptor is not None and interceptor.wants(host):
+            # As for an HTTP CONNECT (see aproxy.intercept.session): the success reply
+            # now, then a look at the client's first bytes decides.
+            self.cancel_timer()
+            self._replied = True
+            self._write(reply(SUCCEEDED))
+            pending, self._pending = self._pending, b""
+            peeking = Peek(self, interceptor, host, port).start(pending)
+            # (Cancelled when the client leaves first: nothing more to do then.)
+            self.connecting = peeking.addErrback(_ignore_cancel)
+            return
         self._dial(hop)
 
+    # What an intercepted CONNECT's Peek asks of the exchange and the connection (the
+    # session is both: see aproxy.intercept.session.Peek).
+
+    @property
+    def conn(self) -> SocksProtocol:
+        """The connection (this session itself)."""
+        return self
+
+    def stash(self, data: bytes) -> None:
+        """Keep client bytes read before the tunnel, for its start."""
+        self._pending += data
+
+    def dial_tunnel(self) -> None:
+        """Dial the destination of a CONNECT that is not intercepted after all."""
+        assert self.hop is not None
+        self._dial(self.hop)
+
+    def inner_protocol(self, session: Any) -> ProxyProtocol:
+        """A protocol reading the requests of an intercepted C{session}."""
+        return ProxyProtocol(self.factory, self.client_address, session)
+
     def _dial(self, hop: Hop) -> None:
-        self._hop = hop
+        self.hop = hop
         self.pause_for(PAUSE_DIAL)
         self.set_deadline(DEADLINE_CONNECT, self.config.connect_timeout)
         d = as_client(self.client_ip, self.runtime.dialer.open, hop)
-        self._connecting = d
+        self.connecting = d
         d.addCallbacks(self._connected, self._connect_failed)
 
     def _failover(self) -> bool:
         """A pool's member failed before anything was sent: dial the next one, if any."""
-        route, hop = self._route, self._hop
+        route, hop = self._route, self.hop
         nxt = route.failed(hop, self.clock.seconds()) if route and hop else None
         if nxt is None:
             return False
-        if self._connecting is not None:
-            d, self._connecting = self._connecting, None
+        if self.connecting is not None:
+            d, self.connecting = self.connecting, None
             d.cancel()
         self._dial(nxt)
         return True
 
     @guarded
     def _connected(self, up: UpstreamProtocol) -> None:
-        self._connecting = None
+        self.connecting = None
         if self.state != _DIALING:
             up.transport.loseConnection()
             return
@@ -353,12 +393,25 @@ class SocksProtocol(ClientConnection):
             up.transport.abortConnection()
             self.refuse(loop)
             return
-        self.cancel_timer()
-        bound = up.transport.getHost()
-        self._write(reply(SUCCEEDED, getattr(bound, "host", "0.0.0.0"), getattr(bound, "port", 0)))
+        if not self._replied:
+            self._replied = True
+            bound = up.transport.getHost()
+            host, port = getattr(bound, "host", "0.0.0.0"), getattr(bound, "port", 0)
+            self._write(reply(SUCCEEDED, host, port))
         tunnel = Tunnel(
             self.transport, up, self.clock, self.config.tunnel_idle_timeout, self._tunnel_closed
         )
+        pending, self._pending = self._pending, b""
+        self.adopt_tunnel(tunnel, pending)
+
+    def adopt_tunnel(self, tunnel: Any, to_origin: bytes, to_client: bytes = b"") -> None:
+        """
+        Hand this connection to C{tunnel}: a L{Tunnel}, or an intercepted TLS session
+        (L{aproxy.intercept.session.InterceptedSession}), which has the same methods.
+        """
+        self.cancel_timer()
+        if getattr(tunnel, "on_close", False) is None:
+            tunnel.on_close = self._tunnel_closed
         self._tunnel = tunnel
         self.state = _TUNNEL
         self.factory.tunnels += 1
@@ -366,12 +419,11 @@ class SocksProtocol(ClientConnection):
         if self._paused:
             self._paused = 0
             self.transport.resumeProducing()
-        pending, self._pending = self._pending, b""
-        tunnel.start(pending, b"")
+        tunnel.start(to_origin, to_client)
 
     @guarded
     def _connect_failed(self, failure: Failure) -> None:
-        self._connecting = None
+        self.connecting = None
         if failure.check(CancelledError) or self.state != _DIALING:
             return
         if self._failover():
@@ -384,7 +436,7 @@ class SocksProtocol(ClientConnection):
         self.refuse(err, _unreachable(failure))
 
     @guarded
-    def _tunnel_closed(self, tunnel: Tunnel) -> None:
+    def _tunnel_closed(self, tunnel: Any) -> None:
         self.factory.tunnels -= 1
         self.state = _CLOSING
         self.to_client += tunnel.to_client
@@ -454,8 +506,8 @@ class SocksProtocol(ClientConnection):
         if self._checking is not None:
             checking, self._checking = self._checking, None
             checking.cancel()
-        if self._connecting is not None:
-            connecting, self._connecting = self._connecting, None
+        if self.connecting is not None:
+            connecting, self.connecting = self.connecting, None
             connecting.cancel()
         route, self._route = self._route, None
         if route is not None:
@@ -491,34 +543,38 @@ class SocksProtocol(ClientConnection):
 
     def _report(self, status: int, error: str | None, udp: UdpRelay | None = None) -> None:
         """Report the session, once, to the factory's observers (access log, metrics)."""
-        if self._reported:
-            return
-        self._reported = True
-        observers = self.factory.observers
-        if not observers:
-            return
-        to_client, to_origin = self.to_client, self.to_origin
-        if udp is not None:
-            to_client += udp.bytes_to_client
-            to_origin += udp.bytes_to_origin
-        hop = self._hop
-        record = Exchange(
-            self._started,
-            self.client_ip or "unix",
-            self.user,
-            self._method(),
-            self._target(),
-            status,
-            to_client,
-            to_origin,
-            self.clock.seconds() - self._started,
-            hop.label if hop is not None else "direct",
-            error,
-            "SOCKS5",
-            datagrams=udp.datagrams if udp is not None else None,
-        )
-        for observer in observers:
-            observer(record)
+        if not self._reported:
+            self._reported = True
+            if self.factory.observers:
+                _report(self, status, error, udp)
+
+    emit = _report  # (what an intercepted CONNECT's Peek calls: see aproxy.intercept)
+
+
+def _report(conn: SocksProtocol, status: int, error: str | None, udp: UdpRelay | None) -> None:
+    """Build the record of session C{conn} and hand it to every observer."""
+    to_client, to_origin = conn.to_client, conn.to_origin
+    if udp is not None:
+        to_client += udp.bytes_to_client
+        to_origin += udp.bytes_to_origin
+    hop = conn.hop
+    record = Exchange(
+        conn.started,
+        conn.client_ip or "unix",
+        conn.user,
+        conn._method(),
+        conn._target(),
+        status,
+        to_client,
+        to_origin,
+        conn.clock.seconds() - conn.started,
+        hop.label if hop is not None else "direct",
+        error,
+        "SOCKS5",
+        datagrams=udp.datagrams if udp is not None else None,
+    )
+    for observer in conn.factory.observers:
+        observer(record)
 
 
 def _unreachable(failure: Failure) -> int | None:
@@ -529,3 +585,8 @@ def _unreachable(failure: Failure) -> int | None:
     if isinstance(value, ierror.ConnectError) and "unreachable" in str(value).lower():
         return NETWORK_UNREACHABLE if "network" in str(value).lower() else HOST_UNREACHABLE
     return None
+
+
+def _ignore_cancel(failure: Failure) -> None:
+    """A look at the client's first bytes, cancelled because the client left."""
+    failure.trap(CancelledError)
