@@ -246,6 +246,7 @@ class SocksBench:
         self.commands: dict[str, str] = {}
         self.versions: dict[str, str] = {}
         self.origin_port = 0
+        self.load_before = os.getloadavg()[0]
 
     # ---- children
 
@@ -414,7 +415,12 @@ class SocksBench:
             first = next(x["first_error"] for x in outs if x["first_error"])
             self.problems.append(f"{way.name} new tunnels: {errors} errors, e.g. {first}")
         clients = sum(x["cpu"] for x in outs) / seconds / n
-        return {"rate": done / seconds, "cpu_share": cpu / elapsed, "clients": clients}
+        return {
+            "rate": done / seconds,
+            "cpu_share": cpu / elapsed,
+            "cpu_us": cpu / max(done, 1) * 1e6,
+            "clients": clients,
+        }
 
     def rounds(self) -> None:
         """Part b in alternating rounds; its rows."""
@@ -437,7 +443,10 @@ class SocksBench:
             f" processes, {s:g} s, median of {k} alternating rounds"
         )
         med = {
-            name: {key: median([x[key] for x in xs]) for key in ("rate", "cpu_share", "clients")}
+            name: {
+                key: median([x[key] for x in xs])
+                for key in ("rate", "cpu_share", "cpu_us", "clients")
+            }
             for name, xs in runs.items()
         }
         rates = {name: m["rate"] for name, m in med.items()}
@@ -445,8 +454,8 @@ class SocksBench:
             m = med[way.name]
             who = "origin" if way.name == "direct" else way.name.split()[0]
             figure = (
-                f"{m['rate']:,.0f} conn/s; {who} CPU {m['cpu_share']:.0%} of a core;"
-                f" each client {m['clients']:.0%}"
+                f"{m['rate']:,.0f} conn/s; {who} CPU {m['cpu_share']:.0%} of a core,"
+                f" {m['cpu_us']:,.0f} µs each; each client {m['clients']:.0%}"
             )
             self.rows.append((title, way.name, figure, *self.compare(rates, way.name, "rate")))
 
@@ -482,7 +491,9 @@ class SocksBench:
             "",
             f"Machine: {machine_line()}. Clients, origin and proxies share the CPUs; compare"
             " rows of the same run. A proxy's CPU is its process tree's (utime + stime) over"
-            " the window.",
+            " the window. Load average (1 min) at the start"
+            f" {self.load_before:.1f} (before this run's processes), at the end"
+            f" {os.getloadavg()[0]:.1f}: other work on the machine moves the figures.",
             "",
             "| part | target | figure | ratio | goal |",
             "|---|---|---|---|---|",
