@@ -567,3 +567,73 @@ class InterceptTests(SocksTestCase):
         self.clock.advance(10)
         self.assertEqual(self.connector.attempts, [])
         self.assertEqual(len(self.records), 1)
+
+
+class PoolTests(SocksTestCase):
+    """A parent pool's member that fails before the tunnel is open: the next one."""
+
+    config = ProxyConfig(route=["*=rr:socks5://p1.example:1080,socks5://p2.example:1080"])
+
+    def test_failover(self) -> None:
+        """The first member refuses, so the second is dialed; when it refuses too: 0x05."""
+        self.request(CONNECT_NAME)
+        first = self.connector.attempts[0]
+        first.deferred.errback(error.ConnectionRefusedError())
+        self.assertEqual(len(self.connector.attempts), 2)
+        hosts = {a.host for a in self.connector.attempts}
+        self.assertEqual(hosts, {"p1.example", "p2.example"})
+        self.assertEqual(self.take(), b"")
+        self.connector.attempts[1].deferred.errback(error.ConnectionRefusedError())
+        self.assertEqual(self.take()[:2], b"\x05\x05")
+        self.assertTrue(self.client.disconnecting)
+
+
+class OptionTests(SynchronousTestCase):
+    """--socks-port and --udp-ports in the table of options."""
+
+    def test_defaults(self) -> None:
+        """Off by default; UDP to DNS, NTP and QUIC."""
+        config = ProxyConfig()
+        self.assertEqual(config.socks_port, ())
+        self.assertEqual([p for p in range(1, 1000) if config.udp_port_allowed(p)], [53, 123, 443])
+
+    def test_forms(self) -> None:
+        """A bare number is loopback; endpoint descriptions pass; * is any UDP port."""
+        config = ProxyConfig(socks_port=["1080", "tcp6:1081:interface=\\:\\:1"], udp_ports="*")
+        self.assertEqual(
+            config.socks_port, ("tcp:1080:interface=127.0.0.1", "tcp6:1081:interface=\\:\\:1")
+        )
+        self.assertTrue(config.udp_port_allowed(9))
+
+    def test_no_proxy_protocol(self) -> None:
+        """A haproxy: SOCKS5 listener is refused, naming the option."""
+        with self.assertRaises(ValueError) as caught:
+            ProxyConfig(socks_port=["haproxy:tcp:1080"])
+        self.assertIn("socks-port", str(caught.exception))
+
+    def test_restart_setting(self) -> None:
+        """A changed --socks-port needs a restart (a reload says so)."""
+        from aproxy.run.service import restart_settings
+
+        names = restart_settings(ProxyConfig(), ProxyConfig(socks_port=["1080"]))
+        self.assertEqual(names, ["socks-port"])
+
+    def test_public_listener(self) -> None:
+        """A SOCKS5 port open to other machines is named by the exposure warning."""
+        from aproxy.run.endpoints import public_listeners
+
+        config = ProxyConfig(socks_port=["tcp:1080:interface=0.0.0.0"])
+        self.assertEqual(public_listeners(config), ["tcp:1080:interface=0.0.0.0"])
+
+    def test_command_line(self) -> None:
+        """The command line takes it; a bad description is one usage error."""
+        from twisted.python import usage
+
+        from aproxy.run.tap import Options
+
+        options = Options()
+        options.parseOptions(["--socks-port", "1080", "--udp-ports", "53"])
+        config = options["proxy-config"]
+        self.assertEqual(config.socks_port, ("tcp:1080:interface=127.0.0.1",))
+        self.assertEqual(config.udp_ports, ((53, 53),))
+        self.assertRaises(usage.UsageError, Options().parseOptions, ["--socks-port", "nope:1"])

@@ -34,6 +34,7 @@ from twisted.web.static import Data, File
 from aproxy.client.factory import ProxyFactory
 from aproxy.config import ProxyConfig
 from aproxy.observe.records import Exchange
+from aproxy.run.service import makeService
 from aproxy.socks.factory import SocksFactory
 from tests.hashes import SHA1
 from tests.processes import free_port, twistd, wait_for_line
@@ -293,6 +294,43 @@ class SocksIntegrationTests(TestCase):
             return 0
 
         return deferToThread(attempt).addCallback(self.assertEqual, 0xFF)
+
+
+class SocksServiceTests(TestCase):
+    """makeService serves --socks-port beside --port, with metrics and a graceful stop."""
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_service(self) -> Any:
+        """
+        A SOCKS5 tunnel through makeService's listener shows in the metrics; stopping
+        the service waits for it, and ends once the client closes.
+        """
+        origin = WrappingFactory(Site(Data(BODY, "text/plain")))
+        listening = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(origin)
+        self.addCleanup(listening.stopListening)
+        config = ProxyConfig(
+            port=["tcp:0:interface=127.0.0.1"],
+            socks_port=["tcp:0:interface=127.0.0.1"],
+            metrics="tcp:0:interface=127.0.0.1",
+            connect_ports=None,
+            shutdown_timeout=10,
+        )
+        service = makeService(config, reactor)
+        service.startService()
+        ports = {s.name: s.port.getHost().port for s in service if s.name}  # type: ignore[attr-defined]
+        socks = ports["socks tcp:0:interface=127.0.0.1"]
+        metrics = ports["metrics tcp:0:interface=127.0.0.1"]
+        sock = yield deferToThread(connect, socks, "127.0.0.1", listening.getHost().port)
+        page = yield deferToThread(run, ["curl", "-sS", f"http://127.0.0.1:{metrics}/metrics"])
+        self.assertIn(b"aproxy_socks_sessions 1.0", page.stdout)
+        self.assertIn(b"aproxy_tunnels 1.0", page.stdout)
+        stopped = service.stopService()
+        yield deferLater(reactor, 0.2, lambda: None)
+        self.assertFalse(stopped.called)  # (the tunnel is let finish)
+        sock.close()
+        yield stopped
 
 
 class SocksWorkersTests(TestCase):

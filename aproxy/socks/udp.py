@@ -105,6 +105,14 @@ class UdpRelay(DatagramProtocol):
 
     def _check_idle(self) -> None:
         self._timer = None
+        try:
+            self._idle_round()
+        except Exception:
+            # A bug ends this association, never the reactor's loop.
+            self.log.failure("SOCKS5 UDP relay for {client}", client=self.client_ip)
+            self.session.udp_ended("internal error")
+
+    def _idle_round(self) -> None:
         timeout = self.session.config.tunnel_idle_timeout
         now = self._clock.seconds()
         if self.datagrams != self._seen:
