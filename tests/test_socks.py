@@ -85,14 +85,15 @@ class SocksTestCase(SynchronousTestCase):
         self.socks = SocksFactory(self.factory, self.clock)
         self.client, self.proto = self.connect_client()
 
-    def connect_client(self, host: str = "127.0.0.1") -> tuple[HalfCloseTransport, SocksProtocol]:
-        """A new SOCKS5 client connection from C{host}."""
+    def connect_client(
+        self, host: str = "127.0.0.1", local: str = "127.0.0.1"
+    ) -> tuple[HalfCloseTransport, SocksProtocol]:
+        """A new SOCKS5 client connection from C{host} to C{local}."""
         kind = IPv6Address if ":" in host else IPv4Address
         peer = kind("TCP", host, 5000)
         proto = self.socks.buildProtocol(peer)
-        client = HalfCloseTransport(
-            hostAddress=IPv4Address("TCP", "127.0.0.1", 1080), peerAddress=peer
-        )
+        here = (IPv6Address if ":" in local else IPv4Address)("TCP", local, 1080)
+        client = HalfCloseTransport(hostAddress=here, peerAddress=peer)
         proto.makeConnection(client)
         return client, proto
 
@@ -443,7 +444,8 @@ class UdpTests(SocksTestCase):
     config = ProxyConfig(deny_host=["blocked.example"], block_private=False)
 
     def setUp(self) -> None:
-        self.clock = _UdpReactor()
+        self.udp_reactor = _UdpReactor()
+        self.clock = self.udp_reactor
         self.lookups = _Lookups()
         self.connector = self.lookups
         self.factory = ProxyFactory(self.config, self.clock, self.lookups)
@@ -459,6 +461,16 @@ class UdpTests(SocksTestCase):
         """The reply carries the relay's address, on the TCP listener's interface."""
         self.assertEqual(self.take(), OK_METHOD + b"\x05\x00\x00\x01\x7f\x00\x00\x01\x9c\x40")
         self.assertEqual(self.port.host.host, "127.0.0.1")
+
+    def test_dual_stack_listener(self) -> None:
+        """An IPv4 client of a dual-stack listener gets a relay on the IPv4 address."""
+        client, proto = self.connect_client("::ffff:127.0.0.1", "::ffff:127.0.0.1")
+        proto.dataReceived(NO_AUTH + b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00")
+        relay, port = self.udp_reactor.ports[-1]
+        self.assertEqual(port.host.host, "127.0.0.1")
+        self.assertEqual(client.value()[2:6], b"\x05\x00\x00\x01")
+        relay.datagramReceived(datagram_header("192.0.2.7", 53) + b"q", ("127.0.0.1", 6000))
+        self.assertEqual(relay.transport.sent, [(b"q", ("192.0.2.7", 53))])
 
     def from_client(self, host: str, port: int, payload: bytes, frm: int = 6000) -> None:
         self.relay.datagramReceived(datagram_header(host, port) + payload, ("127.0.0.1", frm))

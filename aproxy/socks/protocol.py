@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from aproxy.access.policy import normalize_address
 from aproxy.client.connection import (
     DEADLINE_CONNECT,
     DEADLINE_HEAD,
@@ -449,9 +450,13 @@ class SocksProtocol(ClientConnection):
         client_ip = self.client_ip
         if client_ip is None:
             raise NotImplementedByProxy("UDP ASSOCIATE needs a TCP client")
-        local = self.transport.getHost()
+        local = getattr(self.transport.getHost(), "host", "0.0.0.0")
+        # The address the client reached us on; an IPv4 client of a dual-stack listener
+        # shows as ::ffff:a.b.c.d, and gets a relay (and a reply) on a.b.c.d.
+        address = normalize_address(local)
         relay = UdpRelay(self, client_ip, request.port, self.socks)
-        host, port = relay.start(self.socks.reactor, getattr(local, "host", "0.0.0.0"))
+        interface = str(address) if address is not None else local
+        host, port = relay.start(self.socks.reactor, interface)
         self.udp = relay
         self.cancel_timer()
         self.state = _UDP
