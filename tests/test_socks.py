@@ -572,6 +572,15 @@ class InterceptTests(SocksTestCase):
         self.assertEqual(self.take(), b"")
         self.assertEqual(self.factory.tunnels, 1)
 
+    def test_dial_fails_after_early_success(self) -> None:
+        """The destination refuses after the early success: a close, not a second reply."""
+        self.request(CONNECT_NAME)
+        self.proto.dataReceived(b"SSH-2.0-client\r\n")
+        self.connector.attempts[0].deferred.errback(error.ConnectionRefusedError())
+        self.assertEqual(self.take(), b"")
+        self.assertTrue(self.client.disconnecting)
+        self.assertEqual(self.records[-1].status, 502)
+
     def test_client_leaves_while_peeking(self) -> None:
         """A client that leaves during the look: nothing is dialed, one record."""
         self.request(CONNECT_NAME)

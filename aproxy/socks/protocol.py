@@ -94,6 +94,7 @@ class SocksProtocol(ClientConnection):
     @ivar socks: The SOCKS listener's factory (its session and UDP counts).
     @ivar user: The user it logged in as, if any.
     @ivar started: When the connection was made, on the clock.
+    @ivar request: The SOCKS request, once read.
     @ivar hop: How the destination of a CONNECT is reached, once it is known.
     @ivar connecting: The dial (or the look at the client's first bytes) in flight.
     @ivar to_client: Bytes written to the client (replies, then the tunnel's).
@@ -111,7 +112,7 @@ class SocksProtocol(ClientConnection):
         self.last = False
         self._hs = ServerHandshake()
         self._refusal: ProxyError | None = None
-        self._request: Request | None = None
+        self.request: Request | None = None
         self.started = self.clock.seconds()
         self._checking: SocksLogin | None = None
         self.connecting: Deferred[Any] | None = None
@@ -178,7 +179,7 @@ class SocksProtocol(ClientConnection):
             udp, self.udp = self.udp, None
             udp.stop()
             self._report(200, None, udp)
-        if self.to_client or self._request is not None:
+        if self.to_client or self.request is not None:
             # (A connection that never spoke SOCKS5, a port scan or a health check, is
             # not a session: as for HTTP, no record.)
             self._report(0, None)
@@ -273,7 +274,7 @@ class SocksProtocol(ClientConnection):
     # -- the request ------------------------------------------------------------------
 
     def _requested(self, request: Request) -> None:
-        self._request = request
+        self.request = request
         self._pending = self._hs.rest
         # The request runs on the configuration in force now (see Runtime).
         self.runtime = rt = self.factory.runtime
@@ -300,13 +301,17 @@ class SocksProtocol(ClientConnection):
         code = reply_for(err) if code is None else code
         self.log.info(
             "SOCKS5 {method} {target} from {client} refused ({code}): {why}",
-            method=self._method(),
-            target=self._target(),
+            method=_method(self.request),
+            target=_target(self.request),
             client=self.client_ip,
             code=REPLY_TEXT[code],
             why=err.reason,
         )
-        self._write(reply(code))
+        if not self._replied:
+            # (After an early success, an intercepted CONNECT's, the client's bytes are
+            # a TLS stream: a reply now would corrupt it. The close says it.)
+            self._replied = True
+            self._write(reply(code))
         self._report(err.status, err.error_type)
         self.close()
 
@@ -429,7 +434,7 @@ class SocksProtocol(ClientConnection):
             return
         if self._failover():
             return
-        request = self._request
+        request = self.request
         assert request is not None
         err = connect_error(failure, request.host, request.port)
         if self._route is not None:
@@ -482,7 +487,7 @@ class SocksProtocol(ClientConnection):
         elif kind == DEADLINE_CONNECT and self.state == _DIALING:
             if self._failover():
                 return
-            request = self._request
+            request = self.request
             assert request is not None
             where = format_authority(request.host, request.port)
             self.refuse(GatewayTimeout(f"connecting to {where} timed out", "connection_timeout"))
@@ -499,7 +504,7 @@ class SocksProtocol(ClientConnection):
             client=self.client_ip,
         )
         try:
-            if self.state in (_DIALING, _HANDSHAKE) and self._request is not None:
+            if self.state in (_DIALING, _HANDSHAKE) and self.request is not None:
                 self.refuse(InternalError("internal error in the proxy"), GENERAL_FAILURE)
             else:
                 self.close()
@@ -538,14 +543,6 @@ class SocksProtocol(ClientConnection):
 
     # -- records ----------------------------------------------------------------------
 
-    def _method(self) -> str:
-        request = self._request
-        return _METHODS.get(request.command, "-") if request is not None else "-"
-
-    def _target(self) -> str:
-        request = self._request
-        return format_authority(request.host, request.port) if request is not None else "-"
-
     def _report(self, status: int, error: str | None, udp: UdpRelay | None = None) -> None:
         """Report the session, once, to the factory's observers (access log, metrics)."""
         if not self._reported:
@@ -567,8 +564,8 @@ def _report(conn: SocksProtocol, status: int, error: str | None, udp: UdpRelay |
         conn.started,
         conn.client_ip or "unix",
         conn.user,
-        conn._method(),
-        conn._target(),
+        _method(conn.request),
+        _target(conn.request),
         status,
         to_client,
         to_origin,
@@ -580,6 +577,16 @@ def _report(conn: SocksProtocol, status: int, error: str | None, udp: UdpRelay |
     )
     for observer in conn.factory.observers:
         observer(record)
+
+
+def _method(request: Request | None) -> str:
+    """The record's method for C{request}: CONNECT, UDP_ASSOCIATE, BIND, or C{-}."""
+    return _METHODS.get(request.command, "-") if request is not None else "-"
+
+
+def _target(request: Request | None) -> str:
+    """The record's target for C{request}: C{host:port}, or C{-}."""
+    return format_authority(request.host, request.port) if request is not None else "-"
 
 
 def _unreachable(failure: Failure) -> int | None:
