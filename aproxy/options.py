@@ -549,7 +549,7 @@ OPTIONS: tuple[Option, ...] = (
         values.port_ranges,
         DEFAULT_UDP_PORTS,
         """Ports SOCKS5 UDP ASSOCIATE may send datagrams to: comma-separated ports and
-        ranges, or * for any. Default: 53,123,443 (DNS, NTP, QUIC).""",
+        ranges, or * for any (by default DNS, NTP and QUIC).""",
     ),
 )
 
