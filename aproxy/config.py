@@ -158,6 +158,9 @@ class ProxyConfig:
     @ivar no_intercept: Host patterns never intercepted.
     @ivar ca_dir: The directory of the interception CA, or L{None} for the default
         (L{aproxy.intercept.ca.default_ca_dir}).
+    @ivar addon: Addons to load, as C{MODULE:NAME} or C{path/to/file.py:NAME} (see
+        L{aproxy.addons.load}); loaded once, by the factory.
+    @ivar addon_timeout: Seconds a request waits for a hook that answers later.
     @ivar socks_port: Server endpoint descriptions to serve SOCKS5 on (none by default).
     @ivar udp_ports: The ports SOCKS5 C{UDP ASSOCIATE} may send datagrams to, as
         inclusive (low, high) ranges; L{None} allows any port.
@@ -211,6 +214,8 @@ class ProxyConfig:
     intercept: tuple[str, ...]
     no_intercept: tuple[str, ...]
     ca_dir: str | None
+    addon: tuple[str, ...]
+    addon_timeout: float
     socks_port: tuple[str, ...]
     udp_ports: tuple[tuple[int, int], ...] | None
 

@@ -533,6 +533,26 @@ OPTIONS: tuple[Option, ...] = (
         --intercept. Default: ~/.local/share/aproxy. A new CA needs a restart.""",
     ),
     _row(
+        "addon",
+        "list",
+        values.each(values.addon_spec),
+        (),
+        """Load an addon (repeatable, run in this order): MODULE:NAME or
+        path/to/file.py:NAME, where NAME is a class or function (called with no
+        arguments to make the addon) or the addon object itself. Its hooks see every
+        request and response and may edit, refuse, answer or rewrite bodies as they
+        stream (see the README, "Addons"). Loaded once per process (each worker has its
+        own); SIGHUP keeps them, a changed list needs a restart.""",
+    ),
+    _row(
+        "addon-timeout",
+        "float",
+        values.seconds,
+        10.0,
+        """Seconds a request waits for an addon hook that answers later (a Deferred or
+        an async def) before 504; the hook is then cancelled.""",
+    ),
+    _row(
         "socks-port",
         "list",
         values.socks_listeners,

@@ -28,7 +28,7 @@ completes (on a L{HalfCloseTransport}), answers byte by byte, fails or leaves pe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import count
 from typing import TypeAlias
@@ -176,6 +176,7 @@ class InMemoryProxy:
     @param clock: The fake reactor to run on (a new one if L{None}). Build a L{Site} of
         your own on it too (C{Site(resource, reactor=clock)}): on the global reactor its
         timeouts would outlive the test.
+    @param addons: Addon objects to run (see L{aproxy.addons.IAddon}), to test an addon.
 
     @ivar clock: The reactor the proxy (and a resource's L{Site}) runs on; see L{advance}.
     @ivar factory: The proxy itself, e.g. to add observers: C{factory.observers}.
@@ -188,10 +189,13 @@ class InMemoryProxy:
         origin: Origin | None = None,
         origins: Mapping[str, Origin] | None = None,
         clock: MemoryReactorClock | None = None,
+        addons: Sequence[object] = (),
     ) -> None:
         self.clock = clock if clock is not None else MemoryReactorClock()
         self.connector = MemoryConnector(self, origin, origins)
-        self.factory = ProxyFactory(config, reactor=self.clock, connector=self.connector)
+        self.factory = ProxyFactory(
+            config, reactor=self.clock, connector=self.connector, addons=addons
+        )
         self._pumps: list[IOPump] = []
         self._ports = count(40000)
 

@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_PORT",
     "DEFAULT_UDP_PORTS",
     "Coerce",
+    "addon_spec",
     "check_proxy_protocol",
     "choice",
     "each",
@@ -409,6 +410,13 @@ def readable_file(name: str, value: Any) -> str:
     except OSError as e:
         raise ValueError(f"{name}: cannot read {path}: {e.strerror or e}") from None
     return path
+
+
+def addon_spec(text: str) -> None:
+    """An addon as C{MODULE:NAME} or C{path/to/file.py:NAME} (checked for its form only)."""
+    where, sep, name = text.rpartition(":")
+    if not sep or not where or not name.isidentifier():
+        raise ValueError(f"expected MODULE:NAME or path/to/file.py:NAME, not {text!r}")
 
 
 def authority(name: str, value: Any) -> str:

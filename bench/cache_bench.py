@@ -35,37 +35,30 @@ Usage: python bench/cache_bench.py [--quick | --smoke] [--checkout DIR] [--no-wr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import os
 import shlex
 import shutil
 import socket
-import statistics
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from aproxybench.httpio import Target
+from aproxybench.issuebench import IssueBench, clients, fetch, median, met, run_main
 from aproxybench.loads import download, load
 from aproxybench.procs import (
     Child,
     RssSampler,
-    abort_on_signals,
     free_port,
     log,
     rss_kib,
-    run_bench,
     sbin,
-    settle,
     tool_output,
 )
-from aproxybench.report import machine_line
 from aproxybench.settings import CHECKOUT, DISTURBED_SHARE, LOOPBACK, MIB, PROGRAMS, SMOKE
 from aproxybench.targets import render
 
@@ -117,29 +110,8 @@ def size_option(n: int) -> str:
     return size_name(n).replace(" ", "")
 
 
-def median(values: list[float]) -> float:
-    """The median (a one-element list is its element)."""
-    return float(statistics.median(values))
-
-
 # --------------------------------------------------------------------------------------------
-# a small HTTP client that shows response headers (the cache says hit or miss in them)
-
-
-def fetch(port: int, target: str, host: str, method: str = "GET") -> tuple[int, dict[str, str]]:
-    """
-    One request on a new connection, the whole body read: the status and the headers
-    (names lower-cased). Raises OSError or http.client.HTTPException.
-    """
-    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=IO_TIMEOUT)
-    try:
-        conn.request(method, target, headers={"Host": host, "User-Agent": "aproxy-cache-bench"})
-        response = conn.getresponse()
-        while response.read(1 << 20):
-            pass
-        return response.status, {k.lower(): v for k, v in response.getheaders()}
-    finally:
-        conn.close()
+# hits and misses (the cache says which in the response headers)
 
 
 def hit_said(headers: dict[str, str]) -> bool:
@@ -156,7 +128,7 @@ def wait_hit(port: int, target: str, host: str, seconds: float = 10.0) -> dict[s
     deadline = time.monotonic() + seconds
     headers: dict[str, str] = {}
     while time.monotonic() < deadline:
-        status, headers = fetch(port, target, host)
+        status, headers, _ = fetch(port, target, host)
         if status == 200 and hit_said(headers):
             return headers
         time.sleep(0.1)
@@ -168,23 +140,15 @@ def wait_hit(port: int, target: str, host: str, seconds: float = 10.0) -> dict[s
 # the run
 
 
-class CacheBench:
+class CacheBench(IssueBench):
     """One run: the temp dir, the origin, the proxies started, the results and problems."""
 
+    title = "aproxy cache benchmark"
+    prefix = "aproxy-cache-bench-"
+
     def __init__(self, args: argparse.Namespace, mode: Mode) -> None:
-        self.args = args
-        self.mode = mode
-        self.tmp = Path(tempfile.mkdtemp(prefix="aproxy-cache-bench-"))
-        os.chmod(self.tmp, 0o755)  # nginx workers and squid run as other users
-        self.data = self.tmp / "data"
-        self.origin: Child | None = None
-        self.origin_port = 0
-        self.origin_kind = ""
-        self.rows: list[tuple[str, str, str, str, str]] = []
-        self.problems: list[str] = []
-        self.failures: list[str] = []
-        self.commands: dict[str, str] = {}
-        self.versions: dict[str, str] = {}
+        super().__init__(args, mode)
+        self.mode: Mode = mode
         # The load runs go through aproxybench.loads, which reads these from its settings.
         self.settings = replace(SMOKE, wrk_seconds=mode.wrk_seconds)
         self.big = f"/{size_option(mode.big_bytes).lower()}"
@@ -215,22 +179,9 @@ class CacheBench:
         """nginx (C{expires 1h}) when installed, else the Python origin with max-age."""
         self.write_files()
         self.origin_port = free_port()
-        nginx = None if self.args.no_nginx else shutil.which("nginx") or sbin("nginx")
-        if nginx:
-            work = self.tmp / "nginx"
-            work.mkdir()
-            conf = work / "nginx.conf"
-            text = render(
-                "nginx.conf",
-                work=work,
-                port=self.origin_port,
-                data=self.data,
-                location=f"expires {MAX_AGE}s;",
-            )
-            conf.write_text(text)
-            argv = [nginx, "-p", str(work), "-e", str(work / "error.log"), "-c", str(conf)]
+        argv = self.nginx_argv("nginx.conf", data=self.data, location=f"expires {MAX_AGE}s;")
+        if argv:
             self.origin_kind = "nginx (1 worker, expires 3600s)"
-            self.versions["nginx"] = tool_output([nginx, "-v"])
         else:
             script = PROGRAMS / "origin.py"
             argv = [sys.executable, str(script), str(self.origin_port), str(self.data)]
@@ -239,59 +190,10 @@ class CacheBench:
         self.commands["origin"] = shlex.join(argv)
         self.origin = Child("origin", argv, logfile=self.tmp / "origin.log", cwd=self.tmp)
         self.wait_ready(self.origin, self.direct())
-        _, headers = fetch(self.origin_port, "/100b", self.host)
+        _, headers, _ = fetch(self.origin_port, "/100b", self.host)
         if "max-age" not in headers.get("cache-control", ""):
             raise RuntimeError(f"the origin's answer is not cacheable: {headers}")
         log(f"origin: {self.origin_kind}, pid {self.origin.pid}, {LOOPBACK}:{self.origin_port}")
-
-    @property
-    def host(self) -> str:
-        """The origin's authority (the Host header and the absolute-form target's)."""
-        return f"{LOOPBACK}:{self.origin_port}"
-
-    def direct(self) -> Target:
-        """The origin itself as a target."""
-        return Target("direct", self.origin_port, self.origin_port, False)
-
-    def wait_ready(self, child: Child, t: Target, timeout: float = 30.0) -> None:
-        """Poll a GET of /100b until it answers 200; fail if the child exits first."""
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            if not child.alive():
-                raise RuntimeError(
-                    f"{child.name} exited with {child.proc.returncode}:\n{child.log_tail()}"
-                )
-            try:
-                status, _ = fetch(t.port, t.target("/100b"), t.host)
-                if status == 200:
-                    return
-                last = f"status {status}"
-            except (OSError, http.client.HTTPException) as e:
-                last = repr(e)
-            time.sleep(0.1)
-        raise RuntimeError(f"{child.name} not ready after {timeout:.0f} s ({last})")
-
-    def start_aproxy(self, name: str, options: list[str]) -> tuple[Child, Target]:
-        """aproxy with C{options} on a free port, in its own work dir; ready and settled."""
-        port = free_port()
-        work = self.tmp / name
-        work.mkdir()
-        argv = [sys.executable, "-m", "twisted", "aproxy"]
-        argv += ["--port", f"tcp:{port}:interface={LOOPBACK}", *options]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(self.args.checkout), env.get("PYTHONPATH", "")) if p
-        )
-        self.commands[name] = shlex.join(argv)
-        # Not in the checkout's directory: "python -m" puts the working directory first on
-        # sys.path, so a checkout there would be imported instead of the one PYTHONPATH names.
-        child = Child(name, argv, logfile=work / "output.log", env=env, cwd=work)
-        t = Target(name, port, self.origin_port, True)
-        self.wait_ready(child, t)
-        settle(child.pid, 5)
-        log(f"{name}: pid {child.pid}, {LOOPBACK}:{port}")
-        return child, t
 
     def start_squid(self) -> tuple[Child, Target] | None:
         """squid with a 256 MB memory cache, or None when it is not installed or not wanted."""
@@ -316,42 +218,6 @@ class CacheBench:
         self.wait_ready(child, t)
         log(f"squid-cache: pid {child.pid}, {LOOPBACK}:{port}")
         return child, t
-
-    def scan_log(self, child: Child) -> None:
-        """Report tracebacks and error-level lines in an aproxy log."""
-        if child.logfile is None or not child.logfile.exists():
-            return
-        bad = [
-            line
-            for line in child.logfile.read_text(errors="replace").splitlines()
-            if "Traceback" in line or '"isError": 1' in line or '"name": "error"' in line
-        ]
-        if bad:
-            sample = "\n".join(x[:300] for x in bad[:3])
-            self.problems.append(
-                f"{child.name} logged {len(bad)} error line(s), e.g.:\n```\n{sample}\n```"
-            )
-
-    def stop(self, child: Child) -> None:
-        """Stop one proxy; an aproxy's log is scanned for errors, an early exit noted."""
-        if not child.alive():
-            self.problems.append(
-                f"{child.name} exited early (status {child.proc.returncode}):\n"
-                f"```\n{child.log_tail()}\n```"
-            )
-        child.stop()
-        if child.name != "squid-cache":
-            self.scan_log(child)
-
-    @contextlib.contextmanager
-    def part(self, name: str) -> Iterator[None]:
-        """One part of the run: a failure is recorded and the run goes on with the next."""
-        log(f"part {name} ...")
-        try:
-            yield
-        except Exception as e:  # every failure is reported, the run goes on
-            self.failures.append(f"{name}: {e}")
-            log(f"FAILED: {name}: {e}")
 
     # ---- a. 100 B keep-alive
 
@@ -607,42 +473,6 @@ class CacheBench:
             with self.part("d. memory tier fill"):
                 self.memory_fill()
 
-    def report(self) -> str:
-        """The Markdown report: the table, then how it ran, then problems and failures."""
-        mode = self.mode
-        out = [
-            f"# aproxy cache benchmark ({mode.name})",
-            "",
-            f"Machine: {machine_line()}. Origin: {self.origin_kind}. Client, origin and proxies "
-            "share the CPUs; compare rows of the same run.",
-            "",
-            "| scenario | target | figure | ratio | goal |",
-            "|---|---|---|---|---|",
-        ]
-        out += [f"| {' | '.join(row)} |" for row in self.rows]
-        out += ["", "Versions:"]
-        out += [f"- {k}: {v}" for k, v in sorted(self.versions.items()) if v]
-        out += ["", "Commands:"]
-        out += [f"- {k}: `{v}`" for k, v in self.commands.items()]
-        if self.problems:
-            out += ["", "Problems:"] + [f"- {x}" for x in self.problems]
-        if self.failures:
-            out += ["", "Failed:"] + [f"- {x}" for x in self.failures]
-        return "\n".join(out) + "\n"
-
-    def cleanup(self) -> None:
-        """Stop every child and remove the temp dir (unless --keep-tmp)."""
-        Child.stop_all()
-        if self.args.keep_tmp:
-            log(f"temp dir kept: {self.tmp}")
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def met(goal: str, ok: bool) -> str:
-    """A goal and whether the figure meets it."""
-    return f"{goal}: {'met' if ok else '**NOT met**'}"
-
 
 class Sampler:
     """Appends a process tree's RSS (KiB) to a list every C{interval} seconds while in use."""
@@ -774,10 +604,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.checkout = args.checkout.resolve()
     if not (args.checkout / "aproxy").is_dir():
         ap.error(f"--checkout {args.checkout}: no aproxy/ in it")
-    # What aproxybench.loads reads: the load and download clients, wrk's shape.
-    args.wrk = None if args.no_wrk else shutil.which("wrk")
-    args.curl = None if args.no_curl else shutil.which("curl")
-    args.threads = 1
+    clients(args)
     return args
 
 
@@ -786,11 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     mode = SMOKE_MODE if args.smoke else QUICK if args.quick else FULL
     args.connections = mode.connections
-    abort_on_signals(mode.max_seconds)
-    bench = CacheBench(args, mode)
-    status = run_bench(bench)
-    print(bench.report(), end="")
-    return 1 if status == 0 and bench.failures else status
+    return run_main(CacheBench(args, mode))
 
 
 if __name__ == "__main__":

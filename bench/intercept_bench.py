@@ -38,7 +38,6 @@ Usage: python bench/intercept_bench.py [--quick | --smoke] [--clients N] [--coun
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.server
 import multiprocessing
 import os
@@ -59,23 +58,19 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from aproxybench.issuebench import IssueBench, median, met, mitmdump, run_main
 from aproxybench.procs import (
     Child,
-    abort_on_signals,
     cpu_seconds,
     free_port,
     log,
-    run_bench,
-    sbin,
     tool_output,
 )
 from aproxybench.report import machine_line
 from aproxybench.settings import CHECKOUT, LOOPBACK, MIB
-from aproxybench.targets import render
 
 IO_TIMEOUT = 10.0
 SMALL_BODY = b"0123456789" * 9 + b"abcdefghi\n"  # 100 bytes
-MITMDUMP_VENV = Path("/tmp/venv-mitm/bin/mitmdump")
 
 
 @dataclass(frozen=True)
@@ -95,16 +90,6 @@ class Mode:
 FULL = Mode("full", 5, 3, 100 * MIB, 3, 2000, 270, True)
 QUICK = Mode("quick", 2, 3, 100 * MIB, 1, 500, 110, True)
 SMOKE_MODE = Mode("smoke", 1, 1, 4 * MIB, 1, 100, 90, False)
-
-
-def median(values: list[float]) -> float:
-    """The median (a one-element list is its element)."""
-    return float(statistics.median(values))
-
-
-def met(goal: str, ok: bool) -> str:
-    """A goal and whether the figure meets it."""
-    return f"{goal}: {'met' if ok else '**NOT met**'}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,25 +311,19 @@ def serve_origin(port: int, directory: str, cert: str, key: str) -> None:
 # the run
 
 
-class InterceptBench:
+class InterceptBench(IssueBench):
     """One run: the temp dir, the origin and proxies started, the rows and problems."""
 
+    title = "aproxy TLS interception benchmark"
+    columns = ("part", "target", "figure", "ratio", "goal")
+    prefix = "aproxy-intercept-bench-"
+
     def __init__(self, args: argparse.Namespace, mode: Mode) -> None:
-        self.args = args
-        self.mode = mode
-        self.tmp = Path(tempfile.mkdtemp(prefix="aproxy-intercept-bench-"))
-        os.chmod(self.tmp, 0o755)  # nginx workers run as another user
-        self.data = self.tmp / "data"
-        self.origin_port = 0
-        self.origin_kind = ""
+        super().__init__(args, mode)
+        self.mode: Mode = mode
         self.origin_ca = self.tmp / "origin-ca.pem"
         self.children: dict[str, Child] = {}
         self.ways: list[Way] = []
-        self.rows: list[tuple[str, str, str, str, str]] = []
-        self.problems: list[str] = []
-        self.failures: list[str] = []
-        self.commands: dict[str, str] = {}
-        self.versions: dict[str, str] = {}
         self.big = f"/big{mode.big_bytes // MIB}m"
 
     # ---- processes
@@ -371,24 +350,9 @@ class InterceptBench:
         for p in self.data.iterdir():
             os.chmod(p, 0o644)
         self.origin_port = free_port()
-        nginx = None if self.args.no_nginx else shutil.which("nginx") or sbin("nginx")
-        if nginx:
-            work = self.tmp / "nginx"
-            work.mkdir()
-            conf = work / "nginx.conf"
-            conf.write_text(
-                render(
-                    "nginx-tls.conf",
-                    work=work,
-                    port=self.origin_port,
-                    data=self.data,
-                    cert=cert,
-                    key=key,
-                )
-            )
-            argv = [nginx, "-p", str(work), "-e", str(work / "error.log"), "-c", str(conf)]
+        argv = self.nginx_argv("nginx-tls.conf", data=self.data, cert=cert, key=key)
+        if argv:
             self.origin_kind = "nginx with TLS (1 worker)"
-            self.versions["nginx"] = tool_output([nginx, "-v"])
         else:
             argv = [sys.executable, __file__, "--origin"]
             argv += [str(self.origin_port), str(self.data), str(cert), str(key)]
@@ -421,7 +385,7 @@ class InterceptBench:
             time.sleep(0.2)
         raise RuntimeError(f"{child.name} not ready after 30 s ({last})")
 
-    def start_aproxy(self) -> None:
+    def start_intercepting(self) -> None:
         """aproxy intercepting every tunnel, its CA made in a fresh --ca-dir."""
         port = free_port()
         work = self.tmp / "aproxy"
@@ -575,22 +539,12 @@ class InterceptBench:
             if not child.alive():
                 raise RuntimeError(f"{child.name} exited:\n{child.log_tail()}")
 
-    @contextlib.contextmanager
-    def part(self, name: str) -> Any:
-        """One part of the run: a failure is recorded and the run goes on with the next."""
-        log(f"part {name} ...")
-        try:
-            yield
-        except Exception as e:  # every failure is reported, the run goes on
-            self.failures.append(f"{name}: {e}")
-            log(f"FAILED: {name}: {e}")
-
     def run(self) -> None:
         """Every part in turn; a failed part is reported and the others still run."""
         with self.part("leaf certificates"):
             self.rows += leaf_rows(self.args.count or self.mode.leaves)
         self.start_origin()
-        self.start_aproxy()
+        self.start_intercepting()
         if self.mode.mitmproxy and not self.args.no_mitmproxy:
             with self.part("mitmproxy start"):
                 self.start_mitmproxy()
@@ -599,33 +553,17 @@ class InterceptBench:
         with self.part("c. download"):
             self.downloads()
 
-    def report(self) -> str:
-        """The Markdown report: the table, then how it ran, then problems and failures."""
-        out = [
-            f"# aproxy TLS interception benchmark ({self.mode.name})",
-            "",
+    def intro(self) -> str:
+        """The paragraph under the title: machine, origin, how to read the rows."""
+        return (
             f"Machine: {machine_line()}. Origin: {self.origin_kind}. Clients, origin and "
             "proxies share the CPUs; compare rows of the same run. A proxy's CPU is its "
-            "process tree's (utime + stime) over the window, per request or connection.",
-            "",
-            "| part | target | figure | ratio | goal |",
-            "|---|---|---|---|---|",
-        ]
-        out += [f"| {' | '.join(row)} |" for row in self.rows]
-        out += ["", "Versions:"]
-        out += [f"- {k}: {v}" for k, v in sorted(self.versions.items()) if v]
-        out += ["", "Commands:"]
-        out += [f"- {k}: `{v}`" for k, v in self.commands.items()]
-        if self.problems:
-            out += ["", "Problems:"] + [f"- {x}" for x in self.problems]
-        if self.failures:
-            out += ["", "Failed:"] + [f"- {x}" for x in self.failures]
-        return "\n".join(out) + "\n"
+            "process tree's (utime + stime) over the window, per request or connection."
+        )
 
-    def cleanup(self) -> None:
-        """Stop every child, scan aproxy's log, remove the temp dir (unless --keep-tmp)."""
+    def after_stop(self) -> None:
+        """Scan aproxy's log, once it has stopped."""
         log_path = self.tmp / "aproxy" / "output.log"
-        Child.stop_all()
         if log_path.exists():
             bad = [
                 line
@@ -635,10 +573,6 @@ class InterceptBench:
             if bad:
                 sample = "\n".join(x[:300] for x in bad[:3])
                 self.problems.append(f"aproxy logged {len(bad)} error line(s):\n```\n{sample}\n```")
-        if self.args.keep_tmp:
-            log(f"temp dir kept: {self.tmp}")
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -663,9 +597,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.checkout = args.checkout.resolve()
     if not (args.checkout / "aproxy").is_dir():
         ap.error(f"--checkout {args.checkout}: no aproxy/ in it")
-    if not args.mitmdump:
-        found = shutil.which("mitmdump")
-        args.mitmdump = found or (str(MITMDUMP_VENV) if MITMDUMP_VENV.exists() else None)
+    args.mitmdump = mitmdump(args.mitmdump)
     return args
 
 
@@ -677,11 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         serve_origin(int(port), directory, cert, key)
         return 0
     mode = SMOKE_MODE if args.smoke else QUICK if args.quick else FULL
-    abort_on_signals(mode.max_seconds)
-    bench = InterceptBench(args, mode)
-    status = run_bench(bench)
-    print(bench.report(), end="")
-    return 1 if status == 0 and bench.failures else status
+    return run_main(InterceptBench(args, mode))
 
 
 if __name__ == "__main__":

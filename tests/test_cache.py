@@ -12,6 +12,7 @@ import shutil
 import tempfile
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionRefusedError
 
 from aproxy.cache.stage import SYNC_INTERVAL
 from aproxy.client.factory import ProxyFactory
@@ -147,6 +148,35 @@ class CacheTests(ProxyTestCase):
         # Refreshed: fresh again without the origin.
         _, sent = self.ask(get())
         self.assertIsNone(sent)
+
+    def refused(self, request: bytes) -> bytes:
+        """Send C{request} on a new connection; refuse its dial; what the client got."""
+        client, proto = self.connect_client()
+        proto.dataReceived(request)
+        self.connector.attempts[-1].deferred.errback(ConnectionRefusedError())
+        return bytes(client.value())
+
+    def test_unreachable_origin_error_has_cache_status(self) -> None:
+        """The proxy's own 502 for a miss says in Cache-Status why it went forward."""
+        got = self.refused(get())
+        self.assertTrue(got.startswith(b"HTTP/1.1 502 "), got)
+        self.assertIn(b"Cache-Status: aproxy; fwd=uri-miss\r\n", got)
+
+    def test_must_revalidate_unreachable_is_504(self) -> None:
+        """A stale must-revalidate object whose origin is down: 504 (RFC 9111 4.2.4)."""
+        self.ask(get(), ok(b"hello", b"Cache-Control: max-age=60, must-revalidate", b'ETag: "1"'))
+        self.clock.advance(61)
+        got = self.refused(get())
+        self.assertTrue(got.startswith(b"HTTP/1.1 504 "), got)
+        self.assertIn(b"Cache-Status: aproxy; fwd=stale\r\n", got)
+        self.assertNotIn(b"hello", got)
+
+    def test_plain_stale_unreachable_is_502(self) -> None:
+        """Without must-revalidate the origin's failure stays a 502."""
+        self.ask(get(), ok(b"hello", FRESH, b'ETag: "1"'))
+        self.clock.advance(61)
+        got = self.refused(get())
+        self.assertTrue(got.startswith(b"HTTP/1.1 502 "), got)
 
     def test_stale_revalidated_200_replaces(self) -> None:
         """A stale object whose origin answers 200 is replaced by the new response."""

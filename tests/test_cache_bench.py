@@ -5,20 +5,11 @@ checks the report has a row for each part of the cache benchmark.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 from twisted.trial.unittest import SynchronousTestCase
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.benchsmoke import ROOT, smoke_table
+
 SCRIPT = ROOT / "bench" / "cache_bench.py"
-
-
-def row_cells(line: str) -> list[str]:
-    """The cells of one Markdown table row (no cell here contains an escaped pipe)."""
-    return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
 class CacheBenchSmokeTests(SynchronousTestCase):
@@ -30,24 +21,9 @@ class CacheBenchSmokeTests(SynchronousTestCase):
         the built-in clients and origin otherwise) and the table has its rows: 100 B hits
         direct, uncached and cached, a disk hit, the slow reader and the memory tier fill.
         """
-        if not SCRIPT.exists():
-            self.skipTest("not running from a checkout")
-        result = subprocess.run(
-            [sys.executable, str(SCRIPT), "--smoke"],
-            cwd=ROOT,
-            env=dict(os.environ, PYTHONPATH=str(ROOT)),
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
-        out = result.stdout
-        self.assertNotIn("Failed:", out)
+        out, header, body = smoke_table(self, SCRIPT, 180)
         self.assertNotIn("squid", out)  # --smoke leaves squid out
-        rows = [row_cells(x) for x in out.splitlines() if x.startswith("| ")]
-        header, body = rows[0], rows[1:]
         self.assertEqual(header, ["scenario", "target", "figure", "ratio", "goal"])
-        self.assertEqual({len(row) for row in body}, {len(header)})
         targets = [(scenario.split(",")[0], target) for scenario, target, *_ in body]
         self.assertEqual(targets[0][0], "100 B keep-alive")
         self.assertTrue(targets[0][1].startswith("direct ("), targets)

@@ -21,9 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
-def readme_example(section: str) -> str:
-    """The first literal block (after a C{::} paragraph) of README section C{section}."""
-    lines = (ROOT / "README.rst").read_text().splitlines()
+def readme_example(section: str, document: str = "README.rst") -> str:
+    """The first literal block (after a C{::} paragraph) of section C{section} of the
+    README (or of another reStructuredText C{document} of the checkout)."""
+    lines = (ROOT / document).read_text().splitlines()
     start = lines.index(section)
     assert set(lines[start + 1]) == {"-"}, section
     index = start + 2
@@ -55,9 +56,17 @@ class ExampleTests(SynchronousTestCase):
 
     def test_readme_testing_example_runs(self) -> None:
         """The README's "Testing your embedding" example is a test suite that passes."""
-        source = readme_example("Testing your embedding")
+        self.run_example(readme_example("Testing your embedding"), "README.rst")
+
+    def test_addon_testing_example_runs(self) -> None:
+        """docs/addons.rst's "Testing an addon" example is a test suite that passes."""
+        document = "docs/addons.rst"
+        self.run_example(readme_example("Testing an addon", document), document)
+
+    def run_example(self, source: str, document: str) -> None:
+        """Run the test cases C{source} defines: two, both passing."""
         namespace: dict[str, object] = {"__name__": "readme_example"}
-        exec(compile(source, "README.rst", "exec"), namespace)
+        exec(compile(source, document, "exec"), namespace)
         suite = unittest.TestSuite()
         for value in namespace.values():
             if (

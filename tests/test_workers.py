@@ -8,9 +8,10 @@ import socket
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.error import ProcessDone, ProcessTerminated, ReactorNotRunning
 from twisted.internet.task import Clock
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -19,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from aproxy.config import ProxyConfig
 from aproxy.observe.cluster import Family, Snapshot
 from aproxy.run.tap import Options
+from aproxy.run.worker import stop_once_on_signals
 from aproxy.run.workers import WorkerPool, listening_socket, parse_worker_args, worker_count
 from tests.processes import free_port, status_of, stop, twistd, wait_for_line
 from tests.support import SpawningReactor
@@ -333,3 +335,35 @@ class WorkerMetricsTests(SynchronousTestCase):
                 wait_for_total(metrics, sent + 1)
                 self.assertEqual(stop(proc, 30), 0)
             self.assertFalse([p for p in Path(tmp).iterdir() if p.name.startswith("aproxy-")])
+
+
+class _StoppingReactor:
+    """Just enough reactor for stop_once_on_signals: stop works once, calls run at once."""
+
+    def __init__(self) -> None:
+        self.stops = 0
+
+    def stop(self) -> None:
+        if self.stops:
+            raise ReactorNotRunning("Can't stop reactor that isn't running.")
+        self.stops += 1
+
+    def callFromThread(self, f: Any, *args: Any) -> None:  # noqa: N802
+        f(*args)
+
+
+class WorkerSignalTests(SynchronousTestCase):
+    """A worker signalled twice (by its parent and by its process group) stops once."""
+
+    def test_second_signal_and_twisted_stop_are_harmless(self) -> None:
+        """Repeats are ignored; a stop Twisted queued first does not make ours raise."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.addCleanup(signal.signal, signum, signal.getsignal(signum))
+        reactor = _StoppingReactor()
+        reactor.stop()  # (Twisted's own handler got there first)
+        stop_once_on_signals(reactor)
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler)
+        handler(signal.SIGTERM, None)
+        handler(signal.SIGTERM, None)
+        self.assertEqual(reactor.stops, 1)

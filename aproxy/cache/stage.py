@@ -41,6 +41,12 @@ _PROMOTE = 256 * 1024
 _CONDITIONALS = (b"if-none-match", b"if-modified-since", b"if-range", b"range")
 _TEXT = (b"Content-Type", b"text/plain; charset=utf-8")
 _PURGE_STATUS = (b"Cache-Status", rules.cache_status(detail="purge"))
+# What the proxy's own error answer (an origin that can't be reached: 502, 504) says in
+# Cache-Status, by why the request went forward.
+_ERROR_FIELDS = {
+    fwd: b"Cache-Status: " + rules.cache_status(fwd=fwd) + b"\r\n"
+    for fwd in ("method", "bypass", "request", "uri-miss", "vary-miss", "stale")
+}
 _NOT_CACHED = Answer(
     504,
     b"Gateway Timeout",
@@ -73,6 +79,18 @@ class _State:
     found: Found | None = None
     sent_at: float = 0.0
     client_refresh: bool = False
+
+
+def _note(stage: object, request: StageRequest, state: _State) -> None:
+    """Remember C{state} of C{request} for C{stage}, and what an error answer to it says."""
+    request.state[stage] = state
+    request.error_fields = _ERROR_FIELDS[state.fwd]
+
+
+def _not_cached(request: StageRequest) -> Answer:
+    """C{only-if-cached} and nothing fits: 504 (RFC 9111 section 5.2.1.7)."""
+    request.notes["cache"] = "TCP_MISS"
+    return _NOT_CACHED
 
 
 @implementer(IRequestStage)
@@ -140,7 +158,7 @@ class CacheStage:
         if request.peer:
             return None  # the fleet member that owns the URL caches it
         if method not in (b"GET", b"HEAD") or target.scheme not in (b"http", b"https"):
-            request.state[self] = _State(key, "method")
+            _note(self, request, _State(key, "method"))
             return None
         # Most requests carry no directive, precondition or range: then their fields need
         # no parsing at all (unless a stored response varies on them).
@@ -153,14 +171,14 @@ class CacheStage:
             if head.values(b"upgrade") or _has_any(fields, _UNEVALUATED):
                 # A protocol switch, or preconditions the cache does not evaluate: the
                 # origin answers (RFC 9110 section 13.2.1 leaves them to it).
-                request.state[self] = _State(key, "pass", fwd="bypass")
+                _note(self, request, _State(key, "pass", fwd="bypass"))
                 return None
             # (Range is not among the fields the parser notes: head.values can't see it.)
             ranges = rules.field_lines(fields, b"range")
             if len(ranges) > 1 or (ranges and b"," in ranges[0]):
                 # Several ranges: the origin answers (a multipart/byteranges response is
                 # its to make; the cache answers single ranges only).
-                request.state[self] = _State(key, "pass", fwd="request")
+                _note(self, request, _State(key, "pass", fwd="request"))
                 return None
             no_store, only_if_cached = rules.request_cc_flags(fields)
         now = self.clock.seconds()
@@ -174,7 +192,7 @@ class CacheStage:
             found, any_variant = None, False
         if found is None:
             if only_if_cached:
-                return self._not_cached(request, key)
+                return _not_cached(request)
             fill = self.fills.get(key)
             if fill is not None and not fill.over and not ranges:
                 return self._follow(request, key, fill)
@@ -183,7 +201,7 @@ class CacheStage:
                 state.kind = "lead"
                 state.fill = self.fills[key] = Fill(key, self._fill_over)
             state.sent_at = now
-            request.state[self] = state
+            _note(self, request, state)
             return None
         meta = found.meta
         fresh = found.prepared.freshness
@@ -198,10 +216,13 @@ class CacheStage:
             return self._hit(request, found, age, lifetime, None, plain)
         if only_if_cached:
             found.close()
-            return self._not_cached(request, key)
+            return _not_cached(request)
         state = _State(key, "validate", fwd="stale", found=found, sent_at=now)
         state.client_refresh = not plain and _client_refresh(head.fields)
-        request.state[self] = state
+        _note(self, request, state)
+        # RFC 9111 section 4.2.4: a response that may not be served stale and can't be
+        # revalidated is an error, which SHOULD be a 504.
+        request.gateway_timeout = fresh.no_stale
         validators = preconditions.validation_fields(meta.fields)
         if validators:
             request.upstream_fields = validators
@@ -285,11 +306,6 @@ class CacheStage:
         self.saved += saved
         return answer
 
-    def _not_cached(self, request: StageRequest, key: bytes) -> Answer:
-        """C{only-if-cached} and nothing fits: 504 (RFC 9111 section 5.2.1.7)."""
-        request.notes["cache"] = "TCP_MISS"
-        return _NOT_CACHED
-
     def _follow(self, request: StageRequest, key: bytes, fill: Fill) -> Any:
         """Collapse onto C{fill}: follow it once its head shows it fits, else go upstream."""
         fields = request.head.fields
@@ -304,7 +320,7 @@ class CacheStage:
                 or (method == b"HEAD" and meta.length < 0)  # (no length to describe yet)
                 or rules.vary_key(meta.vary_names, fields) != meta.vary
             ):
-                request.state[self] = _State(key, "pass")
+                _note(self, request, _State(key, "pass"))
                 return None
             self.collapsed += 1
             request.notes["cache"] = "TCP_CF_HIT"

@@ -10,7 +10,7 @@ this class holds the code of this part of it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from aproxy.addons.run import AddonFailure
 from aproxy.client.connection import DEADLINE_READ, PAUSE_DIAL
 from aproxy.client.guard import guarded
 from aproxy.client.phases import Phase
@@ -47,6 +48,10 @@ class AnswerHalf:
     status: int
     response_started: bool
     answering: Any = None
+    hooks: Any
+    response_hooked: bool
+    answer_filter: Any
+    answer_error: str | None
     answer_closing = False
     answer_chunked = False
 
@@ -61,6 +66,16 @@ class AnswerHalf:
     def _forward(self, rest: bytes) -> None:
         """Send the request upstream (the exchange does it)."""
         raise NotImplementedError
+
+    if TYPE_CHECKING:
+
+        def _hook_answer(self, answer: Answer, rest: bytes) -> None:
+            """Run the addons' response hooks (see L{aproxy.client.hooks.HookHalf})."""
+            ...
+
+        def _addon_failed(self, e: AddonFailure) -> None:
+            """An addon failed: 500 or a cut (see L{aproxy.client.hooks.HookHalf})."""
+            ...
 
     def _wait_for_stage(self, later: Deferred[Any], rest: bytes) -> None:
         """
@@ -114,6 +129,9 @@ class AnswerHalf:
 
         @param rest: Client bytes after the request (the next pipelined one).
         """
+        if self.hooks is not None and not self.response_hooked:
+            self._hook_answer(answer, rest)  # (it comes back here)
+            return
         conn = self.conn
         head = self.head
         closing = not head.keep_alive or head.codings is not None or bool(head.content_length)
@@ -134,7 +152,7 @@ class AnswerHalf:
         if source is None or head_only:
             if source is not None:
                 source.stopProducing()
-            self.emit(answer.status, None)
+            self.emit(answer.status, self.answer_error)
             conn.exchange_done(not closing)
             return
         self.answering = source
@@ -153,6 +171,10 @@ class AnswerHalf:
         if self.answering is None or conn.phase is not Phase.FORWARDING:
             return
         conn.extend_deadline(self.runtime.config.read_timeout)
+        if self.answer_filter is not None:
+            data = self._answer_transformed(data, False)
+            if not data:
+                return
         if self.answer_chunked:
             data = b"%x\r\n%s\r\n" % (len(data), data)
         self.to_client += len(data)
@@ -162,8 +184,16 @@ class AnswerHalf:
         """A streamed answer is complete: the exchange is over."""
         if self.answering is None:
             return
-        self.answering = None
         conn = self.conn
+        if self.answer_filter is not None:
+            tail = self._answer_transformed(b"", True)
+            if self.answering is None:
+                return
+            if tail:
+                tail = b"%x\r\n%s\r\n" % (len(tail), tail) if self.answer_chunked else tail
+                self.to_client += len(tail)
+                conn.transport.write(tail)
+        self.answering = None
         if self.answer_chunked:
             self.to_client += 5
             conn.transport.write(b"0\r\n\r\n")
@@ -178,6 +208,16 @@ class AnswerHalf:
         self.answering = None
         self.conn.output.source = None
         self.conn.fail(BadGateway(why, "http_response_incomplete"))
+
+    def _answer_transformed(self, data: bytes, end: bool) -> bytes:
+        """A streamed answer's bytes through an addon's transformers (which may fail)."""
+        try:
+            out: bytes = self.answer_filter.end() if end else self.answer_filter.data(data)
+            return out
+        except AddonFailure as e:
+            self.stop_answer()
+            self._addon_failed(e)
+            return b""
 
     def stop_answer(self) -> None:
         """The client left (or the exchange failed) while an answer streamed: stop it."""

@@ -21,6 +21,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from aproxy.addons.run import AddonFailure
 from aproxy.client.answering import AnswerHalf, Drain
 from aproxy.client.connection import (
     DEADLINE_CONNECT,
@@ -29,6 +30,7 @@ from aproxy.client.connection import (
     ClientPauser,
 )
 from aproxy.client.guard import guarded
+from aproxy.client.hooks import HookHalf
 from aproxy.client.phases import Phase
 from aproxy.client.plan import (
     BULK,
@@ -44,6 +46,7 @@ from aproxy.client.side import ClientSide
 from aproxy.client.stages import (
     IBodyFilter,
     StageRequest,
+    chain_filters,
     finished,
     first_answer,
     request_filter,
@@ -57,7 +60,6 @@ from aproxy.http.head import (
     Target,
     parse_authority,
 )
-from aproxy.intercept.session import peek
 from aproxy.observe.records import Exchange
 from aproxy.upstream.connector import connect_error
 from aproxy.upstream.dialer import Hop
@@ -70,7 +72,7 @@ _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE
 _ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 
-class ClientExchange(AnswerHalf, ResponseHalf, RouteHalf):
+class ClientExchange(AnswerHalf, ResponseHalf, RouteHalf, HookHalf):
     """
     One request/response exchange (see the module docstring).
 
@@ -129,7 +131,13 @@ class ClientExchange(AnswerHalf, ResponseHalf, RouteHalf):
         self.started = conn.clock.seconds()
 
     def internal_error(self, failure: Failure) -> None:
-        """A bug in a callback of this exchange: the connection handles it."""
+        """
+        A bug in a callback of this exchange: the connection handles it. An addon's
+        failure (its transformer raised) was logged already, naming the addon.
+        """
+        if isinstance(failure.value, AddonFailure):
+            self._addon_failed(failure.value)
+            return
         self.conn.internal_error(failure)
 
     # -- the request ------------------------------------------------------------------
@@ -157,7 +165,16 @@ class ClientExchange(AnswerHalf, ResponseHalf, RouteHalf):
         self.hop = self._routed(
             rt.dialer.plan(target.scheme, target.host, target.port, False), False
         )
+        if rt.addons is not None:
+            self._hook_request(rest, self._staged)
+            return
         if rt.stages and self._stage_a(rest):
+            return
+        self._forward(rest)
+
+    def _staged(self, rest: bytes) -> None:
+        """After the addons' request hooks: the stages, then upstream."""
+        if self.runtime.stages and self._stage_a(rest):
             return
         self._forward(rest)
 
@@ -180,9 +197,11 @@ class ClientExchange(AnswerHalf, ResponseHalf, RouteHalf):
         if body is not None:
             self.req_body = body
             self.req_had_body = True
-            self.req_chunked = isinstance(body, ChunkedDecoder) or (
-                req_filter is not None and not req_filter.observe_only
-            )
+            reframed = req_filter is not None and not req_filter.observe_only
+            if reframed and getattr(req_filter, "length", None) is not None:
+                self.req_chunked = False  # (a filter that gave its length up front)
+            else:
+                self.req_chunked = isinstance(body, ChunkedDecoder) or reframed
             if self.req_chunked or (head.content_length or 0) >= BULK:
                 bulk_reads(conn.transport)
         conn.stash(rest)
@@ -215,7 +234,8 @@ class ClientExchange(AnswerHalf, ResponseHalf, RouteHalf):
         self.view = view
         stages = self.runtime.stages
         if head.codings is not None or head.content_length:
-            self.req_filter = request_filter(stages, view)
+            # (A stage's filter sees the body first, then an addon's transformers.)
+            self.req_filter = chain_filters(request_filter(stages, view), self.req_filter)
         answer = first_answer(stages, view)
         if answer is None:
             return False
@@ -236,18 +256,11 @@ class ClientExchange(AnswerHalf, ResponseHalf, RouteHalf):
         check_connect_port(rt.config, port)
         self.is_connect = True
         self.status = 200
-        conn = self.conn
-        conn.stash(rest)
-        self.hop = hop = self._routed(rt.dialer.plan(b"", host, port, True), True)
-        if rt.interceptor is not None and rt.interceptor.wants(host):
-            peek(self, rt.interceptor, host, port)  # (answered now: see intercept.session)
+        self.hop = self._routed(rt.dialer.plan(b"", host, port, True), True)
+        if rt.addons is not None:
+            self._hook_request(rest, self._open_connect)
             return
-        self._dial(hop)
-
-    def dial_tunnel(self) -> None:
-        """Dial the upstream end of this CONNECT's tunnel (after a look at its bytes)."""
-        assert self.hop is not None
-        self._dial(self.hop)
+        self._open_connect(rest)
 
     def request_data(self, data: bytes) -> None:
         """Client bytes while forwarding: request body (re-framed) or the next request."""
@@ -507,11 +520,14 @@ class ClientExchange(AnswerHalf, ResponseHalf, RouteHalf):
     def emit(
         self, status: int, error: str | None, tunnel_to_client: int = 0, tunnel_to_origin: int = 0
     ) -> None:
-        """Report this exchange, once, to the factory's observers (if any)."""
-        if self.emitted or not self.conn.factory.observers:
+        """Report this exchange, once, to the factory's observers and addons (if any)."""
+        if self.emitted or not (self.conn.factory.observers or self.hooks is not None):
             return
         self.emitted = True
-        _report(self, status, error, tunnel_to_client, tunnel_to_origin)
+        if self.hooks is not None:
+            self._hooks_end(error, tunnel_to_client, tunnel_to_origin)
+        if self.conn.factory.observers:
+            _report(self, status, error, tunnel_to_client, tunnel_to_origin)
 
 
 def _report(

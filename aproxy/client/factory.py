@@ -27,6 +27,8 @@ from aproxy.access.loops import LoopGuard
 from aproxy.access.pac import read_pac
 from aproxy.access.policy import AccessPolicy, HostPatterns, IPolicy
 from aproxy.access.throttle import LoginThrottle
+from aproxy.addons.load import load_addons
+from aproxy.addons.run import AddonSet
 from aproxy.cache.stage import open_cache
 from aproxy.client.protocol import ProxyProtocol
 from aproxy.client.runtime import Runtime
@@ -71,8 +73,12 @@ class ProxyFactory(Factory):
         requests itself or see their bodies; kept across reloads. With the cache on in
         C{config} (C{cache_memory} or C{cache_dir}), the cache
         (L{aproxy.cache.stage.CacheStage}) comes first.
+    @param addons: Addon objects (see L{aproxy.addons.IAddon}), run after those
+        C{config.addon} names; kept across reloads.
     @raise aproxy.observe.accesslog.AccessLogError: If C{config.access_log} can't be
         opened.
+    @raise aproxy.addons.load.AddonLoadError: If an addon can't be loaded (a
+        C{ValueError} whose message is one line naming it).
     @raise ValueError: If C{config.cache_dir} can't be used.
 
     @ivar cache: The cache, or L{None} when it is off.
@@ -94,6 +100,7 @@ class ProxyFactory(Factory):
         policy: IPolicy | None = None,
         authenticator: IAuthenticator | None = None,
         stages: Sequence[IRequestStage] = (),
+        addons: Sequence[Any] = (),
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -102,6 +109,8 @@ class ProxyFactory(Factory):
         config = config if config is not None else ProxyConfig()
         self.cache = open_cache(config, reactor)
         self._stages = ((self.cache,) if self.cache is not None else ()) + tuple(stages)
+        # Made once, kept across reloads (a changed --addon list needs a restart).
+        self._addons = load_addons(config.addon, addons)
         self._leaves: LeafContexts | None = None
         self.clock: IReactorTime = reactor
         # What outlives a reload, handed from one runtime to the next:
@@ -206,6 +215,7 @@ class ProxyFactory(Factory):
             policy.needs_address_check(),
             interceptor=self._interceptor(config),
             pac_file=read_pac(config),
+            addons=AddonSet(self._addons, config.addon_timeout) if self._addons else None,
         )
 
     def _interceptor(self, config: ProxyConfig) -> Interceptor | None:

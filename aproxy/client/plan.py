@@ -115,12 +115,16 @@ def plan_request(
     on, X-Forwarded-For, a parent's own credentials, and the body's decoder.
 
     @param req_filter: The stage body filter of the request: unless it only observes, the
-        body goes chunked (its length may change).
+        body goes chunked (its length may change), or with the C{Content-Length} the
+        filter gives up front (its C{length}).
     @param view: What the stages saw of the request, with the fields they add and drop.
 
     @raise BadRequest: For a malformed Max-Forwards.
     """
     reframe = req_filter is not None and not req_filter.observe_only
+    length = getattr(req_filter, "length", None) if reframe else None
+    if length is not None:
+        reframe = False
     extra = hop.fields
     if view is not None:
         extra += view.upstream_fields
@@ -160,7 +164,9 @@ def plan_request(
         # To an HTTP parent: a proxy request, with the parent's own credentials.
         assert hop.parent is not None
         extra += hop.parent.authorization or b""
-    out = serialize_request_head(head, target, runtime.via, extra, drop, hop.absolute, reframe)
+    out = serialize_request_head(
+        head, target, runtime.via, extra, drop, hop.absolute, reframe, length
+    )
     return RequestPlan(False, out, body, upgrade)
 
 

@@ -413,6 +413,7 @@ class ProxyProtocol(ClientConnection):
         if self._paused:
             self._paused = 0
             self.transport.resumeProducing()
+        self._x.hooks_tunnel()
         tunnel.start(to_origin, to_client)
         if self.eof:
             tunnel.client_eof()
@@ -436,6 +437,7 @@ class ProxyProtocol(ClientConnection):
     def _truncate(self, x: ClientExchange, err: ProxyError) -> None:
         """A failure after the response started: close, so the client sees truncation."""
         self.log.info("response cut short: {why}", why=err.reason)
+        x.failed_reason = err.reason
         x.emit(x.status, err.error_type or "http_response_incomplete")
         self.close()
 
@@ -448,6 +450,13 @@ class ProxyProtocol(ClientConnection):
             self._truncate(x, err)
             return
         extra = b""
+        view = x.view if x is not None else None
+        if view is not None:
+            # What a stage says of an error answer (a cache: Cache-Status, and 504 when
+            # it holds a response it may not serve stale).
+            extra = view.error_fields
+            if view.gateway_timeout and err.status == 502:
+                err = GatewayTimeout(err.reason, err.error_type, err.details)
         authenticator = self.runtime.authenticator
         if isinstance(err, ProxyAuthRequired) and authenticator is not None:
             extra = b"Proxy-Authenticate: " + basic_challenge(authenticator.realm) + b"\r\n"
@@ -458,6 +467,7 @@ class ProxyProtocol(ClientConnection):
         self.transport.writeSequence(lines)
         if x is not None:
             x.to_client += sent
+            x.failed_reason = err.reason
             x.emit(err.status, err.error_type)
         elif self.factory.observers:
             report_refused(self, err, sent)

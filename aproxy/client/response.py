@@ -10,7 +10,7 @@ half, so that each half reads on its own.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
@@ -59,6 +59,8 @@ class ResponseHalf:
     resp: ResponseHead | None
     resp_body: Any
     resp_filter: IBodyFilter | None
+    hooks: Any
+    response_hooked: bool
     response_started: bool
     interims: int
     out_chunked: bool
@@ -78,6 +80,12 @@ class ResponseHalf:
     def send_answer(self, answer: Answer, rest: bytes) -> None:
         """Send a stage's answer (see L{aproxy.client.answering.AnswerHalf})."""
         raise NotImplementedError
+
+    if TYPE_CHECKING:
+
+        def _hook_response(self, resp: ResponseHead, rest: bytes) -> None:
+            """Run the addons' response hooks (see L{aproxy.client.hooks.HookHalf})."""
+            ...
 
     def _replaced(self, resp: ResponseHead, answer: Answer, rest: bytes) -> None:
         """
@@ -178,14 +186,23 @@ class ResponseHalf:
             return
         rt = self.runtime
         view = self.view
-        extra = b""
         if rt.stages and view is not None:
             answer = replace_response(rt.stages, view, resp)
             if answer is not None:
                 self._replaced(resp, answer, rest)
                 return
             self.resp_filter = response_filter(rt.stages, view, resp)
-            extra = view.response_fields
+        if rt.addons is not None and self.hooks is not None and not self.response_hooked:
+            self._hook_response(resp, rest)  # (it goes on with _relay_response)
+            return
+        self._relay_response(resp, rest)
+
+    def _relay_response(self, resp: ResponseHead, rest: bytes) -> None:
+        """Send the final response head, re-framed, and then its body as it comes."""
+        conn = self.conn
+        rt = self.runtime
+        view = self.view
+        extra = view.response_fields if view is not None else b""
         plan = plan_response(
             self.head,
             resp,

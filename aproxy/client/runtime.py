@@ -48,6 +48,8 @@ class Runtime:
     @ivar interceptor: Which CONNECT tunnels are intercepted, and their certificates (an
         L{aproxy.intercept.session.Interceptor}); L{None} without C{--intercept}.
     @ivar pac_file: The C{--pac} file as read for this configuration, or L{None}.
+    @ivar addons: The loaded addons (an L{aproxy.addons.run.AddonSet}), or L{None}
+        when there are none: then no hook code runs at all.
     """
 
     config: ProxyConfig
@@ -63,3 +65,4 @@ class Runtime:
     allowed_peers: set[tuple[str, str]] = field(default_factory=set)
     interceptor: Any = None  # (Any: the intercept package sits above this layer)
     pac_file: bytes | None = None
+    addons: Any = None  # (Any: the addons package sits above this layer)

@@ -38,6 +38,9 @@ class ClientSide(Protocol):
     def exchange(self) -> Any:
         """The request in flight, if any."""
 
+    def cancel_timer(self) -> None:
+        """Stop the connection's deadline timer (a wait with its own bound follows)."""
+
     def move(self, phase: Phase) -> None:
         """Move the connection to C{phase} (checked against the phase table)."""
 

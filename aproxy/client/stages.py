@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from zope.interface import Attribute, Interface
+from zope.interface import Attribute, Interface, implementer
 
 from aproxy.http.head import RequestHead, ResponseHead, Target
 
@@ -44,6 +44,7 @@ __all__ = [
     "IRequestStage",
     "StageRequest",
     "answer_bytes",
+    "chain_filters",
     "finished",
     "first_answer",
     "replace_response",
@@ -73,6 +74,10 @@ class StageRequest:
         L{aproxy.upstream.routes.Fleet}): a cache neither answers nor stores it here.
     @ivar parent: The exit a stage chose for this request (at stage A): a parent proxy
         URL as for C{--upstream}, or C{"direct"}; L{None} leaves it to the routes.
+    @ivar error_fields: Field lines a stage adds to the proxy's own error answer to the
+        request (an origin it could not reach: C{Cache-Status}).
+    @ivar gateway_timeout: An origin that can't be reached is answered 504, not 502 (a
+        cache that holds a response it may not serve stale, RFC 9111 section 4.2.4).
     """
 
     head: RequestHead
@@ -86,6 +91,8 @@ class StageRequest:
     state: dict[object, Any] = field(default_factory=dict)
     peer: bool = False
     parent: str | None = None
+    error_fields: bytes = b""
+    gateway_timeout: bool = False
 
 
 # Not frozen (a frozen dataclass's __init__ costs twice as much, once per cache hit):
@@ -305,3 +312,50 @@ def finished(stages: Sequence[IRequestStage], request: StageRequest) -> None:
     """Tell every stage that the exchange of C{request} ended."""
     for stage in stages:
         stage.finished(request)
+
+
+@implementer(IBodyFilter)
+class Chained:
+    """
+    Two body filters in a row: a stage's (the cache's copy, which sees the origin's
+    bytes) and then an addon's transformers. Once the client is gone only the first is
+    fed on (a cache may finish its object), the transformers are dropped.
+    """
+
+    observe_only = False
+
+    def __init__(self, first: Any, second: Any) -> None:
+        self.first = first
+        self.second: Any = second
+
+    def data(self, chunk: bytes) -> bytes:
+        """Through the first filter, then the second (while the client is there)."""
+        chunk = self.first.data(chunk)
+        second = self.second
+        out: bytes = second.data(chunk) if second is not None and chunk else chunk
+        return out
+
+    def end(self) -> bytes:
+        """End both, the first's tail passing through the second."""
+        tail: bytes = self.first.end()
+        second = self.second
+        if second is None:
+            return tail
+        out: bytes = (second.data(tail) if tail else b"") + second.end()
+        return out
+
+    def abandoned(self, can_finish: bool) -> bool:
+        """The first decides whether to read on; the second is dropped."""
+        if self.second is not None:
+            self.second.abandoned(False)
+            self.second = None
+        return bool(self.first.abandoned(can_finish))
+
+
+def chain_filters(first: Any, second: Any) -> Any:
+    """C{first} then C{second} as one body filter (either may be L{None})."""
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return Chained(first, second)

@@ -11,7 +11,7 @@ ambiguous is rejected rather than repaired, so no peer can read a message differ
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import Final, TypeVar
 
 from aproxy.errors import (
     BadGateway,
@@ -42,6 +42,7 @@ __all__ = [
     "response_body_kind",
     "serialize_request_head",
     "serialize_response_head",
+    "with_fields",
 ]
 
 # How a message body is delimited (RFC 9112 section 6.3).
@@ -294,6 +295,9 @@ class ResponseHead(_Head):
     keep_alive: bool
 
 
+_H = TypeVar("_H", RequestHead, ResponseHead)
+
+
 def _parse_fields(raw: bytes, head: _Head, err: type[ProxyError], what: str) -> bytes:
     """
     Check the field lines of C{raw} (a head without its final empty line), note the
@@ -480,6 +484,28 @@ def parse_response_head(raw: bytes) -> ResponseHead:
     return head
 
 
+def with_fields(head: _H, fields: list[tuple[bytes, bytes]]) -> _H:
+    """
+    C{head} with C{fields} in place of its field lines, parsed and checked anew (the
+    start line and the framing fields stay as they were: an addon's edits).
+
+    @raise ValueError: If the new fields would change how the body is delimited.
+    @raise ProxyError: If they make a head the parser refuses.
+    """
+    block = b"\r\n".join(name + b": " + value for name, value in fields)
+    new: _Head
+    if isinstance(head, RequestHead):
+        line = b"%s %s HTTP/1.%d" % (head.method, head.target, head.minor)
+        new = parse_request_head(line + b"\r\n" + block if block else line)
+    else:
+        assert isinstance(head, ResponseHead)
+        line = b"HTTP/1.%d %d %s" % (head.minor, head.status, head.reason)
+        new = parse_response_head(line + b"\r\n" + block if block else line)
+    if new.content_length != head.content_length or new.codings != head.codings:
+        raise ValueError("the new fields change how the body is delimited")
+    return new
+
+
 def response_body_kind(head: ResponseHead, request_method: bytes) -> int:
     """
     How the response body is delimited (RFC 9112 section 6.3).
@@ -541,6 +567,7 @@ def serialize_request_head(
     drop: tuple[bytes, ...] = (),
     absolute: bool = False,
     chunked: bool = False,
+    length: int | None = None,
 ) -> bytes:
     """
     Write the head forwarded to the origin: origin-form target, C{Host} from the target,
@@ -552,6 +579,8 @@ def serialize_request_head(
     @param absolute: Write the target in absolute form, for a parent proxy.
     @param chunked: Send a body chunked whatever its framing was (a filter may change its
         length).
+    @param length: Send the body with this C{Content-Length} whatever its framing was
+        (a filter that gives its length up front).
     """
     path = target.path
     if absolute:
@@ -560,7 +589,9 @@ def serialize_request_head(
         path = target.scheme + b"://" + target.authority + (b"" if path == b"*" else path)
     parts = [head.method + b" " + path + b" HTTP/1.1\r\nHost: " + target.authority + b"\r\n"]
     parts.append(_forwarded_block(head, (b"host", *drop)))
-    if head.codings is not None:
+    if length is not None:
+        parts.append(b"Content-Length: %d\r\n" % length)
+    elif head.codings is not None:
         parts.append(framing_fields(BODY_CHUNKED, None, head.codings))
     elif chunked and head.content_length:
         parts.append(b"Transfer-Encoding: chunked\r\n")

@@ -190,6 +190,7 @@ class ProxyService(MultiService):
             cache_dir=running.cache_dir,
             cache_size=running.cache_size,
             cache_max_object=running.cache_max_object,
+            addon=running.addon,
         )
         self.factory.reconfigure(config)
         return config
@@ -266,9 +267,9 @@ def adopted_service(
 def restart_settings(running: ProxyConfig, new: ProxyConfig) -> list[str]:
     """
     The settings that differ between C{running} and C{new} but take effect only at a
-    restart: the listening ports and the metrics endpoint (bound at start) and the cache
-    (its store is opened at start). C{--workers} is not in L{ProxyConfig}; the command
-    line checks it.
+    restart: the listening ports and the metrics endpoint (bound at start), the cache
+    (its store is opened at start) and the addons (loaded at start). C{--workers} is not
+    in L{ProxyConfig}; the command line checks it.
 
     @return: Their option names, in a stable order.
     """
@@ -279,25 +280,27 @@ def restart_settings(running: ProxyConfig, new: ProxyConfig) -> list[str]:
         names.append("socks-port")
     if new.metrics != running.metrics:
         names.append("metrics")
-    for name in ("cache_memory", "cache_dir", "cache_size", "cache_max_object"):
+    for name in ("cache_memory", "cache_dir", "cache_size", "cache_max_object", "addon"):
         if getattr(new, name) != getattr(running, name):
             names.append(name.replace("_", "-"))
     return names
 
 
-def makeService(config: ProxyConfig, reactor: Any = None) -> IService:
+def makeService(config: ProxyConfig, reactor: Any = None, addons: Sequence[Any] = ()) -> IService:
     """
     Build the proxy service: one L{ProxyFactory} shared by a listening service per
     endpoint description in C{config.port}.
 
     @param config: The proxy's configuration.
     @param reactor: The reactor to listen and connect with (the global one by default).
+    @param addons: Addon objects (see L{aproxy.addons.IAddon}), run after those
+        C{config.addon} names.
     @return: A L{MultiService}; start it (or give it a parent) to listen. A port that
         can't be bound makes C{privilegedStartService} raise C{CannotListenError}.
     @raise ValueError: If an endpoint description is malformed, or the access log can't
         be opened.
     """
-    top = _build(config, reactor, None)
+    top = _build(config, reactor, None, addons)
     _warn_if_exposed(config)
     if config.insecure_host:
         log.warn(
@@ -323,7 +326,9 @@ class _Adopted:
         self.own = own
 
 
-def _build(config: ProxyConfig, reactor: Any, adopted: _Adopted | None) -> ProxyService:
+def _build(
+    config: ProxyConfig, reactor: Any, adopted: _Adopted | None, addons: Sequence[Any] = ()
+) -> ProxyService:
     """
     The proxy service that L{makeService} and L{adopted_service} both return: the factory,
     a listener per port (bound here, or the inherited sockets of C{adopted}), the access
@@ -333,7 +338,7 @@ def _build(config: ProxyConfig, reactor: Any, adopted: _Adopted | None) -> Proxy
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
-    factory = ProxyFactory(config, reactor)
+    factory = ProxyFactory(config, reactor, addons=addons)
     top = ProxyService(factory)
     # One SOCKS5 factory for every --socks-port, on the proxy's own factory.
     socks = SocksFactory(factory, reactor) if config.socks_port else None

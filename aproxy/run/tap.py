@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from aproxy.access.auth import HtpasswdAuthenticator
+from aproxy.addons.load import AddonLoadError, check_spec
 from aproxy.config import ProxyConfig, check_proxy_protocol, listen_description
 from aproxy.intercept.ca import CAError, default_ca_dir, load_or_create
 from aproxy.observe.accesslog import AccessLogError
@@ -212,6 +213,13 @@ class Options(usage.Options):
                 load_or_create(config.ca_dir or default_ca_dir())
             except CAError as e:
                 raise usage.UsageError(f"--ca-dir: {e}") from None
+        for spec in config.addon:
+            try:
+                # Imported here, in the parent, before any worker starts (each worker
+                # makes its own addon objects).
+                check_spec(spec)
+            except AddonLoadError as e:
+                raise usage.UsageError(str(e)) from None
 
     def _fields(self) -> dict[str, Any]:
         """

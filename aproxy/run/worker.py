@@ -13,6 +13,7 @@ import signal
 import sys
 from typing import Any
 
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
 from aproxy.run.tap import worker_service
@@ -55,7 +56,15 @@ def stop_once_on_signals(reactor: Any) -> None:
             return
         stopping = True
         log.info("worker stopping ({name})", name=signal.Signals(signum).name)
-        reactor.callFromThread(reactor.stop)
+        reactor.callFromThread(stop_reactor)
+
+    def stop_reactor() -> None:
+        # Twisted's own handler may have queued a stop already (a signal that came as
+        # the reactor started, before this handler replaced it): stop once.
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

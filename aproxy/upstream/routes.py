@@ -291,6 +291,7 @@ class Router:
         self.fleet_hosts = frozenset(
             m.host for f in self.fleets for i, m in enumerate(f.members) if i != f.own
         )
+        self._chosen: dict[str, Pool] = {}
 
     def __bool__(self) -> bool:
         """Whether any route is configured (if not, everything goes directly)."""
@@ -323,6 +324,30 @@ class Router:
                     member.backoff = before.backoff
                     member.last_error = before.last_error
 
+    def exit_named(self, text: str) -> Parent | Pool | None:
+        """
+        The exit that code chose for one request by name (an addon's
+        C{exchange.parent}): C{direct} (L{None}), a parent URL, or a pool as a route names
+        it (C{STRATEGY:MEMBER,...}). A pool named like one of the routes' is that pool,
+        health and all; another is made once and kept (up to L{_CHOSEN_POOLS}), so its
+        members' health carries from request to request.
+
+        @raise ValueError: If C{text} is none of those.
+        """
+        if text.lower() == "direct":
+            return None
+        strategy, colon, members = text.partition(":")
+        if not (colon and strategy.lower() in STRATEGIES):
+            return parse_parent(text)
+        pool = self._chosen.get(text)
+        if pool is None:
+            pool = parse_pool(strategy.lower(), members)
+            pool = next((p for p in self.pools if p.name == pool.name), pool)
+            if len(self._chosen) >= _CHOSEN_POOLS:
+                self._chosen.clear()
+            self._chosen[text] = pool
+        return pool
+
     def pool_for(self, host: str) -> Pool | None:
         """The parent pool whose route C{host} takes, or L{None}."""
         found = self._match(host) if self.pools else None
@@ -351,6 +376,9 @@ class Router:
 
 RETRY = 30.0
 """Seconds a member that failed is skipped at first."""
+
+_CHOSEN_POOLS = 64
+"""Pools chosen by code (see L{Router.exit_named}) a router keeps, each with its health."""
 
 RETRY_MAX = 300.0
 """The longest a member that keeps failing is skipped."""

@@ -1,0 +1,153 @@
+"""
+Body transformers addons can use as they are: L{Replace} (text replaced as it streams,
+even where a chunk boundary cuts it) and L{decoded} (a transformer given a compressed
+body's plain bytes, its output compressed again), both in bounded memory.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+from aproxy.addons.api import AddonExchange
+
+__all__ = ["Replace", "decoded"]
+
+# Bytes decompressed per step: a small compressed chunk can hold a great deal (a "zip
+# bomb"), so it is taken in pieces of this size, each passed on before the next.
+_STEP = 256 * 1024
+
+
+def _as_bytes(text: str | bytes) -> bytes:
+    return text.encode("utf-8") if isinstance(text, str) else bytes(text)
+
+
+class Replace:
+    """
+    Replace each of some byte strings by another as the body streams: what could be the
+    start of a match at the end of a chunk is held back until the next one shows whether
+    it is (at most the longest pattern's length, less one byte).
+
+    @param replacements: What to replace (C{str} patterns and replacements are UTF-8).
+    """
+
+    def __init__(
+        self,
+        replacements: Mapping[str, str] | Mapping[bytes, bytes] | Mapping[str | bytes, str | bytes],
+    ) -> None:
+        if not replacements or not all(replacements):
+            raise ValueError("Replace needs at least one non-empty pattern")
+        pairs: Any = replacements.items()
+        self._map = {_as_bytes(k): _as_bytes(v) for k, v in pairs}
+        # Longest first, so that of two patterns starting at one place the longer wins.
+        ordered = sorted(self._map, key=len, reverse=True)
+        self._re = re.compile(b"|".join(re.escape(k) for k in ordered))
+        self._keep = len(ordered[0]) - 1
+        self._held = b""
+        # One pattern that can't overlap itself (a word, as usual): bytes.replace does the
+        # work at C speed, with no Python call per match.
+        self._single: tuple[bytes, bytes] | None = None
+        if len(ordered) == 1 and not _overlaps(ordered[0]):
+            self._single = (ordered[0], self._map[ordered[0]])
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The chunk with its complete matches replaced, less a possible match's start."""
+        buf = self._held + chunk if self._held else chunk
+        safe = len(buf) - self._keep
+        single = self._single
+        if single is not None:
+            old, new = single
+            # Only a match starting in the last len(old) - 1 bytes before `safe` can
+            # reach past it; the first one there (there is room for one) ends the part
+            # replaced now.
+            cut = max(safe, 0)
+            found = buf.find(old, max(safe - self._keep, 0), len(buf))
+            if 0 <= found < safe:
+                cut = found + len(old)
+            self._held = buf[cut:]
+            return buf[:cut].replace(old, new)
+        out = []
+        pos = 0
+        for m in self._re.finditer(buf):
+            if m.start() >= safe:
+                break
+            out.append(buf[pos : m.start()])
+            out.append(self._map[m.group()])
+            pos = m.end()
+        cut = max(pos, safe)
+        out.append(buf[pos:cut])
+        self._held = buf[cut:]
+        return b"".join(out)
+
+    def end(self) -> bytes:
+        """What was held back, replaced."""
+        held, self._held = self._held, b""
+        return self._re.sub(lambda m: self._map[m.group()], held)
+
+
+def _overlaps(pattern: bytes) -> bool:
+    """Whether two occurrences of C{pattern} can overlap (a proper suffix is a prefix)."""
+    return any(pattern.endswith(pattern[:n]) for n in range(1, len(pattern)))
+
+
+class _Decoded:
+    """A transformer on a compressed body: decompress, transform, compress again."""
+
+    def __init__(self, inner: Any, wbits: int) -> None:
+        self._inner = inner
+        self._wbits = wbits
+        self._in = zlib.decompressobj(wbits)
+        self._out = zlib.compressobj(6, zlib.DEFLATED, wbits)
+        self._raw_tried = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        out = []
+        data = chunk
+        while True:
+            try:
+                plain = self._in.decompress(data, _STEP)
+            except zlib.error:
+                if self._wbits != zlib.MAX_WBITS or self._raw_tried:
+                    raise
+                # "deflate" sent raw, without its zlib wrapper (some servers do).
+                self._raw_tried = True
+                self._in = zlib.decompressobj(-zlib.MAX_WBITS)
+                self._out = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+                continue
+            self._raw_tried = True
+            data = self._in.unconsumed_tail
+            if plain:
+                out.append(self._out.compress(bytes(self._inner.feed(plain))))
+            if not data and len(plain) < _STEP:
+                break
+        return b"".join(out)
+
+    def end(self) -> bytes:
+        plain = self._in.flush()
+        out = [self._out.compress(bytes(self._inner.feed(plain)))] if plain else []
+        out.append(self._out.compress(bytes(self._inner.end())))
+        out.append(self._out.flush())
+        return b"".join(out)
+
+
+def decoded(exchange: AddonExchange, transformer: Any) -> Any:
+    """
+    C{transformer} as it should be used on the response of C{exchange}: as it is for an
+    uncompressed body, wrapped to see plain bytes for a C{gzip} or C{deflate} one, and
+    L{None} (leave the body alone) for codings it can't undo (C{br}, several codings).
+    """
+    response = exchange.response
+    if response is None:
+        return transformer
+    listed = ",".join(response.fields.get_all("Content-Encoding")).split(",")
+    codings = [c.strip().lower() for c in listed]
+    codings = [c for c in codings if c and c != "identity"]
+    if not codings:
+        return transformer
+    if codings in (["gzip"], ["x-gzip"]):
+        return _Decoded(transformer, 16 + zlib.MAX_WBITS)
+    if codings == ["deflate"]:
+        return _Decoded(transformer, zlib.MAX_WBITS)
+    return None
