@@ -658,3 +658,93 @@ class OptionTests(SynchronousTestCase):
         self.assertEqual(config.socks_port, ("tcp:1080:interface=127.0.0.1",))
         self.assertEqual(config.udp_ports, ((53, 53),))
         self.assertRaises(usage.UsageError, Options().parseOptions, ["--socks-port", "nope:1"])
+
+
+class _Recorder:
+    """An addon that records its hooks, and refuses, picks an exit or waits on request."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.deny = False
+        self.parent: str | None = None
+        self.wait: Deferred[None] | None = None
+
+    def request(self, exchange: Any) -> Any:
+        self.calls.append(("request", exchange.request.method, exchange.request.target))
+        if self.deny:
+            exchange.deny()
+        exchange.parent = self.parent
+        return self.wait
+
+    def tunnel_open(self, exchange: Any) -> None:
+        self.calls.append(("tunnel_open",))
+
+    def tunnel_close(self, exchange: Any, up: int, down: int) -> None:
+        self.calls.append(("tunnel_close", up, down))
+
+    def error(self, exchange: Any, error: str) -> None:
+        self.calls.append(("error",))
+
+    def done(self, exchange: Any) -> None:
+        self.calls.append(("done",))
+
+
+class AddonTests(SocksTestCase):
+    """The addon hooks meet a SOCKS5 CONNECT as they meet an HTTP one."""
+
+    def setUp(self) -> None:
+        self.addon = _Recorder()
+        self.clock = MemoryReactorClock()
+        self.connector = RecordingConnector()
+        self.factory = ProxyFactory(self.config, self.clock, self.connector, addons=[self.addon])
+        self.records = []
+        self.factory.observers.append(self.records.append)
+        self.socks = SocksFactory(self.factory, self.clock)
+        self.client, self.proto = self.connect_client()
+
+    def test_tunnel_hooks(self) -> None:
+        """request, tunnel_open, tunnel_close (bytes up, down) and done, in order."""
+        self.request(CONNECT_NAME)
+        self.connector.attempts[0].succeed()
+        self.proto.dataReceived(b"abc")
+        self.connector.attempts[0].respond(b"hello")
+        self.connector.attempts[0].close()
+        self.assertEqual(
+            self.addon.calls,
+            [
+                ("request", "CONNECT", "example.com:443"),
+                ("tunnel_open",),
+                ("tunnel_close", 3, 12 + 5),
+                ("done",),
+            ],
+        )
+
+    def test_refused_by_addon(self) -> None:
+        """An addon that refuses: 0x02, nothing dialed; error and done are told."""
+        self.addon.deny = True
+        self.assertEqual(self.request(CONNECT_NAME), OK_METHOD + refused(2))
+        self.assertEqual(self.connector.attempts, [])
+        self.assertEqual([c[0] for c in self.addon.calls], ["request", "error", "done"])
+        self.assertEqual(self.records[0].status, 403)
+
+    def test_exit_chosen_by_addon(self) -> None:
+        """exchange.parent picks the exit: the tunnel goes through that parent."""
+        self.addon.parent = "http://parent.example:3128"
+        self.request(CONNECT_NAME)
+        [attempt] = self.connector.attempts
+        self.assertEqual((attempt.host, attempt.port), ("parent.example", 3128))
+
+    def test_hook_waited_for(self) -> None:
+        """A hook that answers later holds the dial; one too slow: 0x06, cancelled."""
+        self.addon.wait = Deferred()
+        self.request(CONNECT_NAME)
+        self.assertEqual(self.connector.attempts, [])
+        self.addon.wait.callback(None)
+        self.assertEqual(len(self.connector.attempts), 1)
+        client, proto = self.connect_client()
+        waiting: Deferred[None] = Deferred()
+        self.addon.wait = waiting
+        proto.dataReceived(NO_AUTH + CONNECT_NAME)
+        self.clock.advance(self.config.addon_timeout)
+        self.assertEqual(client.value(), OK_METHOD + refused(6))
+        self.assertTrue(waiting.called)

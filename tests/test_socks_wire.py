@@ -17,6 +17,7 @@ from aproxy.errors import (
     Forbidden,
     GatewayTimeout,
     InternalError,
+    NotImplementedByProxy,
     ServiceUnavailable,
 )
 from aproxy.socks.wire import (
@@ -362,6 +363,7 @@ class ReplyForTests(SynchronousTestCase):
             (BadGateway("x", "connection_terminated"), GENERAL_FAILURE),
             (ServiceUnavailable("x"), GENERAL_FAILURE),
             (InternalError("x"), GENERAL_FAILURE),
+            (NotImplementedByProxy("x"), COMMAND_NOT_SUPPORTED),
         ]
         for err, code in cases:
             self.assertEqual(reply_for(err), code, err)

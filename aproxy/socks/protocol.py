@@ -22,7 +22,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from aproxy.access.policy import normalize_address
 from aproxy.client.connection import (
     DEADLINE_CONNECT,
     DEADLINE_HEAD,
@@ -48,6 +47,7 @@ from aproxy.http.head import RequestHead
 from aproxy.http.target import Target, format_authority
 from aproxy.intercept.session import Peek
 from aproxy.observe.records import Exchange
+from aproxy.socks.hooks import SocksHooks
 from aproxy.socks.login import SocksLogin
 from aproxy.socks.shared import SocksShared
 from aproxy.socks.udp import UdpRelay
@@ -72,7 +72,7 @@ from aproxy.socks.wire import (
     select_method,
 )
 from aproxy.upstream.connector import connect_error
-from aproxy.upstream.dialer import Hop
+from aproxy.upstream.dialer import Dialer, Hop
 from aproxy.upstream.protocol import UpstreamProtocol, no_delay
 from aproxy.workpool import as_client
 
@@ -119,6 +119,8 @@ class SocksProtocol(ClientConnection):
         self._replied = False
         self.hop: Hop | None = None
         self._route: Any = None
+        self.hooks: SocksHooks | None = None
+        self._why: str | None = None
         self._pending = b""
         self._tunnel: Any = None  # (a Tunnel, or an intercepted TLS session)
         self.udp: UdpRelay | None = None
@@ -175,10 +177,6 @@ class SocksProtocol(ClientConnection):
             self._tunnel.client_lost()
         self.state = _CLOSING
         self._stop()
-        if self.udp is not None:
-            udp, self.udp = self.udp, None
-            udp.stop()
-            self._report(200, None, udp)
         if self.to_client or self.request is not None:
             # (A connection that never spoke SOCKS5, a port scan or a health check, is
             # not a session: as for HTTP, no record.)
@@ -296,9 +294,8 @@ class SocksProtocol(ClientConnection):
         """Reply to the request with the code for C{err}, report it and close."""
         if self.state == _CLOSING:
             return
-        if code is None:
-            code = COMMAND_NOT_SUPPORTED if isinstance(err, NotImplementedByProxy) else None
         code = reply_for(err) if code is None else code
+        self._why = err.reason
         self.log.info(
             "SOCKS5 {method} {target} from {client} refused ({code}): {why}",
             method=_method(self.request),
@@ -318,20 +315,30 @@ class SocksProtocol(ClientConnection):
     def _connect(self, request: Request) -> None:
         rt = self.runtime
         host, port = request.host, request.port
-        hop = rt.dialer.plan(b"", host, port, True)
-        router = rt.dialer.router
-        if router.fleets or router.pools:
-            target = Target(b"", host, port, format_authority(host, port).encode("idna"), b"")
-            # (A tunnel's route never reads the request head.)
-            route = rt.dialer.route_for(
-                target, cast(RequestHead, None), self.user or self.client_ip or "", True
-            )
-            if route is not None:
-                self._route = route
-                hop = route.hop(self.clock.seconds())
+        who = self.user or self.client_ip or ""
+        hop, self._route = _routed(rt.dialer, host, port, who, self.clock.seconds())
         self.state = _DIALING
         self.hop = hop
-        interceptor = rt.interceptor
+        if rt.addons is not None:
+            self.cancel_timer()  # (the addons' own timeout bounds their wait)
+            self.hooks = SocksHooks(self, rt.addons, host, port)
+            self.hooks.request(self._open)
+            return
+        self._open()
+
+    def _open(self) -> None:
+        """After the addons' request hooks: their exit, then a look or the dial."""
+        hooks, hop, request = self.hooks, self.hop, self.request
+        assert hop is not None and request is not None
+        host, port = request.host, request.port
+        if hooks is not None:
+            try:
+                hop, self._route = hooks.exit(hop, self._route)
+                self.hop = hop
+            except ProxyError as e:
+                self.refuse(e)
+                return
+        interceptor = self.runtime.interceptor
         if interceptor is not None and interceptor.wants(host):
             # As for an HTTP CONNECT (see aproxy.intercept.session): the success reply
             # now, then a look at the client's first bytes decides.
@@ -421,6 +428,8 @@ class SocksProtocol(ClientConnection):
         self._tunnel = tunnel
         self.state = _TUNNEL
         self.factory.tunnels += 1
+        if self.hooks is not None:
+            self.hooks.opened()
         self.dataReceived = tunnel.from_client  # type: ignore[method-assign]
         if self._paused:
             self._paused = 0
@@ -455,13 +464,9 @@ class SocksProtocol(ClientConnection):
         client_ip = self.client_ip
         if client_ip is None:
             raise NotImplementedByProxy("UDP ASSOCIATE needs a TCP client")
-        local = getattr(self.transport.getHost(), "host", "0.0.0.0")
-        # The address the client reached us on; an IPv4 client of a dual-stack listener
-        # shows as ::ffff:a.b.c.d, and gets a relay (and a reply) on a.b.c.d.
-        address = normalize_address(local)
         relay = UdpRelay(self, client_ip, request.port, self.socks)
-        interface = str(address) if address is not None else local
-        host, port = relay.start(self.socks.reactor, interface)
+        local = getattr(self.transport.getHost(), "host", "0.0.0.0")
+        host, port = relay.start(self.socks.reactor, local)
         self.udp = relay
         self.cancel_timer()
         self.state = _UDP
@@ -477,11 +482,8 @@ class SocksProtocol(ClientConnection):
     @guarded
     def _deadline_passed(self, kind: int) -> None:
         if kind == DEADLINE_HEAD:
-            if self.state == _LOGIN:
-                err: ProxyError = RequestTimeout("SOCKS5 login not checked in time")
-                self._report(err.status, err.error_type)
-            elif self._hs.rest or self.to_client:
-                err = RequestTimeout("SOCKS5 handshake not completed in time")
+            if self.to_client:  # (a client that never spoke SOCKS5 leaves no record)
+                err = RequestTimeout("SOCKS5 handshake (or login) not completed in time")
                 self._report(err.status, err.error_type)
             self.close()
         elif kind == DEADLINE_CONNECT and self.state == _DIALING:
@@ -512,16 +514,22 @@ class SocksProtocol(ClientConnection):
             self.transport.abortConnection()
 
     def _stop(self) -> None:
-        """Cancel a login check or a dial in flight, and end the route's turn."""
+        """Cancel a login check, hooks or a dial in flight; end the route and the relay."""
         if self._checking is not None:
             checking, self._checking = self._checking, None
             checking.cancel()
         if self.connecting is not None:
             connecting, self.connecting = self.connecting, None
             connecting.cancel()
+        if self.hooks is not None:
+            self.hooks.cancel()
         route, self._route = self._route, None
         if route is not None:
             route.done()
+        if self.udp is not None:
+            udp, self.udp = self.udp, None
+            udp.stop()
+            self._report(200, None, udp)
 
     def close(self) -> None:
         """Close once what was written to the client is sent."""
@@ -532,10 +540,6 @@ class SocksProtocol(ClientConnection):
         self.state = _CLOSING
         self.cancel_timer()
         self._stop()
-        if self.udp is not None:
-            udp, self.udp = self.udp, None
-            udp.stop()
-            self._report(200, None, udp)
         if self._paused:
             self._paused = 0
             self.transport.resumeProducing()
@@ -547,6 +551,8 @@ class SocksProtocol(ClientConnection):
         """Report the session, once, to the factory's observers (access log, metrics)."""
         if not self._reported:
             self._reported = True
+            if self.hooks is not None:
+                self.hooks.ended(error, self._why, self.to_client, self.to_origin)
             if self.factory.observers:
                 _report(self, status, error, udp)
 
@@ -577,6 +583,18 @@ def _report(conn: SocksProtocol, status: int, error: str | None, udp: UdpRelay |
     )
     for observer in conn.factory.observers:
         observer(record)
+
+
+def _routed(dialer: Dialer, host: str, port: int, who: str, now: float) -> tuple[Hop, Any]:
+    """The hop of a CONNECT to C{host:port} by the routes, and its pool route if any."""
+    hop = dialer.plan(b"", host, port, True)
+    router = dialer.router
+    if not (router.fleets or router.pools):
+        return hop, None
+    target = Target(b"", host, port, format_authority(host, port).encode("idna"), b"")
+    # (A tunnel's route never reads the request head.)
+    route = dialer.route_for(target, cast(RequestHead, None), who, True)
+    return (hop, None) if route is None else (route.hop(now), route)
 
 
 def _method(request: Request | None) -> str:

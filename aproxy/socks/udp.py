@@ -82,8 +82,14 @@ class UdpRelay(DatagramProtocol):
         self._last = self._clock.seconds()
         self._timer: IDelayedCall | None = None
 
-    def start(self, reactor: Any, interface: str) -> tuple[str, int]:
-        """Listen on an ephemeral port of C{interface}; return the address to reply with."""
+    def start(self, reactor: Any, local: str) -> tuple[str, int]:
+        """
+        Listen on an ephemeral port of C{local}, the address the client reached the
+        proxy on; return the address to reply with. An IPv4 client of a dual-stack
+        listener shows as C{::ffff:a.b.c.d}, and gets a relay (and a reply) on a.b.c.d.
+        """
+        address = normalize_address(local)
+        interface = str(address) if address is not None else local
         self._port = reactor.listenUDP(0, self, interface=interface)
         host = self._port.getHost()
         self._address = (host.host, host.port)

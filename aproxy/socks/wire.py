@@ -19,6 +19,7 @@ from aproxy.errors import (
     BadGateway,
     Forbidden,
     GatewayTimeout,
+    NotImplementedByProxy,
     ProxyError,
 )
 from aproxy.http.target import parse_authority
@@ -383,11 +384,14 @@ def reply_for(err: ProxyError) -> int:
     The reply code for a request the proxy refused or could not serve, from the error
     the HTTP side would answer (RFC 1928 section 6): rules are L{NOT_ALLOWED}, a name
     that does not resolve or a host that can't be reached L{HOST_UNREACHABLE}, a
-    refused connection L{CONNECTION_REFUSED}, a timeout L{TTL_EXPIRED}, and the rest
+    refused connection L{CONNECTION_REFUSED}, a timeout L{TTL_EXPIRED}, what the proxy
+    does not do L{COMMAND_NOT_SUPPORTED}, and the rest
     (limits, internal errors, a parent's failures) L{GENERAL_FAILURE}.
     """
     if isinstance(err, Forbidden):
         return NOT_ALLOWED
+    if isinstance(err, NotImplementedByProxy):
+        return COMMAND_NOT_SUPPORTED
     if isinstance(err, GatewayTimeout) or err.error_type == "connection_timeout":
         return TTL_EXPIRED
     if isinstance(err, BadGateway):
