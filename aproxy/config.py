@@ -161,6 +161,9 @@ class ProxyConfig:
     @ivar addon: Addons to load, as C{MODULE:NAME} or C{path/to/file.py:NAME} (see
         L{aproxy.addons.load}); loaded once, by the factory.
     @ivar addon_timeout: Seconds a request waits for a hook that answers later.
+    @ivar socks_port: Server endpoint descriptions to serve SOCKS5 on (none by default).
+    @ivar udp_ports: The ports SOCKS5 C{UDP ASSOCIATE} may send datagrams to, as
+        inclusive (low, high) ranges; L{None} allows any port.
     """
 
     port: tuple[str, ...]
@@ -213,6 +216,8 @@ class ProxyConfig:
     ca_dir: str | None
     addon: tuple[str, ...]
     addon_timeout: float
+    socks_port: tuple[str, ...]
+    udp_ports: tuple[tuple[int, int], ...] | None
 
     def __init__(self, **values: Any) -> None:
         """
@@ -272,6 +277,13 @@ class ProxyConfig:
     def connect_allowed(self, port: int) -> bool:
         """Whether a CONNECT tunnel may go to C{port}."""
         ranges = self.connect_ports
+        if ranges is None:
+            return True
+        return any(low <= port <= high for low, high in ranges)
+
+    def udp_port_allowed(self, port: int) -> bool:
+        """Whether a SOCKS5 UDP datagram may go to C{port}."""
+        ranges = self.udp_ports
         if ranges is None:
             return True
         return any(low <= port <= high for low, high in ranges)

@@ -21,7 +21,13 @@ from typing import Any
 
 from aproxy import values
 from aproxy.access.policy import check_host_pattern, parse_host_pattern
-from aproxy.values import DEFAULT_HTTP_PORTS, DEFAULT_PORT, Coerce, format_port_list
+from aproxy.values import (
+    DEFAULT_HTTP_PORTS,
+    DEFAULT_PORT,
+    DEFAULT_UDP_PORTS,
+    Coerce,
+    format_port_list,
+)
 
 __all__ = [
     "OPTIONS",
@@ -545,6 +551,25 @@ OPTIONS: tuple[Option, ...] = (
         10.0,
         """Seconds a request waits for an addon hook that answers later (a Deferred or
         an async def) before 504; the hook is then cancelled.""",
+    ),
+    _row(
+        "socks-port",
+        "list",
+        values.socks_listeners,
+        (),
+        """Also serve SOCKS5 (RFC 1928; with --auth, username/password of RFC 1929) here
+        (repeatable; the forms of --port: a bare port number means that port on
+        127.0.0.1). CONNECT follows the rules, routes and --connect-ports of HTTP
+        CONNECT; UDP ASSOCIATE relays datagrams directly, to --udp-ports; BIND is
+        refused. Off by default.""",
+    ),
+    _row(
+        "udp-ports",
+        "ports",
+        values.port_ranges,
+        DEFAULT_UDP_PORTS,
+        """Ports SOCKS5 UDP ASSOCIATE may send datagrams to: comma-separated ports and
+        ranges, or * for any (by default DNS, NTP and QUIC).""",
     ),
 )
 

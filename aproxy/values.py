@@ -21,6 +21,7 @@ from aproxy.upstream.routes import Router, parse_parent
 __all__ = [
     "DEFAULT_HTTP_PORTS",
     "DEFAULT_PORT",
+    "DEFAULT_UDP_PORTS",
     "Coerce",
     "addon_spec",
     "check_proxy_protocol",
@@ -42,6 +43,7 @@ __all__ = [
     "realm",
     "routes",
     "seconds",
+    "socks_listeners",
     "strings",
     "text",
     "via_name",
@@ -53,6 +55,8 @@ DEFAULT_PORT = "tcp:8080:interface=127.0.0.1"
 # Squid's Safe_ports without the legacy protocols (ftp, gopher, wais, ...): the web
 # ports and the unprivileged ones, where no system service such as SMTP listens.
 DEFAULT_HTTP_PORTS = ((80, 80), (443, 443), (1025, 65535))
+# SOCKS5 UDP ASSOCIATE: DNS, NTP and QUIC.
+DEFAULT_UDP_PORTS = ((53, 53), (123, 123), (443, 443))
 _VIA_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z:\[\]]+")
 
 PortRanges = tuple[tuple[int, int], ...] | None
@@ -319,6 +323,22 @@ def listeners(name: str, value: Any) -> tuple[str, ...]:
         raise ValueError(f"{name}: {e}") from None
     if not ports:
         raise ValueError("at least one --port is needed")
+    return ports
+
+
+def socks_listeners(name: str, value: Any) -> tuple[str, ...]:
+    """
+    C{--socks-port}: endpoint descriptions as for C{--port} (a bare number is that port
+    on 127.0.0.1), none by default; not behind C{haproxy:} (the SOCKS front end reads no
+    PROXY header).
+    """
+    try:
+        ports = tuple(listen_description(p) for p in strings(name, value))
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    for description in ports:
+        if proxy_protocol_inner(description) is not None:
+            raise ValueError(f"{name}: {description!r}: haproxy: is for --port only")
     return ports
 
 

@@ -46,7 +46,7 @@ class ConfigFileTests(SynchronousTestCase):
         names = {p[0] for p in options.optParameters} | {f[0] for f in options.optFlags}
         names |= {"port", "allow", "deny-host", "allow-host", "route", "insecure-host"}
         names |= {"proxy-protocol-from", "cache-purge-from", "intercept", "no-intercept"}
-        names |= {"pac-direct", "addon"}
+        names |= {"pac-direct", "addon", "socks-port"}
         self.assertEqual(names - {"config"}, set(OPTION_KINDS))
 
     def test_cache_sizes_from_file(self) -> None:

@@ -97,6 +97,20 @@ class LayeringTests(SynchronousTestCase):
                     wrong.append(f"{name} imports {module}")
         self.assertEqual(wrong, [])
 
+    def test_socks_wire_is_sans_io(self) -> None:
+        """aproxy.socks.wire imports no Twisted, and of aproxy only the sans-IO layers."""
+        known = set(self.modules)
+        wrong = [
+            module
+            for module, _ in imports(self.modules["aproxy.socks.wire"], known)
+            if module.split(".")[0] == "twisted"
+            or (
+                module.startswith("aproxy")
+                and not module.startswith(("aproxy.http", "aproxy.errors"))
+            )
+        ]
+        self.assertEqual(wrong, [])
+
     def test_client_side_does_not_import_the_process_layer(self) -> None:
         """aproxy.client (and what it builds on) never imports aproxy.run."""
         wrong = [

@@ -111,7 +111,8 @@ def format_combined(record: Exchange) -> str:
     (on one line), so combined-format parsers read it, and ends with C{key=value} fields
     that such parsers ignore or capture as trailing text::
 
-        bytes_to_origin=N duration_ms=N upstream=UPSTREAM error=ERROR [cache=RESULT]
+        bytes_to_origin=N duration_ms=N upstream=UPSTREAM error=ERROR [cache=RESULT] \
+            [datagrams=N]
 
     The time is when the request head was complete, in UTC, to the second (as Apache's
     C{%t}). C{BYTES} counts everything written to the client, heads included (Apache's
@@ -142,7 +143,8 @@ def format_combined(record: Exchange) -> str:
         f" bytes_to_origin={record.bytes_to_origin}"
         f" duration_ms={_milliseconds(record.duration)}"
         f" upstream={_bare(record.upstream)} error={_bare(record.error)}"
-        + (f" cache={record.cache}\n" if record.cache is not None else "\n")
+        + (f" cache={record.cache}" if record.cache is not None else "")
+        + (f" datagrams={record.datagrams}\n" if record.datagrams is not None else "\n")
     )
 
 
@@ -254,7 +256,8 @@ def format_json(record: Exchange) -> str:
     (string or C{null}), C{method}, C{target}, C{status} (C{0}: the client left before
     a response), C{bytes_to_client}, C{bytes_to_origin} (heads included), C{duration_ms}
     (a number, to the microsecond), C{upstream} and C{error} (the RFC 9209 error type or
-    C{null}), and with the cache on C{cache} (its result, as in Squid's log). The
+    C{null}), with the cache on C{cache} (its result, as in Squid's log), and for a
+    SOCKS5 UDP association C{datagrams} (relayed, both ways). The
     output is ASCII (other characters are C{\\u} escaped), without spaces.
 
     @param record: The finished exchange.
@@ -277,6 +280,8 @@ def format_json(record: Exchange) -> str:
     }
     if record.cache is not None:
         fields["cache"] = record.cache
+    if record.datagrams is not None:
+        fields["datagrams"] = record.datagrams
     return json.dumps(fields, ensure_ascii=True, separators=(",", ":")) + "\n"
 
 

@@ -50,6 +50,7 @@ class Exchange:
         "bytes_to_origin",
         "cache",
         "client",
+        "datagrams",
         "duration",
         "error",
         "method",
@@ -79,6 +80,7 @@ class Exchange:
         user_agent: str | None = None,
         fields: bytes | None = None,
         cache: str | None = None,
+        datagrams: int | None = None,
     ) -> None:
         """
         @param referer: The C{Referer} value, if not to be read from C{fields}.
@@ -103,6 +105,7 @@ class Exchange:
         self._user_agent = user_agent
         self._fields = fields
         self.cache = cache
+        self.datagrams = datagrams
 
     @property
     def referer(self) -> str | None:

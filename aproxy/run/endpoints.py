@@ -68,10 +68,11 @@ def parse_endpoint(description: str) -> Endpoint:
 def public_listeners(config: ProxyConfig) -> list[str]:
     """
     The listening descriptions in C{config} reachable from other machines: TCP and TLS
-    endpoints whose interface is not a loopback address (no interface means all).
+    endpoints whose interface is not a loopback address (no interface means all), the
+    SOCKS5 ones too.
     """
     public = []
-    for description in config.port:
+    for description in (*config.port, *config.socks_port):
         endpoint = parse_endpoint(description)
         if endpoint.kind not in ("tcp", "tcp6", "ssl"):
             continue

@@ -33,6 +33,7 @@ from aproxy.observe.accesslog import AccessLog
 from aproxy.observe.cluster import SnapshotFactory
 from aproxy.observe.metrics import Metrics, metrics_site
 from aproxy.run.endpoints import public_listeners
+from aproxy.socks.factory import SocksCollector, SocksFactory
 from aproxy.upstream.routes import parse_route
 
 __all__ = [
@@ -183,6 +184,7 @@ class ProxyService(MultiService):
         config = replace(
             config,
             port=running.port,
+            socks_port=running.socks_port,
             metrics=running.metrics,
             cache_memory=running.cache_memory,
             cache_dir=running.cache_dir,
@@ -250,7 +252,8 @@ def adopted_service(
     """
     The proxy service of one C{--workers} worker: like L{makeService}, but serving on
     inherited listening sockets, given as (file descriptor, address family) pairs in the
-    order of C{config.port} (so that a C{haproxy:} port's socket takes PROXY headers).
+    order of C{config.port} (so that a C{haproxy:} port's socket takes PROXY headers),
+    then of C{config.socks_port}.
 
     @param snapshot: With C{config.metrics}: the unix socket path where the worker
         serves its figures to the parent (L{aproxy.observe.cluster}), which serves the
@@ -273,6 +276,8 @@ def restart_settings(running: ProxyConfig, new: ProxyConfig) -> list[str]:
     names = []
     if new.port != running.port:
         names.append("port")
+    if new.socks_port != running.socks_port:
+        names.append("socks-port")
     if new.metrics != running.metrics:
         names.append("metrics")
     for name in ("cache_memory", "cache_dir", "cache_size", "cache_max_object", "addon"):
@@ -335,6 +340,8 @@ def _build(
         reactor = _reactor
     factory = ProxyFactory(config, reactor, addons=addons)
     top = ProxyService(factory)
+    # One SOCKS5 factory for every --socks-port, on the proxy's own factory.
+    socks = SocksFactory(factory, reactor) if config.socks_port else None
     if adopted is None:
         for description in config.port:
             inner = proxy_protocol_inner(description)
@@ -346,16 +353,25 @@ def _build(
                 service = _ListeningService(endpoint, factory, ProxyHeaderFactory(factory))
             service.setName(description)
             service.setServiceParent(top)
+        for description in config.socks_port:
+            endpoint = serverFromString(reactor, description)
+            service = _ListeningService(endpoint, factory, socks)
+            service.setName("socks " + description)
+            service.setServiceParent(top)
     else:
         for address in adopted.own:
             factory.loops.note_listening(address)
         for index, (fd, family) in enumerate(adopted.fds):
-            serve = None
-            if index < len(config.port) and proxy_protocol_inner(config.port[index]) is not None:
+            serve: IProtocolFactory | None = None
+            if index >= len(config.port):
+                serve = socks
+            elif proxy_protocol_inner(config.port[index]) is not None:
                 serve = ProxyHeaderFactory(factory)
             _AdoptedService(fd, family, factory, reactor, serve).setServiceParent(top)
     if config.metrics is not None and (adopted is None or adopted.snapshot is not None):
         metrics = Metrics(factory, reactor)
+        if socks is not None:
+            metrics.registry.register(SocksCollector(socks))
         factory.observers.append(metrics)
         factory.connect_observers.append(metrics.observe_connect)
         if adopted is None:

@@ -157,6 +157,15 @@ class Options(usage.Options):
             ports = option("port").parse(fields.get("port", option("port").default))
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+        try:
+            socks_ports = option("socks-port").parse(fields.get("socks_port", ()))
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        for description in socks_ports:
+            try:
+                serverFromString(None, description)
+            except Exception as e:
+                raise usage.UsageError(f"--socks-port {description}: {e}") from None
         for description in ports:
             if description.startswith("systemd:"):
                 # Parsed once, when listening: it takes over the inherited descriptors.

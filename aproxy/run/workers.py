@@ -139,7 +139,12 @@ class WorkerPool(Service):
         Take a reloaded configuration (SIGHUP): the ports and the metrics endpoint stay as
         they were bound; the rest (the shutdown timeout, what /status shows) is the new one.
         """
-        config = replace(config, port=self.config.port, metrics=self.config.metrics)
+        config = replace(
+            config,
+            port=self.config.port,
+            socks_port=self.config.socks_port,
+            metrics=self.config.metrics,
+        )
         self.config = config
         if self.metrics is not None:
             self.metrics.config = config
@@ -151,7 +156,8 @@ class WorkerPool(Service):
         """
         super().privilegedStartService()
         if not self.sockets:
-            for description in self.config.port:
+            # The SOCKS5 ports after the HTTP ones: the workers tell them apart by place.
+            for description in (*self.config.port, *self.config.socks_port):
                 self._port_sockets.append(self._sockets_for(description))
                 self.sockets.extend({id(sock): sock for sock in self._port_sockets[-1]}.values())
         if self.config.metrics is not None and self.metrics is None:
