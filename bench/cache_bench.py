@@ -65,7 +65,7 @@ from aproxybench.procs import (
     settle,
     tool_output,
 )
-from aproxybench.report import machine_line
+from aproxybench.report import machine_line, notes_lines
 from aproxybench.settings import CHECKOUT, DISTURBED_SHARE, LOOPBACK, MIB, PROGRAMS, SMOKE
 from aproxybench.targets import render
 
@@ -620,14 +620,7 @@ class CacheBench:
             "|---|---|---|---|---|",
         ]
         out += [f"| {' | '.join(row)} |" for row in self.rows]
-        out += ["", "Versions:"]
-        out += [f"- {k}: {v}" for k, v in sorted(self.versions.items()) if v]
-        out += ["", "Commands:"]
-        out += [f"- {k}: `{v}`" for k, v in self.commands.items()]
-        if self.problems:
-            out += ["", "Problems:"] + [f"- {x}" for x in self.problems]
-        if self.failures:
-            out += ["", "Failed:"] + [f"- {x}" for x in self.failures]
+        out += notes_lines(self.versions, self.commands, self.problems, self.failures)
         return "\n".join(out) + "\n"
 
     def cleanup(self) -> None:
