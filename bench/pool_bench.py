@@ -44,7 +44,7 @@ the end (also on errors, Ctrl-C and the time budget), and the temp dir is remove
 
 Usage: python bench/pool_bench.py [--quick | --smoke] [--rounds N] [--duration S]
        [--connections N] [--strategies rr,least,client] [--parent-mode answer|forward]
-       [--no-wrk] [--keep-tmp]
+       [--profile DIR] [--no-wrk] [--keep-tmp]
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from aproxybench.harness import Harness
@@ -75,6 +76,7 @@ from aproxybench.procs import (
     settle,
     tool_output,
 )
+from aproxybench.profiling import record_profile
 from aproxybench.report import machine_line, notes_lines
 from aproxybench.settings import CHECKOUT, LOOPBACK, SMOKE
 from aproxybench.targets import aproxy_argv, aproxy_version, render
@@ -149,6 +151,7 @@ class PoolBench(Harness):
         self.running: list[Running] = []
         self.runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         self.spread: dict[str, dict[str, int]] = {}
+        self.profiles: dict[str, list[str]] = {}
 
     # ---- processes
 
@@ -277,6 +280,29 @@ class PoolBench(Harness):
                 with urllib.request.urlopen(url, timeout=10) as response:
                     self.spread[run.name] = parent_requests(response.read().decode())
 
+    def profile(self) -> None:
+        """
+        C{--profile DIR}: py-spy records the single-parent aproxy and each pool's during
+        one more load run each (DIR/NAME.txt, raw collapsed stacks); the report lists
+        where their time went, so a pool's extra cost shows against the single parent's.
+        """
+        out = Path(self.args.profile).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        for run in self.running:
+            if not run.upstream:
+                continue
+            done = record_profile(
+                out / f"{run.name}.txt",
+                "nonblocking",
+                run.pid,
+                self.s.wrk_seconds,
+                self.tmp / f"py-spy-{run.name}.log",
+                lambda run=run: load(run.target, PATH, False, run.pid, self.s, self.args, self.tmp),
+            )
+            self.commands[f"profile {run.name}"] = done.command
+            self.profiles[run.name] = done.lines
+            self.problems += done.problems
+
     # ---- the run and the report
 
     def run(self) -> None:
@@ -290,6 +316,8 @@ class PoolBench(Harness):
         self.start_targets()
         self.rounds()
         self.read_spread()
+        if self.args.profile:
+            self.profile()
         for run in self.running:
             if run.child is not None:
                 self.scan_log(run.child, "run")
@@ -389,6 +417,8 @@ class PoolBench(Harness):
             if runs:
                 each = ", ".join(f"{x['rps']:,.0f}" for x in runs)
                 out.append(f"- {name}: {each}")
+        for name, lines in self.profiles.items():
+            out += ["", f"Profile of {name} (py-spy, one more load run):", "", *lines]
         out += notes_lines(self.versions, self.commands, self.problems, self.failures)
         return "\n".join(out) + "\n"
 
@@ -422,6 +452,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="answer",
         help="the parent serves the body itself (answer) or relays to the origin (forward)",
     )
+    ap.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="after the rounds, py-spy records each parent target in one more run (into DIR)",
+    )
     ap.add_argument("--no-wrk", action="store_true", help="use the built-in load client")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     args = ap.parse_args(argv)
@@ -445,7 +480,10 @@ def main(argv: list[str] | None = None) -> int:
         strategies=args.strategies or mode.strategies,
     )
     args.connections, args.strategies = mode.connections, mode.strategies
-    budget = 60 + int(mode.rounds * (3 + len(mode.strategies)) * (mode.seconds + 1.5))
+    runs = mode.rounds * (3 + len(mode.strategies))
+    if args.profile:
+        runs += 1 + len(mode.strategies)
+    budget = 60 + int(runs * (mode.seconds + 2))
     abort_on_signals(max(mode.max_seconds, budget))
     bench = PoolBench(args, mode)
     status = run_bench(bench)
