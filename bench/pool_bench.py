@@ -36,15 +36,19 @@ which goes first, and a slow spell of the shared machine lands on every target a
 report gives per target the medians of its rounds (req/s, p50/p99, aproxy's and the
 parent's CPU seconds per 10k requests), its ratio to the single parent, and the ratio of
 each round's pool figure to the same round's single-parent figure (median, min-max).
-After the rounds, each pool's C{aproxy_parent_requests_total} says how its requests were
-spread over the members.
+Each round then runs the targets through a parent once more, paced (each of wrk's
+connections pauses C{--paced} ms, 20, before each request): every target gets about the
+same modest rate, so aproxy's CPU per request compares the work per request rather than
+how well each batches at its limit (at its limit a process that is a little slower also
+batches less, which costs it more CPU per request). After the rounds, each pool's
+C{aproxy_parent_requests_total} says how its requests were spread over the members.
 
 Everything listens on 127.0.0.1; each child runs in its own process group and is killed at
 the end (also on errors, Ctrl-C and the time budget), and the temp dir is removed.
 
 Usage: python bench/pool_bench.py [--quick | --smoke] [--rounds N] [--duration S]
        [--connections N] [--strategies rr,least,client] [--parent-mode answer|forward]
-       [--profile DIR] [--no-wrk] [--keep-tmp]
+       [--paced MS] [--profile DIR] [--no-wrk] [--keep-tmp]
 """
 
 from __future__ import annotations
@@ -95,12 +99,14 @@ class Mode:
     rounds: int
     connections: int
     strategies: tuple[str, ...]
+    paced_ms: int  # the paced runs' pause before each request (0: none)
     max_seconds: int  # time budget of the whole run
 
 
-FULL = Mode("full", 5, 5, 50, ("rr", "least", "client"), 600)
-QUICK = Mode("quick", 2, 3, 50, ("rr", "least", "client"), 180)
-SMOKE_MODE = Mode("smoke", 1, 1, 10, ("rr", "client"), 90)
+# Six rounds: each order (forward, reversed) as often as the other.
+FULL = Mode("full", 5, 6, 50, ("rr", "least", "client"), 20, 600)
+QUICK = Mode("quick", 2, 2, 50, ("rr", "least", "client"), 20, 180)
+SMOKE_MODE = Mode("smoke", 1, 1, 10, ("rr", "client"), 0, 90)
 
 
 def median(values: list[float]) -> float:
@@ -150,6 +156,7 @@ class PoolBench(Harness):
         self.parent_ports = (0, 0)
         self.running: list[Running] = []
         self.runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        self.paced: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         self.spread: dict[str, dict[str, int]] = {}
         self.profiles: dict[str, list[str]] = {}
 
@@ -228,13 +235,16 @@ class PoolBench(Harness):
 
     # ---- the rounds
 
-    def measure(self, r: int, run: Running) -> None:
-        """One wrk run of C{run} in round C{r}, with the parent's CPU over it."""
+    def measure(self, r: int, run: Running, delay_ms: int = 0) -> None:
+        """
+        One wrk run of C{run} in round C{r}, with the parent's CPU over it; paced with
+        C{delay_ms} (each connection pauses that long before each request).
+        """
         assert self.origin is not None and self.parent is not None
         via_parent = run.name not in ("direct", "aproxy")
         origin = None if run.name == "direct" else self.origin.pid
         parent0 = sum(cpu_seconds(self.parent.pid))
-        one = load(run.target, PATH, False, run.pid, self.s, self.args, self.tmp, origin)
+        one = load(run.target, PATH, False, run.pid, self.s, self.args, self.tmp, origin, delay_ms)
         parent = sum(cpu_seconds(self.parent.pid)) - parent0
         # The parent's CPU is not the load client's, the origin's or aproxy's: take it out
         # of what load() counts as other work on the machine.
@@ -242,11 +252,12 @@ class PoolBench(Harness):
         if isinstance(one.get("unattributed"), float) and one["seconds"]:
             one["unattributed"] = max(0.0, one["unattributed"] - parent / (one["seconds"] * ncpu))
         one["parent_per_10k"] = parent / one["requests"] * 10_000 if via_parent else None
-        self.check_health(run.name, f"round {r + 1}", one)
-        self.runs[run.name].append(one)
+        what = f"paced round {r + 1}" if delay_ms else f"round {r + 1}"
+        self.check_health(run.name, what, one)
+        (self.paced if delay_ms else self.runs)[run.name].append(one)
         cpu = one.get("cpu_per_10k")
         log(
-            f"round {r + 1} {run.name}: {one['rps']:,.0f} req/s, p50 {one['p50_ms']:.2f} / "
+            f"{what} {run.name}: {one['rps']:,.0f} req/s, p50 {one['p50_ms']:.2f} / "
             f"p99 {one['p99_ms']:.2f} ms"
             + (f", {cpu:.3f} CPU s / 10k" if cpu is not None and run.name != "direct" else "")
         )
@@ -255,7 +266,8 @@ class PoolBench(Harness):
         """
         A warm-up run of each target (not counted: aproxy's connections to the parent or
         the origin are opened there, not in the first round), then every target in each
-        round, forward in odd rounds and reversed in even ones.
+        round, forward in odd rounds and reversed in even ones; then, with a pace, each
+        target through a parent again, paced, in the same order.
         """
         warm = replace(self.s, wrk_seconds=1)
         for run in self.running:
@@ -265,6 +277,11 @@ class PoolBench(Harness):
             for run in order:
                 self.measure(r, run)
                 self.check_alive()
+            if self.mode.paced_ms and self.args.wrk:
+                for run in order:
+                    if run.upstream:
+                        self.measure(r, run, self.mode.paced_ms)
+                        self.check_alive()
 
     def check_alive(self) -> None:
         """Fail the run if a child exited."""
@@ -324,15 +341,7 @@ class PoolBench(Harness):
 
     def rows(self) -> list[tuple[str, str, str, str, str]]:
         """The table: one row per target, the ratios to the single parent, the goal."""
-        med: dict[str, dict[str, float]] = {}
-        for name, runs in self.runs.items():
-            if not runs:
-                continue
-            med[name] = {}
-            for key in ("rps", "p50_ms", "p99_ms", "cpu_per_10k", "parent_per_10k"):
-                each = [float(x[key]) for x in runs if x.get(key) is not None]
-                if each:
-                    med[name][key] = median(each)
+        med = medians(self.runs)
         single = self.runs.get("single", [])
         out = []
         for run in self.running:
@@ -366,6 +375,39 @@ class PoolBench(Harness):
                 if name != "client":
                     goal = met(f">= {GOAL:g}x single", m["rps"] >= GOAL * s["rps"])
             out.append((self.label(run), figure, ratio, goal, self.spread_text(run)))
+        return out + self.paced_rows()
+
+    def paced_rows(self) -> list[tuple[str, str, str, str, str]]:
+        """
+        The paced runs: each target through a parent at the same modest rate, so the
+        CPU per request compares the work per request, not how each batches at its limit.
+        """
+        med = medians(self.paced)
+        single = self.paced.get("single", [])
+        out = []
+        for run in self.running:
+            m = med.get(run.name)
+            if not m or "cpu_per_10k" not in m:
+                continue
+            figure = (
+                f"{m['rps']:,.0f} req/s, p50 {m['p50_ms']:.2f} / p99 {m['p99_ms']:.2f} ms; "
+                f"aproxy {m['cpu_per_10k']:.3f} CPU s / 10k"
+            )
+            ratio = ""
+            s = med.get("single")
+            if run.name != "single" and s and "cpu_per_10k" in s:
+                ratio = f"CPU/10k {m['cpu_per_10k'] / s['cpu_per_10k']:.3f}x single"
+                paired = [
+                    x["cpu_per_10k"] / y["cpu_per_10k"]
+                    for x, y in zip(self.paced[run.name], single, strict=False)
+                ]
+                if len(paired) > 1:
+                    ratio += (
+                        f" (each round: median {median(paired):.3f}, "
+                        f"{min(paired):.3f}-{max(paired):.3f})"
+                    )
+            label = f"paced ({self.mode.paced_ms} ms pauses): {self.label(run)}"
+            out.append((label, figure, ratio, "", ""))
         return out
 
     def label(self, run: Running) -> str:
@@ -423,6 +465,20 @@ class PoolBench(Harness):
         return "\n".join(out) + "\n"
 
 
+def medians(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Per target, the median of each figure over its rounds."""
+    med: dict[str, dict[str, float]] = {}
+    for name, each_run in runs.items():
+        if not each_run:
+            continue
+        med[name] = {}
+        for key in ("rps", "p50_ms", "p99_ms", "cpu_per_10k", "parent_per_10k"):
+            each = [float(x[key]) for x in each_run if x.get(key) is not None]
+            if each:
+                med[name][key] = median(each)
+    return med
+
+
 def strategy_list(text: str) -> tuple[str, ...]:
     """C{--strategies}: comma-separated pool strategies."""
     names = tuple(x.strip() for x in text.split(",") if x.strip())
@@ -438,7 +494,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="2 s runs, 3 rounds (about a minute)")
     mode.add_argument("--smoke", action="store_true", help="1 s runs, 1 round (for the tests)")
-    ap.add_argument("--rounds", type=int, help="alternating rounds (5; --quick 3, --smoke 1)")
+    ap.add_argument("--rounds", type=int, help="alternating rounds (6; --quick 2, --smoke 1)")
     ap.add_argument("--duration", type=float, help="seconds of each load run (5)")
     ap.add_argument("--connections", type=int, help="wrk's connections (50)")
     ap.add_argument(
@@ -451,6 +507,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("answer", "forward"),
         default="answer",
         help="the parent serves the body itself (answer) or relays to the origin (forward)",
+    )
+    ap.add_argument(
+        "--paced",
+        type=int,
+        metavar="MS",
+        help="each round, the parent targets again with MS ms pauses (20; 0: none)",
     )
     ap.add_argument(
         "--profile",
@@ -478,11 +540,13 @@ def main(argv: list[str] | None = None) -> int:
         seconds=args.duration or mode.seconds,
         connections=args.connections or mode.connections,
         strategies=args.strategies or mode.strategies,
+        paced_ms=mode.paced_ms if args.paced is None else args.paced,
     )
     args.connections, args.strategies = mode.connections, mode.strategies
-    runs = mode.rounds * (3 + len(mode.strategies))
+    parents = 1 + len(mode.strategies)  # the targets through a parent
+    runs = mode.rounds * (2 + parents + (parents if mode.paced_ms else 0))
     if args.profile:
-        runs += 1 + len(mode.strategies)
+        runs += parents
     budget = 60 + int(runs * (mode.seconds + 2))
     abort_on_signals(max(mode.max_seconds, budget))
     bench = PoolBench(args, mode)
