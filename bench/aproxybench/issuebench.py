@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 from .httpio import Target
 from .procs import Child, abort_on_signals, free_port, log, run_bench, sbin, settle, tool_output
-from .report import machine_line
+from .report import machine_line, notes_lines
 from .settings import IO_TIMEOUT, LOOPBACK
 from .targets import render
 
@@ -295,14 +295,7 @@ class IssueBench:
             "|---|---|---|---|---|",
         ]
         out += [f"| {' | '.join(row)} |" for row in self.rows]
-        out += ["", "Versions:"]
-        out += [f"- {k}: {v}" for k, v in sorted(self.versions.items()) if v]
-        out += ["", "Commands:"]
-        out += [f"- {k}: `{v}`" for k, v in self.commands.items()]
-        if self.problems:
-            out += ["", "Problems:"] + [f"- {x}" for x in self.problems]
-        if self.failures:
-            out += ["", "Failed:"] + [f"- {x}" for x in self.failures]
+        out += notes_lines(self.versions, self.commands, self.problems, self.failures)
         return "\n".join(out) + "\n"
 
     def after_stop(self) -> None:

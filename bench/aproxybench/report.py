@@ -25,6 +25,7 @@ __all__ = [
     "failed",
     "goal_lines",
     "machine_line",
+    "notes_lines",
     "render",
     "size_label",
     "table_lines",
@@ -139,6 +140,24 @@ def render(bench: Bench) -> str:
 def size_label(n: int) -> str:
     """C{100 MiB} or C{512 B}."""
     return f"{n // MIB} MiB" if n >= MIB else f"{n} B"
+
+
+def notes_lines(
+    versions: dict[str, str], commands: dict[str, str], problems: list[str], failures: list[str]
+) -> list[str]:
+    """
+    The end of a one-table report (bench/cache_bench.py's kind): versions, commands, then
+    problems and failures when there are any.
+    """
+    out = ["", "Versions:"]
+    out += [f"- {k}: {v}" for k, v in sorted(versions.items()) if v]
+    out += ["", "Commands:"]
+    out += [f"- {k}: `{v}`" for k, v in commands.items()]
+    if problems:
+        out += ["", "Problems:"] + [f"- {x}" for x in problems]
+    if failures:
+        out += ["", "Failed:"] + [f"- {x}" for x in failures]
+    return out
 
 
 def machine_line() -> str:
