@@ -118,6 +118,7 @@ class Dialer:
         self.upstream_factory = upstream_factory
         self.router = router
         self._plans: dict[tuple[bytes, str, int, bool], Hop] = {}
+        self._vias: dict[tuple[Parent | None, bytes, str, int, bool], Hop] = {}
 
     def plan(self, scheme: bytes, host: str, port: int, tunnel: bool) -> Hop:
         """
@@ -137,6 +138,15 @@ class Dialer:
 
     def via(self, parent: Parent | None, scheme: bytes, host: str, port: int, tunnel: bool) -> Hop:
         """The L{Hop} to C{scheme://host:port} through C{parent} (L{None}: directly)."""
+        cache_key = (parent, scheme, host, port, tunnel)
+        hop = self._vias.get(cache_key)
+        if hop is None:
+            if len(self._vias) >= _CACHE_SIZE:
+                self._vias.clear()
+            hop = self._vias[cache_key] = self._via(parent, scheme, host, port, tunnel)
+        return hop
+
+    def _via(self, parent: Parent | None, scheme: bytes, host: str, port: int, tunnel: bool) -> Hop:
         tls = scheme == b"https" and not tunnel
         key: Hashable
         if parent is None:

@@ -292,6 +292,7 @@ class Router:
             m.host for f in self.fleets for i, m in enumerate(f.members) if i != f.own
         )
         self._chosen: dict[str, Pool] = {}
+        self._matched: dict[str, Parent | Fleet | Pool | None] = {}
 
     def __bool__(self) -> bool:
         """Whether any route is configured (if not, everything goes directly)."""
@@ -354,10 +355,18 @@ class Router:
         return found if isinstance(found, Pool) else None
 
     def _match(self, host: str) -> Parent | Fleet | Pool | None:
+        matched = self._matched
+        if host in matched:
+            return matched[host]
+        found = None
         for patterns, parent in self._rules:
             if patterns.matches(host):
-                return parent
-        return None
+                found = parent
+                break
+        if len(matched) >= _HOSTS_KEPT:
+            matched.clear()
+        matched[host] = found
+        return found
 
 
 # -- parent pools --------------------------------------------------------------
@@ -376,6 +385,12 @@ class Router:
 
 RETRY = 30.0
 """Seconds a member that failed is skipped at first."""
+
+_HOSTS_KEPT = 4096
+"""Hosts whose matching route a router remembers (forgotten all at once past it)."""
+
+_CLIENTS_KEPT = 4096
+"""Clients whose member a C{client} pool remembers (forgotten all at once past it)."""
 
 _CHOSEN_POOLS = 64
 """Pools chosen by code (see L{Router.exit_named}) a router keeps, each with its health."""
@@ -430,6 +445,7 @@ class Pool:
         self.strategy = strategy
         self.members = members
         self._random = random.Random()
+        self._chosen: dict[tuple[str, tuple[int, ...]], int] = {}
 
     @property
     def name(self) -> str:
@@ -450,21 +466,32 @@ class Pool:
         @param client: The client's user or address (for C{client}).
         @return: The member's index, or L{None} when every member was tried.
         """
-        candidates = [i for i in range(len(self.members)) if i not in tried]
-        if not candidates:
-            return None
-        up = [i for i in candidates if self.members[i].up(now)]
+        # (Plain loops: this runs for every request through a pool.)
+        members = self.members
+        up = []
+        soonest = None
+        for i, member in enumerate(members):
+            if i in tried:
+                continue
+            if member.down_until <= now:
+                up.append(i)
+            elif soonest is None or member.down_until < members[soonest].down_until:
+                soonest = i
         if not up:
-            return min(candidates, key=lambda i: self.members[i].down_until)
+            return soonest
         if len(up) == 1:
             return up[0]
-        members = self.members
         strategy = self.strategy
         if strategy == "rr":
-            total = sum(members[i].weight for i in up)
+            total = 0
+            best = up[0]
+            top = None
             for i in up:
-                members[i].current += members[i].weight
-            best = max(up, key=lambda i: members[i].current)
+                member = members[i]
+                total += member.weight
+                member.current += member.weight
+                if top is None or member.current > top:
+                    best, top = i, member.current
             members[best].current -= total
             return best
         if strategy == "least":
@@ -472,17 +499,24 @@ class Pool:
         if strategy == "random":
             weights = [members[i].weight for i in up]
             return self._random.choices(up, weights)[0]
-        # client: weighted rendezvous hashing of the client over the members up.
-        key = client.encode("utf-8", "replace")
+        # client: weighted rendezvous hashing of the client over the members up (the
+        # choice remembered per client and set of members up: hashing is the cost).
+        remembered = (client, tuple(up))
+        chosen = self._chosen.get(remembered)
+        if chosen is not None:
+            return chosen
+        key = b"\x00" + client.encode("utf-8", "replace")
 
         def score(i: int) -> float:
-            digest = hashlib.blake2b(
-                members[i].name.encode() + b"\x00" + key, digest_size=8
-            ).digest()
+            digest = hashlib.blake2b(members[i].name.encode() + key, digest_size=8).digest()
             unit = (int.from_bytes(digest, "big") + 1) / 2.0**64
             return -members[i].weight / math.log(unit)
 
-        return max(up, key=score)
+        chosen = max(up, key=score)
+        if len(self._chosen) >= _CLIENTS_KEPT:
+            self._chosen.clear()
+        self._chosen[remembered] = chosen
+        return chosen
 
     def failed(self, index: int, now: float, why: str) -> None:
         """Member C{index} failed: skip it for its backoff, which doubles (to a limit)."""
