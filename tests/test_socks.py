@@ -25,7 +25,7 @@ from aproxy.config import ProxyConfig
 from aproxy.observe.accesslog import format_combined, format_json
 from aproxy.observe.records import Exchange
 from aproxy.socks.factory import SocksCollector, SocksFactory
-from aproxy.socks.protocol import SocksProtocol
+from aproxy.socks.protocol import REFUSED_WAIT, SocksProtocol
 from aproxy.socks.udp import MAX_LOOKUPS
 from aproxy.socks.wire import datagram_header, parse_datagram
 from aproxy.testing import HalfCloseTransport, RecordingConnector
@@ -280,6 +280,16 @@ class AdmissionTests(SocksTestCase):
         """A client outside --allow is told 0x02 after a handshake without login."""
         self.assertEqual(self.request(CONNECT_NAME), OK_METHOD + refused(2))
         self.assertEqual(self.connector.attempts, [])
+
+    def test_refused_client_held_briefly(self) -> None:
+        """A refused client that says nothing is closed after a short wait, not the
+        header timeout: it holds a connection slot meanwhile."""
+        client, proto = self.connect_client("192.0.2.7")
+        self.clock.advance(REFUSED_WAIT + 0.1)
+        self.assertTrue(client.disconnecting)
+        allowed, _ = self.connect_client("10.1.1.2")
+        self.clock.advance(REFUSED_WAIT + 0.1)
+        self.assertFalse(allowed.disconnecting)
 
     def test_too_many_from_one_address(self) -> None:
         """Past --max-clients-per-ip: 0x01 (general failure)."""

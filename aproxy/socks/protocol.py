@@ -83,6 +83,12 @@ _HANDSHAKE, _LOGIN, _DIALING, _TUNNEL, _UDP, _CLOSING = range(6)
 # Client bytes held after the request while its destination is dialed, before the
 # client is paused (the parser already bounds what comes before the request).
 _HOLD_LIMIT = 65536
+
+REFUSED_WAIT = 2.0
+"""
+Seconds a refused client has to send its handshake and request to hear why, rather than
+the header timeout: a client sends them at once, and a refused one holds a slot.
+"""
 _METHODS = {CMD_CONNECT: "CONNECT", CMD_UDP_ASSOCIATE: "UDP_ASSOCIATE", 2: "BIND"}
 
 
@@ -135,10 +141,10 @@ class SocksProtocol(ClientConnection):
         self.factory.connections.add(self)
         self.socks.sessions += 1
         no_delay(self.transport)
-        self.set_deadline(DEADLINE_HEAD, self.config.header_timeout)
-        # A refused client is told so in the reply to its request (0x02 for --allow,
-        # 0x01 for the limits), after a handshake that asks for no login.
-        self._refusal = self._admit()
+        # (A refused client hears why in its reply, if it asks soon: see REFUSED_WAIT.)
+        self._refusal = refusal = self._admit()
+        wait = self.config.header_timeout
+        self.set_deadline(DEADLINE_HEAD, wait if refusal is None else min(wait, REFUSED_WAIT))
 
     @guarded
     def dataReceived(self, data: bytes) -> None:
