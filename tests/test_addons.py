@@ -473,6 +473,22 @@ class ResponseHookTests(AddonTestCase):
         self.assertNotIn(b"max-age", value)
         self.assertEqual(value.count(b"Cache-Control: no-store\r\n"), 1)
 
+    def test_set_replaces_a_field_in_another_case(self) -> None:
+        """set() finds the origin's field whatever its case: one line, not two."""
+
+        def response(ex: AddonExchange) -> None:
+            assert ex.response is not None
+            ex.response.fields.set("X-A", "new")
+            ex.response.fields.set("X-Fresh", "1")
+
+        self.install(Hooks(response=response))
+        attempt, _ = self.forward(GET_A)
+        attempt.respond(b"HTTP/1.1 200 OK\r\nx-a: old\r\nContent-Length: 5\r\n\r\nhello")
+        value = self.client.value()
+        self.assertNotIn(b"old", value)
+        self.assertEqual(value.lower().count(b"x-a:"), 1)
+        self.assertIn(b"X-Fresh: 1\r\n", value)
+
     def test_replace_response(self) -> None:
         """A response hook's answer replaces the origin's; its connection is not reused."""
 

@@ -133,8 +133,6 @@ RESPONSE_LOCKED = frozenset(("content-length", "transfer-encoding", *_HOP))
 _NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Field names checked already: (lowercase, as bytes, lowercase bytes) by name.
 _CHECKED: dict[str, tuple[str, bytes, bytes]] = {}
-# A field line of a name, by lowercase name (see Fields._absent).
-_LINE_OF: dict[bytes, re.Pattern[bytes]] = {}
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
@@ -152,7 +150,7 @@ class Fields:
     @ivar touched: The lowercase names (bytes) of the fields changed, added or removed.
     """
 
-    __slots__ = ("_extra", "_items", "_locked", "_source", "touched")
+    __slots__ = ("_extra", "_items", "_locked", "_lowered", "_source", "touched")
 
     def __init__(
         self, items: Iterable[tuple[str, str]] = (), locked: frozenset[str] = frozenset()
@@ -161,6 +159,7 @@ class Fields:
             (n.encode("latin-1"), v.encode("latin-1")) for n, v in items
         ]
         self._source: Any = None
+        self._lowered: bytes | None = None
         self._extra: list[tuple[bytes, bytes]] = []
         self._locked = locked
         self.touched: set[bytes] = set()
@@ -187,12 +186,11 @@ class Fields:
         """Whether the head not read yet has no line of C{lname} (nor one added)."""
         if self._items is not None:
             return False
-        pattern = _LINE_OF.get(lname)
-        if pattern is None:
-            if len(_LINE_OF) >= 256:
-                _LINE_OF.clear()
-            pattern = _LINE_OF[lname] = re.compile(rb"(?im)^" + re.escape(lname) + rb"[ \t]*:")
-        if pattern.search(self._source.block) is not None:
+        lowered = self._lowered
+        if lowered is None:
+            # (A valid head has no space before a field's colon: RFC 9112 section 5.1.)
+            lowered = self._lowered = b"\n" + self._source.block.lower()
+        if b"\n" + lname + b":" in lowered:
             return False
         return all(n.lower() != lname for n, _ in self._extra)
 
