@@ -10,8 +10,8 @@ runs the hooks (L{aproxy.addons.run}) and applies what they changed.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from zope.interface import Attribute, Interface
@@ -170,9 +170,13 @@ class Fields:
         L{Fields} over the field lines of a parsed head (its C{fields}, read only when
         a hook first looks: a hook that never does costs no parsing).
         """
-        fields = cls((), locked)
+        fields = cls.__new__(cls)
         fields._items = None
         fields._source = head
+        fields._lowered = None
+        fields._extra = []
+        fields._locked = locked
+        fields.touched = set()
         return fields
 
     def _list(self) -> list[tuple[bytes, bytes]]:
@@ -192,7 +196,8 @@ class Fields:
             lowered = self._lowered = b"\n" + self._source.block.lower()
         if b"\n" + lname + b":" in lowered:
             return False
-        return all(n.lower() != lname for n, _ in self._extra)
+        extra = self._extra
+        return not extra or all(n.lower() != lname for n, _ in extra)
 
     def edit(self) -> tuple[tuple[bytes, ...], bytes]:
         """
@@ -372,14 +377,12 @@ _REASONS = {200: "OK", 204: "No Content", 301: "Moved Permanently", 302: "Found"
 _REASONS.update({400: "Bad Request", 403: "Forbidden", 404: "Not Found", 451: "Unavailable"})
 
 
-@dataclass(eq=False, slots=True)
 class AddonExchange:
     """
     One exchange as its hooks see it: the same object for every hook of one request.
 
     @ivar client: The client's IP address (C{"unix"} on a unix socket).
     @ivar user: The user it logged in as, or L{None}.
-    @ivar request: The request (see L{RequestView}).
     @ivar response: The response, once known (see L{ResponseView}); L{None} before.
     @ivar notes: The addons' own notes on this exchange, kept from hook to hook.
     @ivar parent: Set by a C{request} hook: the exit for this request, a parent proxy URL
@@ -389,15 +392,61 @@ class AddonExchange:
     @ivar intercepted: Whether the request came inside an intercepted HTTPS tunnel.
     """
 
-    client: str
-    user: str | None
-    request: RequestView
-    intercepted: bool = False
-    response: ResponseView | None = None
-    notes: dict[str, Any] = field(default_factory=dict)
-    parent: str | None = None
-    reply: Reply | None = None
-    addon: str = ""
+    __slots__ = (
+        "_notes",
+        "_request",
+        "_view",
+        "addon",
+        "client",
+        "intercepted",
+        "parent",
+        "reply",
+        "response",
+        "user",
+    )
+
+    def __init__(
+        self,
+        client: str,
+        user: str | None,
+        request: RequestView | Callable[[], RequestView],
+        intercepted: bool = False,
+    ) -> None:
+        self.client = client
+        self.user = user
+        self.intercepted = intercepted
+        if isinstance(request, RequestView):
+            self._request: RequestView | None = request
+            self._view: Callable[[], RequestView] | None = None
+        else:
+            self._request, self._view = None, request
+        self.response: ResponseView | None = None
+        self._notes: dict[str, Any] | None = None
+        self.parent: str | None = None
+        self.reply: Reply | None = None
+        self.addon = ""
+
+    @property
+    def request(self) -> RequestView:
+        """The request (see L{RequestView}); made when a hook first looks."""
+        request = self._request
+        if request is None:
+            assert self._view is not None
+            request = self._request = self._view()
+        return request
+
+    @property
+    def notes(self) -> dict[str, Any]:
+        """The addons' own notes on this exchange, kept from hook to hook."""
+        notes = self._notes
+        if notes is None:
+            notes = self._notes = {}
+        return notes
+
+    @property
+    def request_seen(self) -> bool:
+        """Whether a hook looked at the request (so its edits may need applying)."""
+        return self._request is not None
 
     def deny(self, status: int = 403, body: str | bytes = b"", reason: str | None = None) -> None:
         """

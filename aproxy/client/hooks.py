@@ -12,6 +12,7 @@ stays in the one exchange object; this class holds the code.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -100,6 +101,19 @@ def _weaken(fields: Fields) -> None:
     if etag is not None and not etag.startswith("W/"):
         fields.set("ETag", "W/" + etag)
     fields.remove("Accept-Ranges")
+
+
+def _request_view(head: RequestHead, target: Target) -> RequestView:
+    """The request as addons see it (made when a hook first looks at it)."""
+    return RequestView(
+        head.method.decode("ascii"),
+        head.target.decode("ascii", "replace"),
+        target.scheme.decode("ascii"),
+        target.host,
+        target.port,
+        f"HTTP/1.{head.minor}",
+        Fields.of_head(head, REQUEST_LOCKED),
+    )
 
 
 class HookHalf:
@@ -229,19 +243,12 @@ class HookHalf:
         an addon refused or answered the request.
         """
         head = self.head
-        target = self.target
-        assert target is not None
         conn = self.conn
-        view = RequestView(
-            head.method.decode("ascii"),
-            head.target.decode("ascii", "replace"),
-            target.scheme.decode("ascii"),
-            target.host,
-            target.port,
-            f"HTTP/1.{head.minor}",
-            Fields.of_head(head, REQUEST_LOCKED),
-        )
         intercepted = getattr(conn, "session", None) is not None
+        assert self.target is not None
+        # (The view is made from the head and target alone: a reference back to this
+        # exchange would make a cycle, left to the garbage collector, every request.)
+        view = functools.partial(_request_view, head, self.target)
         self.hooks = AddonExchange(conn.client_ip or "unix", conn.user, view, intercepted)
         addons = self.runtime.addons
         if not (addons.response or addons.response_body):
@@ -298,14 +305,13 @@ class HookHalf:
                 self.answer_error = "http_request_denied"
             self.send_answer(Answer(reply.status, reply.reason, reply.fields, reply.body), rest)
             return
-        fields = ex.request.fields
         if self.runtime.addons.ranges_whole and _RANGES.search(self.head.block):
             # A transformer sees whole bodies, never parts: ranges are answered in full.
-            fields.remove("Range")
-            fields.remove("If-Range")
+            ex.request.fields.remove("Range")
+            ex.request.fields.remove("If-Range")
         try:
-            if fields.changed:
-                self.head = with_fields(self.head, fields.to_bytes())
+            if ex.request_seen and ex.request.fields.changed:
+                self.head = with_fields(self.head, ex.request.fields.to_bytes())
             if ex.parent is not None:
                 self.runtime.dialer.router.exit_named(ex.parent)
         except (ValueError, ProxyError) as e:
