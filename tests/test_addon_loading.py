@@ -172,6 +172,15 @@ class CommandLineTests(SynchronousTestCase):
         config = options["proxy-config"]
         self.assertEqual((config.addon, config.addon_timeout), (("json:JSONDecoder",), 3.0))
 
+    def test_reload_keeps_the_addon_objects(self) -> None:
+        """A reload keeps the loaded addon objects (their state) and takes a new timeout."""
+        addon = Recorder()
+        factory = ProxyFactory(ProxyConfig(), addons=[addon])
+        factory.reconfigure(ProxyConfig(addon_timeout=3))
+        addons = factory.runtime.addons
+        self.assertIs(addons.addons[0].obj, addon)
+        self.assertEqual(addons.timeout, 3.0)
+
     def test_changed_addons_need_a_restart(self) -> None:
         """A reload keeps the loaded addons and names the setting."""
         running = ProxyConfig(addon=["json:JSONDecoder"])
