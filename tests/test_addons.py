@@ -419,6 +419,23 @@ class FailureTests(AddonTestCase):
         self.assertNotIn(b"0\r\n\r\n", self.client.value())
         self.flushLoggedErrors(ValueError)
 
+    def test_transformer_returning_a_number_is_a_failure(self) -> None:
+        """A transformer that returns an int is the addon's error, not zero bytes."""
+
+        class Counts:
+            def feed(self, chunk: bytes) -> Any:
+                return len(chunk)
+
+            def end(self) -> bytes:
+                return b""
+
+        self.install(Hooks(response_body=lambda ex: Counts()))
+        attempt, _ = self.forward(GET_A)
+        attempt.respond(OK_5)
+        self.assertNotIn(b"\x00", self.client.value())
+        self.assertTrue(self.client.disconnecting)
+        self.flushLoggedErrors(TypeError)
+
     def test_notification_hook_raises_is_logged_only(self) -> None:
         """A done hook that raises is logged; the response is unharmed."""
 

@@ -27,6 +27,7 @@ __all__ = [
     "Reply",
     "RequestView",
     "ResponseView",
+    "as_body",
 ]
 
 
@@ -110,6 +111,20 @@ class IAddon(Interface):
 
     def done(exchange: AddonExchange) -> None:  # noqa: N805
         """The exchange is over, however it ended: the last hook it sees."""
+
+
+def as_body(data: object) -> bytes:
+    """
+    What a transformer gave, as bytes: bytes, a bytearray or a memoryview; anything else
+    is the addon's error (C{bytes(5)} would be five zero bytes, not a refusal).
+
+    @raise TypeError: For anything else.
+    """
+    if type(data) is bytes:
+        return data
+    if isinstance(data, bytes | bytearray | memoryview):
+        return bytes(data)
+    raise TypeError(f"a transformer must return bytes, not {type(data).__name__}")
 
 
 # Every hook name, in the order an exchange may meet them.

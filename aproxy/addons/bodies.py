@@ -11,7 +11,7 @@ import zlib
 from collections.abc import Mapping
 from typing import Any
 
-from aproxy.addons.api import AddonExchange
+from aproxy.addons.api import AddonExchange, as_body
 
 __all__ = ["Replace", "decoded"]
 
@@ -143,15 +143,15 @@ class _Decoded:
             self._raw_tried = True
             data = self._in.unconsumed_tail
             if plain:
-                out.append(self._out.compress(bytes(self._inner.feed(plain))))
+                out.append(self._out.compress(as_body(self._inner.feed(plain))))
             if not data and len(plain) < _STEP:
                 break
         return b"".join(out)
 
     def end(self) -> bytes:
         plain = self._in.flush()
-        out = [self._out.compress(bytes(self._inner.feed(plain)))] if plain else []
-        out.append(self._out.compress(bytes(self._inner.end())))
+        out = [self._out.compress(as_body(self._inner.feed(plain)))] if plain else []
+        out.append(self._out.compress(as_body(self._inner.end())))
         out.append(self._out.flush())
         return b"".join(out)
 

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from aproxy.addons.api import AddonExchange
+from aproxy.addons.api import AddonExchange, as_body
 from aproxy.client.stages import IBodyFilter
 
 __all__ = ["Addon", "AddonFailure", "AddonSet", "Hooks", "TransformFilter"]
@@ -233,7 +233,7 @@ class TransformFilter:
             if not chunk:
                 break
             try:
-                chunk = bytes(transformer.feed(chunk))
+                chunk = as_body(transformer.feed(chunk))
             except Exception:
                 raise _failed(name, self._hook + " transformer", Failure()) from None
         return self._count(chunk)
@@ -244,8 +244,8 @@ class TransformFilter:
         for name, transformer in self._chain:
             try:
                 if tail:
-                    tail = bytes(transformer.feed(tail))
-                tail += bytes(transformer.end())
+                    tail = as_body(transformer.feed(tail))
+                tail += as_body(transformer.end())
             except Exception:
                 raise _failed(name, self._hook + " transformer", Failure()) from None
         out = self._count(tail)
