@@ -265,6 +265,19 @@ class BodyHelperTests(SynchronousTestCase):
             out = self.feed_all(decoded(ex, Replace({"cloud": "sky"})), [body])
             self.assertEqual(zlib.decompress(out, wbits), plain.replace(b"cloud", b"sky"))
 
+    def test_decoded_gzip_members_and_raw_deflate_in_bytes(self) -> None:
+        """Several gzip members are all read; raw deflate fed a byte at a time works."""
+        ex = response_exchange(("Content-Encoding", "gzip"))
+        body = gzip.compress(b"hello ") + gzip.compress(b"world")
+        out = self.feed_all(decoded(ex, Replace({"o": "0"})), [body])
+        self.assertEqual(gzip.decompress(out), b"hell0 w0rld")
+        raw = zlib.compressobj(6, zlib.DEFLATED, -15)
+        plain = b"the cloud " * 20
+        body = raw.compress(plain) + raw.flush()
+        ex = response_exchange(("Content-Encoding", "deflate"))
+        out = self.feed_all(decoded(ex, Replace({"cloud": "sky"})), [bytes([b]) for b in body])
+        self.assertEqual(zlib.decompress(out, -15), plain.replace(b"cloud", b"sky"))
+
     def test_decoded_bomb_in_steps(self) -> None:
         """A small chunk that inflates hugely goes through in bounded steps."""
         seen: list[int] = []

@@ -15,9 +15,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SkipTest
 
-from aproxy.addons.api import AddonExchange
+from aproxy.addons.api import AddonExchange, Fields, RequestView
 from aproxy.addons.bodies import Replace
 from aproxy.client.factory import ProxyFactory
+from aproxy.client.stages import Answer, answer_bytes
 from aproxy.config import ProxyConfig
 from tests.support import GET_A, OK_5, ProxyTestCase
 
@@ -719,3 +720,123 @@ def rss() -> int:
 
 async def _done() -> None:
     """A coroutine that is over at once (a hook's result already there)."""
+
+
+class ReviewFixTests(AddonTestCase):
+    """What a review of the addon API found, each fixed and kept fixed."""
+
+    def test_empty_body_through_a_transformer_is_framed(self) -> None:
+        """A Content-Length: 0 response with a transformer ends its chunked body, so the
+        next response on the connection is not read inside it."""
+        self.install(Hooks(response_body=lambda ex: Upper(tail=b"!")))
+        attempt, _ = self.forward(GET_A)
+        attempt.respond(b"HTTP/1.1 302 Found\r\nLocation: /x\r\nContent-Length: 0\r\n\r\n")
+        first = self.take(self.client)
+        self.assertTrue(first.endswith(b"\r\n\r\n1\r\n!\r\n0\r\n\r\n"), first)
+        self.proto.dataReceived(GET_A)
+        attempt.respond(OK_5)
+        self.assertTrue(self.take(self.client).startswith(b"HTTP/1.1 200 OK\r\n"))
+
+    def test_no_body_on_204_or_304(self) -> None:
+        """answer() refuses a body for 204/304, and a stage's 204 never carries one."""
+        view = RequestView("GET", "/", "http", "a", 80, "HTTP/1.1", Fields(()))
+        request = AddonExchange("127.0.0.1", None, view)
+        with self.assertRaises(ValueError):
+            request.answer(204, b"HTTP/1.1 200 OK\r\n\r\n")
+        self.assertEqual(
+            answer_bytes(Answer(204, b"No Content", (), b"smuggled"), None, 1, False),
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+        )
+
+    def test_connect_answered_2xx_is_a_failure(self) -> None:
+        """A 2xx to a CONNECT would open a tunnel in the client's eyes: refused (500)."""
+        self.install(Hooks(request=lambda ex: ex.answer(200, "xyz")))
+        self.proto.dataReceived(b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n")
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 500 "))
+
+    def test_waiting_request_and_response_hooks_on_a_cache_hit(self) -> None:
+        """Both hooks waiting, on a hit: the connection is already waiting (no 500)."""
+        waits: list[Deferred[None]] = []
+
+        def later(ex: AddonExchange) -> Deferred[None]:
+            waits.append(Deferred())
+            return waits[-1]
+
+        self.install(Hooks(request=later, response=later), cache_memory="4MiB", pool_size=0)
+        self.proto.dataReceived(GET_A)
+        waits[0].callback(None)
+        attempt = self.connector.attempts[-1]
+        attempt.succeed()
+        attempt.respond(
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5\r\n\r\nhello"
+        )
+        waits[1].callback(None)
+        self.take(self.client)
+        self.proto.dataReceived(GET_A)
+        waits[2].callback(None)
+        waits[3].callback(None)
+        hit = self.take(self.client)
+        self.assertTrue(hit.startswith(b"HTTP/1.1 200 OK\r\n"), hit)
+        self.assertTrue(hit.endswith(b"hello"))
+        self.assertEqual(len(self.connector.attempts), 1)
+
+    def test_response_hook_wait_is_the_addons_timeout(self) -> None:
+        """A response hook waiting longer than --read-timeout: the addon's 504."""
+        self.install(Hooks(response=lambda ex: Deferred()), addon_timeout=8, read_timeout=5)
+        attempt, _ = self.forward(GET_A)
+        attempt.respond(OK_5)
+        self.clock.advance(6)
+        self.assertEqual(self.client.value(), b"")
+        self.clock.advance(3)
+        value = self.client.value()
+        self.assertTrue(value.startswith(b"HTTP/1.1 504 "), value)
+        self.assertIn(b'details="addon Hooks"', value)
+
+    def test_hook_that_cancels_itself_is_a_failure(self) -> None:
+        """A hook's Deferred cancelled by the addon itself: 500, not a connection stuck."""
+        waiting: Deferred[None] = Deferred()
+        self.install(Hooks(request=lambda ex: waiting))
+        self.proto.dataReceived(GET_A)
+        waiting.cancel()
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 500 "))
+
+    def test_done_returning_an_odd_awaitable_is_logged_only(self) -> None:
+        """A notification hook's result that ensureDeferred refuses goes no further."""
+
+        class Odd:
+            def __await__(self) -> Any:
+                return iter(())
+
+        self.install(Hooks(done=lambda ex: Odd()))
+        attempt, _ = self.forward(GET_A)
+        attempt.respond(OK_5)
+        self.assertTrue(self.client.value().endswith(b"hello"))
+        self.assertFalse(self.client.disconnecting)
+        self.flushLoggedErrors()
+
+    def test_response_transformer_length_is_not_a_promise(self) -> None:
+        """A response transformer's own `length` attribute does not bind it."""
+
+        class Counting(Upper):
+            length = 0
+
+        self.install(Hooks(response_body=lambda ex: Counting()))
+        attempt, _ = self.forward(GET_A)
+        attempt.respond(OK_5)
+        self.assertTrue(self.client.value().endswith(b"5\r\nHELLO\r\n0\r\n\r\n"))
+
+    def test_transformer_failing_at_once_is_a_500(self) -> None:
+        """A transformer that fails on the first piece: nothing was sent, so a 500."""
+
+        class Fails:
+            def feed(self, chunk: bytes) -> bytes:
+                raise ValueError("no")
+
+            def end(self) -> bytes:
+                return b""
+
+        self.install(Hooks(response_body=lambda ex: Fails()))
+        attempt, _ = self.forward(GET_A)
+        attempt.respond(OK_5)
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 500 "))
+        self.flushLoggedErrors(ValueError)

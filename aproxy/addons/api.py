@@ -143,7 +143,7 @@ HOOKS = (
 # request (which must agree with its target). An addon that tries to change one is told so.
 _HOP = ("connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade")
 REQUEST_LOCKED = frozenset(("content-length", "transfer-encoding", "host", *_HOP))
-RESPONSE_LOCKED = frozenset(("content-length", "transfer-encoding", *_HOP))
+RESPONSE_LOCKED = frozenset(("content-length", "transfer-encoding", "proxy-authenticate", *_HOP))
 
 _NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Field names checked already: (lowercase, as bytes, lowercase bytes) by name.
@@ -495,6 +495,8 @@ class AddonExchange:
         """
         if not 200 <= status <= 599:
             raise ValueError(f"an answer's status is 2xx to 5xx, not {status}")
+        if status in (204, 304) and body:
+            raise ValueError(f"a {status} answer has no body")
         self.reply = self._make(status, reason, fields, body)
 
     def _make(

@@ -124,26 +124,36 @@ class _Decoded:
         self._wbits = wbits
         self._in = zlib.decompressobj(wbits)
         self._out = zlib.compressobj(6, zlib.DEFLATED, wbits)
-        self._raw_tried = False
+        # The first bytes, until they show whether "deflate" has its zlib wrapper (its
+        # two-byte header) or is raw, as some servers send it.
+        self._first: bytes | None = b"" if wbits == zlib.MAX_WBITS else None
 
     def feed(self, chunk: bytes) -> bytes:
         out = []
         data = chunk
         while True:
+            first = self._first
             try:
                 plain = self._in.decompress(data, _STEP)
             except zlib.error:
-                if self._wbits != zlib.MAX_WBITS or self._raw_tried:
+                if first is None:
                     raise
-                # "deflate" sent raw, without its zlib wrapper (some servers do).
-                self._raw_tried = True
+                self._first = None
                 self._in = zlib.decompressobj(-zlib.MAX_WBITS)
                 self._out = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+                data = first + data
                 continue
-            self._raw_tried = True
+            if first is not None:
+                first += data[: len(data) - len(self._in.unconsumed_tail)]
+                self._first = None if plain or len(first) >= 2 else first
             data = self._in.unconsumed_tail
             if plain:
                 out.append(self._out.compress(as_body(self._inner.feed(plain))))
+            if self._in.eof and self._in.unused_data and self._wbits != zlib.MAX_WBITS:
+                # gzip: another member follows (RFC 1952 allows several); read it too.
+                data = self._in.unused_data
+                self._in = zlib.decompressobj(self._wbits)
+                continue
             if not data and len(plain) < _STEP:
                 break
         return b"".join(out)

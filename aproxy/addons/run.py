@@ -194,11 +194,10 @@ class AddonSet:
             exchange.addon = name
             try:
                 result = method(exchange, *args)
+                if result is not None and _waits(result):
+                    ensureDeferred(result).addErrback(self._later_failed, name, hook)
             except Exception:
                 _failed(name, hook, Failure())
-                continue
-            if _waits(result):
-                ensureDeferred(result).addErrback(self._later_failed, name, hook)
 
     @staticmethod
     def _later_failed(failure: Failure, name: str, hook: str) -> None:
@@ -221,7 +220,7 @@ class TransformFilter:
         self._chain = tuple(transformers)
         self._hook = hook
         self.length: int | None = None
-        if len(self._chain) == 1:
+        if len(self._chain) == 1 and hook == "request_body":
             length = getattr(self._chain[0][1], "length", None)
             if isinstance(length, int) and length >= 0:
                 self.length = length

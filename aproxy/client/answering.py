@@ -83,7 +83,8 @@ class AnswerHalf:
         at most the read timeout, and cancel the wait if the client leaves.
         """
         conn = self.conn
-        conn.move(Phase.STAGE)
+        if conn.phase is not Phase.STAGE:  # (it is, after an addon's hook waited)
+            conn.move(Phase.STAGE)
         conn.pause_for(PAUSE_DIAL)
         conn.stash(rest)
         conn.set_deadline(DEADLINE_READ, self.runtime.config.read_timeout)

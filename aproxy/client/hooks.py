@@ -32,7 +32,7 @@ from aproxy.addons.api import (
     text_fields,
 )
 from aproxy.addons.run import AddonFailure, TransformFilter
-from aproxy.client.connection import PAUSE_DIAL
+from aproxy.client.connection import DEADLINE_READ, PAUSE_DIAL
 from aproxy.client.guard import guarded
 from aproxy.client.phases import Phase
 from aproxy.client.runtime import Runtime
@@ -165,10 +165,11 @@ class HookHalf:
             any, goes on).
         """
         conn = self.conn
+        # (The hook timer bounds the wait: the read deadline would blame the origin.)
+        conn.cancel_timer()
         if rest is not None:
-            if conn.phase is not Phase.FORWARDING:
+            if conn.phase not in (Phase.FORWARDING, Phase.STAGE):
                 conn.move(Phase.STAGE)
-            conn.cancel_timer()
             conn.pause_for(PAUSE_DIAL)
             conn.stash(rest)
         self.connecting = later
@@ -190,16 +191,26 @@ class HookHalf:
             return
         if rest is not None:
             conn.unpause_for(PAUSE_DIAL)
+        else:
+            conn.set_deadline(DEADLINE_READ, self.runtime.config.read_timeout)
         resume()
 
     @guarded
     def _hook_failed(self, failure: Failure) -> None:
         self._hook_stop_timer()
+        # (The proxy forgets the wait before it cancels it: when the client left, or at
+        # the timeout. A wait still known here was cancelled by the addon itself.)
+        ours = self.connecting is None
         self.connecting = None
-        if failure.check(CancelledError) or self.conn.phase is Phase.CLOSING:
+        if self.conn.phase is Phase.CLOSING or (ours and failure.check(CancelledError)):
             return
         if isinstance(failure.value, AddonFailure):
             self._addon_failed(failure.value)
+            return
+        if failure.check(CancelledError):
+            name = self.hooks.addon if self.hooks is not None else "?"
+            log.warn("addon {name}: its hook's Deferred was cancelled by the addon", name=name)
+            self._addon_failed(AddonFailure(name, "hook"))
             return
         self.internal_error(failure)
 
@@ -298,6 +309,11 @@ class HookHalf:
         ex = self.hooks
         assert ex is not None
         reply = ex.reply
+        if reply is not None and reply.status < 300 and self.head.method == b"CONNECT":
+            # A 2xx to a CONNECT means "tunnel open" to the client, whatever follows.
+            err = ValueError("a CONNECT can be refused, not answered with a 2xx")
+            self._edit_failed("its answer", err)
+            return
         if reply is not None:
             # (An addon's own answer goes out as it made it: no response hooks.)
             self.response_hooked = True
@@ -314,7 +330,7 @@ class HookHalf:
                 self.head = with_fields(self.head, ex.request.fields.to_bytes())
             if ex.parent is not None:
                 self.runtime.dialer.router.exit_named(ex.parent)
-        except (ValueError, ProxyError) as e:
+        except (ValueError, TypeError, AttributeError, ProxyError) as e:
             self._edit_failed("its request", e)
             return
         self.addon_parent = ex.parent

@@ -223,7 +223,7 @@ class ResponseHalf:
         self.response_started = True
         self.status = resp.status
         decoder = plan.decoder
-        if decoder is None or decoder.done:
+        if decoder is None or (decoder.done and self.resp_filter is None):
             self.to_client += len(head)
             write_soon(conn.transport, head)
             self.resp_body = None
@@ -253,8 +253,16 @@ class ResponseHalf:
                 conn.transport.write(head)
             conn.fail(e)
             return
-        out = frame_pieces(pieces, decoder, self.resp_filter, self.out_chunked)
-        if head is not None:
+        if head is None:
+            out = frame_pieces(pieces, decoder, self.resp_filter, self.out_chunked)
+        else:
+            try:
+                out = frame_pieces(pieces, decoder, self.resp_filter, self.out_chunked)
+            except Exception:
+                # A filter that failed before the head went out: nothing of the response
+                # was sent, so the client gets the error answer, not a bare close.
+                self.response_started = False
+                raise
             out.insert(0, head)
         if out:
             data = out[0] if len(out) == 1 else b"".join(out)

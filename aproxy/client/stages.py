@@ -303,8 +303,8 @@ def answer_bytes(
     if closing:
         lines.append(b"Connection: close\r\n")
     lines.append(b"\r\n")
-    if not head_only and answer.source is None:
-        lines.append(answer.body)
+    if not head_only and answer.source is None and answer.status not in (204, 304):
+        lines.append(answer.body)  # (a 204 or 304 has none, whatever it was given)
     return b"".join(lines)
 
 
