@@ -279,7 +279,10 @@ class ProxyConfig:
         ranges = self.connect_ports
         if ranges is None:
             return True
-        return any(low <= port <= high for low, high in ranges)
+        for low, high in ranges:  # (a loop, not any() over a generator: once a request)
+            if low <= port <= high:
+                return True
+        return False
 
     def udp_port_allowed(self, port: int) -> bool:
         """Whether a SOCKS5 UDP datagram may go to C{port}."""
@@ -293,7 +296,10 @@ class ProxyConfig:
         ranges = self.http_ports
         if ranges is None:
             return True
-        return any(low <= port <= high for low, high in ranges)
+        for low, high in ranges:
+            if low <= port <= high:
+                return True
+        return False
 
     @property
     def ports(self) -> tuple[str, ...]:
