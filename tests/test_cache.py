@@ -271,6 +271,44 @@ class CacheTests(ProxyTestCase):
         self.assertTrue(second.value().endswith(b"helloworld"))
         self.assertEqual(self.factory.cache.collapsed, 1)  # type: ignore[union-attr]
 
+    def test_no_content_stored_and_answered(self) -> None:
+        """
+        A cacheable 204 has no body: it is stored when its head ends (before, its store
+        waited for an end that never came, and later requests followed it forever), and
+        a hit of it has no framing fields and ends at its head.
+        """
+        no_content = b"HTTP/1.1 204 No Content\r\n" + FRESH + b"\r\n\r\n"
+        got, _ = self.ask(get(), no_content)
+        self.assertIn(b"; stored\r\n", got)
+        self.assertEqual(self.factory.cache.fills, {})  # type: ignore[union-attr]
+        client, proto = self.connect_client()
+        proto.dataReceived(get() + get())
+        self.assertEqual(len(self.connector.attempts), 1)
+        got = client.value()
+        self.assertEqual(got.count(b"HTTP/1.1 204 No Content\r\n"), 2, got)
+        self.assertIn(b"Cache-Status: aproxy; hit;", got)
+        self.assertNotIn(b"Transfer-Encoding", got)
+        self.assertNotIn(b"Content-Length", got)
+        self.assertTrue(got.endswith(b"\r\n\r\n"), got)
+
+    def test_collapsed_onto_a_no_content_response(self) -> None:
+        """A follower of a fetch that turns out a 204 gets no body framing either."""
+        first, p1 = self.connect_client()
+        p1.dataReceived(get())
+        attempt = self.connector.attempts[-1]
+        attempt.succeed()
+        second, p2 = self.connect_client()
+        p2.dataReceived(get())
+        attempt.respond(b"HTTP/1.1 204 No Content\r\n" + FRESH + b"\r\n\r\n")
+        got = second.value()
+        self.assertTrue(got.startswith(b"HTTP/1.1 204 No Content\r\n"), got)
+        self.assertIn(b"collapsed", got)
+        self.assertNotIn(b"Transfer-Encoding", got)
+        self.assertTrue(got.endswith(b"\r\n\r\n"), got)
+        p2.dataReceived(get())
+        self.assertEqual(second.value().count(b"HTTP/1.1 204"), 2)
+        self.assertEqual(len(self.connector.attempts), 1)
+
     def test_collapsed_onto_a_fetch_without_length(self) -> None:
         """
         Followers of a chunked response (its length unknown until its end) follow it

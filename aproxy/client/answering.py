@@ -136,7 +136,8 @@ class AnswerHalf:
         conn = self.conn
         head = self.head
         closing = not head.keep_alive or head.codings is not None or bool(head.content_length)
-        head_only = head.method == b"HEAD"
+        # (A 204 or a 304 has no body whatever its source holds: RFC 9110 section 6.4.1.)
+        head_only = head.method == b"HEAD" or answer.status in (204, 304)
         source = answer.source
         chunked = False
         if source is not None and answer.length is None and not head_only:

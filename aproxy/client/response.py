@@ -227,6 +227,11 @@ class ResponseHalf:
             self.to_client += len(head)
             write_soon(conn.transport, head)
             self.resp_body = None
+            if decoder is None and self.resp_filter is not None:
+                # No body (a 204, say): a stage's filter still sees it end, so the cache
+                # commits the object rather than leave its followers waiting for bytes.
+                resp_filter, self.resp_filter = self.resp_filter, None
+                resp_filter.end()
             if rest:
                 self.up_reusable = False
             if self.req_body is None:
