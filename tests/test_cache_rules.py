@@ -861,9 +861,28 @@ class StoredFieldsTests(SynchronousTestCase):
                 (b"Content-Type", b"text/plain"),
                 (b"X-Hop", b"stored"),
                 (b"Age", b"30"),
-                (b"ETag", b'"new"'),
             ],
         )
+
+    def test_update_keeps_what_describes_the_stored_content(self) -> None:
+        """Content-Encoding, Content-MD5, Content-Range and ETag describe the stored
+        bytes: a 304 carrying other values updates none of them (section 3.2, the fields
+        "the cache's stored response depends upon"), while other fields still update."""
+        stored = [
+            (b"Content-Encoding", b"gzip"),
+            (b"Content-MD5", b"rL0Y20zC+Fzt72VPzMSk2A=="),
+            (b"Content-Range", b"bytes 0-1/2"),
+            (b"ETag", b'"abc"'),
+            (b"X-A", b"1"),
+        ]
+        fresh = [
+            (b"content-encoding", b"br"),
+            (b"Content-MD5", b"N7UdGUp1E+RbVvZSTy1R8g=="),
+            (b"Content-Range", b"bytes 0-0/2"),
+            (b"ETag", b'"def"'),
+            (b"X-A", b"2"),
+        ]
+        self.assertEqual(updated_fields(stored, fresh), [*stored[:4], (b"X-A", b"2")])
 
     def test_update_with_new_qualified_no_cache(self) -> None:
         """Fields the updated Cache-Control names in a qualified no-cache are dropped

@@ -94,6 +94,11 @@ _NOT_STORED: Final = (
     | {b"content-length"}
     | {b"proxy-authenticate", b"proxy-authentication-info", b"proxy-authorization"}
 )
+# Fields that describe the stored content itself: an update from a 304 or HEAD response
+# keeps the stored ones, since the content they describe is the stored one (RFC 9111
+# section 3.2 lets a cache keep "header fields that the cache's stored response depends
+# upon"; a changed Content-Encoding or Content-Range would misdescribe the stored bytes).
+_KEPT_ON_UPDATE: Final = frozenset({b"content-encoding", b"content-md5", b"content-range", b"etag"})
 _ABSOLUTE_URI: Final = re.compile(rb"([A-Za-z][A-Za-z0-9+\-.]*)://([^/?#]*)([^#]*)")
 _HOST_PORT: Final = re.compile(rb"([A-Za-z0-9\-._~%]+)(?::([0-9]*))?")
 _V6_HOST_PORT: Final = re.compile(rb"\[([0-9A-Fa-f:.]+)\](?::([0-9]*))?")
@@ -396,11 +401,15 @@ def updated_fields(stored: Fields, fresh: Fields) -> list[tuple[bytes, bytes]]:
 
     Every field of C{fresh} that may be stored (L{stored_fields}) replaces all stored lines
     of that name, in the place of the first one; new names are appended. Fields the update
-    names in a qualified no-cache or private directive are dropped afterwards.
+    names in a qualified no-cache or private directive are dropped afterwards. The fields
+    that describe the stored content (Content-Encoding, Content-MD5, Content-Range, ETag)
+    are never taken from the update.
     """
     incoming: dict[bytes, list[tuple[bytes, bytes]]] = {}
     for name, value in stored_fields(fresh):
-        incoming.setdefault(name.lower(), []).append((name, value))
+        lname = name.lower()
+        if lname not in _KEPT_ON_UPDATE:
+            incoming.setdefault(lname, []).append((name, value))
     merged: list[tuple[bytes, bytes]] = []
     for name, value in stored:
         lname = name.lower()
