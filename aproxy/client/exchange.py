@@ -44,6 +44,7 @@ from aproxy.client.routing import RouteHalf
 from aproxy.client.runtime import Runtime
 from aproxy.client.side import ClientSide
 from aproxy.client.stages import (
+    Answer,
     IBodyFilter,
     StageRequest,
     chain_filters,
@@ -239,7 +240,8 @@ class ClientExchange(AnswerHalf, ResponseHalf, RouteHalf, HookHalf):
         answer = first_answer(stages, view)
         if answer is None:
             return False
-        if isinstance(answer, Deferred):
+        # (The class test first: isinstance on Deferred, an ABC, costs a Python call.)
+        if answer.__class__ is not Answer and isinstance(answer, Deferred):
             self._wait_for_stage(answer, rest)
         else:
             self.send_answer(answer, rest)
