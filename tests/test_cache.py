@@ -171,11 +171,57 @@ class CacheTests(ProxyTestCase):
         self.assertIn(b"Cache-Status: aproxy; fwd=stale\r\n", got)
         self.assertNotIn(b"hello", got)
 
-    def test_plain_stale_unreachable_is_502(self) -> None:
-        """Without must-revalidate the origin's failure stays a 502."""
+    def test_stale_served_when_origin_unreachable(self) -> None:
+        """
+        A stale object whose origin refuses the connection, closes it without a response
+        or does not answer in time is served stale (RFC 9111 section 4.2.4: a
+        disconnected cache may), saying so in Cache-Status; the log says
+        TCP_REFRESH_FAIL_OLD, as Squid's.
+        """
         self.ask(get(), ok(b"hello", FRESH, b'ETag: "1"'))
         self.clock.advance(61)
         got = self.refused(get())
+        self.assertTrue(got.startswith(b"HTTP/1.1 200 OK\r\n"), got)
+        self.assertIn(b"Cache-Status: aproxy; fwd=stale; ttl=-1; detail=origin-unreachable", got)
+        self.assertIn(b"Age: 61\r\n", got)
+        self.assertTrue(got.endswith(b"\r\n\r\nhello"), got)
+        self.assertEqual(self.records[-1].cache, "TCP_REFRESH_FAIL_OLD")
+        client, proto = self.connect_client()
+        proto.dataReceived(get())
+        self.connector.attempts[-1].succeed()
+        self.connector.attempts[-1].close()
+        self.assertTrue(client.value().endswith(b"\r\n\r\nhello"), client.value())
+        client, proto = self.connect_client()
+        proto.dataReceived(get())
+        self.connector.attempts[-1].succeed()
+        self.clock.advance(self.config.read_timeout + 1)
+        self.assertTrue(client.value().endswith(b"\r\n\r\nhello"), client.value())
+        # (The keep-alive connection goes on: its next request goes to the origin.)
+        dials = len(self.connector.attempts)
+        proto.dataReceived(get(method=b"HEAD"))
+        self.assertFalse(client.disconnecting)
+        self.assertEqual(len(self.connector.attempts), dials + 1)
+
+    def test_not_served_stale_when_forbidden(self) -> None:
+        """
+        No stale copy when the response forbids it (no-cache; must-revalidate and
+        s-maxage get 504 instead, see above), when the client asked for a fresh one, or
+        when it is stale by more than a week: the origin's failure is the answer.
+        """
+        url = b"http://a.example/no-cache"
+        self.ask(get(url), ok(b"hello", b"Cache-Control: no-cache", b'ETag: "1"'))
+        got = self.refused(get(url))
+        self.assertTrue(got.startswith(b"HTTP/1.1 502 "), got)
+        self.ask(get(), ok(b"hello", b"Cache-Control: max-age=60, s-maxage=60", b'ETag: "1"'))
+        self.clock.advance(61)
+        self.assertTrue(self.refused(get()).startswith(b"HTTP/1.1 504 "))
+        other = b"http://a.example/old"
+        self.ask(get(other), ok(b"hello", FRESH, b'ETag: "1"'))
+        self.clock.advance(61)
+        got = self.refused(get(other, b"Cache-Control: no-cache"))
+        self.assertTrue(got.startswith(b"HTTP/1.1 502 "), got)
+        self.clock.advance(7 * 24 * 3600)
+        got = self.refused(get(other))
         self.assertTrue(got.startswith(b"HTTP/1.1 502 "), got)
 
     def test_stale_revalidated_200_replaces(self) -> None:

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from aproxy.cache import preconditions, rules
-from aproxy.cache.fill import BytesSource, FileSource
+from aproxy.cache.fill import BytesSource, FileSource, Fill, FillReader
 from aproxy.cache.store import Meta
 from aproxy.client.stages import Answer
 from aproxy.http.head import RequestHead
 
-__all__ = ["Found", "Prepared", "answer_from"]
+__all__ = ["Found", "Prepared", "answer_from", "follower_answer", "stale_answer"]
 
 # Objects at most this large are answered in one write from memory; larger ones stream.
 _SMALL = 64 * 1024
@@ -71,12 +71,14 @@ def answer_from(
     lifetime: float,
     fwd_status: int | None,
     plain: bool = False,
+    value: bytes | None = None,
 ) -> tuple[Answer, str, int]:
     """
     Answer request C{head} from C{found}: a 304, a 206, or the whole stored response (the
     latter alone for a C{plain} request, one without preconditions or a range).
 
     @param fwd_status: The status of the revalidation that refreshed it (a 304), if any.
+    @param value: The C{Cache-Status} value, when not the one these imply.
     @return: The answer, the request's result for the log (C{TCP_MEM_HIT}, ...) and the
         body bytes it serves without the origin.
     """
@@ -90,6 +92,8 @@ def answer_from(
     else:
         status_value = rules.cache_status(fwd="stale", fwd_status=fwd_status, ttl=ttl)
         result = "TCP_REFRESH_UNMODIFIED"
+    if value is not None:
+        status_value = value
     extra = [(b"Age", b"%d" % int(age)), (b"Cache-Status", status_value)]
     length = meta.length
     if not plain and meta.status == 200:
@@ -151,3 +155,38 @@ def _with_body(
         found.file = None
         source = FileSource(file, size, first, last)
     return Answer(status, reason, fields, source=source, length=size, block=block)
+
+
+def stale_answer(found: Found, head: RequestHead, now: float) -> tuple[Answer, int]:
+    """
+    Answer request C{head} from C{found}, stale, because its origin could not be reached
+    (RFC 9111 section 4.2.4), saying so in C{Cache-Status}.
+
+    @return: The answer, and the body bytes it serves without the origin.
+    """
+    fresh = found.prepared.freshness
+    age = fresh.age(now)
+    value = rules.cache_status(fwd="stale", ttl=fresh.lifetime - age, detail="origin-unreachable")
+    answer, _, saved = answer_from(found, head, age, fresh.lifetime, None, value=value)
+    return answer, saved
+
+
+def follower_answer(fill: Fill, method: bytes, now: float) -> Answer:
+    """
+    The answer to a request that follows C{fill}, a fetch in progress whose head arrived
+    (a collapsed miss): its head, and its body streamed as it arrives.
+    """
+    meta = fill.meta
+    assert meta is not None
+    status_value = rules.cache_status(fwd="uri-miss", collapsed=True)
+    age = rules.current_age(meta.fields, meta.request_time, meta.response_time, now)
+    out = [
+        *rules.without_age(meta.fields),
+        (b"Age", b"%d" % int(age)),
+        (b"Cache-Status", status_value),
+    ]
+    if method == b"HEAD":
+        return Answer(meta.status, meta.reason, out, length=meta.length)
+    # (A length not known yet, -1, streams chunked: see answer_bytes.)
+    length = meta.length if meta.length >= 0 else None
+    return Answer(meta.status, meta.reason, out, source=FillReader(fill), length=length)

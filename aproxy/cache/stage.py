@@ -18,6 +18,7 @@ import sqlite3
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -26,9 +27,9 @@ from zope.interface import implementer
 
 from aproxy.cache import preconditions, rules
 from aproxy.cache.disk import DiskStore
-from aproxy.cache.fill import Fill, FillReader, StoreFilter
+from aproxy.cache.fill import Fill, StoreFilter
 from aproxy.cache.heap import HeapTrimmer
-from aproxy.cache.hits import Found, Prepared, answer_from
+from aproxy.cache.hits import Found, Prepared, answer_from, follower_answer, stale_answer
 from aproxy.cache.store import MemoryTier, Meta
 from aproxy.client.stages import Answer, IBodyFilter, IRequestStage, StageRequest
 from aproxy.config import ProxyConfig
@@ -60,6 +61,9 @@ _PURGE_DENIED = Answer(
     b"PURGE is not allowed from your address (see --cache-purge-from)\n",
 )
 _UNEVALUATED = frozenset({b"if-match", b"if-unmodified-since"})
+MAX_STALE_ON_ERROR = 7 * 24 * 3600
+"""Seconds of staleness past which a stored object is not served when its origin can't be
+reached (Squid's C{max_stale} default: a week)."""
 SYNC_INTERVAL = 0.25
 """Seconds between two looks at what other workers removed from the shared disk store."""
 
@@ -223,6 +227,10 @@ class CacheStage:
         # RFC 9111 section 4.2.4: a response that may not be served stale and can't be
         # revalidated is an error, which SHOULD be a 504.
         request.gateway_timeout = fresh.no_stale
+        # 4.2.4 lets a cache serve stale when it can't reach the origin, unless forbidden.
+        no_stale = fresh.no_stale or fresh.no_cache or state.client_refresh
+        if not no_stale and age - lifetime < MAX_STALE_ON_ERROR:
+            request.fallback = partial(self._stale, request, state)
         validators = preconditions.validation_fields(meta.fields)
         if validators:
             request.upstream_fields = validators
@@ -306,6 +314,17 @@ class CacheStage:
         self.saved += saved
         return answer
 
+    def _stale(self, request: StageRequest, state: _State) -> Answer | None:
+        """The origin of a stale object could not be reached: answer with the object."""
+        found, state.found = state.found, None
+        if found is None:
+            return None
+        state.kind = "pass"  # (nothing to store: the fetch failed)
+        answer, saved = stale_answer(found, request.head, self.clock.seconds())
+        request.notes["cache"] = "TCP_REFRESH_FAIL_OLD"
+        self.saved += saved
+        return answer
+
     def _follow(self, request: StageRequest, key: bytes, fill: Fill) -> Any:
         """Collapse onto C{fill}: follow it once its head shows it fits, else go upstream."""
         fields = request.head.fields
@@ -324,20 +343,7 @@ class CacheStage:
                 return None
             self.collapsed += 1
             request.notes["cache"] = "TCP_CF_HIT"
-            status_value = rules.cache_status(fwd="uri-miss", collapsed=True)
-            age = rules.current_age(
-                meta.fields, meta.request_time, meta.response_time, self.clock.seconds()
-            )
-            out = [
-                *rules.without_age(meta.fields),
-                (b"Age", b"%d" % int(age)),
-                (b"Cache-Status", status_value),
-            ]
-            if method == b"HEAD":
-                return Answer(meta.status, meta.reason, out, length=meta.length)
-            # (A length not known yet, -1, streams chunked: see answer_bytes.)
-            length = meta.length if meta.length >= 0 else None
-            return Answer(meta.status, meta.reason, out, source=FillReader(fill), length=length)
+            return follower_answer(fill, method, self.clock.seconds())
 
         if fill.meta is not None:
             return fits(fill)
@@ -570,6 +576,7 @@ _RESULTS = {
     "TCP_INM_HIT": "hit",
     "TCP_CF_HIT": "collapsed",
     "TCP_REFRESH_UNMODIFIED": "revalidated",
+    "TCP_REFRESH_FAIL_OLD": "stale",
     "TCP_REFRESH_MODIFIED": "miss",
     "TCP_CLIENT_REFRESH_MISS": "miss",
     "TCP_MISS": "miss",

@@ -24,7 +24,7 @@ from aproxy.client.guard import guarded
 from aproxy.client.phases import Phase
 from aproxy.client.runtime import Runtime
 from aproxy.client.side import ClientSide
-from aproxy.client.stages import Answer, IAnswerSink, IBodyFilter, answer_bytes
+from aproxy.client.stages import Answer, IAnswerSink, IBodyFilter, StageRequest, answer_bytes
 from aproxy.client.wire import write_soon
 from aproxy.errors import BadGateway, ProxyError
 from aproxy.http.answers import local_answer
@@ -54,6 +54,8 @@ class AnswerHalf:
     answer_error: str | None
     answer_closing = False
     answer_chunked = False
+    view: StageRequest | None
+    req_body: Any
 
     def emit(self, status: int, error: str | None) -> None:
         """Report the exchange (the exchange does it)."""
@@ -62,6 +64,10 @@ class AnswerHalf:
     def internal_error(self, failure: Failure) -> None:
         """A bug in a callback: the connection handles it."""
         self.conn.internal_error(failure)
+
+    def detach(self) -> UpstreamProtocol | None:
+        """Unlink the upstream connection in flight (the exchange does it)."""
+        raise NotImplementedError
 
     def _forward(self, rest: bytes) -> None:
         """Send the request upstream (the exchange does it)."""
@@ -90,6 +96,34 @@ class AnswerHalf:
         conn.set_deadline(DEADLINE_READ, self.runtime.config.read_timeout)
         self.connecting = later
         later.addCallbacks(self._stage_answered, self._stage_failed)
+
+    def answer_instead(self, err: ProxyError) -> bool:
+        """
+        The origin could not be reached before its response started (C{err}, a 502 or a
+        504): if a stage has an answer for that (L{StageRequest.fallback}), drop what
+        went upstream (a dial, a connection) and send that answer instead.
+
+        @return: Whether it did.
+        """
+        view = self.view
+        fallback = view.fallback if view is not None else None
+        if fallback is None or err.status not in (502, 504) or self.req_body is not None:
+            return False
+        view.fallback = None  # type: ignore[union-attr]
+        answer = fallback()
+        if answer is None:
+            return False
+        conn = self.conn
+        connecting, self.connecting = self.connecting, None
+        if connecting is not None:
+            connecting.cancel()
+        up = self.detach()
+        if up is not None:
+            up.hand_to(DISCARD)
+            up.transport.abortConnection()
+        conn.unpause_for(PAUSE_DIAL)
+        self.send_answer(answer, conn.take_pending())
+        return True
 
     @guarded
     def _stage_answered(self, answer: Answer | None) -> None:

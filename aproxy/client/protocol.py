@@ -449,6 +449,8 @@ class ProxyProtocol(ClientConnection):
         if x is not None and x.response_started:
             self._truncate(x, err)
             return
+        if x is not None and x.answer_instead(err):
+            return  # (a stage's answer to an unreachable origin: a cache's stale copy)
         extra = b""
         view = x.view if x is not None else None
         if view is not None:

@@ -27,7 +27,7 @@ stage installed, a request costs one test of an empty tuple, no more.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +78,9 @@ class StageRequest:
         request (an origin it could not reach: C{Cache-Status}).
     @ivar gateway_timeout: An origin that can't be reached is answered 504, not 502 (a
         cache that holds a response it may not serve stale, RFC 9111 section 4.2.4).
+    @ivar fallback: What answers the request in place of the proxy's 502 or 504 when the
+        origin can't be reached before its response starts (a cache's stale copy, RFC
+        9111 section 4.2.4), if anything: called once, it may still say L{None}.
     """
 
     head: RequestHead
@@ -93,6 +96,7 @@ class StageRequest:
     parent: str | None = None
     error_fields: bytes = b""
     gateway_timeout: bool = False
+    fallback: Callable[[], Answer | None] | None = None
 
 
 # Not frozen (a frozen dataclass's __init__ costs twice as much, once per cache hit):

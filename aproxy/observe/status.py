@@ -41,6 +41,7 @@ BUCKETS = 90
 
 CACHE_HITS = frozenset(
     {"TCP_HIT", "TCP_MEM_HIT", "TCP_INM_HIT", "TCP_CF_HIT", "TCP_REFRESH_UNMODIFIED"}
+    | {"TCP_REFRESH_FAIL_OLD"}
 )
 """The cache results (Squid's codes) that count as hits: answered from what the cache
 holds (a revalidated object included), or from a fetch another request made."""
