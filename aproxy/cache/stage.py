@@ -13,6 +13,7 @@ result in Squid's words for the access log (C{TCP_HIT}, C{TCP_MISS}, ...).
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import sqlite3
 from collections import Counter
@@ -26,11 +27,13 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from aproxy.cache import preconditions, rules
+from aproxy.cache.background import Revalidations, client_refresh
 from aproxy.cache.disk import DiskStore
 from aproxy.cache.fill import Fill, StoreFilter
 from aproxy.cache.heap import HeapTrimmer
 from aproxy.cache.hits import Found, Prepared, answer_from, follower_answer, stale_answer
 from aproxy.cache.store import MemoryTier, Meta
+from aproxy.cache.sync import SYNC_INTERVAL, RemovalSync
 from aproxy.client.stages import Answer, IBodyFilter, IRequestStage, StageRequest
 from aproxy.config import ProxyConfig
 from aproxy.http.head import RequestHead, ResponseHead
@@ -64,8 +67,7 @@ _UNEVALUATED = frozenset({b"if-match", b"if-unmodified-since"})
 MAX_STALE_ON_ERROR = 7 * 24 * 3600
 """Seconds of staleness past which a stored object is not served when its origin can't be
 reached (Squid's C{max_stale} default: a week)."""
-SYNC_INTERVAL = 0.25
-"""Seconds between two looks at what other workers removed from the shared disk store."""
+_SWR = b"; detail=stale-while-revalidate"
 
 # A request field line that can change what the cache does with it: a directive, a
 # precondition, a range or a protocol switch.
@@ -133,11 +135,14 @@ class CacheStage:
         self.limit = memory.max_object if disk is None and memory is not None else self.max_object
         self.purge_from = [ipaddress.ip_network(n, strict=False) for n in config.cache_purge_from]
         self.fills: dict[bytes, Fill] = {}
+        self.revalidations = Revalidations()
         self._keys: dict[object, bytes] = {}
         self.trimmer = HeapTrimmer(clock)
-        # Where this process is in the disk store's log of removals (see _sync).
-        self._removals = disk.last_removal() if disk is not None and memory is not None else 0
-        self._next_sync = 0.0
+        self._sync = (
+            RemovalSync(memory, disk, self.trimmer.freed)
+            if disk is not None and memory is not None
+            else None
+        )
         self.results: Counter[str] = Counter()
         self.collapsed = 0
         self.saved = 0
@@ -186,8 +191,9 @@ class CacheStage:
                 return None
             no_store, only_if_cached = rules.request_cc_flags(fields)
         now = self.clock.seconds()
-        if now >= self._next_sync and self.memory is not None and self.disk is not None:
-            self._sync(now)
+        sync = self._sync
+        if sync is not None and now >= sync.due:
+            sync.run(now)
         try:
             found, any_variant = self._find(key, head)
         except (OSError, sqlite3.Error) as e:
@@ -218,11 +224,13 @@ class CacheStage:
             fresh_enough = rules.choose(head.fields, meta.fields, lifetime, age) != rules.VALIDATE
         if fresh_enough:
             return self._hit(request, found, age, lifetime, None, plain)
+        if fresh.swr and self.revalidations.serve_stale(request, key, fresh, age, plain):
+            return self._hit(request, found, age, lifetime, None, plain, _SWR)
         if only_if_cached:
             found.close()
             return _not_cached(request)
         state = _State(key, "validate", fwd="stale", found=found, sent_at=now)
-        state.client_refresh = not plain and _client_refresh(head.fields)
+        state.client_refresh = not plain and client_refresh(head.fields)
         _note(self, request, state)
         # RFC 9111 section 4.2.4: a response that may not be served stale and can't be
         # revalidated is an error, which SHOULD be a 504.
@@ -240,28 +248,6 @@ class CacheStage:
             state.kind = "lead"
             state.fill = Fill(key, _ignore)
         return None
-
-    def _sync(self, now: float) -> None:
-        """
-        Drop the memory copies of what other processes (C{--workers}) removed from the
-        shared disk store since the last look (a PURGE, an invalidation), at most every
-        L{SYNC_INTERVAL} seconds while requests come; all of them if this process fell
-        behind the store's log.
-        """
-        assert self.memory is not None and self.disk is not None
-        self._next_sync = now + SYNC_INTERVAL
-        try:
-            keys, self._removals, complete = self.disk.removed_since(self._removals)
-        except sqlite3.Error as e:
-            self.log.warn("cache: could not read the removals of other workers: {why}", why=e)
-            return
-        if not complete:
-            self.memory.clear()
-            self.trimmer.freed()
-            return
-        for key in keys:
-            if self.memory.remove(key):
-                self.trimmer.freed()
 
     def _find(self, key: bytes, head: RequestHead) -> tuple[Found | None, bool]:
         """
@@ -307,9 +293,13 @@ class CacheStage:
         lifetime: float,
         fwd_status: int | None,
         plain: bool = False,
+        detail: bytes = b"",
     ) -> Answer:
         """Answer from C{found} (see L{answer_from}), and count it."""
-        answer, result, saved = answer_from(found, request.head, age, lifetime, fwd_status, plain)
+        value = b"aproxy; hit; ttl=%d" % math.floor(lifetime - age) + detail if detail else None
+        answer, result, saved = answer_from(
+            found, request.head, age, lifetime, fwd_status, plain, value
+        )
         request.notes["cache"] = result
         self.saved += saved
         return answer
@@ -596,14 +586,6 @@ def _in_networks(client: str, networks: Sequence[Any]) -> bool:
     except ValueError:
         return False
     return any(address in net for net in networks)
-
-
-def _client_refresh(fields: Sequence[tuple[bytes, bytes]]) -> bool:
-    """Whether the client itself asked for a fresh response (C{no-cache}, or C{Pragma})."""
-    cc = rules.parse_cache_control(fields)
-    if cc:
-        return "no-cache" in cc or cc.get("max-age") == "0"
-    return any(name.lower() == b"pragma" and b"no-cache" in value.lower() for name, value in fields)
 
 
 def _useless(status: int, fields: Sequence[tuple[bytes, bytes]], sent: float, now: float) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -30,6 +31,7 @@ from aproxy.access.throttle import LoginThrottle
 from aproxy.addons.load import load_addons
 from aproxy.addons.run import AddonSet
 from aproxy.cache.stage import open_cache
+from aproxy.client.background import background_request
 from aproxy.client.protocol import ProxyProtocol
 from aproxy.client.runtime import Runtime
 from aproxy.client.stages import IRequestStage
@@ -108,6 +110,9 @@ class ProxyFactory(Factory):
             reactor = _reactor
         config = config if config is not None else ProxyConfig()
         self.cache = open_cache(config, reactor)
+        if self.cache is not None:
+            # (stale-while-revalidate: the cache revalidates through this proxy.)
+            self.cache.revalidations.start = partial(background_request, self, reactor)
         self._stages = ((self.cache,) if self.cache is not None else ()) + tuple(stages)
         # Made once, kept across reloads (a changed --addon list needs a restart).
         self._addons = load_addons(config.addon, addons)

@@ -1,0 +1,70 @@
+"""
+Serving stale while revalidating (RFC 5861 section 3, C{stale-while-revalidate}): within
+the window a stored response names, a stale object is answered at once while one request
+revalidates it in the background (see L{aproxy.client.background}), so clients don't wait
+for the origin and the next ones get the refreshed object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from aproxy.cache import rules
+from aproxy.client.stages import StageRequest
+
+__all__ = ["MAX_BACKGROUND", "Revalidations", "client_refresh"]
+
+MAX_BACKGROUND = 32
+"""Background revalidations at once, per process; past it, stale objects are validated
+the usual way (the client waits)."""
+
+
+def client_refresh(fields: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether the client itself asked for a fresh response (C{no-cache}, or C{Pragma})."""
+    cc = rules.parse_cache_control(fields)
+    if cc:
+        return "no-cache" in cc or cc.get("max-age") == "0"
+    return any(name.lower() == b"pragma" and b"no-cache" in value.lower() for name, value in fields)
+
+
+class Revalidations:
+    """
+    The background revalidations in flight: at most one per URL, and L{MAX_BACKGROUND}.
+
+    @ivar start: Starts the revalidation of a request, calling the function it is given
+        when that ends, and says whether it started; set by the proxy that owns the cache
+        (L{None}: never serve stale while revalidating).
+    @ivar running: The keys being revalidated.
+    """
+
+    def __init__(self) -> None:
+        self.start: Callable[[StageRequest, Callable[[], None]], bool] | None = None
+        self.running: set[bytes] = set()
+
+    def serve_stale(
+        self, request: StageRequest, key: bytes, fresh: rules.Freshness, age: float, plain: bool
+    ) -> bool:
+        """
+        Whether a stale object may be answered now, while it is revalidated in the
+        background: its C{stale-while-revalidate} window is not over, nothing forbids
+        serving it stale, and the client did not ask for a fresh one. Starts the
+        revalidation unless one is running for C{key}.
+        """
+        start = self.start
+        if (
+            start is None
+            or age >= fresh.lifetime + fresh.swr
+            or fresh.no_stale
+            or fresh.no_cache
+            or (not plain and client_refresh(request.head.fields))
+        ):
+            return False
+        if key in self.running:
+            return True
+        if len(self.running) >= MAX_BACKGROUND:
+            return False
+        self.running.add(key)
+        if start(request, lambda: self.running.discard(key)):
+            return True
+        self.running.discard(key)
+        return False
