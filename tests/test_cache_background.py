@@ -6,11 +6,13 @@ the window, or when anything forbids serving it stale, the client waits for the 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionRefusedError
 
 from aproxy.cache.background import MAX_BACKGROUND
-from aproxy.client.background import SinkTransport, revalidation_request
+from aproxy.client.background import SinkTransport, background_request, revalidation_request
 from aproxy.client.stages import StageRequest
 from aproxy.config import ProxyConfig
 from aproxy.http.head import Target, parse_request_head
@@ -55,10 +57,15 @@ class StaleWhileRevalidateTests(ProxyTestCase):
         self.clock.advance(wait)
 
     def ask(self, request: bytes = REQUEST) -> bytes:
-        """Send C{request} on a new connection; what the client got at once."""
+        """
+        Send C{request} on a new connection; what the client got at once (a background
+        revalidation it started begins right after, in the same reactor turn).
+        """
         client, proto = self.connect_client()
         proto.dataReceived(request)
-        return bytes(client.value())
+        got = bytes(client.value())
+        self.clock.advance(0)
+        return got
 
     @property
     def running(self) -> set[bytes]:
@@ -135,18 +142,49 @@ class StaleWhileRevalidateTests(ProxyTestCase):
         self.assertEqual(self.running, set())
 
     def test_not_when_forbidden(self) -> None:
-        """must-revalidate, no-cache and a client's own no-cache each keep the client
-        waiting for the origin."""
+        """must-revalidate or no-cache in the response, and any freshness limit the
+        client sets (RFC 9111 section 5.2.1), each keep the client waiting for the
+        origin."""
         for i, directive in enumerate((b", must-revalidate", b", no-cache")):
             url = b"http://a.example/%d" % i
             request = REQUEST.replace(URL, url)
             self.store(SWR + directive, request)
             self.assertEqual(self.ask(request), b"", directive)
         self.store()
-        self.assertEqual(
-            self.ask(REQUEST.replace(b"\r\n\r\n", b"\r\nPragma: no-cache\r\n\r\n")), b""
-        )
+        for limit in (
+            b"Pragma: no-cache",
+            b"Cache-Control: no-cache",
+            b"Cache-Control: max-age=2",
+            b"Cache-Control: min-fresh=30",
+            b"Cache-Control: max-stale=1",
+        ):
+            asked = REQUEST.replace(b"\r\n\r\n", b"\r\n" + limit + b"\r\n\r\n")
+            self.assertEqual(self.ask(asked), b"", limit)
         self.assertEqual(self.running, set())
+
+    def test_no_client_slot_taken(self) -> None:
+        """
+        The revalidation takes none of its client's connections under
+        --max-clients-per-ip (before, a client at its limit had it refused, and its next
+        own connection could be refused while one ran), and its address is not noted as
+        one of the proxy's own.
+        """
+        self.factory.reconfigure(replace(self.config, max_clients_per_ip=3))
+        self.store()
+        dials = len(self.connector.attempts)
+        owned = set(self.factory.loops.own_addresses)
+        self.assertIn(b"stale-while-revalidate", self.ask())
+        self.assertEqual(len(self.connector.attempts), dials + 1)
+        self.assertEqual(self.factory.clients_per_ip["127.0.0.1"], 3)
+        self.assertEqual(self.factory.loops.own_addresses, owned)
+
+    def test_not_for_a_session_user(self) -> None:
+        """A request of an intercepted session (its user logged in with the CONNECT, no
+        credentials of its own) is not repeated as a plain request, which --auth would
+        refuse: the client waits for the origin instead."""
+        head = parse_request_head(REQUEST[:-4])
+        view = StageRequest(head, Target(b"http", "a.example", 80, b"/swr", b""), "::1", "u")
+        self.assertFalse(background_request(self.factory, self.clock, view, lambda: None))
 
     def test_bounded(self) -> None:
         """At most MAX_BACKGROUND revalidations run at once; then clients wait."""
@@ -186,7 +224,8 @@ class RevalidationRequestTests(ProxyTestCase):
         )
 
     def test_origin_form_not_repeated(self) -> None:
-        """A request read inside a tunnel (origin form) can't be made again."""
+        """A request in origin form (no scheme or host to repeat it with) is not made
+        again."""
         self.assertIsNone(revalidation_request(self.view(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")))
 
     def test_sink(self) -> None:

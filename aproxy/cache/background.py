@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from aproxy.cache import rules
 from aproxy.client.stages import StageRequest
 
-__all__ = ["MAX_BACKGROUND", "Revalidations", "client_refresh"]
+__all__ = ["MAX_BACKGROUND", "Revalidations", "client_limits", "client_refresh"]
 
 MAX_BACKGROUND = 32
 """Background revalidations at once, per process; past it, stale objects are validated
@@ -25,6 +25,22 @@ def client_refresh(fields: Sequence[tuple[bytes, bytes]]) -> bool:
     if cc:
         return "no-cache" in cc or cc.get("max-age") == "0"
     return any(name.lower() == b"pragma" and b"no-cache" in value.lower() for name, value in fields)
+
+
+def client_limits(fields: Sequence[tuple[bytes, bytes]]) -> bool:
+    """
+    Whether the client said how fresh a response must be (C{max-age}, C{min-fresh},
+    C{max-stale}, C{no-cache}, C{only-if-cached}, or C{Pragma: no-cache}): then a stale
+    object is not served in its place, whatever the stored response allows (RFC 9111
+    section 5.2.1).
+    """
+    cc = rules.parse_cache_control(fields)
+    if cc:
+        return any(d in cc for d in _LIMITS)
+    return any(name.lower() == b"pragma" and b"no-cache" in value.lower() for name, value in fields)
+
+
+_LIMITS = ("max-age", "min-fresh", "max-stale", "no-cache", "only-if-cached")
 
 
 class Revalidations:
@@ -47,7 +63,7 @@ class Revalidations:
         """
         Whether a stale object may be answered now, while it is revalidated in the
         background: its C{stale-while-revalidate} window is not over, nothing forbids
-        serving it stale, and the client did not ask for a fresh one. Starts the
+        serving it stale, and the client set no limit (L{client_limits}). Starts the
         revalidation unless one is running for C{key}.
         """
         start = self.start
@@ -56,7 +72,7 @@ class Revalidations:
             or age >= fresh.lifetime + fresh.swr
             or fresh.no_stale
             or fresh.no_cache
-            or (not plain and client_refresh(request.head.fields))
+            or (not plain and client_limits(request.head.fields))
         ):
             return False
         if key in self.running:

@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from aproxy.cache import preconditions, rules
-from aproxy.cache.background import Revalidations, client_refresh
+from aproxy.cache.background import Revalidations, client_limits, client_refresh
 from aproxy.cache.disk import DiskStore
 from aproxy.cache.fill import Fill, StoreFilter
 from aproxy.cache.heap import HeapTrimmer
@@ -236,7 +236,7 @@ class CacheStage:
         # revalidated is an error, which SHOULD be a 504.
         request.gateway_timeout = fresh.no_stale
         # 4.2.4 lets a cache serve stale when it can't reach the origin, unless forbidden.
-        no_stale = fresh.no_stale or fresh.no_cache or state.client_refresh
+        no_stale = fresh.no_stale or fresh.no_cache or (not plain and client_limits(head.fields))
         if not no_stale and age - lifetime < MAX_STALE_ON_ERROR:
             request.fallback = partial(self._stale, request, state)
         validators = preconditions.validation_fields(meta.fields)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
 from twisted.internet.protocol import Factory
@@ -111,8 +111,7 @@ def revalidation_request(request: StageRequest) -> bytes | None:
     absolute URL with the client's fields (its C{Vary} variant, its credentials), less
     its own directives, preconditions and range, with C{Cache-Control: max-age=0}.
 
-    @return: The request bytes, or L{None} when the request was not in absolute form
-        (one read inside a tunnel can't be made again as a plain request).
+    @return: The request bytes, or L{None} when the request was not in absolute form.
     """
     head = request.head
     target = head.target
@@ -141,15 +140,26 @@ def background_request(
     client = request.client
     if data is None or client == "unix":
         return False
+    if request.user is not None and not any(
+        name.lower() == b"proxy-authorization" for name, _ in request.head.fields
+    ):
+        # (A request of an intercepted session: its user logged in with the CONNECT,
+        # which a plain request can't repeat.)
+        return False
     family: Any = IPv6Address if ":" in client else IPv4Address
     peer = family("TCP", client, 0)
-    transport = SinkTransport(reactor, peer, family("TCP", client, 0), done)
-    proto = factory.buildProtocol(peer)
+    proto: Any = factory.buildProtocol(peer)
     if proto is None:
         return False
+    proto.internal = True
+    transport = SinkTransport(reactor, peer, UNIXAddress(None), done)
     transport.protocol = proto
-    proto.makeConnection(transport)
-    if transport.disconnecting:
-        return True  # (refused at once: a connection limit; done follows)
-    proto.dataReceived(data)
+
+    def start() -> None:
+        proto.makeConnection(transport)
+        if not transport.disconnecting:
+            proto.dataReceived(data)
+
+    # (Once the client's own request is answered: not from inside the cache's lookup.)
+    reactor.callLater(0, start)
     return True

@@ -123,10 +123,14 @@ class ClientConnection(Protocol):
     A client connection's admission, deadline timer and pause reasons.
 
     Subclasses implement L{_deadline_passed}, L{_is_closing}, L{fail} and L{close}.
+
+    @cvar internal: A request the proxy makes of itself (L{aproxy.client.background}):
+        it takes no connection slot of its client's, and its address is not noted.
     """
 
     log = Logger()
     transport: Any
+    internal = False
 
     def __init__(self, factory: ProxyContext, addr: IAddress | None = None) -> None:
         self.factory = factory
@@ -223,6 +227,8 @@ class ClientConnection(Protocol):
             proxied if proxied is not None else getattr(self.transport.getPeer(), "host", None)
         )
         self.client_ip = client_ip
+        if self.internal:
+            return None  # (admitted with the request it repeats: no slot of its client's)
         factory.loops.note_local(self.transport.getHost())
         if client_ip is not None:
             if not self.runtime.policy.client_allowed(client_ip):
