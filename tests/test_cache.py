@@ -16,6 +16,7 @@ from twisted.internet.error import ConnectionRefusedError
 
 from aproxy.cache.stage import SYNC_INTERVAL
 from aproxy.client.factory import ProxyFactory
+from aproxy.client.stages import StageRequest
 from aproxy.config import ProxyConfig
 from aproxy.observe.records import Exchange
 from aproxy.testing import HalfCloseTransport
@@ -201,6 +202,25 @@ class CacheTests(ProxyTestCase):
         proto.dataReceived(get(method=b"HEAD"))
         self.assertFalse(client.disconnecting)
         self.assertEqual(len(self.connector.attempts), dials + 1)
+
+    def test_fallback_dropped_when_done(self) -> None:
+        """The stale fallback refers to its request: it is dropped when the exchange
+        ends, so no reference cycle is left for the garbage collector per revalidation."""
+        cache = self.factory.cache
+        assert cache is not None
+        seen: list[StageRequest] = []
+        finished = cache.finished
+
+        def spy(request: StageRequest) -> None:
+            seen.append(request)
+            finished(request)
+
+        self.patch(cache, "finished", spy)
+        self.ask(get(), ok(b"hello", FRESH, b'ETag: "1"'))
+        self.clock.advance(61)
+        self.ask(get(), b'HTTP/1.1 304 Not Modified\r\nETag: "1"\r\n\r\n')
+        self.assertEqual(len(seen), 2)
+        self.assertIsNone(seen[1].fallback)
 
     def test_not_served_stale_when_forbidden(self) -> None:
         """

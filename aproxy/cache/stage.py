@@ -517,6 +517,7 @@ class CacheStage:
         state: _State | None = request.state.pop(self, None)
         if state is None:
             return
+        request.fallback = None  # (it refers to the request: no cycle left for the collector)
         if state.found is not None:
             state.found.close()
         fill = state.fill
