@@ -16,10 +16,11 @@ from twisted.internet.error import ConnectionRefusedError
 
 from aproxy.cache.stage import SYNC_INTERVAL
 from aproxy.client.factory import ProxyFactory
+from aproxy.client.protocol import ProxyProtocol
 from aproxy.client.stages import StageRequest
 from aproxy.config import ProxyConfig
 from aproxy.observe.records import Exchange
-from aproxy.testing import HalfCloseTransport
+from aproxy.testing import Attempt, HalfCloseTransport
 from tests.support import ProxyTestCase
 
 URL = b"http://a.example/file"
@@ -321,14 +322,22 @@ class CacheTests(ProxyTestCase):
         assert sent is not None
         self.assertIn(b'If-None-Match: "v1"', sent)
 
-    def test_collapsed_miss_one_origin_request(self) -> None:
-        """A second request for a URL being fetched follows that fetch as it arrives."""
+    def follower(self) -> tuple[HalfCloseTransport, HalfCloseTransport, ProxyProtocol, Attempt]:
+        """
+        A fetch in flight (its dial completed, no response yet) and a second client that
+        asked for the same URL: the first client, the second and its protocol, the dial.
+        """
         first, p1 = self.connect_client()
         p1.dataReceived(get())
         attempt = self.connector.attempts[-1]
         attempt.succeed()
         second, p2 = self.connect_client()
         p2.dataReceived(get())
+        return first, second, p2, attempt
+
+    def test_collapsed_miss_one_origin_request(self) -> None:
+        """A second request for a URL being fetched follows that fetch as it arrives."""
+        first, second, p2, attempt = self.follower()
         self.assertEqual(len(self.connector.attempts), 1)
         attempt.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n" + FRESH + b"\r\n\r\nhello")
         self.assertTrue(second.value().endswith(b"\r\n\r\nhello"), second.value())
@@ -360,12 +369,7 @@ class CacheTests(ProxyTestCase):
 
     def test_collapsed_onto_a_no_content_response(self) -> None:
         """A follower of a fetch that turns out a 204 gets no body framing either."""
-        first, p1 = self.connect_client()
-        p1.dataReceived(get())
-        attempt = self.connector.attempts[-1]
-        attempt.succeed()
-        second, p2 = self.connect_client()
-        p2.dataReceived(get())
+        first, second, p2, attempt = self.follower()
         attempt.respond(b"HTTP/1.1 204 No Content\r\n" + FRESH + b"\r\n\r\n")
         got = second.value()
         self.assertTrue(got.startswith(b"HTTP/1.1 204 No Content\r\n"), got)
@@ -381,12 +385,7 @@ class CacheTests(ProxyTestCase):
         Followers of a chunked response (its length unknown until its end) follow it
         too: chunked to an HTTP/1.1 client, delimited by the close to HTTP/1.0.
         """
-        first, p1 = self.connect_client()
-        p1.dataReceived(get())
-        attempt = self.connector.attempts[-1]
-        attempt.succeed()
-        second, p2 = self.connect_client()
-        p2.dataReceived(get())
+        first, second, p2, attempt = self.follower()
         old, p3 = self.connect_client()
         p3.dataReceived(get().replace(b"HTTP/1.1", b"HTTP/1.0"))
         attempt.respond(
@@ -422,12 +421,7 @@ class CacheTests(ProxyTestCase):
 
     def test_collapsed_but_not_storable_goes_upstream(self) -> None:
         """Followers of a response that can't be stored get their own origin request."""
-        first, p1 = self.connect_client()
-        p1.dataReceived(get())
-        attempt = self.connector.attempts[-1]
-        attempt.succeed()
-        second, p2 = self.connect_client()
-        p2.dataReceived(get())
+        first, second, p2, attempt = self.follower()
         attempt.respond(ok(b"mine", b"Cache-Control: no-store"))
         self.assertEqual(len(self.connector.attempts), 2)
         own = self.connector.attempts[-1]
