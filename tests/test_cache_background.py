@@ -111,6 +111,19 @@ class StaleWhileRevalidateTests(ProxyTestCase):
             self.assertIn(b"detail=stale-while-revalidate", self.ask())
         self.assertEqual(len(self.connector.attempts), dials + 1)
 
+    def test_one_revalidation_per_variant(self) -> None:
+        """Each Vary variant of a URL is revalidated on its own: a stale variant B is not
+        left unrevalidated while variant A's revalidation runs."""
+        vary = SWR + b"\r\nVary: Accept-Encoding"
+        other = REQUEST.replace(b"gzip", b"br")
+        self.store(vary, wait=0)
+        self.store(vary, other)
+        dials = len(self.connector.attempts)
+        self.assertIn(b"stale-while-revalidate", self.ask())
+        self.assertIn(b"stale-while-revalidate", self.ask(other))
+        self.assertEqual(len(self.connector.attempts), dials + 2)
+        self.assertEqual(len(self.running), 2)
+
     def test_new_response_replaces(self) -> None:
         """A revalidation answered with a new 200 stores that response."""
         self.store()

@@ -45,12 +45,13 @@ _LIMITS = ("max-age", "min-fresh", "max-stale", "no-cache", "only-if-cached")
 
 class Revalidations:
     """
-    The background revalidations in flight: at most one per URL, and L{MAX_BACKGROUND}.
+    The background revalidations in flight: at most one per stored variant (its key and
+    its C{Vary} key), and L{MAX_BACKGROUND}.
 
     @ivar start: Starts the revalidation of a request, calling the function it is given
         when that ends, and says whether it started; set by the proxy that owns the cache
         (L{None}: never serve stale while revalidating).
-    @ivar running: The keys being revalidated.
+    @ivar running: The variants being revalidated.
     """
 
     def __init__(self) -> None:
@@ -64,7 +65,7 @@ class Revalidations:
         Whether a stale object may be answered now, while it is revalidated in the
         background: its C{stale-while-revalidate} window is not over, nothing forbids
         serving it stale, and the client set no limit (L{client_limits}). Starts the
-        revalidation unless one is running for C{key}.
+        revalidation unless one is running for C{key} (the variant's).
         """
         start = self.start
         if (

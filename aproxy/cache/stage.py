@@ -224,7 +224,9 @@ class CacheStage:
             fresh_enough = rules.choose(head.fields, meta.fields, lifetime, age) != rules.VALIDATE
         if fresh_enough:
             return self._hit(request, found, age, lifetime, None, plain)
-        if fresh.swr and self.revalidations.serve_stale(request, key, fresh, age, plain):
+        if fresh.swr and self.revalidations.serve_stale(  # (per Vary variant)
+            request, key + b"\n" + meta.vary, fresh, age, plain
+        ):
             return self._hit(request, found, age, lifetime, None, plain, _SWR)
         if only_if_cached:
             found.close()
