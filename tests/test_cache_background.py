@@ -1,7 +1,9 @@
 """
-stale-while-revalidate (RFC 5861 section 3): a stale object within its window is answered
-at once while the proxy revalidates it through itself (L{aproxy.client.background}); past
-the window, or when anything forbids serving it stale, the client waits for the origin.
+RFC 5861's stale responses. stale-while-revalidate (section 3): a stale object within its
+window is answered at once while the proxy revalidates it through itself
+(L{aproxy.client.background}); past the window, or when anything forbids serving it
+stale, the client waits for the origin. stale-if-error (section 4): a stale object
+answers in place of the origin's 500, 502, 503 or 504 within its window.
 """
 
 from __future__ import annotations
@@ -210,6 +212,67 @@ class StaleWhileRevalidateTests(ProxyTestCase):
         got = self.ask(REQUEST.replace(URL, b"http://a.example/n%d" % MAX_BACKGROUND))
         self.assertEqual(got, b"")
         self.assertEqual(len(self.running), MAX_BACKGROUND)
+
+
+class StaleIfErrorTests(ProxyTestCase):
+    """A stored object revalidated while its origin answers with a server error."""
+
+    config = ProxyConfig(cache_memory="4MiB", pool_size=0)
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.records: list[Exchange] = []
+        self.factory.observers.append(self.records.append)
+
+    def revalidated(self, stored: bytes, request: bytes = REQUEST, status: bytes = b"503") -> bytes:
+        """
+        Store C{stored} (a Cache-Control line), let it go 5 s stale, ask again and let the
+        origin answer C{status} with a body: what the client got.
+        """
+        url = b"http://a.example/sie" + stored.replace(b" ", b"").replace(b",", b"")[14:]
+        request = request.replace(URL, url)
+        for answer in (response(stored, b"v1"), None):
+            client, proto = self.connect_client()
+            proto.dataReceived(request)
+            attempt = self.connector.attempts[-1]
+            attempt.succeed()
+            if answer is not None:
+                attempt.respond(answer)
+                self.clock.advance(5)
+        attempt.respond(b"HTTP/1.1 " + status + b" Oops\r\nContent-Length: 5\r\n\r\noops!")
+        return bytes(client.value())
+
+    def test_stale_in_place_of_a_server_error(self) -> None:
+        """Within the window, the stored object answers; Cache-Status says why."""
+        for status in (b"500", b"502", b"503", b"504"):
+            got = self.revalidated(b"Cache-Control: max-age=1, stale-if-error=60", status=status)
+            self.assertTrue(got.startswith(b"HTTP/1.1 200 OK\r\n"), got)
+            self.assertTrue(got.endswith(b"\r\n\r\nhello"), got)
+            value = b"aproxy; fwd=stale; fwd-status=" + status + b"; ttl=-4; detail=stale-if-error"
+            self.assertIn(b"Cache-Status: " + value + b"\r\n", got)
+            self.assertEqual(self.records[-1].cache, "TCP_REFRESH_FAIL_OLD")
+
+    def test_request_directive(self) -> None:
+        """The client's own stale-if-error opens the window too."""
+        asked = REQUEST.replace(b"\r\n\r\n", b"\r\nCache-Control: stale-if-error=30\r\n\r\n")
+        got = self.revalidated(b"Cache-Control: max-age=1", asked)
+        self.assertTrue(got.endswith(b"\r\n\r\nhello"), got)
+
+    def test_error_passed_on(self) -> None:
+        """
+        The origin's error is the answer without the directive, past the window, when
+        the response forbids serving it stale, and for other statuses.
+        """
+        for stored, status in (
+            (b"Cache-Control: max-age=1", b"503"),
+            (b"Cache-Control: max-age=1, stale-if-error=3", b"503"),
+            (b"Cache-Control: max-age=1, stale-if-error=60, must-revalidate", b"503"),
+            (b"Cache-Control: max-age=1, stale-if-error=60, no-cache", b"503"),
+            (b"Cache-Control: max-age=1, stale-if-error=60", b"501"),
+        ):
+            got = self.revalidated(stored, status=status)
+            self.assertTrue(got.startswith(b"HTTP/1.1 " + status), (stored, got))
+            self.assertTrue(got.endswith(b"oops!"), got)
 
 
 class RevalidationRequestTests(ProxyTestCase):

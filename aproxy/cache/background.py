@@ -12,7 +12,14 @@ from collections.abc import Callable, Sequence
 from aproxy.cache import rules
 from aproxy.client.stages import StageRequest
 
-__all__ = ["MAX_BACKGROUND", "Revalidations", "client_limits", "client_refresh"]
+__all__ = [
+    "MAX_BACKGROUND",
+    "SERVER_ERRORS",
+    "Revalidations",
+    "client_limits",
+    "client_refresh",
+    "stale_if_error",
+]
 
 MAX_BACKGROUND = 32
 """Background revalidations at once, per process; past it, stale objects are validated
@@ -85,3 +92,27 @@ class Revalidations:
             return True
         self.running.discard(key)
         return False
+
+
+SERVER_ERRORS = frozenset({500, 502, 503, 504})
+"""The statuses RFC 5861 section 4 counts as errors for C{stale-if-error}."""
+
+
+def stale_if_error(
+    fields: Sequence[tuple[bytes, bytes]], fresh: rules.Freshness, age: float
+) -> bool:
+    """
+    Whether a stale object may answer in place of an origin's server error (RFC 5861
+    section 4): the stored response's or the request's C{stale-if-error} window covers
+    its staleness, and nothing forbids serving it stale (the response's C{no-cache},
+    C{must-revalidate}, C{proxy-revalidate} or C{s-maxage}; a client's freshness limit).
+    """
+    if fresh.no_stale or fresh.no_cache:
+        return False
+    window = fresh.sie
+    cc = rules.parse_cache_control(fields)
+    if cc:
+        window = max(window, rules.delta_seconds(cc.get("stale-if-error")) or 0)
+        if any(d in cc for d in _LIMITS):
+            return False
+    return window > 0 and age - fresh.lifetime <= window

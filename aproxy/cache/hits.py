@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from aproxy.cache import preconditions, rules
+from aproxy.cache.background import stale_if_error
 from aproxy.cache.fill import BytesSource, FileSource, Fill, FillReader
 from aproxy.cache.store import Meta
 from aproxy.client.stages import Answer
@@ -157,16 +158,25 @@ def _with_body(
     return Answer(status, reason, fields, source=source, length=size, block=block)
 
 
-def stale_answer(found: Found, head: RequestHead, now: float) -> tuple[Answer, int]:
+def stale_answer(
+    found: Found, head: RequestHead, now: float, fwd_status: int | None = None
+) -> tuple[Answer, int] | None:
     """
     Answer request C{head} from C{found}, stale, because its origin could not be reached
-    (RFC 9111 section 4.2.4), saying so in C{Cache-Status}.
+    (RFC 9111 section 4.2.4; the caller checked it may) or answered C{fwd_status}, a
+    server error, and C{stale-if-error} allows it (RFC 5861 section 4), saying so in
+    C{Cache-Status}.
 
-    @return: The answer, and the body bytes it serves without the origin.
+    @return: The answer and the body bytes it serves without the origin, or L{None}.
     """
     fresh = found.prepared.freshness
     age = fresh.age(now)
-    value = rules.cache_status(fwd="stale", ttl=fresh.lifetime - age, detail="origin-unreachable")
+    if fwd_status is not None and not stale_if_error(head.fields, fresh, age):
+        return None
+    detail = "origin-unreachable" if fwd_status is None else "stale-if-error"
+    value = rules.cache_status(
+        fwd="stale", fwd_status=fwd_status, ttl=fresh.lifetime - age, detail=detail
+    )
     answer, _, saved = answer_from(found, head, age, fresh.lifetime, None, value=value)
     return answer, saved
 

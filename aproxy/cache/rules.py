@@ -250,9 +250,10 @@ class Freshness:
     @ivar no_stale: It may never be served stale (C{must-revalidate},
         C{proxy-revalidate} or C{s-maxage}: RFC 9111 sections 5.2.2.2, 5.2.2.8, 5.2.2.10).
     @ivar swr: Its C{stale-while-revalidate} window in seconds (RFC 5861 section 3), or 0.
+    @ivar sie: Its C{stale-if-error} window in seconds (RFC 5861 section 4), or 0.
     """
 
-    __slots__ = ("_initial", "_response_time", "lifetime", "no_cache", "no_stale", "swr")
+    __slots__ = ("_initial", "_response_time", "lifetime", "no_cache", "no_stale", "sie", "swr")
 
     def __init__(
         self, status: int, resp_fields: Fields, request_time: float, response_time: float
@@ -264,6 +265,7 @@ class Freshness:
         self.no_cache = "no-cache" in cc
         self.no_stale = any(d in cc for d in ("must-revalidate", "proxy-revalidate", "s-maxage"))
         self.swr = delta_seconds(cc.get("stale-while-revalidate")) or 0
+        self.sie = delta_seconds(cc.get("stale-if-error")) or 0
 
     def age(self, now: float) -> float:
         """Its L{current_age} at C{now}."""

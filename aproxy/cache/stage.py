@@ -27,7 +27,12 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from aproxy.cache import preconditions, rules
-from aproxy.cache.background import Revalidations, client_limits, client_refresh
+from aproxy.cache.background import (
+    SERVER_ERRORS,
+    Revalidations,
+    client_limits,
+    client_refresh,
+)
 from aproxy.cache.disk import DiskStore
 from aproxy.cache.fill import Fill, StoreFilter
 from aproxy.cache.heap import HeapTrimmer
@@ -306,16 +311,18 @@ class CacheStage:
         self.saved += saved
         return answer
 
-    def _stale(self, request: StageRequest, state: _State) -> Answer | None:
-        """The origin of a stale object could not be reached: answer with the object."""
-        found, state.found = state.found, None
-        if found is None:
+    def _stale(
+        self, request: StageRequest, state: _State, error: int | None = None
+    ) -> Answer | None:
+        """The origin failed (unreachable, or C{error} under stale-if-error): the object."""
+        found = state.found
+        stale = stale_answer(found, request.head, self.clock.seconds(), error) if found else None
+        if stale is None:
             return None
-        state.kind = "pass"  # (nothing to store: the fetch failed)
-        answer, saved = stale_answer(found, request.head, self.clock.seconds())
+        state.found, state.kind = None, "pass"  # (nothing to store: the fetch failed)
         request.notes["cache"] = "TCP_REFRESH_FAIL_OLD"
-        self.saved += saved
-        return answer
+        self.saved += stale[1]
+        return stale[0]
 
     def _follow(self, request: StageRequest, key: bytes, fill: Fill) -> Any:
         """Collapse onto C{fill}: follow it once its head shows it fits, else go upstream."""
@@ -377,9 +384,16 @@ class CacheStage:
     # -- when the origin's response head arrives --------------------------------------
 
     def replace_response(self, request: StageRequest, head: ResponseHead) -> Answer | None:
-        """A 304 to the cache's own revalidation: refresh the stored object, answer from it."""
+        """
+        A 304 to the cache's own revalidation: refresh the stored object, answer from it.
+        A server error instead: answer with the stale object if C{stale-if-error} allows.
+        """
         state: _State | None = request.state.get(self)
-        if state is None or state.kind != "validate" or head.status != 304:
+        if state is None or state.found is None:
+            return None
+        if head.status in SERVER_ERRORS:
+            return self._stale(request, state, head.status)
+        if state.kind != "validate" or head.status != 304:
             return None
         found = state.found
         assert found is not None
