@@ -58,7 +58,15 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from aproxybench.issuebench import IssueBench, median, met, mitmdump, run_main
+from aproxybench.issuebench import (
+    IssueBench,
+    aproxy_version,
+    checkout_env,
+    median,
+    met,
+    mitmdump,
+    run_main,
+)
 from aproxybench.procs import (
     Child,
     cpu_seconds,
@@ -395,10 +403,7 @@ class InterceptBench(IssueBench):
         argv += ["--port", f"tcp:{port}:interface={LOOPBACK}", "--intercept", "*"]
         argv += ["--ca-dir", str(ca_dir), "--ca-file", str(self.origin_ca)]
         argv += ["--connect-ports", "*"]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(self.args.checkout), env.get("PYTHONPATH", "")) if p
-        )
+        env = checkout_env(self.args.checkout)
         self.commands["aproxy"] = shlex.join(argv)
         # Not in the checkout's directory: "python -m" puts the working directory first on
         # sys.path, so a checkout there would be imported instead of the one PYTHONPATH names.
@@ -407,9 +412,7 @@ class InterceptBench(IssueBench):
         way = Way("aproxy", self.origin_port, port, str(ca_dir / "ca.pem"))
         self.wait_ready(child, way, ca_dir / "ca.pem")
         self.ways.append(way)
-        self.versions["aproxy"] = tool_output(
-            [sys.executable, "-c", "import aproxy, sys; print(aproxy.__version__, sys.version)"]
-        )
+        self.versions["aproxy"] = aproxy_version()
         log(f"aproxy: pid {child.pid}, {LOOPBACK}:{port}")
 
     def start_mitmproxy(self) -> None:

@@ -50,6 +50,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from aproxybench.issuebench import aproxy_version, checkout_env
 from aproxybench.procs import (
     Child,
     abort_on_signals,
@@ -292,19 +293,14 @@ class SocksBench:
         argv = [sys.executable, "-m", "twisted", "aproxy"]
         argv += ["--port", f"tcp:{http}:interface={LOOPBACK}"]
         argv += ["--socks-port", f"tcp:{socks}:interface={LOOPBACK}", "--connect-ports", "*"]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(self.args.checkout), env.get("PYTHONPATH", "")) if p
-        )
+        env = checkout_env(self.args.checkout)
         child = self.start("aproxy", argv, env)
         connect = Way("aproxy CONNECT", "connect", http, self.origin_port)
         self.wait_ready(child, connect)
         socks5 = Way("aproxy SOCKS5", "socks5", socks, self.origin_port)
         self.wait_ready(child, socks5)
         self.ways += [connect, socks5]
-        self.versions["aproxy"] = tool_output(
-            [sys.executable, "-c", "import aproxy, sys; print(aproxy.__version__, sys.version)"]
-        )
+        self.versions["aproxy"] = aproxy_version()
         log(f"aproxy: pid {child.pid}, CONNECT {http}, SOCKS5 {socks}")
 
     def start_pproxy(self) -> None:

@@ -1,7 +1,8 @@
 """
 Running one of the benchmark scripts in bench/ in its smoke mode (tiny sizes, not timed)
 from a test, and reading the Markdown table it prints: the shared part of the benchmark
-smoke tests (tests/test_cache_bench.py, test_intercept_bench.py, test_addon_bench.py).
+smoke tests (tests/test_cache_bench.py, test_intercept_bench.py, test_addon_bench.py,
+test_pool_bench.py, test_socks_bench.py).
 """
 
 from __future__ import annotations

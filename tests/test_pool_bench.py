@@ -6,22 +6,14 @@ strategy says.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.benchsmoke import ROOT, smoke_table
+
 SCRIPT = ROOT / "bench" / "pool_bench.py"
-
-
-def row_cells(line: str) -> list[str]:
-    """The cells of one Markdown table row (no cell here contains an escaped pipe)."""
-    return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
 def tool(name: str) -> str | None:
@@ -45,21 +37,8 @@ class PoolBenchSmokeTests(SynchronousTestCase):
         for name in ("nginx", "wrk"):
             if tool(name) is None:
                 self.skipTest(f"{name} is not installed (the benchmark's parent and load)")
-        result = subprocess.run(
-            [sys.executable, str(SCRIPT), "--smoke"],
-            cwd=ROOT,
-            env=dict(os.environ, PYTHONPATH=str(ROOT)),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
-        out = result.stdout
-        self.assertNotIn("Failed:", out)
-        rows = [row_cells(x) for x in out.splitlines() if x.startswith("| ")]
-        header, body = rows[0], rows[1:]
+        _, header, body = smoke_table(self, SCRIPT, 120)
         self.assertEqual(header, ["target", "figure", "ratio", "goal", "requests per member"])
-        self.assertEqual({len(row) for row in body}, {len(header)})
         targets = [row[0] for row in body]
         self.assertEqual(
             targets,

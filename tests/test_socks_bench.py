@@ -5,20 +5,11 @@ checks the report has a row for each part and target of the SOCKS5 benchmark.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 from twisted.trial.unittest import SynchronousTestCase
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.benchsmoke import ROOT, smoke_table
+
 SCRIPT = ROOT / "bench" / "socks_bench.py"
-
-
-def row_cells(line: str) -> list[str]:
-    """The cells of one Markdown table row (no cell here contains an escaped pipe)."""
-    return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
 class SocksBenchSmokeTests(SynchronousTestCase):
@@ -30,24 +21,9 @@ class SocksBenchSmokeTests(SynchronousTestCase):
         CONNECT and SOCKS5, and the table has a row per part and target, with the SOCKS5
         row compared to aproxy's CONNECT.
         """
-        if not SCRIPT.exists():
-            self.skipTest("not running from a checkout")
-        result = subprocess.run(
-            [sys.executable, str(SCRIPT), "--smoke"],
-            cwd=ROOT,
-            env=dict(os.environ, PYTHONPATH=str(ROOT)),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
-        out = result.stdout
-        self.assertNotIn("Failed:", out)
+        out, header, body = smoke_table(self, SCRIPT, 120)
         self.assertNotIn("pproxy", out.split("Commands:")[0])  # --smoke leaves peers out
-        rows = [row_cells(x) for x in out.splitlines() if x.startswith("| ")]
-        header, body = rows[0], rows[1:]
         self.assertEqual(header, ["part", "target", "figure", "ratio", "goal"])
-        self.assertEqual({len(row) for row in body}, {len(header)})
         parts = [(part.split(" ", 1)[0], target) for part, target, *_ in body]
         targets = ["direct", "aproxy CONNECT", "aproxy SOCKS5"]
         self.assertEqual(parts, [("a.", t) for t in targets] + [("b.", t) for t in targets])

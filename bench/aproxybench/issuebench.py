@@ -31,6 +31,8 @@ from .targets import render
 __all__ = [
     "IssueBench",
     "Row",
+    "aproxy_version",
+    "checkout_env",
     "clients",
     "fetch",
     "median",
@@ -105,6 +107,19 @@ def run_main(bench: IssueBench) -> int:
     status = run_bench(bench)
     print(bench.report(), end="")
     return 1 if status == 0 and bench.failures else status
+
+
+def checkout_env(tree: Path) -> dict[str, str]:
+    """This process's environment with C{tree} first on C{PYTHONPATH}: aproxy from it."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def aproxy_version() -> str:
+    """aproxy's and Python's versions, as this interpreter imports them."""
+    code = "import aproxy, sys; print(aproxy.__version__, sys.version)"
+    return tool_output([sys.executable, "-c", code])
 
 
 def which_aproxy(env: dict[str, str], cwd: Path) -> tuple[str, str]:
@@ -224,8 +239,7 @@ class IssueBench:
         work.mkdir()
         argv = [sys.executable, "-m", "twisted", "aproxy"]
         argv += ["--port", f"tcp:{port}:interface={LOOPBACK}", *options]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), env.get("PYTHONPATH", "")) if p)
+        env = checkout_env(tree)
         # Not in the checkout's directory: "python -m" puts the working directory first on
         # sys.path, so a checkout there would be imported instead of the one PYTHONPATH names.
         module, plugin = which_aproxy(env, work)
