@@ -30,7 +30,7 @@ from aproxy.errors import BadGateway, ProxyError
 from aproxy.http.answers import local_answer
 from aproxy.http.body import UntilCloseDecoder
 from aproxy.http.head import RequestHead
-from aproxy.upstream.protocol import DISCARD, UpstreamProtocol
+from aproxy.upstream.protocol import DISCARD, UpstreamProtocol, abandon
 
 __all__ = ["AnswerHalf", "Drain"]
 
@@ -119,8 +119,7 @@ class AnswerHalf:
             connecting.cancel()
         up = self.detach()
         if up is not None:
-            up.hand_to(DISCARD)
-            up.transport.abortConnection()
+            abandon(up, abort=True)
         conn.unpause_for(PAUSE_DIAL)
         self.send_answer(answer, conn.take_pending())
         return True

@@ -64,7 +64,7 @@ from aproxy.http.head import (
 from aproxy.observe.records import Exchange
 from aproxy.upstream.connector import connect_error
 from aproxy.upstream.dialer import Hop
-from aproxy.upstream.protocol import DISCARD, UpstreamProtocol
+from aproxy.upstream.protocol import UpstreamProtocol, abandon
 from aproxy.workpool import as_client
 
 __all__ = ["ClientExchange", "abandon", "report_refused"]
@@ -580,12 +580,3 @@ def report_refused(conn: ClientSide, err: ProxyError, sent: int) -> None:
     )
     for observer in conn.factory.observers:
         observer(record)
-
-
-def abandon(up: UpstreamProtocol, abort: bool) -> None:
-    """Close an upstream connection nobody will read from again (abort: drop its buffer)."""
-    up.hand_to(DISCARD)
-    if abort:
-        up.transport.abortConnection()
-    else:
-        up.transport.loseConnection()

@@ -35,7 +35,7 @@ from aproxy.http.head import (
     serialize_response_head,
 )
 from aproxy.upstream.dialer import Hop
-from aproxy.upstream.protocol import DISCARD, UpstreamProtocol
+from aproxy.upstream.protocol import UpstreamProtocol, abandon
 
 __all__ = ["MAX_INTERIM", "ResponseHalf"]
 
@@ -107,8 +107,7 @@ class ResponseHalf:
                 up.transport.resumeProducing()
                 conn.factory.pool.release(up)
             else:
-                up.hand_to(DISCARD)
-                up.transport.loseConnection()
+                abandon(up, abort=False)
         self.send_answer(answer, conn.take_pending())
 
     def _response_heads(self, data: bytes) -> None:

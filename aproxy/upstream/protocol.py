@@ -25,7 +25,14 @@ from zope.interface import implementer
 
 from aproxy.http.head import HeadReader
 
-__all__ = ["DISCARD", "UpstreamFactory", "UpstreamOwner", "UpstreamProtocol", "no_delay"]
+__all__ = [
+    "DISCARD",
+    "UpstreamFactory",
+    "UpstreamOwner",
+    "UpstreamProtocol",
+    "abandon",
+    "no_delay",
+]
 
 
 def no_delay(transport: Any) -> None:
@@ -75,6 +82,17 @@ class _Discard:
 
 
 DISCARD: UpstreamOwner = _Discard()
+
+
+def abandon(up: UpstreamProtocol, abort: bool) -> None:
+    """Close an upstream connection nobody will read from again (abort: drop its buffer)."""
+    up.hand_to(DISCARD)
+    if abort:
+        up.transport.abortConnection()
+    else:
+        up.transport.loseConnection()
+
+
 """The owner of connections nobody needs (and of new ones, until their dial takes them)."""
 
 
