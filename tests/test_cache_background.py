@@ -273,6 +273,9 @@ class StaleIfErrorTests(ProxyTestCase):
             got = self.revalidated(stored, status=status)
             self.assertTrue(got.startswith(b"HTTP/1.1 " + status), (stored, got))
             self.assertTrue(got.endswith(b"oops!"), got)
+        pragma = REQUEST.replace(b"\r\n\r\n", b"\r\nPragma: no-cache\r\n\r\n")
+        got = self.revalidated(b"Cache-Control: max-age=2, stale-if-error=60", pragma)
+        self.assertTrue(got.endswith(b"oops!"), got)  # (a client's limit, as above)
 
 
 class RevalidationRequestTests(ProxyTestCase):

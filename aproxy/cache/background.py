@@ -1,8 +1,11 @@
 """
-Serving stale while revalidating (RFC 5861 section 3, C{stale-while-revalidate}): within
-the window a stored response names, a stale object is answered at once while one request
+RFC 5861's stale responses, and the client directives that rule them out.
+
+Serving stale while revalidating (section 3, C{stale-while-revalidate}): within the window
+a stored response names, a stale object is answered at once while one request
 revalidates it in the background (see L{aproxy.client.background}), so clients don't wait
-for the origin and the next ones get the refreshed object.
+for the origin and the next ones get the refreshed object. Serving stale in place of an
+origin's server error (section 4, C{stale-if-error}): L{stale_if_error}.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def client_refresh(fields: Sequence[tuple[bytes, bytes]]) -> bool:
     cc = rules.parse_cache_control(fields)
     if cc:
         return "no-cache" in cc or cc.get("max-age") == "0"
-    return any(name.lower() == b"pragma" and b"no-cache" in value.lower() for name, value in fields)
+    return _pragma_no_cache(fields)
 
 
 def client_limits(fields: Sequence[tuple[bytes, bytes]]) -> bool:
@@ -44,6 +47,11 @@ def client_limits(fields: Sequence[tuple[bytes, bytes]]) -> bool:
     cc = rules.parse_cache_control(fields)
     if cc:
         return any(d in cc for d in _LIMITS)
+    return _pragma_no_cache(fields)
+
+
+def _pragma_no_cache(fields: Sequence[tuple[bytes, bytes]]) -> bool:
+    """C{Pragma: no-cache}, which counts when there is no C{Cache-Control} (section 5.4)."""
     return any(name.lower() == b"pragma" and b"no-cache" in value.lower() for name, value in fields)
 
 
@@ -107,12 +115,8 @@ def stale_if_error(
     its staleness, and nothing forbids serving it stale (the response's C{no-cache},
     C{must-revalidate}, C{proxy-revalidate} or C{s-maxage}; a client's freshness limit).
     """
-    if fresh.no_stale or fresh.no_cache:
+    if fresh.no_stale or fresh.no_cache or client_limits(fields):
         return False
-    window = fresh.sie
-    cc = rules.parse_cache_control(fields)
-    if cc:
-        window = max(window, rules.delta_seconds(cc.get("stale-if-error")) or 0)
-        if any(d in cc for d in _LIMITS):
-            return False
+    asked = rules.delta_seconds(rules.parse_cache_control(fields).get("stale-if-error"))
+    window = max(fresh.sie, asked or 0)
     return window > 0 and age - fresh.lifetime <= window
